@@ -1,0 +1,241 @@
+"""Model architectures read from a Hugging Face `config.json`.
+
+A `ModelSpec` holds only what the cost model and the engine need: layer count, attention shape,
+MLP or expert widths, sliding-window layers and weight bytes. Presets live as published configs
+in `presets/models/` and are selected by name; any other name is read as a path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from costmodel.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets" / "models"
+
+# Bytes per parameter. MXFP4 packs 32 4-bit values with one shared 8-bit scale: 4.25 bits.
+DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MixtralForCausalLM",
+    "GptOssForCausalLM",
+)
+
+# Default routing skew (sigma of a log-normal expert popularity, see costmodel/experts.py).
+# 0.9 puts ~5% of the routing mass on the top expert of 128 and ~80% on the top half,
+# close to the published Qwen3-30B-A3B counts quoted in MISSION.md (4%, 90%).
+DEFAULT_ROUTING_SKEW = 0.9
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    num_layers: int
+    hidden: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    max_context: int
+    # MLP: dense models have `dense_intermediate`; MoE models have experts.
+    dense_intermediate: int
+    num_experts: int  # 0 for a dense model
+    top_k: int
+    expert_intermediate: int
+    shared_expert_intermediate: int  # 0 when there is no shared expert
+    sliding_window: int  # 0 when no layer slides
+    sliding_layers: tuple[bool, ...]  # per layer: True where the window applies
+    weight_bytes: float  # bytes per parameter of attention, embeddings, router
+    expert_weight_bytes: float  # bytes per parameter of the experts (MXFP4 for GPT-OSS)
+    kv_bytes: float  # bytes per element of the KV cache
+    tie_embeddings: bool
+    attention_bias: bool
+    routing_skew: float
+    rope_theta: float
+    rms_norm_eps: float
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_q_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def num_sliding_layers(self) -> int:
+        return sum(self.sliding_layers)
+
+    # Parameter counts (whole model, no parallelism).
+    @property
+    def attn_params_per_layer(self) -> int:
+        return self.hidden * (2 * self.q_dim + 2 * self.kv_dim)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (gate, up, down)."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def dense_mlp_params_per_layer(self) -> int:
+        """MLP parameters every token reads: a dense MLP, or a MoE layer's router and shared expert."""
+        if not self.is_moe:
+            return 3 * self.hidden * self.dense_intermediate
+        return self.hidden * self.num_experts + 3 * self.hidden * self.shared_expert_intermediate
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
+
+    @property
+    def total_params(self) -> int:
+        per_layer = self.attn_params_per_layer + self.dense_mlp_params_per_layer
+        per_layer += self.num_experts * self.expert_params
+        return self.num_layers * per_layer + self.embedding_params
+
+    @property
+    def weight_bytes_total(self) -> float:
+        dense = self.num_layers * (self.attn_params_per_layer + self.dense_mlp_params_per_layer)
+        experts = self.num_layers * self.num_experts * self.expert_params
+        return (dense + self.embedding_params) * self.weight_bytes + experts * self.expert_weight_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV cache bytes one token occupies across all layers (K and V)."""
+        return 2.0 * self.kv_dim * self.kv_bytes * self.num_layers
+
+    def with_overrides(self, **changes: Any) -> ModelSpec:
+        return replace(self, **changes)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_model(name_or_path: str | Path, *, mxfp4_experts: bool | None = None,
+               routing_skew: float | None = None) -> ModelSpec:
+    """A preset name (`qwen3-30b-a3b`) or the path of a `config.json`."""
+    path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown model '{name_or_path}': not a preset ({', '.join(list_presets())}) "
+                "nor a config.json file"
+            )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    name = path.stem if path.parent == PRESET_DIR else str(path)
+    return parse_config(cfg, source=str(path), name=name, mxfp4_experts=mxfp4_experts,
+                        routing_skew=routing_skew)
+
+
+def parse_config(cfg: dict[str, Any], *, source: str, name: str,
+                 mxfp4_experts: bool | None = None,
+                 routing_skew: float | None = None) -> ModelSpec:
+    def need(key: str, *alts: str) -> Any:
+        for k in (key, *alts):
+            if cfg.get(k) is not None:
+                return cfg[k]
+        raise ConfigError(f"{source}: missing key '{key}'")
+
+    def need_int(key: str, *alts: str) -> int:
+        value = need(key, *alts)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be a positive integer, got {value!r}")
+        return value
+
+    archs = cfg.get("architectures")
+    if not archs or not isinstance(archs, list):
+        raise ConfigError(f"{source}: missing key 'architectures'")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: key 'architectures': unsupported architecture '{arch}' "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+
+    hidden = need_int("hidden_size")
+    num_layers = need_int("num_hidden_layers")
+    num_q_heads = need_int("num_attention_heads")
+    num_kv_heads = int(cfg.get("num_key_value_heads") or num_q_heads)
+    if num_q_heads % num_kv_heads:
+        raise ConfigError(f"{source}: key 'num_key_value_heads' ({num_kv_heads}) must divide "
+                          f"num_attention_heads ({num_q_heads})")
+    head_dim = int(cfg.get("head_dim") or hidden // num_q_heads)
+    vocab = need_int("vocab_size")
+
+    num_experts = top_k = expert_inter = shared_inter = dense_inter = 0
+    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
+        num_experts = need_int("num_experts")
+        top_k = need_int("num_experts_per_tok")
+        expert_inter = need_int("moe_intermediate_size")
+        shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
+        if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+            raise ConfigError(f"{source}: key 'mlp_only_layers'/'decoder_sparse_step': "
+                              "mixed dense and MoE layers are not supported")
+    elif arch in ("MixtralForCausalLM", "GptOssForCausalLM"):
+        num_experts = need_int("num_local_experts")
+        top_k = need_int("num_experts_per_tok", "experts_per_token")
+        expert_inter = need_int("intermediate_size")
+    else:
+        dense_inter = need_int("intermediate_size")
+    if num_experts and not 0 < top_k <= num_experts:
+        raise ConfigError(f"{source}: key 'num_experts_per_tok' ({top_k}) must be in 1..{num_experts}")
+
+    sliding_window = 0
+    sliding_layers = (False,) * num_layers
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+            raise ConfigError(f"{source}: key 'layer_types' must list {num_layers} layer types")
+        sliding_layers = tuple(t == "sliding_attention" for t in layer_types)
+        if any(sliding_layers):
+            sliding_window = need_int("sliding_window")
+    elif cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+        sliding_window = need_int("sliding_window")
+        sliding_layers = (True,) * num_layers
+
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"{source}: key 'torch_dtype': unsupported dtype '{dtype}'")
+    weight_bytes = DTYPE_BYTES[dtype]
+    quant = cfg.get("quantization_config") or {}
+    use_mxfp4 = quant.get("quant_method") == "mxfp4" if mxfp4_experts is None else mxfp4_experts
+    expert_weight_bytes = DTYPE_BYTES["mxfp4"] if use_mxfp4 and num_experts else weight_bytes
+
+    skew = DEFAULT_ROUTING_SKEW if routing_skew is None else routing_skew
+    if skew < 0:
+        raise ConfigError(f"routing skew must be >= 0, got {skew}")
+    return ModelSpec(
+        name=name, architecture=arch, num_layers=num_layers, hidden=hidden,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, vocab=vocab,
+        max_context=int(cfg.get("max_position_embeddings") or 0) or 1 << 30,
+        dense_intermediate=dense_inter, num_experts=num_experts, top_k=top_k,
+        expert_intermediate=expert_inter, shared_expert_intermediate=shared_inter,
+        sliding_window=sliding_window, sliding_layers=sliding_layers,
+        weight_bytes=weight_bytes, expert_weight_bytes=expert_weight_bytes, kv_bytes=weight_bytes,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        routing_skew=skew if num_experts else 0.0,
+        rope_theta=float(cfg.get("rope_theta") or 10000.0),
+        rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+    )

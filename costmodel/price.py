@@ -1,0 +1,457 @@
+"""Price one iteration plan: latency, energy, FLOPs and bytes, with a per-operation breakdown.
+
+Algorithm. Tiles are folded into per-layer-range sums (tokens, causal attention pairs, KV
+tokens read, each for full and sliding-window layers). The layer axis is then cut into
+segments at every tile boundary; inside a segment every layer runs the same work, so each
+operation is priced once per segment and multiplied by its layer count. An operation's time is
+the roofline max(FLOPs / (peak * compute_eff), bytes / (bandwidth * memory_eff)) plus a fixed
+launch overhead, with per-class efficiencies from the profile; the iteration's latency is the
+sum over operations (kernels run back to back) plus a host overhead.
+
+Parallelism: `tp` GPUs split heads, MLP and expert widths and all-reduce twice per layer.
+`ep` > 1 adds ep groups of tp GPUs: attention runs data-parallel across groups (tokens split
+evenly), experts are split across groups with a dispatch and a combine all-to-all, and the
+busiest group's expert load sets the time (see ExpertActivation.ep_imbalance). A replica has
+tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for the replica.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from costmodel.errors import ConfigError
+from costmodel.experts import ExpertActivation
+from costmodel.gpu import GPUSpec, load_gpu
+from costmodel.model import ModelSpec
+from costmodel.plan import Tile
+from costmodel.profile import Profile, default_profile
+
+ACT_BYTES = 2.0  # activations stay bf16 whatever the weight format
+WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.ep
+
+
+class HbmBytes(NamedTuple):
+    dense_weights: float
+    expert_weights: float
+    kv_read: float
+    kv_write: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return sum(self)
+
+
+class OpCost(NamedTuple):
+    name: str
+    op_class: str
+    flops: float  # per GPU
+    hbm_bytes: float  # per GPU
+    link_bytes: float  # per GPU
+    time_s: float
+    bound: str  # "compute" | "memory" | "link" | "overhead"
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    latency_s: float
+    energy_j: float
+    flops: float
+    hbm_bytes: HbmBytes
+    link_bytes: float
+    experts_touched_per_layer: tuple[float, ...]
+    num_gpus: int
+    _features: tuple[Any, tuple[float, ...]] = field(repr=False, compare=False)
+
+    @cached_property
+    def ops(self) -> tuple[OpCost, ...]:
+        """Per-operation breakdown (per GPU), built on demand: the simulator's hot loop never asks."""
+        model, x = self._features
+        return model.op_table(x)  # type: ignore[no-any-return]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latency_s": self.latency_s,
+            "energy_j": self.energy_j,
+            "flops": self.flops,
+            "hbm_bytes": {**self.hbm_bytes._asdict(), "total": self.hbm_bytes.total},
+            "link_bytes": self.link_bytes,
+            "experts_touched_per_layer": list(self.experts_touched_per_layer),
+            "num_gpus": self.num_gpus,
+            "ops": [op._asdict() for op in self.ops],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+# Operation rows: (name, class). Row order is the order kernels run in a layer.
+OPS = (
+    ("qkv_proj", "dense_gemm"),
+    ("prefill_attn", "prefill_attn"),
+    ("decode_attn", "decode_attn"),
+    ("o_proj", "dense_gemm"),
+    ("router", "dense_gemm"),
+    ("experts", "expert_gemm"),
+    ("shared_experts", "dense_gemm"),
+    ("dense_mlp", "dense_gemm"),
+    ("norms_elementwise", "elementwise"),
+    ("allreduce", "allreduce"),
+    ("alltoall", "alltoall"),
+    ("lm_head", "dense_gemm"),
+    ("embedding", "elementwise"),
+)
+_LINK_OPS = frozenset({"allreduce", "alltoall"})
+_OP_INDEX = {name: i for i, (name, _) in enumerate(OPS)}
+_EXPERTS = _OP_INDEX["experts"]
+_QUANTITIES = ("flops", "wbytes", "xbytes", "kvr", "kvw", "act", "link", "launches")
+# Features of a plan, summed over layers: token-layers, layers, causal attention pairs of
+# prefills, KV tokens read by prefills, prefill query-layers, KV tokens read by decodes, decode
+# query-layers, experts read per GPU (summed over layers), layers with prefill / decode work,
+# tokens needing logits, whether any does, embedded tokens, whether any are.
+_FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert_units",
+             "nl_pf", "nl_dec", "logits", "has_logits", "embed", "has_embed")
+_PER_GROUP = (0, 2, 3, 4, 5, 6)  # token work that ep attention groups split between them
+
+
+def _terms(row: np.ndarray) -> tuple[tuple[int, float], ...]:
+    return tuple((j, float(c)) for j, c in enumerate(row) if c)
+
+
+def _window_pairs(c: int, n: int, w: int) -> int:
+    """sum over query positions p in [c, c+n) of min(p + 1, w): keys seen through a window."""
+    lo, hi = c + 1, c + n  # key counts without a window run lo..hi
+    if hi <= w:
+        return (lo + hi) * n // 2
+    if lo > w:
+        return w * n
+    return (lo + w) * (w - lo + 1) // 2 + w * (hi - w)
+
+
+class CostModel:
+    """Prices plans for one model on one replica of `parallel.num_gpus` GPUs."""
+
+    def __init__(self, model: ModelSpec, gpu: str | GPUSpec = "h100",
+                 profile: Profile | None = None, parallel: Parallelism | None = None) -> None:
+        hw = load_gpu(gpu) if isinstance(gpu, str) else gpu
+        self.profile = profile if profile is not None else default_profile(hw)
+        self.hw = self.profile.hardware() if profile is not None else hw
+        self.model = model
+        self.parallel = parallel or Parallelism()
+        self._check_parallelism()
+        self.activation = ExpertActivation(model.num_experts, model.top_k, model.routing_skew)
+        self.ep_imbalance = self.activation.ep_imbalance(self.parallel.ep)
+        self._check_memory()
+        self._K = self._coefficients()
+        params = [self.profile.ops[c] for _, c in OPS]
+        is_link = np.array([c in _LINK_OPS for _, c in OPS])
+        link_bw = self.hw.link_bytes_per_s / 2  # one direction
+        self._inv_compute = np.array([1 / (self.hw.peak_flops * p.compute_eff) for p in params])
+        self._inv_memory = np.where(is_link, 0.0, [1 / (self.hw.hbm_bytes_per_s * p.memory_eff)
+                                                   for p in params])
+        self._inv_link = np.where(is_link, [1 / (link_bw * p.memory_eff) for p in params], 0.0)
+        self._overhead = np.array([p.overhead_s for p in params])
+        self._op_rows = []
+        for i in range(len(OPS)):
+            hbm = sum(self._K[_QUANTITIES.index(k), i] for k in ("wbytes", "xbytes", "kvr", "kvw", "act"))
+            link = self._K[_QUANTITIES.index("link"), i]
+            f_terms = _terms(self._K[0, i])
+            b_terms = _terms(link if is_link[i] else hbm)
+            n_terms = _terms(self._K[_QUANTITIES.index("launches"), i])
+            if not n_terms:
+                continue
+            inv_m = float(self._inv_link[i] if is_link[i] else self._inv_memory[i])
+            self._op_rows.append((float(self._inv_compute[i]), inv_m, float(self._overhead[i]),
+                                  f_terms, b_terms, n_terms))
+        # Replica totals per quantity; expert FLOPs and activations without the busiest-group
+        # inflation, since every group does its own share.
+        balanced = self._K.copy()
+        balanced[:, _EXPERTS, :] /= self.ep_imbalance
+        self._total_terms = [_terms(balanced[q].sum(axis=0)) for q in range(len(_QUANTITIES) - 1)]
+        self._sliding_prefix = [0]
+        for s in model.sliding_layers:
+            self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
+
+    # ---- validation -------------------------------------------------------------------------
+    def _check_parallelism(self) -> None:
+        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
+        if tp < 1 or ep < 1:
+            raise ConfigError(f"--tp and --ep must be >= 1, got tp={tp} ep={ep}")
+        if m.num_q_heads % tp:
+            raise ConfigError(f"--tp {tp} does not divide the {m.num_q_heads} attention heads of {m.name}")
+        if m.num_kv_heads % tp and tp % m.num_kv_heads:
+            raise ConfigError(f"--tp {tp} and the {m.num_kv_heads} KV heads of {m.name} do not divide")
+        inter = m.expert_intermediate or m.dense_intermediate
+        if inter % tp:
+            raise ConfigError(f"--tp {tp} does not divide the MLP width {inter} of {m.name}")
+        if ep > 1 and not m.is_moe:
+            raise ConfigError(f"--ep {ep}: {m.name} is a dense model, it has no experts to split")
+        if ep > 1 and m.num_experts % ep:
+            raise ConfigError(f"--ep {ep} does not divide the {m.num_experts} experts of {m.name}")
+
+    @property
+    def weight_bytes_per_gpu(self) -> float:
+        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
+        kv_dim_pg = max(1, m.num_kv_heads // tp) * m.head_dim
+        attn = m.hidden * (2 * m.q_dim // tp + 2 * kv_dim_pg)
+        dense = m.num_layers * (attn + m.dense_mlp_params_per_layer // tp) + m.embedding_params // tp
+        experts = m.num_layers * (m.num_experts // ep) * m.expert_params // tp
+        return dense * m.weight_bytes + experts * m.expert_weight_bytes
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> float:
+        m = self.model
+        return 2.0 * max(1, m.num_kv_heads // self.parallel.tp) * m.head_dim * m.kv_bytes * m.num_layers
+
+    def _check_memory(self) -> None:
+        need = self.weight_bytes_per_gpu
+        have = self.hw.hbm_bytes * WEIGHT_HEADROOM
+        if need > have:
+            raise ConfigError(
+                f"{self.model.name} does not fit: {need / 1e9:.1f} GB of weights per GPU with "
+                f"tp={self.parallel.tp} ep={self.parallel.ep}, {self.hw.name} has "
+                f"{self.hw.hbm_bytes / 1e9:.0f} GB; raise --tp or --ep"
+            )
+
+    # ---- pricing ----------------------------------------------------------------------------
+    def price(self, plan: tuple[Tile, ...] | list[Tile]) -> IterationCost:
+        m = self.model
+        w = m.sliding_window
+        # Fold tiles per layer range: [tokens, pf_tokens, pf_pairs, pf_pairs_win, pf_kv,
+        # pf_kv_win, dec_tokens, dec_kv, dec_kv_win].
+        L = m.num_layers
+        agg: dict[tuple[int, int], list[int]] = {}
+        num_logits = embed_tokens = 0
+        # Fast path for whole-stack decodes, the bulk of every plan: plain local sums.
+        dn = dkv = dkv_win = 0
+        for _rid, t0, t1, l0, l1, c, logits in plan:
+            n = t1 - t0
+            if n == 1 and l0 == 0 and l1 == L:
+                dn += 1
+                dkv += c
+                if w:
+                    dkv_win += c + 1 if c < w else w
+                continue
+            a = agg.get((l0, l1))
+            if a is None:
+                a = agg[(l0, l1)] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+            a[0] += n
+            if n == 1:
+                a[6] += 1
+                a[7] += c + 1
+                a[8] += (c + 1 if c < w else w) if w else c + 1
+            else:
+                a[1] += n
+                a[2] += (2 * c + n + 1) * n // 2
+                a[4] += c + n
+                if w:
+                    a[3] += _window_pairs(c, n, w)
+                    a[5] += c + n - max(0, c - w + 1)
+            if logits:
+                num_logits += 1
+            if l0 == 0:
+                embed_tokens += n
+        if dn:
+            a = agg.get((0, L))
+            if a is None:
+                a = agg[(0, L)] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+            a[0] += dn
+            a[6] += dn
+            a[7] += dkv + dn
+            a[8] += dkv_win if w else dkv + dn
+            num_logits += dn
+            embed_tokens += dn
+        return self._price_segments(agg, num_logits, embed_tokens)
+
+    def _segments(self, agg: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, list[int]]]:
+        if len(agg) == 1:
+            ((l0, l1), a), = agg.items()
+            return [(l0, l1, a)]
+        cuts = sorted({x for key in agg for x in key})
+        out = []
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            covering = [v for (l0, l1), v in agg.items() if l0 <= lo and l1 >= hi]
+            if covering:
+                out.append((lo, hi, [sum(col) for col in zip(*covering, strict=True)]))
+        return out
+
+    # Every per-GPU quantity of every op is linear in a few per-iteration features, so the
+    # model is a fixed coefficient tensor [quantity, op, feature] built once; pricing a plan
+    # sums the features over segments and does one tensor-vector product.
+    def _coefficients(self) -> np.ndarray:
+        m, tp, ep, imb = self.model, self.parallel.tp, self.parallel.ep, self.ep_imbalance
+        h, hd, wb, ewb, kvb, A = (m.hidden, m.head_dim, m.weight_bytes, m.expert_weight_bytes,
+                                  m.kv_bytes, ACT_BYTES)
+        q_pg = m.q_dim // tp
+        kv_pg = max(1, m.num_kv_heads // tp) * hd
+        heads_pg = m.num_q_heads // tp
+        inter_pg = m.expert_intermediate // tp
+        K = np.zeros((len(_QUANTITIES), len(OPS), len(_FEATURES)))
+
+        def put(q: str, op: str, f: str, v: float) -> None:
+            K[_QUANTITIES.index(q), _OP_INDEX[op], _FEATURES.index(f)] += v
+
+        put("flops", "qkv_proj", "tm", 2 * h * (q_pg + 2 * kv_pg))
+        put("wbytes", "qkv_proj", "nl", h * (q_pg + 2 * kv_pg) * wb)
+        put("act", "qkv_proj", "tm", (h + q_pg) * A)
+        put("kvw", "qkv_proj", "tm", 2 * kv_pg * kvb)
+        put("launches", "qkv_proj", "nl", 1)
+        put("flops", "prefill_attn", "pf_pairs", 4 * heads_pg * hd)
+        put("kvr", "prefill_attn", "pf_kv", 2 * kv_pg * kvb)
+        put("act", "prefill_attn", "pf_q", 2 * q_pg * A)
+        put("launches", "prefill_attn", "nl_pf", 1)
+        put("flops", "decode_attn", "dec_kv", 4 * heads_pg * hd)
+        put("kvr", "decode_attn", "dec_kv", 2 * kv_pg * kvb)
+        put("act", "decode_attn", "dec_q", 2 * q_pg * A)
+        put("launches", "decode_attn", "nl_dec", 1)
+        put("flops", "o_proj", "tm", 2 * q_pg * h)
+        put("wbytes", "o_proj", "nl", q_pg * h * wb)
+        put("act", "o_proj", "tm", (q_pg + h) * A)
+        put("launches", "o_proj", "nl", 1)
+        if m.is_moe:
+            E, k = m.num_experts, m.top_k
+            put("flops", "router", "tm", 2 * h * E)
+            put("wbytes", "router", "nl", h * E * wb)
+            put("act", "router", "tm", (h + E) * A)
+            put("launches", "router", "nl", 1)
+            put("flops", "experts", "tm", 2 * k * 3 * h * inter_pg * imb)
+            put("xbytes", "experts", "expert_units", 3 * h * inter_pg * ewb)
+            put("act", "experts", "tm", k * imb * (2 * h + 3 * inter_pg) * A)
+            put("launches", "experts", "nl", 1)
+            put("act", "norms_elementwise", "tm", k * 3 * inter_pg * A)
+            if m.shared_expert_intermediate:
+                si = m.shared_expert_intermediate // tp
+                put("flops", "shared_experts", "tm", 2 * 3 * h * si)
+                put("wbytes", "shared_experts", "nl", 3 * h * si * wb)
+                put("act", "shared_experts", "tm", (2 * h + 3 * si) * A)
+                put("launches", "shared_experts", "nl", 1)
+            if ep > 1:
+                put("link", "alltoall", "tm", 2 * k * h * A * (ep - 1) / ep)
+                put("launches", "alltoall", "nl", 2)
+        else:
+            di = m.dense_intermediate // tp
+            put("flops", "dense_mlp", "tm", 2 * 3 * h * di)
+            put("wbytes", "dense_mlp", "nl", 3 * h * di * wb)
+            put("act", "dense_mlp", "tm", (2 * h + 3 * di) * A)
+            put("launches", "dense_mlp", "nl", 1)
+            put("act", "norms_elementwise", "tm", 3 * di * A)
+        put("flops", "norms_elementwise", "tm", 10 * h)
+        put("act", "norms_elementwise", "tm", 8 * h * A)
+        put("launches", "norms_elementwise", "nl", 1)
+        if tp > 1:
+            put("link", "allreduce", "tm", 2 * 2 * (tp - 1) / tp * h * A)
+            put("launches", "allreduce", "nl", 2)
+        vocab_pg = m.vocab // tp
+        put("flops", "lm_head", "logits", 2 * h * vocab_pg)
+        put("wbytes", "lm_head", "has_logits", h * vocab_pg * wb)
+        put("act", "lm_head", "logits", (h + vocab_pg) * A)
+        put("launches", "lm_head", "has_logits", 1)
+        put("act", "embedding", "embed", 2 * h * A)
+        put("launches", "embedding", "has_embed", 1)
+        return K
+
+    def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
+                        embed_tokens: int) -> IterationCost:
+        m, ep, imb = self.model, self.parallel.ep, self.ep_imbalance
+        prefix = self._sliding_prefix
+        x = [0.0] * len(_FEATURES)
+        touched: list[float] = [0.0] * m.num_layers if m.is_moe else []
+        distinct_layers = 0.0
+        for l0, l1, s in self._segments(agg):
+            nl = l1 - l0
+            n_slide = prefix[l1] - prefix[l0]
+            n_full = nl - n_slide
+            x[0] += s[0] * nl
+            x[1] += nl
+            if s[1]:
+                x[2] += n_full * s[2] + n_slide * s[3]
+                x[3] += n_full * s[4] + n_slide * s[5]
+                x[4] += s[1] * nl
+                x[8] += nl
+            if s[6]:
+                x[5] += n_full * s[7] + n_slide * s[8]
+                x[6] += s[6] * nl
+                x[9] += nl
+            if m.is_moe:
+                distinct = self.activation.distinct(s[0])
+                touched[l0:l1] = [distinct] * nl
+                distinct_layers += distinct * nl
+                x[7] += nl * min(m.num_experts / ep, distinct / ep * imb)
+        for i in _PER_GROUP:
+            x[i] /= ep
+        x[10] = num_logits / ep
+        x[11] = 1.0 if num_logits else 0.0
+        x[12] = embed_tokens / ep
+        x[13] = 1.0 if embed_tokens else 0.0
+        # Pure-Python sparse dot products: at this size they beat numpy's per-call overhead.
+        latency = self.profile.iteration_overhead_s
+        for inv_c, inv_m, over, f_terms, b_terms, n_terms in self._op_rows:
+            f = b = n = 0.0
+            for j, c in f_terms:
+                f += c * x[j]
+            for j, c in b_terms:
+                b += c * x[j]
+            for j, c in n_terms:
+                n += c * x[j]
+            roof = f * inv_c
+            t_mem = b * inv_m
+            latency += (roof if roof > t_mem else t_mem) + n * over
+        sums = []
+        for terms in self._total_terms:
+            v = 0.0
+            for j, c in terms:
+                v += c * x[j]
+            sums.append(v)
+        gpus = self.parallel.num_gpus
+        total_flops = sums[0] * gpus
+        hbm_bytes = HbmBytes(
+            dense_weights=sums[1] * gpus,
+            expert_weights=distinct_layers * m.expert_params * m.expert_weight_bytes,
+            kv_read=sums[3] * gpus,
+            kv_write=sums[4] * gpus,
+            activations=sums[5] * gpus,
+        )
+        link_total = sums[6] * gpus
+        e = self.profile.energy
+        energy = (e.idle_w * latency * gpus + e.j_per_flop * total_flops
+                  + e.j_per_hbm_byte * hbm_bytes.total + e.j_per_link_byte * link_total)
+        return IterationCost(latency, energy, total_flops, hbm_bytes, link_total,
+                             tuple(touched), gpus, (self, tuple(x)))
+
+    def op_table(self, x: tuple[float, ...]) -> tuple[OpCost, ...]:
+        """The per-operation breakdown for a feature vector (see IterationCost.ops)."""
+        flops, wbytes, xbytes, kvr, kvw, act, link, launches = (self._K @ np.array(x)).tolist()
+        inv_compute, inv_memory = self._inv_compute.tolist(), self._inv_memory.tolist()
+        inv_link, overhead = self._inv_link.tolist(), self._overhead.tolist()
+        out = []
+        for i, (name, cls) in enumerate(OPS):
+            if not launches[i]:
+                continue
+            hbm = wbytes[i] + xbytes[i] + kvr[i] + kvw[i] + act[i]
+            t_c = flops[i] * inv_compute[i]
+            t_m = hbm * inv_memory[i] + link[i] * inv_link[i]
+            t_o = launches[i] * overhead[i]
+            roof = max(t_c, t_m)
+            mem_kind = "link" if cls in _LINK_OPS else "memory"
+            bound = "overhead" if t_o > roof else ("compute" if t_c >= t_m else mem_kind)
+            out.append(OpCost(name, cls, flops[i], hbm, link[i], roof + t_o, bound))
+        return tuple(out)
+
+    def idle_power_w(self) -> float:
+        """Power the replica draws with nothing to run."""
+        return self.profile.energy.idle_w * self.parallel.num_gpus

@@ -1,0 +1,234 @@
+"""Cost model against hand-computed figures, Monte Carlo and invariants."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from costmodel import (
+    ConfigError,
+    CostModel,
+    Parallelism,
+    Tile,
+    decode_tile,
+    load_model,
+    load_profile,
+    parse_config,
+    uniform_distinct,
+)
+from costmodel.experts import ExpertActivation, popularity
+
+
+def op(cost, name):
+    return next(o for o in cost.ops if o.name == name)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_model("qwen3-30b-a3b", routing_skew=0.0)
+
+
+def test_qwen3_one_layer_prefill_by_hand(qwen):
+    cm = CostModel(qwen, "h100")
+    T = 512
+    cost = cm.price([Tile(0, 0, T, 0, 1, 0, False)])
+    h, q, kv = 2048, 32 * 128, 4 * 128
+    assert op(cost, "qkv_proj").flops == 2 * T * h * (q + 2 * kv)
+    assert op(cost, "o_proj").flops == 2 * T * q * h
+    assert op(cost, "prefill_attn").flops == 4 * (T * (T + 1) // 2) * 32 * 128
+    assert op(cost, "router").flops == 2 * T * h * 128
+    assert op(cost, "experts").flops == 2 * T * 8 * 3 * h * 768
+    distinct = 128 * (1 - (1 - 8 / 128) ** T)
+    assert cost.experts_touched_per_layer[0] == pytest.approx(distinct)
+    assert cost.experts_touched_per_layer[1:] == (0.0,) * 47
+    assert cost.hbm_bytes.expert_weights == pytest.approx(distinct * 3 * h * 768 * 2)
+    dense_w = (h * (q + 2 * kv) + q * h + h * 128) * 2
+    assert cost.hbm_bytes.dense_weights == pytest.approx(dense_w)
+    assert cost.hbm_bytes.kv_write == pytest.approx(T * 2 * kv * 2)
+    assert cost.hbm_bytes.kv_read == pytest.approx(T * 2 * kv * 2)  # the chunk's own K, V
+    assert not any(o.name == "lm_head" for o in cost.ops)  # no logits requested
+    assert not any(o.name == "decode_attn" for o in cost.ops)
+    assert cost.latency_s == pytest.approx(sum(o.time_s for o in cost.ops)
+                                           + cm.profile.iteration_overhead_s)
+
+
+def test_llama_one_layer_decode_by_hand():
+    llama = load_model("llama-3.1-8b")
+    cm = CostModel(llama, "h100")
+    B, ctx = 8, 1000
+    cost = cm.price([Tile(i, ctx, ctx + 1, 0, 1, ctx, False) for i in range(B)])
+    h, q, kv, inter = 4096, 4096, 1024, 14336
+    assert op(cost, "dense_mlp").flops == 2 * B * 3 * h * inter
+    assert op(cost, "decode_attn").flops == 4 * B * (ctx + 1) * 32 * 128
+    assert cost.hbm_bytes.kv_read == pytest.approx(B * (ctx + 1) * 2 * kv * 2)
+    assert cost.hbm_bytes.dense_weights == pytest.approx((h * (q + 2 * kv) + q * h + 3 * h * inter) * 2)
+    assert cost.hbm_bytes.expert_weights == 0
+    assert cost.experts_touched_per_layer == ()
+    # a decode of 8 tokens is memory-bound on an H100
+    assert op(cost, "dense_mlp").bound in ("memory", "overhead")
+
+
+def test_lm_head_only_for_logit_tokens(qwen):
+    cm = CostModel(qwen, "h100")
+    cost = cm.price([decode_tile(i, 100, 48) for i in range(4)] + [Tile(9, 0, 300, 0, 48, 0, True)])
+    assert op(cost, "lm_head").flops == 2 * 5 * 2048 * 151936
+
+
+def test_sliding_window_caps_attention():
+    oss = load_model("gpt-oss-20b")
+    cm = CostModel(oss, "h100")
+    short = cm.price([decode_tile(0, 100, oss.num_layers)])
+    long = cm.price([decode_tile(0, 10000, oss.num_layers)])
+    # 12 full layers read the whole context; 12 sliding layers read at most 128 tokens
+    kv_token = 2 * 8 * 64 * 2
+    assert long.hbm_bytes.kv_read == pytest.approx(kv_token * (12 * 10001 + 12 * 128))
+    assert short.hbm_bytes.kv_read == pytest.approx(kv_token * 24 * 101)
+    assert oss.expert_weight_bytes == pytest.approx(4.25 / 8)
+
+
+@pytest.mark.parametrize("E,k,n", [(128, 8, 1), (128, 8, 16), (128, 8, 64), (8, 2, 3), (32, 4, 10)])
+def test_occupancy_matches_monte_carlo_uniform(E, k, n):
+    rng = np.random.default_rng(0)
+    trials = 3000
+    logits = rng.standard_normal((trials, n, E))
+    topk = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    touched = np.array([len(np.unique(t)) for t in topk])
+    se = touched.std() / np.sqrt(trials)
+    assert abs(touched.mean() - uniform_distinct(E, k, n)) < 4 * se + 1e-9
+    assert ExpertActivation(E, k, 0.0).distinct(n) == pytest.approx(uniform_distinct(E, k, n))
+
+
+@pytest.mark.parametrize("skew", [0.5, 0.9, 1.5, 2.0])
+def test_skewed_occupancy_matches_monte_carlo(skew):
+    E, k = 128, 8
+    act = ExpertActivation(E, k, skew)
+    p = popularity(E, skew)
+    rng = np.random.default_rng(1)
+    for n in (4, 32, 256):
+        trials = 400
+        # Gumbel top-k draws k distinct experts with probabilities proportional to p
+        g = np.log(p) + rng.gumbel(size=(trials, n, E))
+        topk = np.argpartition(-g, k - 1, axis=-1)[..., :k]
+        mc = np.mean([len(np.unique(t)) for t in topk])
+        assert act.distinct(n) == pytest.approx(mc, rel=0.03)
+        assert act.distinct(n) < uniform_distinct(E, k, n) + 1e-9  # skew lowers it
+
+
+def test_popularity_shape_for_default_skew():
+    p = popularity(128, 0.9)
+    assert 0.03 < p[0] < 0.07  # the top expert takes a few percent (published: ~4%)
+    assert 0.75 < p[:64].sum() < 0.92  # half the experts carry most of the mass (published: 90%)
+
+
+def test_monotone_in_tokens_and_context(qwen):
+    cm = CostModel(qwen, "h100")
+    lat = [cm.price([Tile(0, 0, n, 0, 48, 0, True)]).latency_s for n in (16, 128, 1024, 4096)]
+    assert lat == sorted(lat)
+    lat = [cm.price([decode_tile(i, c, 48) for i in range(32)]).latency_s for c in (10, 1000, 8000)]
+    assert lat == sorted(lat)
+    e = [cm.price([decode_tile(i, 500, 48) for i in range(b)]).energy_j for b in (1, 8, 64)]
+    assert e == sorted(e)
+
+
+def test_tp2_halves_weight_bytes_per_gpu_and_adds_allreduce(qwen):
+    plan = [decode_tile(i, 1000, 48) for i in range(16)]
+    one = CostModel(qwen, "h100").price(plan)
+    two = CostModel(qwen, "h100", parallel=Parallelism(tp=2)).price(plan)
+    assert op(two, "qkv_proj").hbm_bytes < op(one, "qkv_proj").hbm_bytes
+    w1 = one.hbm_bytes.dense_weights / one.num_gpus
+    w2 = two.hbm_bytes.dense_weights / two.num_gpus
+    # replicated pieces (router) keep it from exactly half
+    assert w2 == pytest.approx(w1 / 2, rel=0.02)
+    assert two.hbm_bytes.expert_weights == pytest.approx(one.hbm_bytes.expert_weights)
+    assert not any(o.name == "allreduce" for o in one.ops)
+    ar = op(two, "allreduce")
+    assert ar.link_bytes == pytest.approx(2 * 48 * 2 * (1 / 2) * 16 * 2048 * 2)
+
+
+def test_ep_splits_experts_and_adds_alltoall(qwen):
+    plan = [decode_tile(i, 1000, 48) for i in range(64)]
+    ep = CostModel(qwen, "h100", parallel=Parallelism(tp=1, ep=4)).price(plan)
+    base = CostModel(qwen, "h100").price(plan)
+    assert op(ep, "alltoall").link_bytes > 0
+    assert op(ep, "experts").hbm_bytes < op(base, "experts").hbm_bytes
+    assert ep.num_gpus == 4
+
+
+def test_layered_reads_experts_once_chunked_sixteen_times():
+    qwen = load_model("qwen3-30b-a3b")  # default skew
+    cm = CostModel(qwen, "h100")
+    L, P = 48, 8192
+    chunked = sum(cm.price([Tile(0, a, a + 512, 0, L, a, a + 512 == P)]).hbm_bytes.expert_weights
+                  for a in range(0, P, 512))
+    groups = [(g * 3, g * 3 + 3) for g in range(16)]
+    layered = sum(cm.price([Tile(0, 0, P, l0, l1, 0, l1 == L)]).hbm_bytes.expert_weights
+                  for l0, l1 in groups)
+    assert 15 < chunked / layered <= 16.01
+
+
+def test_bad_settings_are_one_line_errors(qwen, tmp_path):
+    with pytest.raises(ConfigError, match="does not divide the 32 attention heads"):
+        CostModel(qwen, "h100", parallel=Parallelism(tp=3))
+    with pytest.raises(ConfigError, match="does not fit"):
+        CostModel(load_model("qwen3-235b-a22b"), "h100")
+    with pytest.raises(ConfigError, match="dense model"):
+        CostModel(load_model("llama-3.1-8b"), "h100", parallel=Parallelism(ep=2))
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        CostModel(qwen, "v100")
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"architectures": ["FalconForCausalLM"], "hidden_size": 8}))
+    with pytest.raises(ConfigError, match=r"config.json: key 'architectures': unsupported"):
+        load_model(str(bad))
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 10, "num_experts": 8}
+    with pytest.raises(ConfigError, match=r"m.json: missing key 'num_experts_per_tok'"):
+        parse_config(cfg, source="m.json", name="m")
+    with pytest.raises(ConfigError, match="unknown model"):
+        load_model("no-such-model")
+    with pytest.raises(ConfigError) as info:
+        load_model("no-such-model")
+    assert "\n" not in str(info.value)
+
+
+def test_presets_match_mission_table():
+    expect = {  # layers, hidden, q heads, kv heads, head dim, experts, top-k, width, vocab
+        "qwen3-30b-a3b": (48, 2048, 32, 4, 128, 128, 8, 768, 151936),
+        "gpt-oss-20b": (24, 2880, 64, 8, 64, 32, 4, 2880, 201088),
+        "gpt-oss-120b": (36, 2880, 64, 8, 64, 128, 4, 2880, 201088),
+        "qwen3-235b-a22b": (94, 4096, 64, 4, 128, 128, 8, 1536, 151936),
+        "mixtral-8x7b": (32, 4096, 32, 8, 128, 8, 2, 14336, 32000),
+        "qwen3-8b": (36, 4096, 32, 8, 128, 0, 0, 12288, 151936),
+        "llama-3.1-8b": (32, 4096, 32, 8, 128, 0, 0, 14336, 128256),
+    }
+    for name, row in expect.items():
+        m = load_model(name)
+        width = m.expert_intermediate or m.dense_intermediate
+        assert (m.num_layers, m.hidden, m.num_q_heads, m.num_kv_heads, m.head_dim, m.num_experts,
+                m.top_k, width, m.vocab) == row, name
+    assert load_model("qwen3-30b-a3b").total_params / 1e9 == pytest.approx(30.5, abs=0.1)
+    assert load_model("gpt-oss-20b").sliding_layers[:2] == (True, False)
+
+
+def test_profile_roundtrip_and_errors(tmp_path, qwen):
+    from costmodel import default_profile, load_gpu, save_profile
+    prof = default_profile(load_gpu("h200"))
+    path = tmp_path / "p.json"
+    save_profile(prof, path)
+    assert load_profile(path) == prof
+    raw = json.loads(path.read_text())
+    raw["ops"]["dense_gemm"]["compute_eff"] = -1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"key 'ops.dense_gemm.compute_eff'"):
+        load_profile(path)
+    raw["schema_version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="schema_version"):
+        load_profile(path)
+    # a profile that doubles compute efficiency makes a compute-bound plan faster
+    fast = prof.model_copy(update={"ops": {**prof.ops, "prefill_attn": prof.ops["prefill_attn"].model_copy(
+        update={"compute_eff": 1.2})}})
+    plan = [Tile(0, 0, 8192, 0, 48, 0, True)]
+    faster = CostModel(qwen, "h200", fast).price(plan).latency_s
+    assert faster < CostModel(qwen, "h200", prof).price(plan).latency_s

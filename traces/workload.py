@@ -1,0 +1,212 @@
+"""Workload builder: a ``WorkloadSpec`` (what lengths, what arrivals, what caps) -> requests.
+
+Algorithm: one ``numpy.random.default_rng(seed)`` is split with ``spawn(2)`` into an arrival
+generator and a length generator, so the arrival times depend only on (seed, arrival process,
+rate, cv, caps) and never on the length source, and vice versa; comparing policies or workloads
+with the same seed therefore uses identical arrivals.
+
+* Length sources without arrivals ('sharegpt', 'arxiv', a length-statistics CSV, 'arxiv-long',
+  'fixed:P:O'): arrival times come from the arrival process at ``rate`` (required) until the
+  cap(s) ``num_requests`` / ``duration_s`` (at least one required); lengths are sampled.
+* Real traces ('azure-conv', 'mooncake', an Azure / BurstGPT / Mooncake file): with ``rate=None``
+  the trace's own arrival times are replayed divided by ``speed``; with a ``rate`` the arrivals
+  are redrawn from the arrival process and the trace's lengths are used in order. Then the caps
+  keep arrivals ``t < duration_s`` and the first ``num_requests``.
+
+Named files are looked up in ``$LAYERSIM_TRACES_DIR`` or else ``<repo root>/../shared/traces``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from traces.arrivals import ARRIVAL_KINDS, describe_arrivals, generate_arrivals
+from traces.errors import TraceError
+from traces.lengths import LengthSampler, TableLengths, arxiv_long, parse_fixed
+from traces.loaders import LengthTable, LoadedTrace, load_trace, requests_from_arrays
+from traces.request import Request
+
+NAMED_FILES = {
+    "sharegpt": "sharegpt_8k_stats_llama2.csv",
+    "arxiv": "arxiv_summarization_4k_stats_llama2.csv",
+    "azure-conv": "azure2023_conv.csv",
+    "mooncake": "mooncake_synthetic.jsonl",
+}
+VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT")
+
+
+def data_dir() -> Path:
+    """``$LAYERSIM_TRACES_DIR`` if set, else ``<repo root>/../shared/traces``."""
+    env = os.environ.get("LAYERSIM_TRACES_DIR")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parent.parent
+    return repo_root.parent / "shared" / "traces"
+
+
+def _positive(value: float | None, label: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise TraceError(f"{label} must be a positive finite number, got {value!r}")
+
+
+def _positive_int(value: int | None, label: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TraceError(f"{label} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What to simulate; see the module docstring for how each field is used."""
+
+    workload: str
+    rate: float | None = None
+    arrival: str = "poisson"
+    cv: float = 1.0
+    duration_s: float | None = None
+    num_requests: int | None = None
+    speed: float = 1.0
+    seed: int = 0
+    max_context: int = 16384
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workload, str) or not self.workload:
+            raise TraceError(f"workload must be a non-empty string, got {self.workload!r}")
+        if self.arrival not in ARRIVAL_KINDS:
+            raise TraceError(
+                f"unknown arrival process {self.arrival!r}; valid: {', '.join(ARRIVAL_KINDS)}"
+            )
+        _positive(self.rate, "rate")
+        _positive(self.cv, "cv")
+        _positive(self.duration_s, "duration_s")
+        _positive(self.speed, "speed")
+        _positive_int(self.num_requests, "num_requests")
+        _positive_int(self.max_context, "max_context")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise TraceError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.cv != 1.0 and self.arrival != "gamma":
+            raise TraceError("cv applies only to arrival='gamma'")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests of a built workload, in arrival order with req_id 0..n-1."""
+
+    requests: tuple[Request, ...]
+    skipped_zero: int
+    description: str
+
+
+def resolve_workload(
+    name: str, max_context: int = 16384
+) -> LoadedTrace | LengthTable | LengthSampler:
+    """Map a workload name or path to a loaded trace, a length table or a length sampler."""
+    if name == "arxiv-long":
+        return arxiv_long(max_context)
+    if name.startswith("fixed:"):
+        return parse_fixed(name)
+    if name in NAMED_FILES:
+        path = data_dir() / NAMED_FILES[name]
+        if not path.is_file():
+            raise TraceError(
+                f"workload {name!r} needs {path}, which is missing (set LAYERSIM_TRACES_DIR)"
+            )
+        return load_trace(path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return load_trace(path)
+    raise TraceError(
+        f"unknown workload {name!r} (and no such file); valid: {', '.join(VALID_NAMES)}, "
+        "or a path to an Azure/BurstGPT/Mooncake trace or a length-statistics CSV"
+    )
+
+
+def _span_text(span: float) -> str:
+    return f"{span:.0f}" if span >= 10 else f"{span:.2g}"
+
+
+def _assemble(
+    times: np.ndarray, prompt: np.ndarray, output: np.ndarray, skipped: int, head: str,
+    duration_s: float | None,
+) -> Workload:
+    requests = requests_from_arrays(times, prompt, output)
+    span = duration_s if duration_s is not None else (float(times[-1]) if len(times) else 0.0)
+    text = f"{head}, {len(requests)} requests over {_span_text(span)} s"
+    if skipped:
+        text += f" ({skipped} zero-token rows skipped)"
+    return Workload(requests=requests, skipped_zero=skipped, description=text)
+
+
+def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Generator) -> Workload:
+    reqs = trace.requests
+    prompt = np.fromiter((r.prompt_tokens for r in reqs), dtype=np.int64, count=len(reqs))
+    output = np.fromiter((r.output_tokens for r in reqs), dtype=np.int64, count=len(reqs))
+    if spec.rate is None:
+        times = np.fromiter((r.arrival_s for r in reqs), dtype=np.float64, count=len(reqs))
+        times = times / spec.speed
+        speed = "own arrival times" if spec.speed == 1.0 else f"replayed at {spec.speed:g}x speed"
+        head = f"{trace.source}, {speed}"
+    else:
+        if spec.speed != 1.0:
+            raise TraceError("speed applies only when replaying a trace's own arrivals (rate=None)")
+        n = len(reqs) if spec.num_requests is None else min(len(reqs), spec.num_requests)
+        times = generate_arrivals(
+            spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=n, duration_s=spec.duration_s
+        )
+        arrivals = describe_arrivals(spec.arrival, spec.rate, spec.cv)
+        head = f"{trace.source} lengths in order, {arrivals}"
+    keep = len(times)
+    if spec.duration_s is not None:
+        keep = int(np.searchsorted(times, spec.duration_s, side="left"))
+    if spec.num_requests is not None:
+        keep = min(keep, spec.num_requests)
+    return _assemble(
+        times[:keep], prompt[:keep], output[:keep], trace.skipped_zero, head, spec.duration_s
+    )
+
+
+def build_workload(spec: WorkloadSpec) -> Workload:
+    """Build the requests described by ``spec``; the same spec always gives the same requests."""
+    arr_rng, len_rng = np.random.default_rng(spec.seed).spawn(2)
+    source = resolve_workload(spec.workload, spec.max_context)
+    if isinstance(source, LoadedTrace):
+        return _from_trace(spec, source, arr_rng)
+    skipped = 0
+    sampler: LengthSampler
+    if isinstance(source, LengthTable):
+        sampler = TableLengths(source)
+        skipped = source.skipped_zero
+        head = sampler.describe()
+        if spec.workload in NAMED_FILES:
+            head = f"{spec.workload}: {head}"
+    else:
+        sampler = source
+        head = sampler.describe()
+    if spec.rate is None:
+        raise TraceError(
+            f"workload {spec.workload!r} has no arrival times: give rate (req/s) for the "
+            f"{spec.arrival} arrival process"
+        )
+    if spec.duration_s is None and spec.num_requests is None:
+        raise TraceError(
+            f"workload {spec.workload!r} needs a cap: give duration_s and/or num_requests"
+        )
+    if spec.speed != 1.0:
+        raise TraceError("speed applies only when replaying a real trace's own arrivals")
+    times = generate_arrivals(
+        spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=spec.num_requests,
+        duration_s=spec.duration_s,
+    )
+    prompt, output = sampler.sample(len(times), len_rng)
+    head = f"{head}, {describe_arrivals(spec.arrival, spec.rate, spec.cv)}"
+    return _assemble(times, prompt, output, skipped, head, spec.duration_s)
