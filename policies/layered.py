@@ -1,0 +1,101 @@
+"""Layered prefill (arXiv 2510.08055, "From Tokens to Layers"): schedule prefill along layers.
+
+The stack is split into G contiguous, near-equal layer groups. A batch of prompts (those
+waiting together, FCFS, while their total stays within one chunk's worth of tokens; a long
+prompt goes alone) runs its whole prefill through one group per iteration; every iteration also
+decodes all running requests through every layer. The batch finishes after G iterations, and
+each layer sees each prompt once, so expert weights are read once per prompt.
+
+G = max(1, ceil(tokens / chunk_tokens)), at most the number of layers (the published rule).
+With `max_groups` set, G is rounded up to a power of two and capped there (the public
+implementation's bucket rule). Part-way prompts hold their hidden states at the group frontier;
+the replica counts them against KV memory.
+
+The policy keeps no memory between calls: the batch in flight is the set of running prompts
+part-way through the stack, and its next group starts where their layers stand.
+"""
+
+from __future__ import annotations
+
+import math
+
+from costmodel.plan import Plan, Tile
+from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.state import ReplicaState, RequestState
+
+
+def num_groups(num_tokens: int, num_layers: int, chunk_tokens: int = 512,
+               max_groups: int | None = None) -> int:
+    g = max(1, math.ceil(num_tokens / chunk_tokens))
+    if max_groups is not None:
+        g = min(1 << (g - 1).bit_length(), max_groups)
+    return min(g, num_layers)
+
+
+def group_bounds(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """Contiguous near-equal groups; earlier groups take the remainder layers."""
+    base, extra = divmod(num_layers, groups)
+    bounds, l0 = [], 0
+    for g in range(groups):
+        l1 = l0 + base + (1 if g < extra else 0)
+        bounds.append((l0, l1))
+        l0 = l1
+    return bounds
+
+
+class LayeredPrefill:
+    stall_free = True
+    steady_decode = True
+
+    def __init__(self, max_groups: int | None = None, chunk_tokens: int = 512,
+                 max_num_seqs: int = 256) -> None:
+        self.max_groups = max_groups
+        self.chunk_tokens = chunk_tokens
+        self.max_num_seqs = max_num_seqs
+        self.name = "layered" if max_groups is None else f"layered:{max_groups}"
+
+    def groups_for(self, batch_tokens: int, state: ReplicaState) -> list[tuple[int, int]]:
+        g = num_groups(batch_tokens, state.num_layers, self.chunk_tokens, self.max_groups)
+        return group_bounds(state.num_layers, g)
+
+    def next_group(self, batch: list[RequestState], state: ReplicaState) -> tuple[int, int]:
+        """The group the batch runs next: the one starting where its layers stand."""
+        L = state.num_layers
+        done = batch[0].layers_done_at(batch[0].num_prompt_tokens, L)
+        for l0, l1 in self.groups_for(sum(r.num_prompt_tokens for r in batch), state):
+            if l0 >= done:
+                return l0, l1
+        return done, L  # cannot happen for a consistent batch; finish the stack
+
+    def new_batch(self, state: ReplicaState, reserved: int) -> list[RequestState]:
+        """Waiting prompts that start together: FCFS while within one chunk's worth of tokens."""
+        batch: list[RequestState] = []
+        tokens = 0
+        num_seqs = len(state.running)
+        for req in state.waiting:
+            P = req.num_prompt_tokens
+            if batch and tokens + P > self.chunk_tokens:
+                break
+            if num_seqs >= self.max_num_seqs:
+                break
+            if not state.can_admit(req, P, partial=True, reserved=reserved):
+                break
+            reserved += state.blocks_for(P, partial=True)
+            batch.append(req)
+            tokens += P
+            num_seqs += 1
+        return batch
+
+    def schedule(self, state: ReplicaState) -> Plan:
+        L = state.num_layers
+        tiles: list[Tile] = decode_tiles(state)
+        batch = [r for r in state.running if not r.is_prefill_done]
+        if batch:
+            l0, l1 = self.next_group(batch, state)
+        else:
+            batch = self.new_batch(state, decode_block_growth(state))
+            if not batch:
+                return tuple(tiles)
+            l0, l1 = self.groups_for(sum(r.num_prompt_tokens for r in batch), state)[0]
+        tiles.extend(prompt_tile(r, r.num_prompt_tokens, l0, l1, L) for r in batch)
+        return tuple(tiles)

@@ -1,0 +1,118 @@
+"""Policies by name (`chunked:512`, `layered`, `layered:16`, `prefill-first`, `hybrid`,
+`adaptive:100`) or a user's class (`path/to/file.py:ClassName` or `package.module:ClassName`).
+
+A user's class is instantiated with no arguments (or with the text after a second colon as
+one string argument) and must satisfy `policies.base.Policy`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from costmodel.errors import ConfigError
+from policies.base import Policy
+from policies.chunked import ChunkedPrefill
+from policies.layered import LayeredPrefill
+from policies.prefill_first import PrefillFirst
+
+
+def _int_arg(name: str, arg: str | None, default: int | None) -> int | None:
+    if arg is None or arg == "":
+        return default
+    try:
+        value = int(arg)
+    except ValueError:
+        raise ConfigError(f"policy '{name}:{arg}': the parameter must be an integer") from None
+    if value < 1:
+        raise ConfigError(f"policy '{name}:{arg}': the parameter must be >= 1")
+    return value
+
+
+def _builtin(name: str, arg: str | None) -> Policy | None:
+    makers: dict[str, Callable[[str | None], Policy]] = {
+        "chunked": lambda a: ChunkedPrefill(_int_arg("chunked", a, 512) or 512),
+        "layered": lambda a: LayeredPrefill(_int_arg("layered", a, None)),
+        "prefill-first": lambda a: PrefillFirst(),
+    }
+    try:
+        from policies.adaptive import AdaptiveLayered
+        from policies.hybrid import HybridPrefill
+        makers["hybrid"] = lambda a: HybridPrefill(_int_arg("hybrid", a, 512) or 512)
+        makers["adaptive"] = lambda a: AdaptiveLayered(float(_int_arg("adaptive", a, 100) or 100))
+    except ImportError:
+        pass
+    maker = makers.get(name)
+    return maker(arg) if maker else None
+
+
+BUILTIN_NAMES = ("chunked[:BUDGET]", "layered[:MAX_G]", "prefill-first", "hybrid[:BUDGET]",
+                 "adaptive[:TBT_MS]")
+
+
+def make_policy(spec: str) -> Policy:
+    spec = spec.strip()
+    name, _, arg = spec.partition(":")
+    if "/" not in name and not name.endswith(".py") and "." not in name:
+        policy = _builtin(name, arg or None)
+        if policy is None:
+            raise ConfigError(f"unknown policy '{spec}' (built-in: {', '.join(BUILTIN_NAMES)}; "
+                              "or path/to/file.py:ClassName, module:ClassName)")
+        return policy
+    return load_user_policy(spec)
+
+
+def load_user_policy(spec: str) -> Policy:
+    target, sep, cls_name = spec.rpartition(":")
+    extra = None
+    if target.count(":") == 1 and not target.endswith(".py"):  # module:Class:arg
+        target, _, rest = target.partition(":")
+        cls_name, extra = rest, cls_name
+    if not sep or not target or not cls_name:
+        raise ConfigError(f"policy '{spec}': write path/to/file.py:ClassName or module:ClassName")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"policy '{spec}': file {path} not found")
+        mod_name = f"layersim_user_policy_{abs(hash(str(path.resolve())))}"
+        mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ConfigError(f"policy '{spec}': cannot load {path}")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # a user's file: report its error in one line
+            raise ConfigError(f"policy '{spec}': {path} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"policy '{spec}': cannot import module '{target}': {e}") from None
+    cls: Any = getattr(module, cls_name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise ConfigError(f"policy '{spec}': no class '{cls_name}' in {target}")
+    try:
+        policy = cls(extra) if extra is not None else cls()
+    except Exception as e:
+        raise ConfigError(f"policy '{spec}': {cls_name}() failed: {type(e).__name__}: {e}") from None
+    check_interface(policy, spec)
+    return policy  # type: ignore[no-any-return]
+
+
+def check_interface(policy: object, spec: str) -> None:
+    """Name the first part of the Policy interface the object lacks."""
+    if not callable(getattr(policy, "schedule", None)):
+        raise ConfigError(f"policy '{spec}' breaks the interface: it needs a method "
+                          "schedule(self, state: ReplicaState) -> tuple[Tile, ...]")
+    if not isinstance(getattr(policy, "name", None), str):
+        raise ConfigError(f"policy '{spec}' breaks the interface: it needs a str attribute 'name'")
+    if not isinstance(getattr(policy, "stall_free", None), bool):
+        raise ConfigError(f"policy '{spec}' breaks the interface: it needs a bool attribute "
+                          "'stall_free' (True if it never skips a running decode)")

@@ -1,0 +1,266 @@
+"""The replica's state as policies see it, and the one `apply` both executors share.
+
+A request's progress is a staircase over layers: `layer_tokens[l]` tokens have passed layer l,
+never more in a later layer than in an earlier one. Chunked prefill moves every step at once,
+layered prefill one layer group at a time, hybrids any rectangle. A tile (t0, t1, l0, l1) is
+legal when every layer in [l0, l1) stands at t0 and layer l0 - 1 (if any) has reached t1;
+applying it lifts those layers to t1. When the last layer reaches the prompt's end (or a decode
+completes) the request emits a token. KV memory is held in blocks of `block_size` tokens for
+every token any layer has computed; a prompt that is partly through the stack also holds its
+hidden states at the layer frontier (layered prefill's memory cost), counted in blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from costmodel.plan import Tile
+
+if TYPE_CHECKING:
+    from costmodel.price import CostModel
+
+
+class PlanError(ValueError):
+    """A policy returned an illegal plan; the message names the rule it broke."""
+
+
+class RequestState:
+    """One request inside a replica. Executors mutate it through `ReplicaState.apply` only."""
+
+    __slots__ = ("req_id", "arrival_s", "prompt_len", "output_len", "num_prompt_tokens",
+                 "max_tokens", "num_output_tokens",
+                 "num_computed_tokens", "layer_tokens", "num_blocks", "first_token_s",
+                 "last_token_s", "finish_s", "num_preemptions", "itl_s", "admitted_s")
+
+    def __init__(self, req_id: int, arrival_s: float, num_prompt_tokens: int, max_tokens: int):
+        self.req_id = req_id
+        self.arrival_s = arrival_s
+        self.prompt_len = num_prompt_tokens  # as it arrived; preemption changes the fields below
+        self.output_len = max_tokens
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens  # output tokens to generate
+        self.num_output_tokens = 0
+        self.num_computed_tokens = 0  # tokens through every layer
+        self.layer_tokens: list[int] | None = None  # per layer, only while the stack is uneven
+        self.num_blocks = 0
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.num_preemptions = 0
+        self.itl_s: list[float] = []  # gaps between consecutive output tokens
+        self.admitted_s: float | None = None
+
+    # ---- what policies read -----------------------------------------------------------------
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens and self.layer_tokens is None
+
+    @property
+    def is_partial(self) -> bool:
+        """Some layers are ahead of others (a layered or hybrid prefill in flight)."""
+        return self.layer_tokens is not None
+
+    @property
+    def num_prefill_remaining(self) -> int:
+        return max(0, self.num_prompt_tokens - self.num_computed_tokens)
+
+    def tokens_at(self, layer: int) -> int:
+        lt = self.layer_tokens
+        return self.num_computed_tokens if lt is None else lt[layer]
+
+    def layers_done_at(self, num_tokens: int, num_layers: int) -> int:
+        """How many leading layers have reached `num_tokens`."""
+        lt = self.layer_tokens
+        if lt is None:
+            return num_layers if self.num_computed_tokens >= num_tokens else 0
+        n = 0
+        while n < num_layers and lt[n] >= num_tokens:
+            n += 1
+        return n
+
+    @property
+    def is_finished(self) -> bool:
+        return self.num_output_tokens >= self.max_tokens
+
+    def __repr__(self) -> str:
+        return (f"RequestState(id={self.req_id}, prompt={self.num_prompt_tokens}, "
+                f"computed={self.num_computed_tokens}, out={self.num_output_tokens}/{self.max_tokens})")
+
+
+@dataclass
+class ReplicaState:
+    """What a policy sees: requests waiting and running, KV memory, the clock and a cost model."""
+
+    num_layers: int
+    num_total_blocks: int
+    block_size: int = 16
+    hidden_blocks_per_token: float = 0.0  # blocks one token's hidden state takes at a frontier
+    cost_model: CostModel | None = None
+    now_s: float = 0.0
+    waiting: list[RequestState] = field(default_factory=list)  # arrived, no KV yet, FCFS
+    running: list[RequestState] = field(default_factory=list)  # admitted, in admission order
+    num_free_blocks: int = -1
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_free_blocks < 0:
+            self.num_free_blocks = self.num_total_blocks
+
+    # ---- memory arithmetic policies may use --------------------------------------------------
+    def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
+        """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
+        blocks = -(-num_tokens // self.block_size)
+        if partial:
+            blocks += math.ceil(num_tokens * self.hidden_blocks_per_token)
+        return blocks
+
+    def can_admit(self, req: RequestState, num_tokens: int, partial: bool = False,
+                  reserved: int = 0) -> bool:
+        return self.blocks_for(num_tokens, partial) - req.num_blocks + reserved <= self.num_free_blocks
+
+    @property
+    def decodes(self) -> list[RequestState]:
+        """Running requests whose prompt is done: each owes one decode step per iteration."""
+        return [r for r in self.running if r.is_prefill_done and not r.is_finished]
+
+    # ---- executors call these ----------------------------------------------------------------
+    def check(self, plan: Sequence[Tile], stall_free: bool) -> None:
+        """Raise PlanError unless `plan` is legal from this state (see the module note)."""
+        L = self.num_layers
+        by_id = {r.req_id: r for r in self.running}
+        by_id.update({r.req_id: r for r in self.waiting})
+        seen: dict[int, list[Tile]] = {}
+        for tile in plan:
+            if not isinstance(tile, Tile):
+                raise PlanError(f"plan items must be costmodel.Tile, got {type(tile).__name__}")
+            rid, t0, t1, l0, l1, cached, _ = tile
+            req = by_id.get(rid)
+            if req is None:
+                raise PlanError(f"tile for request {rid}, which is neither waiting nor running")
+            if req.is_finished:
+                raise PlanError(f"tile for request {rid}, which has already finished")
+            if not (0 <= l0 < l1 <= L):
+                raise PlanError(f"tile {tile}: layer range [{l0}, {l1}) outside [0, {L})")
+            end = req.num_prompt_tokens + req.num_output_tokens
+            if not (0 <= t0 < t1 <= end):
+                raise PlanError(f"tile {tile}: token range [{t0}, {t1}) outside the request's "
+                                f"{end} tokens so far")
+            if t0 < req.num_prompt_tokens < t1:
+                raise PlanError(f"tile {tile}: a tile may not span the end of the prompt")
+            if cached != t0:
+                raise PlanError(f"tile {tile}: num_cached must equal t0 (tokens before it)")
+            seen.setdefault(rid, []).append(tile)
+        for rid, tiles in seen.items():
+            req = by_id[rid]
+            lt = list(req.layer_tokens) if req.layer_tokens is not None else [req.num_computed_tokens] * L
+            for _, t0, t1, l0, l1, _, _ in sorted(tiles, key=lambda t: (t.l0, t.t0)):
+                if any(lt[l] != t0 for l in range(l0, l1)):
+                    raise PlanError(f"request {rid}: tile tokens [{t0}, {t1}) layers [{l0}, {l1}) "
+                                    f"does not start where those layers stand ({lt[l0]} tokens)")
+                if l0 > 0 and lt[l0 - 1] < t1:
+                    raise PlanError(f"request {rid}: layers [{l0}, {l1}) run tokens up to {t1} "
+                                    f"before layer {l0 - 1} has computed them")
+                for l in range(l0, l1):
+                    lt[l] = t1
+        if stall_free:
+            for r in self.decodes:
+                if r.req_id not in seen:
+                    raise PlanError(f"stall-free policy skipped the decode of running request {r.req_id}")
+
+    def apply(self, plan: Sequence[Tile], now_s: float) -> list[RequestState]:
+        """Advance every tile's request; emit tokens at `now_s`; return requests that finished."""
+        L = self.num_layers
+        finished: list[RequestState] = []
+        admitted = {r.req_id: r for r in self.waiting}
+        touched: dict[int, RequestState] = {}
+        running_ids = None
+        for rid, _t0, t1, l0, l1, _cached, _logits in plan:
+            req = touched.get(rid)
+            if req is None:
+                req = admitted.pop(rid, None)
+                if req is None:
+                    if running_ids is None:
+                        running_ids = {r.req_id: r for r in self.running}
+                    req = running_ids[rid]
+                else:
+                    self.waiting.remove(req)
+                    self.running.append(req)
+                    req.admitted_s = now_s
+                touched[rid] = req
+            if l0 == 0 and l1 == L and req.layer_tokens is None:
+                req.num_computed_tokens = t1
+            else:
+                lt = req.layer_tokens
+                if lt is None:
+                    lt = req.layer_tokens = [req.num_computed_tokens] * L
+                for l in range(l0, l1):
+                    lt[l] = t1
+                low = lt[L - 1]
+                if lt[0] == low:
+                    req.layer_tokens = None
+                req.num_computed_tokens = low
+        for req in touched.values():
+            self._resize(req)
+            # Every known token (prompt and outputs so far) is through the stack: the LM head
+            # produced the next one.
+            if (req.layer_tokens is None
+                    and req.num_computed_tokens == req.num_prompt_tokens + req.num_output_tokens):
+                self._emit(req, now_s)
+                if req.is_finished:
+                    finished.append(req)
+        for req in finished:
+            self.running.remove(req)
+            self.num_free_blocks += req.num_blocks
+            req.num_blocks = 0
+        self.now_s = now_s
+        return finished
+
+    def _emit(self, req: RequestState, now_s: float) -> None:
+        if req.first_token_s is None:
+            req.first_token_s = now_s
+        else:
+            req.itl_s.append(now_s - (req.last_token_s or now_s))
+        req.last_token_s = now_s
+        req.num_output_tokens += 1
+        if req.is_finished:
+            req.finish_s = now_s
+
+    def _resize(self, req: RequestState) -> None:
+        lt = req.layer_tokens
+        top = lt[0] if lt is not None else req.num_computed_tokens
+        need = self.blocks_for(top, partial=lt is not None)
+        grow = need - req.num_blocks
+        if grow > self.num_free_blocks:
+            raise PlanError(f"plan needs {grow} more KV blocks for request {req.req_id}, "
+                            f"only {self.num_free_blocks} free")
+        self.num_free_blocks -= grow
+        req.num_blocks = need
+
+    def preempt_for_decodes(self) -> list[RequestState]:
+        """Recompute-preempt the newest running requests until every decode has its next block.
+
+        vLLM's default: the victim frees its KV and goes back to the head of the waiting queue to
+        redo its prefill. Returns the victims.
+        """
+        victims: list[RequestState] = []
+        while True:
+            need = sum(max(0, self.blocks_for(r.num_computed_tokens + 1) - r.num_blocks)
+                       for r in self.decodes)
+            if need <= self.num_free_blocks or not self.running:
+                return victims
+            victim = self.running.pop()
+            self.num_free_blocks += victim.num_blocks
+            victim.num_blocks = 0
+            victim.num_computed_tokens = 0
+            victim.layer_tokens = None
+            # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
+            victim.num_prompt_tokens += victim.num_output_tokens
+            victim.max_tokens -= victim.num_output_tokens
+            victim.num_output_tokens = 0
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.insert(0, victim)
+            victims.append(victim)

@@ -1,0 +1,179 @@
+"""What a run records: one row per finished request, one row per iteration (or per fast-forwarded
+run of identical decode iterations, with its count), and every inter-token gap.
+
+Rows are kept column-wise in plain lists and arrays (cheap to append) and become pandas
+DataFrames at the end. Inter-token gaps go to a flat float array: 8 bytes per output token.
+With `stream_dir` set, finished-request rows are flushed to parquet parts every `flush_rows`
+rows and gaps are binned in a log-spaced histogram, so memory stays bounded for huge runs.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from costmodel.plan import Tile
+from policies.state import RequestState
+
+if TYPE_CHECKING:
+    from costmodel.price import IterationCost
+
+REQUEST_COLUMNS = ("req_id", "replica", "arrival_s", "prompt_tokens", "output_tokens",
+                   "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms", "p99_itl_ms",
+                   "max_itl_ms", "preemptions", "finished")
+ITERATION_COLUMNS = ("replica", "start_s", "latency_s", "iterations", "prefill_tokens",
+                     "decode_tokens", "num_tiles", "prefill_layer_tokens", "energy_j", "flops",
+                     "expert_bytes", "hbm_bytes", "kv_read_bytes")
+# Histogram of gaps for streamed runs: 1 us .. 1000 s, 0.5% wide bins.
+_HIST_EDGES = np.geomspace(1e-6, 1e3, int(np.log(1e9) / np.log(1.005)) + 1)
+
+
+class Recorder:
+    def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000):
+        self.num_layers = num_layers
+        self.req: dict[str, list[float]] = {c: [] for c in REQUEST_COLUMNS}
+        self.it: dict[str, list[float]] = {c: [] for c in ITERATION_COLUMNS}
+        self.itl = array("d")
+        self.preemptions = 0
+        self.stream_dir = stream_dir
+        self.flush_rows = flush_rows
+        self.parts: list[Path] = []
+        self.itl_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64) if stream_dir else None
+        self.num_requests_recorded = 0
+        self.on_record: Callable[[], object] | None = None
+
+    # ---- events -----------------------------------------------------------------------------
+    def iteration(self, replica: int, start_s: float, cost: IterationCost, plan: tuple[Tile, ...],
+                  iterations: int) -> None:
+        L = self.num_layers
+        decode = prefill = pf_layer_tokens = 0
+        for _, t0, t1, l0, l1, c, logits in plan:
+            n = t1 - t0
+            if n == 1 and logits and l1 - l0 == L and c == t0:
+                decode += 1
+            else:
+                prefill += n
+                pf_layer_tokens += n * (l1 - l0)
+        self._it_row(replica, start_s, cost.latency_s, iterations, prefill, decode, len(plan),
+                     pf_layer_tokens, cost.energy_j, cost.flops, cost.hbm_bytes.expert_weights,
+                     cost.hbm_bytes.total, cost.hbm_bytes.kv_read)
+
+    def steady(self, replica: int, start_s: float, latency_s: float, steps: int, batch: int,
+               first: IterationCost, last: IterationCost, frac: float) -> None:
+        """`steps` decode iterations whose figures run affinely from `first` towards `last`."""
+        def total(a: float, b: float) -> float:
+            return steps * (a + (a + frac * (b - a))) / 2
+
+        self._it_row(replica, start_s, latency_s, steps, 0, steps * batch, batch, 0,
+                     total(first.energy_j, last.energy_j), total(first.flops, last.flops),
+                     total(first.hbm_bytes.expert_weights, last.hbm_bytes.expert_weights),
+                     total(first.hbm_bytes.total, last.hbm_bytes.total),
+                     total(first.hbm_bytes.kv_read, last.hbm_bytes.kv_read))
+
+    def _it_row(self, *values: float) -> None:
+        for col, v in zip(ITERATION_COLUMNS, values, strict=True):
+            self.it[col].append(v)
+
+    def preempted(self, req: RequestState) -> None:
+        self.preemptions += 1
+
+    def finished(self, req: RequestState, replica: int = -1) -> None:
+        gaps = req.itl_s
+        if self.itl_hist is not None:
+            if gaps:
+                idx = np.searchsorted(_HIST_EDGES, gaps)
+                np.add.at(self.itl_hist, idx, 1)
+        else:
+            self.itl.extend(gaps)
+        if gaps:
+            p99 = float(np.percentile(gaps, 99)) * 1e3
+            max_itl = max(gaps) * 1e3
+        else:
+            p99 = max_itl = 0.0
+        first = req.first_token_s if req.first_token_s is not None else float("nan")
+        finish = req.finish_s if req.finish_s is not None else float("nan")
+        out = req.output_len
+        ttft = (first - req.arrival_s) * 1e3
+        e2e = (finish - req.arrival_s) * 1e3
+        tpot = (e2e - ttft) / (out - 1) if out > 1 else 0.0
+        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, out, first, finish,
+                      ttft, tpot, e2e, p99, max_itl, req.num_preemptions, req.is_finished)
+        req.itl_s = []
+
+    def rejected(self, req: RequestState, now_s: float, replica: int = -1) -> None:
+        nan = float("nan")
+        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len, nan, nan,
+                      nan, nan, nan, nan, nan, req.num_preemptions, False)
+
+    def _req_row(self, *values: float) -> None:
+        for col, v in zip(REQUEST_COLUMNS, values, strict=True):
+            self.req[col].append(v)
+        self.num_requests_recorded += 1
+        if self.on_record is not None:
+            self.on_record()
+        if self.stream_dir is not None and len(self.req["req_id"]) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.stream_dir is None or not self.req["req_id"]:
+            return
+        path = self.stream_dir / f"requests-part{len(self.parts):05d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        _requests_frame(self.req).to_parquet(tmp, index=False)
+        tmp.replace(path)
+        self.parts.append(path)
+        self.req = {c: [] for c in REQUEST_COLUMNS}
+
+    # ---- results ----------------------------------------------------------------------------
+    def requests_frame(self) -> pd.DataFrame:
+        frames = [pd.read_parquet(p) for p in self.parts] + [_requests_frame(self.req)]
+        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        return df.sort_values("req_id", kind="stable").reset_index(drop=True)
+
+    def iterations_frame(self) -> pd.DataFrame:
+        df = pd.DataFrame({c: self.it[c] for c in ITERATION_COLUMNS})
+        for c in ("replica", "iterations", "prefill_tokens", "decode_tokens", "num_tiles",
+                  "prefill_layer_tokens"):
+            df[c] = df[c].astype("int64")
+        return df
+
+    def itl_values_s(self) -> np.ndarray:
+        return np.frombuffer(self.itl, dtype=np.float64) if len(self.itl) else np.zeros(0)
+
+    def itl_percentiles_ms(self, qs: tuple[float, ...]) -> tuple[float, ...]:
+        """Percentiles of every gap: exact from the array, or from the histogram when streaming."""
+        if self.itl_hist is None:
+            v = self.itl_values_s()
+            if not len(v):
+                return tuple(float("nan") for _ in qs)
+            return tuple(float(np.percentile(v, q)) * 1e3 for q in qs)
+        cum = np.cumsum(self.itl_hist)
+        if not cum[-1]:
+            return tuple(float("nan") for _ in qs)
+        centers = np.concatenate([[_HIST_EDGES[0]], np.sqrt(_HIST_EDGES[1:] * _HIST_EDGES[:-1]),
+                                  [_HIST_EDGES[-1]]])
+        out = []
+        for q in qs:
+            i = int(np.searchsorted(cum, q / 100 * cum[-1]))
+            out.append(float(centers[min(i, len(centers) - 1)]) * 1e3)
+        return tuple(out)
+
+    def itl_mean_ms(self) -> float:
+        if self.itl_hist is None:
+            v = self.itl_values_s()
+            return float(v.mean()) * 1e3 if len(v) else float("nan")
+        return float("nan")
+
+
+def _requests_frame(cols: dict[str, list[float]]) -> pd.DataFrame:
+    df = pd.DataFrame({c: cols[c] for c in REQUEST_COLUMNS})
+    for c in ("req_id", "replica", "prompt_tokens", "output_tokens", "preemptions"):
+        df[c] = df[c].astype("int64")
+    df["finished"] = df["finished"].astype(bool)
+    return df
+

@@ -1,0 +1,213 @@
+"""One serving replica as a SimPy process: schedule, price, wait, apply.
+
+The loop is the whole simulator:
+
+    plan = policy.schedule(state)
+    cost = cost_model.price(plan)
+    yield env.timeout(cost.latency_s)
+    state.apply(plan, env.now)
+
+Before each schedule, decodes that lack their next KV block preempt the newest requests
+(recompute). Steady decoding is fast-forwarded: when the policy promises `steady_decode`, no
+prompt waits and none is part-way, the next K iterations are identical decode batches whose
+contexts grow by one token each, so their latencies are an affine function of the step (only
+decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and last step
+and wait for their sum in one event; an arrival interrupts it at the end of the step in flight.
+K stops at the first request to finish and at the KV blocks left. (With sliding-window layers
+the KV read saturates at the window, so the affine form over-counts slightly past it.)
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import TYPE_CHECKING
+
+import simpy
+
+from costmodel.plan import Tile, decode_tile
+from policies.base import Policy
+from policies.state import PlanError, ReplicaState, RequestState
+from sim.records import Recorder
+
+if TYPE_CHECKING:
+    from costmodel.price import CostModel
+
+
+class Replica:
+    def __init__(self, env: simpy.Environment, idx: int, policy: Policy, cost_model: CostModel,
+                 num_blocks: int, block_size: int, hidden_blocks_per_token: float,
+                 recorder: Recorder, check: bool = False, fast_forward: bool = True) -> None:
+        self.env = env
+        self.idx = idx
+        self.policy = policy
+        self.cost = cost_model
+        self.state = ReplicaState(num_layers=cost_model.model.num_layers, num_total_blocks=num_blocks,
+                                  block_size=block_size,
+                                  hidden_blocks_per_token=hidden_blocks_per_token,
+                                  cost_model=cost_model)
+        self.recorder = recorder
+        self.check = check or not getattr(policy, "_layersim_builtin", False)
+        self.fast_forward = fast_forward and bool(getattr(policy, "steady_decode", False))
+        self._wakeup = env.event()
+        self.busy_s = 0.0
+        self.outstanding = 0  # requests routed here and not finished (for routers)
+        self.pending_tokens = 0  # prompt + output tokens still to compute (for routers)
+        self.process = env.process(self.run())
+
+    # ---- arrivals ---------------------------------------------------------------------------
+    def submit(self, req: RequestState) -> None:
+        self.state.waiting.append(req)
+        self.outstanding += 1
+        self.pending_tokens += req.num_prompt_tokens + req.max_tokens
+        if not self._wakeup.triggered:
+            self._wakeup.succeed()
+
+    def _sleep(self) -> simpy.Event:
+        if self._wakeup.triggered:
+            self._wakeup = self.env.event()
+        return self._wakeup
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self):  # type: ignore[no-untyped-def]
+        env, state, policy = self.env, self.state, self.policy
+        while True:
+            if not state.running and not state.waiting:
+                yield self._sleep()
+                continue
+            state.now_s = env.now
+            if state.decodes:
+                for victim in state.preempt_for_decodes():
+                    self.recorder.preempted(victim)
+            if self.fast_forward and not state.waiting and all(r.is_prefill_done for r in state.running):
+                yield from self._steady_decode()
+                continue
+            plan = policy.schedule(state)
+            if self.check:
+                state.check(plan, policy.stall_free)
+            if not plan:
+                if not state.running:  # the head prompt can never fit in this replica's KV
+                    req = state.waiting.pop(0)
+                    self._finish_accounting(req)
+                    self.recorder.rejected(req, env.now, self.idx)
+                    continue
+                yield self._sleep()  # a policy may choose to wait for more arrivals
+                continue
+            cost = self.cost.price(plan)
+            start = env.now
+            yield env.timeout(cost.latency_s)
+            finished = state.apply(plan, env.now)
+            self.busy_s += cost.latency_s
+            self.recorder.iteration(self.idx, start, cost, plan, 1)
+            for req in finished:
+                self._finish_accounting(req)
+                self.recorder.finished(req, self.idx)
+            self._update_pending(plan)
+
+    def _update_pending(self, plan: tuple[Tile, ...]) -> None:
+        L = self.state.num_layers
+        self.pending_tokens -= sum((t1 - t0) * (l1 - l0) // L for _, t0, t1, l0, l1, _, _ in plan)
+
+    def _finish_accounting(self, req: RequestState) -> None:
+        self.outstanding -= 1
+
+    # ---- fast-forward of steady decoding ----------------------------------------------------
+    def _steady_decode(self):  # type: ignore[no-untyped-def]
+        env, state = self.env, self.state
+        running = list(state.running)
+        L = state.num_layers
+        k = min(r.max_tokens - r.num_output_tokens for r in running)
+        k = min(k, self._kv_steps(running, k))
+        if k <= 0:  # cannot grow at all: let the normal path preempt or stall
+            k = 1
+        plan0 = tuple(decode_tile(r.req_id, r.num_computed_tokens, L) for r in running)
+        c0 = self.cost.price(plan0)
+        if k == 1:
+            lat = [c0.latency_s]
+            c_last = c0
+        else:
+            c_last = self.cost.price(tuple(decode_tile(r.req_id, r.num_computed_tokens + k - 1, L)
+                                           for r in running))
+            slope = (c_last.latency_s - c0.latency_s) / (k - 1)
+            lat = [c0.latency_s + slope * j for j in range(k)]
+        ends, t = [], env.now
+        for x in lat:
+            t += x
+            ends.append(t)
+        start = env.now
+        wake = self._sleep()
+        yield env.timeout(ends[-1] - start) | wake
+        if env.now < ends[-1] - 1e-15:  # an arrival: finish the step in flight, then stop
+            done = bisect.bisect_left(ends, env.now) + 1
+            yield env.timeout(max(0.0, ends[done - 1] - env.now))
+        else:
+            done = k
+        ends = ends[:done]
+        for r in running:
+            self._advance_decode(r, ends)
+        finished = [r for r in running if r.is_finished]
+        for r in finished:
+            state.running.remove(r)
+            state.num_free_blocks += r.num_blocks
+            r.num_blocks = 0
+        state.now_s = env.now
+        self.busy_s += ends[-1] - start
+        frac = (done - 1) / (k - 1) if k > 1 else 0.0
+        self.recorder.steady(self.idx, start, ends[-1] - start, done, len(running), c0, c_last, frac)
+        self.pending_tokens -= done * len(running)
+        for r in finished:
+            self._finish_accounting(r)
+            self.recorder.finished(r, self.idx)
+
+    def _kv_steps(self, running: list[RequestState], k: int) -> int:
+        """Largest j <= k such that every request can grow by j tokens in the free blocks."""
+        state = self.state
+
+        def need(j: int) -> int:
+            return sum(max(0, state.blocks_for(r.num_computed_tokens + j) - r.num_blocks)
+                       for r in running)
+
+        if need(k) <= state.num_free_blocks:
+            return k
+        lo, hi = 0, k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if need(mid) <= state.num_free_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _advance_decode(self, r: RequestState, ends: list[float]) -> None:
+        state = self.state
+        prev = r.last_token_s if r.last_token_s is not None else ends[0]
+        itl = r.itl_s
+        for t in ends:
+            itl.append(t - prev)
+            prev = t
+        r.last_token_s = ends[-1]
+        r.num_output_tokens += len(ends)
+        r.num_computed_tokens += len(ends)
+        if r.is_finished:
+            r.finish_s = ends[-1]
+        need = state.blocks_for(r.num_computed_tokens)
+        grow = need - r.num_blocks
+        if grow > state.num_free_blocks:
+            raise PlanError("internal: fast-forward overran the KV blocks")
+        state.num_free_blocks -= grow
+        r.num_blocks = need
+
+
+def kv_blocks(cost_model: CostModel, block_size: int, gpu_memory_utilization: float,
+              activation_reserve_bytes: float) -> tuple[int, float]:
+    """KV blocks one replica holds, and blocks per token of a part-way prompt's hidden state.
+
+    Blocks = (HBM * utilization - weights - activation reserve) / (block bytes), per GPU; with
+    ep attention groups each group holds its own cache.
+    """
+    hw, m, par = cost_model.hw, cost_model.model, cost_model.parallel
+    free = hw.hbm_bytes * gpu_memory_utilization - cost_model.weight_bytes_per_gpu - activation_reserve_bytes
+    per_block = block_size * cost_model.kv_bytes_per_token_per_gpu
+    blocks = math.floor(free / per_block) * par.ep
+    hidden_per_token = m.hidden * 2.0  # bf16 hidden state, replicated on every TP rank
+    return max(0, blocks), hidden_per_token / per_block
