@@ -13,7 +13,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from costmodel.errors import ConfigError
 from policies.base import Policy
@@ -96,14 +96,15 @@ def load_user_policy(spec: str) -> Policy:
         except ImportError as e:
             raise ConfigError(f"policy '{spec}': cannot import module '{target}': {e}") from None
     cls: Any = getattr(module, cls_name, None)
-    if cls is None or not inspect.isclass(cls):
+    if not inspect.isclass(cls):
         raise ConfigError(f"policy '{spec}': no class '{cls_name}' in {target}")
     try:
-        policy = cls(extra) if extra is not None else cls()
+        factory: Any = cls
+        policy: Any = factory(extra) if extra is not None else factory()
     except Exception as e:
         raise ConfigError(f"policy '{spec}': {cls_name}() failed: {type(e).__name__}: {e}") from None
     check_interface(policy, spec)
-    return policy  # type: ignore[no-any-return]
+    return cast(Policy, policy)
 
 
 def check_interface(policy: object, spec: str) -> None:
