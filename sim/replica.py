@@ -97,12 +97,28 @@ class Replica:
             start = env.now
             yield env.timeout(cost.latency_s)
             finished = state.apply(plan, env.now)
+            if self.check:
+                self._check_invariants()
             self.busy_s += cost.latency_s
             self.recorder.iteration(self.idx, start, cost, plan, 1)
             for req in finished:
                 self._finish_accounting(req)
                 self.recorder.finished(req, self.idx)
             self._update_pending(plan)
+
+    def _check_invariants(self) -> None:
+        """Memory is conserved and within capacity; tokens never exceed what was asked."""
+        st = self.state
+        held = sum(r.num_blocks for r in st.running) + sum(r.num_blocks for r in st.waiting)
+        if not (0 <= st.num_free_blocks <= st.num_total_blocks and held + st.num_free_blocks
+                == st.num_total_blocks):
+            raise AssertionError(f"replica {self.idx}: KV blocks not conserved "
+                                 f"(held {held}, free {st.num_free_blocks}, total {st.num_total_blocks})")
+        for r in st.running:
+            if r.num_output_tokens > r.max_tokens or r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens:
+                raise AssertionError(f"request {r.req_id}: more tokens than asked")
+            if any(g < 0 for g in r.itl_s):
+                raise AssertionError(f"request {r.req_id}: token times go backwards")
 
     def _update_pending(self, plan: tuple[Tile, ...]) -> None:
         L = self.state.num_layers
@@ -151,6 +167,8 @@ class Replica:
             state.num_free_blocks += r.num_blocks
             r.num_blocks = 0
         state.now_s = env.now
+        if self.check:
+            self._check_invariants()
         self.busy_s += ends[-1] - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
         self.recorder.steady(self.idx, start, ends[-1] - start, done, len(running), c0, c_last, frac)

@@ -1,0 +1,119 @@
+"""`calibrate` / `layersim calibrate`: parse flags, run the pipeline with a progress bar, print the fit.
+
+Method. Everything optional (torch, pynvml, a GPU) is checked at run time and reported as one
+line `calibrate: error: ...` with exit status 2, never a traceback; Ctrl-C exits 130 with no
+profile written (the file is only written, atomically, once the fit is done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from costmodel import ConfigError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Time every operation class the cost model prices on this device "
+        "and fit a hardware profile (JSON) for `layersim --profile`.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu", type=int, metavar="N", help="CUDA device index (default: 0)")
+    where.add_argument("--device", metavar="DEV", help="'cpu' or 'cuda:N'")
+    p.add_argument("--model", default="qwen3-30b-a3b", help="model preset or config.json whose "
+                   "shapes make the grid (default: qwen3-30b-a3b)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: shapes are those of one "
+                   "GPU of the group (default: 1)")
+    p.add_argument("--quick", action="store_true", help="a coarse grid (minutes become seconds)")
+    p.add_argument("--out", metavar="FILE", help="profile to write (default: profile-<gpu|cpu>.json)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads with --device "
+                   "cpu (default: 1, the reproducible choice on shared machines)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _bar(enabled: bool) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    """A tqdm bar created on the first report, when the grid size is known."""
+    state: dict[str, object] = {}
+
+    def report(done: int, total: int, label: str) -> None:
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, unit="shape", file=sys.stderr, dynamic_ncols=True)
+        assert isinstance(bar, tqdm)
+        bar.set_postfix_str(label[:48], refresh=False)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        bar = state.get("bar")
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+    return report, close
+
+
+def main(argv: list[str] | None = None, prog: str = "calibrate") -> int:
+    args = build_parser(prog).parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    device = args.device or f"cuda:{args.gpu if args.gpu is not None else 0}"
+    if args.tp < 1 or args.threads < 1:
+        return fail(f"--tp and --threads must be >= 1, got {args.tp} and {args.threads}")
+    try:
+        import torch  # noqa: F401  (checked here so that a missing torch is one line)
+    except ImportError:
+        return fail("calibration needs torch: pip install 'layersim[cpu]' (or 'layersim[gpu]')")
+    from calibrate.run import format_fit_table, run_calibration
+
+    out = args.out
+    if out is None:
+        out = f"profile-{_device_tag(device)}.json"
+    report, close = _bar(not args.no_progress)
+    try:
+        profile = run_calibration(args.model, args.tp, device, args.quick, out, report,
+                                  cpu_threads=args.threads)
+    except ConfigError as e:
+        close()
+        return fail(str(e))
+    except KeyboardInterrupt:
+        close()
+        print(f"{prog}: interrupted; no profile written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RuntimeError, OSError) as e:  # CUDA out of memory, NVML failures, unwritable --out
+        close()
+        return fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    close()
+    print(format_fit_table(profile))
+    print(f"wrote {out}")
+    return 0
+
+
+def _device_tag(device: str) -> str:
+    """'cpu', or the GPU's preset name when torch can see it (profile-h200.json)."""
+    if device == "cpu":
+        return "cpu"
+    try:
+        import torch
+
+        from calibrate.kernels import GPU_PRESETS
+        index = int(device.partition(":")[2] or 0)
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            name = torch.cuda.get_device_name(index).upper()
+            return next((p for key, p in GPU_PRESETS if key in name), f"cuda{index}")
+    except (ImportError, ValueError, RuntimeError):
+        pass
+    return "gpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `layersim` and `calibrate` commands: argument parsing and wiring only."""

@@ -1,0 +1,87 @@
+"""`layersim explain`: one iteration's per-operation cost table, LLM-Viewer style."""
+
+from __future__ import annotations
+
+import argparse
+
+from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, load_model, resolve_profile
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("explain", help="price one iteration and show where its time goes")
+    p.add_argument("--model", default="qwen3-30b-a3b")
+    p.add_argument("--gpu", default=None, help="a100 | h100 | h200 | b200 | cpu (default h100)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--decode", type=int, default=0, help="running decodes in the batch")
+    p.add_argument("--context", type=int, default=1024, help="context tokens of each decode")
+    p.add_argument("--prefill", type=int, default=0, help="prompt tokens in one prefill tile")
+    p.add_argument("--prefill-context", type=int, default=0, help="tokens of that prompt already cached")
+    p.add_argument("--prefill-layers", default=None, metavar="L0:L1", help="layer range of the prefill tile")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--routing-skew", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="print the IterationCost as one JSON object")
+    p.set_defaults(handler=run)
+
+
+def _layers(text: str | None, num_layers: int) -> tuple[int, int]:
+    if text is None:
+        return 0, num_layers
+    try:
+        l0, l1 = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--prefill-layers '{text}': write L0:L1, e.g. 0:3") from None
+    if not 0 <= l0 < l1 <= num_layers:
+        raise ConfigError(f"--prefill-layers {text}: must satisfy 0 <= L0 < L1 <= {num_layers}")
+    return l0, l1
+
+
+def run(ns: argparse.Namespace) -> int:
+    model = load_model(ns.model, routing_skew=ns.routing_skew)
+    prof = resolve_profile(ns.gpu or "h100", ns.profile)
+    if ns.gpu and ns.profile and prof.gpu != ns.gpu.lower():
+        raise ConfigError(f"--gpu {ns.gpu} but the profile {ns.profile} is for '{prof.gpu}'")
+    for flag, v in (("--decode", ns.decode), ("--context", ns.context), ("--prefill", ns.prefill),
+                    ("--prefill-context", ns.prefill_context)):
+        if v < 0:
+            raise ConfigError(f"{flag} must be >= 0")
+    if ns.decode == 0 and ns.prefill == 0:
+        raise ConfigError("nothing to price: give --decode N and/or --prefill N")
+    cm = CostModel(model, prof.gpu, prof, Parallelism(ns.tp, ns.ep))
+    L = model.num_layers
+    plan = [decode_tile(i, ns.context, L) for i in range(ns.decode)]
+    if ns.prefill:
+        l0, l1 = _layers(ns.prefill_layers, L)
+        c = ns.prefill_context
+        plan.append(Tile(ns.decode, c, c + ns.prefill, l0, l1, c, l1 == L))
+    cost = cm.price(plan)
+    if ns.json:
+        print(cost.to_json())
+        return 0
+    desc = f"{ns.decode} decodes at {ns.context} context"
+    if ns.prefill:
+        desc += f" + prefill of {ns.prefill} tokens on layers {l0}:{l1}"
+    print(f"{model.name} on {cm.parallel.num_gpus} x {cm.hw.name} (tp {ns.tp}, ep {ns.ep}); {desc}")
+    print(f"profile: {'calibrated' if prof.is_calibrated else 'datasheet'}; figures per GPU\n")
+    head = f"{'operation':<18}{'class':<14}{'GFLOP':>10}{'HBM MB':>11}{'link MB':>10}{'bound':>10}{'time us':>11}{'share':>8}"
+    print(head)
+    print("-" * len(head))
+    for op in cost.ops:
+        print(f"{op.name:<18}{op.op_class:<14}{op.flops / 1e9:>10.2f}{op.hbm_bytes / 1e6:>11.1f}"
+              f"{op.link_bytes / 1e6:>10.1f}{op.bound:>10}{op.time_s * 1e6:>11.1f}"
+              f"{op.time_s / cost.latency_s:>8.1%}")
+    over = cm.profile.iteration_overhead_s
+    print(f"{'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>10}{over * 1e6:>11.1f}"
+          f"{over / cost.latency_s:>8.1%}")
+    print("-" * len(head))
+    hb = cost.hbm_bytes
+    print(f"latency {cost.latency_s * 1e3:.3f} ms   energy {cost.energy_j:.3f} J   "
+          f"{cost.flops / 1e12:.2f} TFLOP   HBM {hb.total / 1e9:.2f} GB (replica)")
+    print(f"HBM by kind (GB): dense weights {hb.dense_weights / 1e9:.2f}, expert weights "
+          f"{hb.expert_weights / 1e9:.2f}, KV read {hb.kv_read / 1e9:.2f}, KV write "
+          f"{hb.kv_write / 1e9:.3f}, activations {hb.activations / 1e9:.2f}")
+    if cost.experts_touched_per_layer:
+        touched = [x for x in cost.experts_touched_per_layer if x]
+        print(f"experts touched per active layer: {sum(touched) / len(touched):.1f} of "
+              f"{model.num_experts} (expected, routing skew {model.routing_skew})")
+    return 0

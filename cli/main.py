@@ -1,0 +1,79 @@
+"""`layersim <command>`: parse flags, call the packages, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from costmodel.errors import ConfigError
+from policies.state import PlanError
+
+
+def _fail(prog: str, msg: str) -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _guard(prog: str, fn: Callable[[], int]) -> int:
+    """Users see one line for their mistakes, never a traceback."""
+    try:
+        return fn()
+    except (ConfigError, PlanError) as e:
+        return _fail(prog, str(e))
+    except ValueError as e:  # TraceError and the reports' input errors are ValueErrors
+        return _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except FileNotFoundError as e:
+        return _fail(prog, f"{e.filename}: not found")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished results were kept", file=sys.stderr)
+        return 130
+
+
+def _delegate(module: str, func: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        mod = __import__(module, fromlist=[func])
+        return int(getattr(mod, func)(argv))
+    return run
+
+
+# Commands implemented in their own packages' cli modules take their raw arguments.
+DELEGATED: dict[str, tuple[str, str, str]] = {
+    "calibrate": ("calibrate.cli", "main", "fit the cost model to this machine's kernels"),
+    "validate": ("engine.cli", "validate_main", "run a trace on the real engine and the simulator"),
+    "report": ("reports.cli", "report_main", "turn a results folder into one offline HTML file"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in DELEGATED:
+        module, func, _ = DELEGATED[args[0]]
+        try:
+            return _delegate(module, func)(args[1:])
+        except ImportError as e:
+            return _fail(f"layersim {args[0]}", f"needs an optional dependency: {e.name or e} "
+                         "(pip install -e '.[cpu]' or '.[gpu]')")
+    from cli import explain, simulate
+
+    parser = argparse.ArgumentParser(prog="layersim", description=(
+        "Capacity planning and scheduling-policy design for MoE LLM serving."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    simulate.add_parsers(sub)
+    explain.add_parser(sub)
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    ns = parser.parse_args(args)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    return _guard(f"layersim {ns.command}", lambda: int(ns.handler(ns)))
+
+
+def calibrate_main() -> int:
+    """The `calibrate` console script: the same as `layersim calibrate`."""
+    return main(["calibrate", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""One plotly figure per report section, each built from loaded results (reports/load.py).
+
+Every function returns None when its data is absent, so the report simply leaves the plot out.
+Trace data is thinned (CDF quantiles, per-time-bin extremes) so the HTML stays small for long runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from reports.load import Capacity, Run, as_float
+
+PALETTE = qualitative.Plotly
+CDF_POINTS = 500  # quantiles per CDF trace: smooth enough, and size independent of run length
+TIMELINE_POINTS = 5000  # per run
+_LAYOUT: dict[str, Any] = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50),
+                               legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower is better), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    keep: list[int] = []
+    best_y = float("inf")
+    for i in order:
+        if points[i][1] < best_y:
+            keep.append(i)
+            best_y = points[i][1]
+    return keep
+
+
+def pareto(runs: Sequence[Run], ttft: str = "mean") -> go.Figure | None:
+    """TTFT against P99 ITL (the TBT tail), one point per run, with the non-dominated frontier."""
+    ykey = f"{ttft}_ttft_ms"
+    pts: list[tuple[float, float]] = []
+    names: list[str] = []
+    for r in runs:
+        # Streamed runs may lack pooled ITL percentiles; per-request TPOT is the nearest stand-in.
+        x = r.metric("p99_itl_ms") or r.metric("p99_tpot_ms")
+        y = r.metric(ykey)
+        if x is not None and y is not None:
+            pts.append((x, y))
+            names.append(r.label)
+    if not pts:
+        return None
+    fig = go.Figure()
+    front = frontier(pts)
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=[pts[i][0] for i in front], y=[pts[i][1] for i in front],
+                                 mode="lines", name="Pareto frontier", hoverinfo="skip",
+                                 line=dict(color="#888", dash="dot")))
+    on_front = set(front)
+    for i, ((x, y), name) in enumerate(zip(pts, names, strict=True)):
+        fig.add_trace(go.Scatter(
+            x=[x], y=[y], mode="markers+text", name=name, text=[name], textposition="top center",
+            marker=dict(size=12 if i in on_front else 9, color=_color(i),
+                        symbol="circle" if i in on_front else "circle-open", line=dict(width=2)),
+            hovertemplate=f"{name}<br>P99 ITL %{{x:.1f}} ms<br>{ttft} TTFT %{{y:.1f}} ms<extra></extra>"))
+    _slo_lines(fig, runs)
+    fig.update_layout(**_LAYOUT, title=f"{ttft.capitalize()} TTFT vs P99 inter-token latency",
+                      showlegend=False, height=450)
+    fig.update_xaxes(title="P99 ITL / TBT (ms)", rangemode="tozero")
+    fig.update_yaxes(title=f"{ttft} TTFT (ms)", rangemode="tozero")
+    return fig
+
+
+def _slo_lines(fig: go.Figure, runs: Sequence[Run]) -> None:
+    slo_itl = _common(runs, "slo_itl_ms")
+    slo_ttft = _common(runs, "slo_ttft_ms")
+    if slo_itl is not None:
+        fig.add_vline(x=slo_itl, line=dict(color="crimson", dash="dash", width=1),
+                      annotation_text=f"ITL SLO {slo_itl:g} ms", annotation_position="top right")
+    if slo_ttft is not None:
+        fig.add_hline(y=slo_ttft, line=dict(color="crimson", dash="dash", width=1),
+                      annotation_text=f"TTFT SLO {slo_ttft:g} ms", annotation_position="top left")
+
+
+def _common(runs: Sequence[Run], key: str) -> float | None:
+    """The value every run agrees on (first one if they differ: targets are normally shared)."""
+    vals = [v for r in runs if (v := r.metric(key)) is not None]
+    return vals[0] if vals else None
+
+
+def _ecdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(values)
+    if len(v) <= CDF_POINTS:
+        return v, np.arange(1, len(v) + 1) / len(v)
+    q = np.linspace(0.0, 1.0, CDF_POINTS)
+    return np.quantile(v, q), q
+
+
+def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
+    """CDFs of TTFT, E2E latency and each request's own P99 ITL, one colour per run."""
+    panels = (("ttft_ms", "TTFT (ms)"), ("e2el_ms", "E2E latency (ms)"),
+              ("p99_itl_ms", "per-request P99 ITL (ms)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
+    drawn = False
+    for i, r in enumerate(runs):
+        df = r.requests
+        if df is None or "finished" not in df:
+            continue
+        done = df[df["finished"].astype(bool)]
+        for col, (key, title) in enumerate(panels, start=1):
+            if key not in done:
+                continue
+            v = pd.to_numeric(done[key], errors="coerce").to_numpy(dtype=float)
+            # Log axes: non-positive values (a 1-token request has no gaps, so P99 ITL 0) can't show.
+            v = v[np.isfinite(v) & (v > 0)]
+            if not len(v):
+                continue
+            x, y = _ecdf(v)
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines", name=r.label, legendgroup=r.label, showlegend=col == 1,
+                line=dict(color=_color(i), shape="hv"),
+                hovertemplate=f"{r.label}<br>{title} %{{x:.1f}}<br>fraction %{{y:.3f}}<extra></extra>"),
+                row=1, col=col)
+            drawn = True
+    if not drawn:
+        return None
+    fig.update_layout(**_LAYOUT, height=420)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_yaxes(title="fraction of finished requests", row=1, col=1)
+    return fig
+
+
+def thin_timeline(it: pd.DataFrame, max_points: int = TIMELINE_POINTS) -> pd.DataFrame:
+    """At most max_points rows: in each time bin the slowest and the fastest iteration.
+
+    Keeping extremes rather than a random sample keeps every latency spike above the target visible.
+    """
+    if len(it) <= max_points:
+        return it
+    bins = max(max_points // 2, 1)
+    t = it["start_s"].to_numpy(dtype=float)
+    edges = np.linspace(t.min(), t.max(), bins + 1)
+    key = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, bins - 1)
+    g = it.groupby(key, sort=True)["per_iter_ms"]
+    idx = pd.Index(g.idxmax()).union(pd.Index(g.idxmin()))
+    return it.loc[idx].sort_values("start_s", kind="stable")
+
+
+def timeline(runs: Sequence[Run]) -> go.Figure | None:
+    """Per run: latency of each iteration over time, split by whether it carried prefill work."""
+    rows = [r for r in runs if r.iterations is not None and len(r.iterations)
+            and {"start_s", "latency_s"} <= set(r.iterations.columns)]
+    if not rows:
+        return None
+    fig = make_subplots(rows=len(rows), cols=1, subplot_titles=[r.label for r in rows],
+                        vertical_spacing=min(0.08, 0.3 / len(rows)))
+    for n, r in enumerate(rows, start=1):
+        assert r.iterations is not None
+        it = r.iterations.copy()
+        count = it["iterations"].clip(lower=1) if "iterations" in it else 1
+        # A fast-forwarded row totals several identical decode steps; plot one step's latency.
+        it["per_iter_ms"] = it["latency_s"] / count * 1e3
+        it = it[np.isfinite(it["per_iter_ms"]) & (it["per_iter_ms"] > 0)]  # log axis
+        if not len(it):
+            continue
+        it = thin_timeline(it.reset_index(drop=True))
+        prefill = it["prefill_tokens"] if "prefill_tokens" in it else pd.Series(0, index=it.index)
+        decode = it["decode_tokens"] if "decode_tokens" in it else pd.Series(0, index=it.index)
+        for kind, mask, color in (("decode only", prefill <= 0, "#1f77b4"),
+                                  ("with prefill", prefill > 0, "#ff7f0e")):
+            part = it[mask]
+            if not len(part):
+                continue
+            fig.add_trace(go.Scatter(
+                x=part["start_s"], y=part["per_iter_ms"], mode="markers", name=kind, legendgroup=kind,
+                showlegend=n == 1, marker=dict(size=4, color=color, opacity=0.7),
+                customdata=np.column_stack([prefill[mask], decode[mask]]),
+                hovertemplate=("t %{x:.3f} s<br>%{y:.2f} ms<br>prefill %{customdata[0]} tok"
+                               "<br>decode %{customdata[1]} tok<extra>" + kind + "</extra>")),
+                row=n, col=1)
+        target = r.metric("slo_itl_ms")
+        if target is not None:
+            fig.add_hline(y=target, line=dict(color="crimson", dash="dash", width=1), row=n, col=1,
+                          annotation_text=f"TBT target {target:g} ms", annotation_position="top left")
+        fig.update_yaxes(title="ms / iteration", type="log", row=n, col=1)
+    fig.update_xaxes(title="time (s)", row=len(rows), col=1)
+    fig.update_layout(**_LAYOUT, height=120 + 260 * len(rows))
+    return fig
+
+
+def traffic_energy(runs: Sequence[Run]) -> go.Figure | None:
+    """Expert-weight traffic per request and energy per token, one bar per run."""
+    gb = [(r.label, v / 1e9) for r in runs if (v := r.metric("expert_bytes_per_request")) is not None]
+    joule = [(r.label, v) for r in runs if (v := r.metric("energy_per_token_j")) is not None]
+    if not gb and not joule:
+        return None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["expert weight traffic per request (GB)",
+                                                        "energy per token (J)"])
+    color = {r.label: _color(i) for i, r in enumerate(runs)}
+    for col, data, fmt in ((1, gb, "%{y:.2f} GB"), (2, joule, "%{y:.4f} J")):
+        if data:
+            fig.add_trace(go.Bar(x=[d[0] for d in data], y=[d[1] for d in data],
+                                 marker_color=[color[d[0]] for d in data], showlegend=False,
+                                 hovertemplate="%{x}<br>" + fmt + "<extra></extra>"), row=1, col=col)
+    fig.update_layout(**_LAYOUT, height=420)
+    return fig
+
+
+def slo_vs_rate(sweep: pd.DataFrame | None) -> go.Figure | None:
+    """SLO attainment against arrival rate from a sweep, one line per policy."""
+    if sweep is None or not {"rate", "slo_attainment"} <= set(sweep.columns):
+        return None
+    df = sweep.assign(rate=pd.to_numeric(sweep["rate"], errors="coerce"),
+                      slo_attainment=pd.to_numeric(sweep["slo_attainment"], errors="coerce"))
+    df = df.dropna(subset=["rate", "slo_attainment"])
+    if df.empty:
+        return None
+    groups = df.groupby("policy", sort=True) if "policy" in df else [("all", df)]
+    fig = go.Figure()
+    for i, (name, g) in enumerate(groups):
+        g = g.sort_values("rate", kind="stable")
+        fig.add_trace(go.Scatter(x=g["rate"], y=g["slo_attainment"] * 100, mode="lines+markers",
+                                 name=str(name), line=dict(color=_color(i)),
+                                 hovertemplate=f"{name}<br>%{{x:g}} req/s<br>%{{y:.1f}}%<extra></extra>"))
+    fig.update_layout(**_LAYOUT, title="SLO attainment vs arrival rate", height=420)
+    fig.update_xaxes(title="arrival rate (req/s)")
+    fig.update_yaxes(title="SLO attainment (%)", range=[0, 102])
+    return fig
+
+
+def capacity(cap: Capacity | None) -> go.Figure | None:
+    """The capacity search: each probed rate's attainment, whether it met the target, the answer."""
+    if cap is None or not {"rate", "slo_attainment"} <= set(cap.search.columns):
+        return None
+    df = cap.search.assign(rate=pd.to_numeric(cap.search["rate"], errors="coerce"),
+                           att=pd.to_numeric(cap.search["slo_attainment"], errors="coerce") * 100)
+    df = df.dropna(subset=["rate", "att"]).reset_index(drop=True)
+    if df.empty:
+        return None
+    df["step"] = np.arange(1, len(df) + 1)  # probe order, before sorting by rate for the line
+    meets = df["meets"].astype(bool) if "meets" in df else pd.Series(False, index=df.index)
+    fig = go.Figure()
+    line = df.sort_values("rate", kind="stable")
+    fig.add_trace(go.Scatter(x=line["rate"], y=line["att"], mode="lines", name="attainment",
+                             line=dict(color="#888"), hoverinfo="skip", showlegend=False))
+    for label, mask, color in (("meets target", meets, "seagreen"), ("misses target", ~meets, "crimson")):
+        part = df[mask]
+        if len(part):
+            fig.add_trace(go.Scatter(
+                x=part["rate"], y=part["att"], mode="markers", name=label, customdata=part["step"],
+                marker=dict(size=10, color=color),
+                hovertemplate="probe %{customdata}<br>%{x:g} req/s<br>%{y:.1f}%<extra></extra>"))
+    if cap.target is not None:
+        pct = cap.target * 100 if cap.target <= 1 else cap.target
+        fig.add_hline(y=pct, line=dict(color="crimson", dash="dash", width=1),
+                      annotation_text=f"target {pct:g}%", annotation_position="bottom left")
+    answer = next((v for k in ("rate", "max_rate", "capacity") if (v := as_float(cap.answer.get(k)))
+                   is not None), None)
+    if answer is not None:
+        fig.add_vline(x=answer, line=dict(color="seagreen", dash="dot", width=1),
+                      annotation_text=f"capacity {answer:g} req/s", annotation_position="top right")
+    fig.update_layout(**_LAYOUT, title="Capacity search", height=420)
+    fig.update_xaxes(title="arrival rate (req/s)")
+    fig.update_yaxes(title="SLO attainment (%)", range=[0, 102])
+    return fig

@@ -1,0 +1,199 @@
+"""Discover and load a results folder: every run (a folder holding metrics.json, plus its
+requests/iterations parquet when present), and the optional sweep, capacity and validation files.
+
+Anything absent is None so the report can skip the plots it feeds; a folder with nothing
+loadable is a ValueError naming the path, which the CLI prints as its one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# Subfolders the engine's validate command writes under DIR/<policy>/; shown as a suffix.
+_SOURCES = ("engine", "sim")
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One simulated or measured run. eq=False: DataFrames have no plain truth value."""
+
+    label: str  # unique within a report: policy, plus source or folder when needed
+    policy: str
+    path: Path  # folder relative to the results root
+    metrics: dict[str, Any]
+    requests: pd.DataFrame | None = field(default=None, repr=False)
+    iterations: pd.DataFrame | None = field(default=None, repr=False)
+
+    def metric(self, key: str) -> float | None:
+        """A numeric metric, or None when missing, null, non-numeric or NaN."""
+        return as_float(self.metrics.get(key))
+
+
+@dataclass(frozen=True, eq=False)
+class Capacity:
+    search: pd.DataFrame  # one row per probed rate: rate, slo_attainment, meets, ...
+    answer: dict[str, Any]
+    target: float | None  # attainment the search had to meet, when the file says
+
+
+@dataclass(frozen=True, eq=False)
+class Results:
+    root: Path
+    runs: tuple[Run, ...]
+    sweep: pd.DataFrame | None = None
+    capacity: Capacity | None = None
+    validation: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()  # files skipped as unreadable, shown in the report
+
+
+def as_float(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def load_results(root: str | Path) -> Results:
+    root = Path(root)
+    if not root.exists():
+        raise ValueError(f"results folder not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"not a results folder: {root}")
+    notes: list[str] = []
+    runs = _load_runs(root, notes)
+    sweep = _load_sweep(root, notes)
+    capacity = _load_capacity(root, notes)
+    validation = _read_json(root / "validation.json", notes)
+    if not isinstance(validation, dict):
+        validation = None
+    if not runs and sweep is None and capacity is None:
+        raise ValueError(f"no results in {root} (no */metrics.json, sweep.json/csv or capacity.json)")
+    return Results(root, tuple(runs), sweep, capacity, validation, tuple(notes))
+
+
+def _metrics_dirs(root: Path) -> list[Path]:
+    found: list[Path] = []
+    # os.walk with sorted, pruned dir lists: deterministic order, no hidden or temp folders,
+    # and symlinks are not followed (a link back up the tree would loop).
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "metrics.json" in files:
+            found.append(Path(here))
+    return found
+
+
+def _load_runs(root: Path, notes: list[str]) -> list[Run]:
+    raw: list[tuple[str, Path, dict[str, Any], pd.DataFrame | None, pd.DataFrame | None]] = []
+    for d in _metrics_dirs(root):
+        metrics = _read_json(d / "metrics.json", notes)
+        if not isinstance(metrics, dict):
+            if metrics is not None:
+                notes.append(f"{_rel(d / 'metrics.json', root)}: not a JSON object, skipped")
+            continue
+        rel = d.relative_to(root)
+        policy = str(metrics.get("policy") or (rel.as_posix() if rel.parts else root.name))
+        raw.append((policy, rel, metrics, _read_parquet(d / "requests.parquet", root, notes),
+                    _read_parquet(d / "iterations.parquet", root, notes)))
+    labels = _labels([(policy, rel) for policy, rel, *_ in raw])
+    return [Run(lab, policy, rel, metrics, req, it)
+            for lab, (policy, rel, metrics, req, it) in zip(labels, raw, strict=True)]
+
+
+def _labels(keys: list[tuple[str, Path]]) -> list[str]:
+    """Policy names, tagged with engine/sim when validate wrote them, else the folder if clashing."""
+    first = []
+    for policy, rel in keys:
+        tag = rel.name if rel.name in _SOURCES and len(rel.parts) > 1 else ""
+        first.append(f"{policy} [{tag}]" if tag else policy)
+    if len(set(first)) == len(first):
+        return first
+    # Runs of one policy in several folders (e.g. a sweep's rate_*/ folders): the path tells them apart.
+    return [f"{lab} ({rel.as_posix()})" if first.count(lab) > 1 else lab
+            for lab, (_, rel) in zip(first, keys, strict=True)]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_json(path: Path, notes: list[str]) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        notes.append(f"{path.name} in {path.parent}: unreadable ({type(e).__name__}), skipped")
+        return None
+
+
+def _read_parquet(path: Path, root: Path, notes: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a damaged file
+        notes.append(f"{_rel(path, root)}: unreadable ({type(e).__name__}), skipped")
+        return None
+
+
+def _rows(data: Any) -> list[dict[str, Any]] | None:
+    """A list of row dicts, bare or under a conventional key."""
+    if isinstance(data, dict):
+        for key in ("rows", "results", "sweep", "search", "points"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        return data
+    return None
+
+
+def _load_sweep(root: Path, notes: list[str]) -> pd.DataFrame | None:
+    df: pd.DataFrame | None = None
+    if (root / "sweep.json").is_file():
+        data = _read_json(root / "sweep.json", notes)
+        rows = _rows(data)
+        if rows is not None:
+            df = pd.DataFrame(rows)
+        elif data is not None:
+            notes.append("sweep.json: no list of rows found, skipped")
+    elif (root / "sweep.csv").is_file():
+        try:
+            df = pd.read_csv(root / "sweep.csv")
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            notes.append(f"sweep.csv: unreadable ({type(e).__name__}), skipped")
+    if df is None or df.empty:
+        return None
+    return df
+
+
+def _load_capacity(root: Path, notes: list[str]) -> Capacity | None:
+    data = _read_json(root / "capacity.json", notes)
+    if data is None:
+        return None
+    rows = _rows(data)
+    if rows is None:
+        notes.append("capacity.json: no search rows found, skipped")
+        return None
+    answer = data.get("answer") if isinstance(data, dict) else None
+    answer = answer if isinstance(answer, dict) else {}
+    target = None
+    # The search's goal may sit at the top level or in the answer, under one of a few names.
+    for src in (answer, data if isinstance(data, dict) else {}):
+        for key in ("target", "target_attainment", "attainment_target", "slo_target", "min_attainment"):
+            if target is None:
+                target = as_float(src.get(key))
+    return Capacity(pd.DataFrame(rows), answer, target)
