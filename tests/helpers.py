@@ -11,9 +11,11 @@ from policies.state import ReplicaState, RequestState
 
 def drive(policy: Policy, prompts: list[tuple[int, int, int]], num_layers: int = 8,
           num_blocks: int = 100_000, on_plan: Callable[[ReplicaState, tuple[Tile, ...]], None] | None = None,
-          max_iters: int = 100_000) -> tuple[ReplicaState, list[RequestState], int]:
+          max_iters: int = 100_000, cost_model: CostModel | None = None,
+          ) -> tuple[ReplicaState, list[RequestState], int]:
     """Feed (arrival_iteration, prompt, output) requests at iteration boundaries; run to the end."""
-    state = ReplicaState(num_layers=num_layers, num_total_blocks=num_blocks, hidden_blocks_per_token=0.05)
+    state = ReplicaState(num_layers=num_layers, num_total_blocks=num_blocks, hidden_blocks_per_token=0.05,
+                         cost_model=cost_model)
     pending = sorted(prompts)
     reqs: list[RequestState] = []
     it = 0

@@ -63,8 +63,8 @@ def test_invariants_hold_in_every_run(qwen_tp2, policy):
 
 def test_preemption_under_memory_pressure():
     cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
-    reqs = [Request(i, i * 0.01, 3000, 2000) for i in range(60)]
-    res = simulate(reqs, cm, "chunked:512", gpu_memory_utilization=0.45, check=True)
+    reqs = [Request(i, i * 0.01, 3000, 600) for i in range(40)]
+    res = simulate(reqs, cm, "chunked:512", gpu_memory_utilization=0.5, check=True)
     assert res.metrics["preemptions"] > 0
     assert res.requests["finished"].all()
     assert res.requests["preemptions"].sum() == res.metrics["preemptions"]

@@ -1,0 +1,40 @@
+"""How many iterations per second one CPU core prices (issue target: >= 20,000).
+
+Compares against that target: a 48-layer MoE (Qwen3-30B-A3B, TP 2 on H100) with 64 running
+decodes at 4,096 context and one prefill tile (a 512-token chunk through all layers, or a
+layered pass of an 8,192-token prompt through 3 layers). Prints plans priced per second.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from costmodel import CostModel, Parallelism, Tile, decode_tile, load_model
+
+
+def rate(cm: CostModel, plan: list[Tile], seconds: float = 2.0) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(1000):
+            cm.price(plan)
+        n += 1000
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    decodes = [decode_tile(i, 4096, 48) for i in range(64)]
+    cases = {
+        "64 decodes + 512-token chunk": decodes + [Tile(64, 1024, 1536, 0, 48, 1024, False)],
+        "64 decodes + layered pass (8192 tok, 3 layers)": decodes + [Tile(64, 0, 8192, 0, 3, 0, False)],
+        "64 decodes only": decodes,
+    }
+    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print("target: >= 20,000 plans/s on one core")
+    for name, plan in cases.items():
+        print(f"{name:<50} {rate(cm, plan):>10,.0f} plans/s")
+
+
+if __name__ == "__main__":
+    main()
