@@ -63,7 +63,8 @@ def run(ns: argparse.Namespace) -> int:
         desc += f" + prefill of {ns.prefill} tokens on layers {l0}:{l1}"
     print(f"{model.name} on {cm.parallel.num_gpus} x {cm.hw.name} (tp {ns.tp}, ep {ns.ep}); {desc}")
     print(f"profile: {'calibrated' if prof.is_calibrated else 'datasheet'}; figures per GPU\n")
-    head = f"{'operation':<18}{'class':<14}{'GFLOP':>10}{'HBM MB':>11}{'link MB':>10}{'bound':>10}{'time us':>11}{'share':>8}"
+    head = (f"{'operation':<18}{'class':<14}{'GFLOP':>10}{'HBM MB':>11}{'link MB':>10}"
+            f"{'bound':>10}{'time us':>11}{'share':>8}")
     print(head)
     print("-" * len(head))
     for op in cost.ops:

@@ -54,13 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:
             return _fail(f"layersim {args[0]}", f"needs an optional dependency: {e.name or e} "
                          "(pip install -e '.[cpu]' or '.[gpu]')")
-    from cli import explain, simulate
+    from cli import capacity, explain, simulate
 
     parser = argparse.ArgumentParser(prog="layersim", description=(
         "Capacity planning and scheduling-policy design for MoE LLM serving."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     simulate.add_parsers(sub)
     explain.add_parser(sub)
+    capacity.add_parser(sub)
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     ns = parser.parse_args(args)

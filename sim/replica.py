@@ -115,7 +115,8 @@ class Replica:
             raise AssertionError(f"replica {self.idx}: KV blocks not conserved "
                                  f"(held {held}, free {st.num_free_blocks}, total {st.num_total_blocks})")
         for r in st.running:
-            if r.num_output_tokens > r.max_tokens or r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens:
+            too_many = r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens
+            if r.num_output_tokens > r.max_tokens or too_many:
                 raise AssertionError(f"request {r.req_id}: more tokens than asked")
             if any(g < 0 for g in r.itl_s):
                 raise AssertionError(f"request {r.req_id}: token times go backwards")

@@ -1,0 +1,72 @@
+"""`layersim capacity`: the highest rate per replica within the SLO, or the fewest GPUs for a rate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cli.simulate import _add_common, _write_report, study_from_args
+from costmodel import ConfigError
+from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
+from sim.cluster import _atomic
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("capacity", help="search the highest rate (or fewest GPUs) meeting the SLO")
+    _add_common(p)
+    p.add_argument("--policy", help="the policy to size (default chunked:512)")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet (default 0.9)")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None)
+    p.add_argument("--start-rate", type=float, default=0.5)
+    p.set_defaults(handler=run, single=True)
+
+
+def run(ns: argparse.Namespace) -> int:
+    given_rate = ns.rate
+    study = study_from_args(ns)
+    if len(study.policies) != 1:
+        raise ConfigError("capacity sizes one policy at a time: give --policy")
+    cm = study.cost_model()
+    if not ns.json:
+        print(study.setup_line(cm))
+        print(f"policy {study.policies[0]}, workload {study.workload}, SLO: TTFT <= "
+              f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms, "
+              f"target attainment {ns.target:.0%}")
+        print(f"{'rate':>9} {'replicas':>9} {'GPUs':>6} {'attain':>8} {'TTFT ms':>9} {'P99 ITL':>8}  verdict")
+
+    def show(p: Point) -> None:
+        if ns.json:
+            return
+        m = p.metrics
+        ttft = m["mean_ttft_ms"] or float("nan")
+        itl = m["p99_itl_ms"] or float("nan")
+        print(f"{p.rate:>9.3f} {p.replicas:>9d} {m['gpus']:>6d} {p.slo_attainment:>8.1%} "
+              f"{ttft:>9.0f} {itl:>8.1f}  {'meets' if p.meets else 'misses'}", flush=True)
+
+    evaluate = study_evaluator(study)
+    if given_rate is None:
+        answer = max_rate(evaluate, ns.target, start_rate=ns.start_rate, on_point=show)
+    else:
+        answer = min_gpus(evaluate, given_rate, ns.target, on_point=show)
+    answer = with_price(answer, ns.price_per_gpu_hour)
+    result = answer.to_dict()
+    if ns.out is not None:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        _atomic(ns.out / "capacity.json",
+                lambda p: p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n"))
+        _write_report(ns.out)
+    if ns.json:
+        print(json.dumps(result["answer"], sort_keys=True))
+        return 0
+    a = result["answer"]
+    if not a["found"]:
+        print("\nno point met the target" + (" (even at the lowest rate tried)" if given_rate is None
+                                             else " within the replica limit"))
+        return 1
+    line = (f"\nanswer: {a['rate_per_replica']:.3f} req/s per replica" if given_rate is None else
+            f"\nanswer: {a['gpus']} GPUs ({a['replicas']} replicas) for {a['rate']:g} req/s")
+    line += f", attainment {a['slo_attainment']:.1%}, {a['energy_per_token_j']:.4f} J/token"
+    if "cost_per_million_tokens" in a:
+        line += f", ${a['cost_per_million_tokens']:.3f} per million tokens"
+    print(line)
+    return 0
