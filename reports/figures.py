@@ -20,8 +20,12 @@ from reports.load import Capacity, Run, as_float
 PALETTE = qualitative.Plotly
 CDF_POINTS = 500  # quantiles per CDF trace: smooth enough, and size independent of run length
 TIMELINE_POINTS = 5000  # per run
-_LAYOUT: dict[str, Any] = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50),
-                               legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+# Single plots keep plotly's legend on the right, clear of the title.
+_LAYOUT: dict[str, Any] = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
+# Subplot titles sit just above the plot area: lift the legend clear of them.
+_SUBPLOT_LAYOUT: dict[str, Any] = _LAYOUT | dict(margin=dict(l=60, r=20, t=90, b=50),
+                                                 legend=dict(orientation="h", yanchor="top",
+                                                             y=0.995, x=0, yref="container"))
 
 
 def _color(i: int) -> str:
@@ -67,23 +71,37 @@ def pareto(runs: Sequence[Run], ttft: str = "mean") -> go.Figure | None:
             marker=dict(size=12 if i in on_front else 9, color=_color(i),
                         symbol="circle" if i in on_front else "circle-open", line=dict(width=2)),
             hovertemplate=f"{name}<br>P99 ITL %{{x:.1f}} ms<br>{ttft} TTFT %{{y:.1f}} ms<extra></extra>"))
-    _slo_lines(fig, runs)
-    fig.update_layout(**_LAYOUT, title=f"{ttft.capitalize()} TTFT vs P99 inter-token latency",
-                      showlegend=False, height=450)
+    off = _slo_lines(fig, runs, max(p[0] for p in pts), max(p[1] for p in pts))
+    title = f"{ttft.capitalize()} TTFT vs P99 inter-token latency"
+    if off:
+        title += f" <span style='font-size:12px'>(off scale: {', '.join(off)})</span>"
+    fig.update_layout(**_LAYOUT, title=title, showlegend=False, height=450)
     fig.update_xaxes(title="P99 ITL / TBT (ms)", rangemode="tozero")
     fig.update_yaxes(title=f"{ttft} TTFT (ms)", rangemode="tozero")
     return fig
 
 
-def _slo_lines(fig: go.Figure, runs: Sequence[Run]) -> None:
+def _slo_lines(fig: go.Figure, runs: Sequence[Run], x_max: float, y_max: float) -> list[str]:
+    """Draw the SLO targets near the data; return those left out as far off scale.
+
+    A target many times above every run would squash all the points into one corner.
+    """
+    off = []
     slo_itl = _common(runs, "slo_itl_ms")
     slo_ttft = _common(runs, "slo_ttft_ms")
     if slo_itl is not None:
-        fig.add_vline(x=slo_itl, line=dict(color="crimson", dash="dash", width=1),
-                      annotation_text=f"ITL SLO {slo_itl:g} ms", annotation_position="top right")
+        if slo_itl <= 2 * x_max:
+            fig.add_vline(x=slo_itl, line=dict(color="crimson", dash="dash", width=1),
+                          annotation_text=f"ITL SLO {slo_itl:g} ms", annotation_position="top right")
+        else:
+            off.append(f"ITL SLO {slo_itl:g} ms")
     if slo_ttft is not None:
-        fig.add_hline(y=slo_ttft, line=dict(color="crimson", dash="dash", width=1),
-                      annotation_text=f"TTFT SLO {slo_ttft:g} ms", annotation_position="top left")
+        if slo_ttft <= 2 * y_max:
+            fig.add_hline(y=slo_ttft, line=dict(color="crimson", dash="dash", width=1),
+                          annotation_text=f"TTFT SLO {slo_ttft:g} ms", annotation_position="top left")
+        else:
+            off.append(f"TTFT SLO {slo_ttft:g} ms")
+    return off
 
 
 def _common(runs: Sequence[Run], key: str) -> float | None:
@@ -128,7 +146,7 @@ def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
             drawn = True
     if not drawn:
         return None
-    fig.update_layout(**_LAYOUT, height=420)
+    fig.update_layout(**_SUBPLOT_LAYOUT, height=440)
     fig.update_xaxes(type="log")
     fig.update_yaxes(range=[0, 1.02])
     fig.update_yaxes(title="fraction of finished requests", row=1, col=1)
@@ -185,11 +203,15 @@ def timeline(runs: Sequence[Run]) -> go.Figure | None:
                 row=n, col=1)
         target = r.metric("slo_itl_ms")
         if target is not None:
-            fig.add_hline(y=target, line=dict(color="crimson", dash="dash", width=1), row=n, col=1,
-                          annotation_text=f"TBT target {target:g} ms", annotation_position="top left")
+            # A trace, not add_hline: hline annotations on a log axis take log10(y) and blow up the range.
+            t = it["start_s"]
+            fig.add_trace(go.Scatter(
+                x=[t.min(), t.max()], y=[target, target], mode="lines", name="TBT target",
+                legendgroup="target", showlegend=n == 1, line=dict(color="crimson", dash="dash", width=1),
+                hovertemplate=f"TBT target {target:g} ms<extra></extra>"), row=n, col=1)
         fig.update_yaxes(title="ms / iteration", type="log", row=n, col=1)
     fig.update_xaxes(title="time (s)", row=len(rows), col=1)
-    fig.update_layout(**_LAYOUT, height=120 + 260 * len(rows))
+    fig.update_layout(**_SUBPLOT_LAYOUT, height=140 + 260 * len(rows))
     return fig
 
 
@@ -233,38 +255,55 @@ def slo_vs_rate(sweep: pd.DataFrame | None) -> go.Figure | None:
     return fig
 
 
+def _capacity_axis(cap: Capacity) -> tuple[str, str, str]:
+    """(column, axis title, unit) the search varied: the rate, or the GPU count at a fixed rate."""
+    cols = set(cap.search.columns)
+    for col, title, unit in (("gpus", "GPUs", "GPUs"), ("replicas", "replicas", "replicas")):
+        if cap.answer.get("kind") == "min-gpus" and col in cols:
+            return col, title, unit
+    if "rate" not in cols:
+        return "", "", ""
+    rate = pd.to_numeric(cap.search["rate"], errors="coerce")
+    if rate.nunique() <= 1 and "gpus" in cols and cap.search["gpus"].nunique() > 1:
+        return "gpus", "GPUs", "GPUs"
+    return "rate", "arrival rate (req/s)", "req/s"
+
+
 def capacity(cap: Capacity | None) -> go.Figure | None:
-    """The capacity search: each probed rate's attainment, whether it met the target, the answer."""
-    if cap is None or not {"rate", "slo_attainment"} <= set(cap.search.columns):
+    """The capacity search: each probe's attainment, whether it met the target, and the answer."""
+    if cap is None or "slo_attainment" not in cap.search:
         return None
-    df = cap.search.assign(rate=pd.to_numeric(cap.search["rate"], errors="coerce"),
+    xcol, xtitle, unit = _capacity_axis(cap)
+    if not xcol:
+        return None
+    df = cap.search.assign(x=pd.to_numeric(cap.search[xcol], errors="coerce"),
                            att=pd.to_numeric(cap.search["slo_attainment"], errors="coerce") * 100)
-    df = df.dropna(subset=["rate", "att"]).reset_index(drop=True)
+    df = df.dropna(subset=["x", "att"]).reset_index(drop=True)
     if df.empty:
         return None
-    df["step"] = np.arange(1, len(df) + 1)  # probe order, before sorting by rate for the line
+    df["step"] = np.arange(1, len(df) + 1)  # probe order, before sorting by x for the line
     meets = df["meets"].astype(bool) if "meets" in df else pd.Series(False, index=df.index)
     fig = go.Figure()
-    line = df.sort_values("rate", kind="stable")
-    fig.add_trace(go.Scatter(x=line["rate"], y=line["att"], mode="lines", name="attainment",
+    line = df.sort_values("x", kind="stable")
+    fig.add_trace(go.Scatter(x=line["x"], y=line["att"], mode="lines", name="attainment",
                              line=dict(color="#888"), hoverinfo="skip", showlegend=False))
     for label, mask, color in (("meets target", meets, "seagreen"), ("misses target", ~meets, "crimson")):
         part = df[mask]
         if len(part):
             fig.add_trace(go.Scatter(
-                x=part["rate"], y=part["att"], mode="markers", name=label, customdata=part["step"],
+                x=part["x"], y=part["att"], mode="markers", name=label, customdata=part["step"],
                 marker=dict(size=10, color=color),
-                hovertemplate="probe %{customdata}<br>%{x:g} req/s<br>%{y:.1f}%<extra></extra>"))
+                hovertemplate=f"probe %{{customdata}}<br>%{{x:g}} {unit}<br>%{{y:.1f}}%<extra></extra>"))
     if cap.target is not None:
         pct = cap.target * 100 if cap.target <= 1 else cap.target
         fig.add_hline(y=pct, line=dict(color="crimson", dash="dash", width=1),
                       annotation_text=f"target {pct:g}%", annotation_position="bottom left")
-    answer = next((v for k in ("rate", "max_rate", "capacity") if (v := as_float(cap.answer.get(k)))
-                   is not None), None)
-    if answer is not None:
+    keys = (xcol,) if xcol != "rate" else ("rate", "max_rate", "capacity")
+    answer = next((v for k in keys if (v := as_float(cap.answer.get(k))) is not None), None)
+    if answer is not None and cap.answer.get("found", True):
         fig.add_vline(x=answer, line=dict(color="seagreen", dash="dot", width=1),
-                      annotation_text=f"capacity {answer:g} req/s", annotation_position="top right")
+                      annotation_text=f"answer {answer:g} {unit}", annotation_position="top right")
     fig.update_layout(**_LAYOUT, title="Capacity search", height=420)
-    fig.update_xaxes(title="arrival rate (req/s)")
+    fig.update_xaxes(title=xtitle)
     fig.update_yaxes(title="SLO attainment (%)", range=[0, 102])
     return fig

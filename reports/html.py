@@ -59,7 +59,7 @@ _SUMMARY: tuple[tuple[str, str, float, str], ...] = (
 _FIGURES: tuple[tuple[str, Callable[[Results], go.Figure | None], str], ...] = (
     ("fig-pareto", lambda r: figures.pareto(r.runs),
      "Mean TTFT against P99 inter-token latency per run; the dotted line joins runs no other run "
-     "beats on both (filled markers), dashed lines are the SLO targets."),
+     "beats on both (filled markers); dashed lines are the SLO targets when near the data."),
     ("fig-cdf", lambda r: figures.latency_cdfs(r.runs),
      "Distributions over finished requests of TTFT, end-to-end latency and each request's own "
      "P99 inter-token latency (log scale)."),
@@ -72,7 +72,7 @@ _FIGURES: tuple[tuple[str, Callable[[Results], go.Figure | None], str], ...] = (
     ("fig-slo-rate", lambda r: figures.slo_vs_rate(r.sweep),
      "Fraction of requests meeting both the TTFT and the ITL target, across the sweep's arrival rates."),
     ("fig-capacity", lambda r: figures.capacity(r.capacity),
-     "Rates probed by the capacity search with their SLO attainment; the dashed line is the target."),
+     "Points probed by the capacity search with their SLO attainment; the dashed line is the target."),
 )
 
 

@@ -1,0 +1,54 @@
+"""Wall time and peak memory of the simulator on the default study and on a real hour.
+
+Targets (issue 3): the default study (Qwen3-30B-A3B, 2 x H100 TP 2, arxiv-long Poisson 1.3
+req/s for 120 s, chunked:512 and layered) in <= 1 s, and the Azure 2023 conversation trace
+(19,366 requests over an hour, real arrival times) on 8 replicas in <= 10 s, on one core.
+Each case runs in a fresh process so that peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+
+CASES = {
+    "default study (2 policies)": "from sim.study import make_study, run_study\n"
+                                  "run_study(make_study({}))",
+    "azure-conv hour, 8 replicas, chunked:512": (
+        "from sim.study import make_study, run_study\n"
+        "run_study(make_study({'workload': 'azure-conv', 'rate': None, 'duration_s': None,"
+        " 'num_requests': 10**9, 'replicas': 8, 'policies': ['chunked:512']}))"),
+    "azure-conv hour, 8 replicas, layered": (
+        "from sim.study import make_study, run_study\n"
+        "run_study(make_study({'workload': 'azure-conv', 'rate': None, 'duration_s': None,"
+        " 'num_requests': 10**9, 'replicas': 8, 'policies': ['layered']}))"),
+}
+
+RUNNER = """
+import resource, time, json
+t0 = time.perf_counter()
+import sim.study  # imports are not part of the figure
+t1 = time.perf_counter()
+exec(compile({code!r}, 'case', 'exec'))
+t2 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "run_s": t2 - t1,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def main() -> None:
+    print(f"machine: {platform.machine()}, {platform.processor() or '?'}, Python {platform.python_version()}")
+    for name, code in CASES.items():
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", RUNNER.format(code=code)], check=True,
+                             capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"{name:<45} run {r['run_s']:6.2f} s  (imports {r['import_s']:.2f} s)  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB  [{time.perf_counter() - start:.1f} s total]")
+
+
+if __name__ == "__main__":
+    main()
