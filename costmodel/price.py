@@ -18,8 +18,8 @@ tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -67,22 +67,38 @@ class OpCost(NamedTuple):
     bound: str  # "compute" | "memory" | "link" | "overhead"
 
 
-@dataclass(frozen=True)
-class IterationCost:
+class IterationCost(NamedTuple):
+    """One iteration's price. Totals are for the whole replica; `ops` is per GPU.
+
+    A NamedTuple because the simulator builds one per iteration; the per-layer expert counts
+    and the per-operation breakdown are expanded only when asked for.
+    """
+
     latency_s: float
     energy_j: float
     flops: float
     hbm_bytes: HbmBytes
     link_bytes: float
-    experts_touched_per_layer: tuple[float, ...]
     num_gpus: int
-    _features: tuple[Any, tuple[float, ...]] = field(repr=False, compare=False)
+    # (cost model, feature vector, ((l0, l1, expected distinct experts), ...), num_layers)
+    detail: tuple[Any, tuple[float, ...], tuple[tuple[int, int, float], ...], int]
 
-    @cached_property
+    @property
+    def experts_touched_per_layer(self) -> tuple[float, ...]:
+        """Expected distinct experts per layer (empty for a dense model)."""
+        model, _, segments, num_layers = self.detail
+        if model is None or not model.model.is_moe:
+            return ()
+        out = [0.0] * num_layers
+        for l0, l1, d in segments:
+            out[l0:l1] = [d] * (l1 - l0)
+        return tuple(out)
+
+    @property
     def ops(self) -> tuple[OpCost, ...]:
-        """Per-operation breakdown (per GPU), built on demand: the simulator's hot loop never asks."""
-        model, x = self._features
-        return model.op_table(x)  # type: ignore[no-any-return]
+        """Per-operation breakdown (per GPU)."""
+        model, x, _, _ = self.detail
+        return model.op_table(x) if model is not None else ()  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,10 +145,6 @@ _FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert
 _PER_GROUP = (0, 2, 3, 4, 5, 6)  # token work that ep attention groups split between them
 
 
-def _terms(row: np.ndarray) -> tuple[tuple[int, float], ...]:
-    return tuple((j, float(c)) for j, c in enumerate(row) if c)
-
-
 def _window_pairs(c: int, n: int, w: int) -> int:
     """sum over query positions p in [c, c+n) of min(p + 1, w): keys seen through a window."""
     lo, hi = c + 1, c + n  # key counts without a window run lo..hi
@@ -166,23 +178,7 @@ class CostModel:
                                                    for p in params])
         self._inv_link = np.where(is_link, [1 / (link_bw * p.memory_eff) for p in params], 0.0)
         self._overhead = np.array([p.overhead_s for p in params])
-        self._op_rows = []
-        for i in range(len(OPS)):
-            hbm = sum(self._K[_QUANTITIES.index(k), i] for k in ("wbytes", "xbytes", "kvr", "kvw", "act"))
-            link = self._K[_QUANTITIES.index("link"), i]
-            f_terms = _terms(self._K[0, i])
-            b_terms = _terms(link if is_link[i] else hbm)
-            n_terms = _terms(self._K[_QUANTITIES.index("launches"), i])
-            if not n_terms:
-                continue
-            inv_m = float(self._inv_link[i] if is_link[i] else self._inv_memory[i])
-            self._op_rows.append((float(self._inv_compute[i]), inv_m, float(self._overhead[i]),
-                                  f_terms, b_terms, n_terms))
-        # Replica totals per quantity; expert FLOPs and activations without the busiest-group
-        # inflation, since every group does its own share.
-        balanced = self._K.copy()
-        balanced[:, _EXPERTS, :] /= self.ep_imbalance
-        self._total_terms = [_terms(balanced[q].sum(axis=0)) for q in range(len(_QUANTITIES) - 1)]
+        self._kernel = self._compile(is_link)
         self._sliding_prefix = [0]
         for s in model.sliding_layers:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
@@ -278,16 +274,56 @@ class CostModel:
             embed_tokens += dn
         return self._price_segments(agg, num_logits, embed_tokens)
 
-    def _segments(self, agg: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, list[int]]]:
+    def _compile(self, is_link: np.ndarray) -> Callable[..., tuple[float, ...]]:
+        """Turn the coefficient tensor into one straight-line function of the features.
+
+        The simulator prices millions of plans; with the constants inlined, an iteration's
+        latency and totals cost a few dozen float operations instead of loops over sparse
+        terms. Returns (latency, then the replica-total quantities per GPU)."""
+        K = self._K
+        q = {name: i for i, name in enumerate(_QUANTITIES)}
+        args = ", ".join(f"x{j}" for j in range(len(_FEATURES)))
+
+        def dot(row: np.ndarray) -> str:
+            terms = [f"{float(c)!r} * x{j}" for j, c in enumerate(row) if c]
+            return " + ".join(terms) if terms else "0.0"
+
+        lines = [f"def kernel({args}):", f"    lat = {self.profile.iteration_overhead_s!r}"]
+        for i in range(len(OPS)):
+            launches = dot(K[q["launches"], i])
+            if launches == "0.0":
+                continue
+            hbm = sum(K[q[k], i] for k in ("wbytes", "xbytes", "kvr", "kvw", "act"))
+            traffic = dot(K[q["link"], i] if is_link[i] else hbm)
+            inv_m = float(self._inv_link[i] if is_link[i] else self._inv_memory[i])
+            lines += [f"    c = ({dot(K[q['flops'], i])}) * {float(self._inv_compute[i])!r}",
+                      f"    m = ({traffic}) * {inv_m!r}",
+                      f"    lat += (c if c > m else m) + ({launches}) * {float(self._overhead[i])!r}"]
+        # Replica totals: expert FLOPs and activations without the busiest-group inflation.
+        balanced = K.copy()
+        balanced[:, _EXPERTS, :] /= self.ep_imbalance
+        totals = [dot(balanced[k].sum(axis=0)) for k in range(len(_QUANTITIES) - 1)]
+        lines.append(f"    return (lat, {', '.join(totals)})")
+        namespace: dict[str, Any] = {}
+        exec(compile("\n".join(lines), f"<costmodel kernel {self.model.name}>", "exec"), namespace)
+        return namespace["kernel"]  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _segments(agg: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, list[int]]]:
+        """Cut the layer axis at every tile boundary; sum the stats of the ranges covering each cut."""
         if len(agg) == 1:
             ((l0, l1), a), = agg.items()
             return [(l0, l1, a)]
         cuts = sorted({x for key in agg for x in key})
+        items = list(agg.items())
         out = []
         for lo, hi in zip(cuts, cuts[1:], strict=False):
-            covering = [v for (l0, l1), v in agg.items() if l0 <= lo and l1 >= hi]
-            if covering:
-                out.append((lo, hi, [sum(col) for col in zip(*covering, strict=True)]))
+            s: list[int] | None = None
+            for (l0, l1), v in items:
+                if l0 <= lo and l1 >= hi:
+                    s = list(v) if s is None else [p + q for p, q in zip(s, v, strict=True)]
+            if s is not None:
+                out.append((lo, hi, s))
         return out
 
     # Every per-GPU quantity of every op is linear in a few per-iteration features, so the
@@ -370,7 +406,7 @@ class CostModel:
         m, ep, imb = self.model, self.parallel.ep, self.ep_imbalance
         prefix = self._sliding_prefix
         x = [0.0] * len(_FEATURES)
-        touched: list[float] = [0.0] * m.num_layers if m.is_moe else []
+        expert_segments = []
         distinct_layers = 0.0
         for l0, l1, s in self._segments(agg):
             nl = l1 - l0
@@ -389,7 +425,7 @@ class CostModel:
                 x[9] += nl
             if m.is_moe:
                 distinct = self.activation.distinct(s[0])
-                touched[l0:l1] = [distinct] * nl
+                expert_segments.append((l0, l1, distinct))
                 distinct_layers += distinct * nl
                 x[7] += nl * min(m.num_experts / ep, distinct / ep * imb)
         for i in _PER_GROUP:
@@ -398,25 +434,7 @@ class CostModel:
         x[11] = 1.0 if num_logits else 0.0
         x[12] = embed_tokens / ep
         x[13] = 1.0 if embed_tokens else 0.0
-        # Pure-Python sparse dot products: at this size they beat numpy's per-call overhead.
-        latency = self.profile.iteration_overhead_s
-        for inv_c, inv_m, over, f_terms, b_terms, n_terms in self._op_rows:
-            f = b = n = 0.0
-            for j, c in f_terms:
-                f += c * x[j]
-            for j, c in b_terms:
-                b += c * x[j]
-            for j, c in n_terms:
-                n += c * x[j]
-            roof = f * inv_c
-            t_mem = b * inv_m
-            latency += (roof if roof > t_mem else t_mem) + n * over
-        sums = []
-        for terms in self._total_terms:
-            v = 0.0
-            for j, c in terms:
-                v += c * x[j]
-            sums.append(v)
+        latency, *sums = self._kernel(*x)
         gpus = self.parallel.num_gpus
         total_flops = sums[0] * gpus
         hbm_bytes = HbmBytes(
@@ -430,8 +448,8 @@ class CostModel:
         e = self.profile.energy
         energy = (e.idle_w * latency * gpus + e.j_per_flop * total_flops
                   + e.j_per_hbm_byte * hbm_bytes.total + e.j_per_link_byte * link_total)
-        return IterationCost(latency, energy, total_flops, hbm_bytes, link_total,
-                             tuple(touched), gpus, (self, tuple(x)))
+        return IterationCost(latency, energy, total_flops, hbm_bytes, link_total, gpus,
+                             (self, tuple(x), tuple(expert_segments), m.num_layers))
 
     def op_table(self, x: tuple[float, ...]) -> tuple[OpCost, ...]:
         """The per-operation breakdown for a feature vector (see IterationCost.ops)."""

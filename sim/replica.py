@@ -19,10 +19,10 @@ the KV read saturates at the window, so the affine form over-counts slightly pas
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import simpy
 
 from costmodel.plan import Tile, decode_tile
@@ -140,28 +140,26 @@ class Replica:
         plan0 = tuple(decode_tile(r.req_id, r.num_computed_tokens, L) for r in running)
         c0 = self.cost.price(plan0)
         if k == 1:
-            lat = [c0.latency_s]
-            c_last = c0
+            c_last, slope = c0, 0.0
         else:
             c_last = self.cost.price(tuple(decode_tile(r.req_id, r.num_computed_tokens + k - 1, L)
                                            for r in running))
             slope = (c_last.latency_s - c0.latency_s) / (k - 1)
-            lat = [c0.latency_s + slope * j for j in range(k)]
-        ends, t = [], env.now
-        for x in lat:
-            t += x
-            ends.append(t)
+        lat = np.arange(k) * slope + c0.latency_s  # [k] latency of each step
+        ends = np.cumsum(lat) + env.now  # [k] when each step ends
         start = env.now
         wake = self._sleep()
-        yield env.timeout(ends[-1] - start) | wake
+        yield env.timeout(float(ends[-1]) - start) | wake
         if env.now < ends[-1] - 1e-15:  # an arrival: finish the step in flight, then stop
-            done = bisect.bisect_left(ends, env.now) + 1
-            yield env.timeout(max(0.0, ends[done - 1] - env.now))
+            done = int(np.searchsorted(ends, env.now)) + 1
+            yield env.timeout(max(0.0, float(ends[done - 1]) - env.now))
         else:
             done = k
-        ends = ends[:done]
+        end_s = float(ends[done - 1])
+        first_end = float(ends[0])
+        gaps = lat[1:done].tolist()  # the same for every request in the batch
         for r in running:
-            self._advance_decode(r, ends)
+            self._advance_decode(r, first_end, gaps, end_s, done)
         finished = [r for r in running if r.is_finished]
         for r in finished:
             state.running.remove(r)
@@ -170,9 +168,9 @@ class Replica:
         state.now_s = env.now
         if self.check:
             self._check_invariants()
-        self.busy_s += ends[-1] - start
+        self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
-        self.recorder.steady(self.idx, start, ends[-1] - start, done, len(running), c0, c_last, frac)
+        self.recorder.steady(self.idx, start, end_s - start, done, len(running), c0, c_last, frac)
         self.pending_tokens -= done * len(running)
         for r in finished:
             self._finish_accounting(r)
@@ -197,18 +195,16 @@ class Replica:
                 hi = mid - 1
         return lo
 
-    def _advance_decode(self, r: RequestState, ends: list[float]) -> None:
+    def _advance_decode(self, r: RequestState, first_end: float, gaps: list[float], end_s: float,
+                        steps: int) -> None:
         state = self.state
-        prev = r.last_token_s if r.last_token_s is not None else ends[0]
-        itl = r.itl_s
-        for t in ends:
-            itl.append(t - prev)
-            prev = t
-        r.last_token_s = ends[-1]
-        r.num_output_tokens += len(ends)
-        r.num_computed_tokens += len(ends)
+        r.itl_s.append(first_end - (r.last_token_s if r.last_token_s is not None else first_end))
+        r.itl_s.extend(gaps)
+        r.last_token_s = end_s
+        r.num_output_tokens += steps
+        r.num_computed_tokens += steps
         if r.is_finished:
-            r.finish_s = ends[-1]
+            r.finish_s = end_s
         need = state.blocks_for(r.num_computed_tokens)
         grow = need - r.num_blocks
         if grow > state.num_free_blocks:

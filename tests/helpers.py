@@ -44,4 +44,4 @@ class ConstantCost(CostModel):
 
     def price(self, plan):  # type: ignore[no-untyped-def,override]
         zero = HbmBytes(0.0, 0.0, 0.0, 0.0, 0.0)
-        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, (), 1, (self, ()))
+        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, (None, (), (), 0))
