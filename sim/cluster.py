@@ -123,12 +123,13 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
             recorder.rejected(req, end_s, rep.idx)
     if bar is not None:
         bar.close()
-    recorder.flush() if stream_dir is not None else None
+    if stream_dir is not None:
+        recorder.flush()
     idle_w = cost_model.idle_power_w()
     idle_energy = sum(max(0.0, end_s - rep.busy_s) for rep in replicas) * idle_w
     req_df = recorder.requests_frame()
     it_df = recorder.iterations_frame()
-    metrics = summarize(req_df, it_df, recorder, end_s=end_s, idle_energy_j=idle_energy,
+    metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_energy,
                         slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms)
     metrics = {"policy": replicas[0].policy.name, "replicas": num_replicas,
                "gpus": num_replicas * cost_model.parallel.num_gpus, **metrics}

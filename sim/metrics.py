@@ -25,14 +25,14 @@ def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
             f"p99_{prefix}": float(np.percentile(values, 99))}
 
 
-def summarize(req: pd.DataFrame, it: pd.DataFrame, rec: Recorder, *, end_s: float,
+def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
               idle_energy_j: float, slo_ttft_ms: float, slo_itl_ms: float) -> dict[str, Any]:
     done = req[req["finished"]]
     start_s = float(req["arrival_s"].min()) if len(req) else 0.0
     duration = max(end_s - start_s, 1e-12)
     prompt_tokens = int(done["prompt_tokens"].sum())
     output_tokens = int(done["output_tokens"].sum())
-    energy = float(it["energy_j"].sum()) + idle_energy_j
+    energy = rec.energy_j + idle_energy_j
     ok = done[(done["ttft_ms"] <= slo_ttft_ms) & (done["p99_itl_ms"] <= slo_itl_ms)]
     n = len(done)
     out: dict[str, Any] = {
@@ -55,8 +55,8 @@ def summarize(req: pd.DataFrame, it: pd.DataFrame, rec: Recorder, *, end_s: floa
         med, p99 = rec.itl_percentiles_ms((50, 99))
         out |= {"mean_itl_ms": float("nan"), "median_itl_ms": med, "p99_itl_ms": p99}
     out |= _stats("e2el_ms", done["e2el_ms"].to_numpy())
-    expert_bytes = float(it["expert_bytes"].sum())
-    hbm_bytes = float(it["hbm_bytes"].sum())
+    expert_bytes = rec.expert_bytes
+    hbm_bytes = rec.hbm_bytes
     out |= {
         "slo_ttft_ms": slo_ttft_ms,
         "slo_itl_ms": slo_itl_ms,
@@ -68,6 +68,6 @@ def summarize(req: pd.DataFrame, it: pd.DataFrame, rec: Recorder, *, end_s: floa
         "expert_bytes_per_request": expert_bytes / n if n else float("nan"),
         "hbm_bytes_per_request": hbm_bytes / n if n else float("nan"),
         "preemptions": rec.preemptions,
-        "iterations": int(it["iterations"].sum()),
+        "iterations": rec.num_iterations,
     }
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

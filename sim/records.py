@@ -33,20 +33,65 @@ ITERATION_COLUMNS = ("replica", "start_s", "latency_s", "iterations", "prefill_t
 _HIST_EDGES = np.geomspace(1e-6, 1e3, int(np.log(1e9) / np.log(1.005)) + 1)
 
 
+class Table:
+    """Column lists that spill to numbered parquet parts when a stream folder is given."""
+
+    def __init__(self, name: str, columns: tuple[str, ...], ints: tuple[str, ...],
+                 stream_dir: Path | None, flush_rows: int) -> None:
+        self.name, self.columns, self.ints = name, columns, ints
+        self.stream_dir, self.flush_rows = stream_dir, flush_rows
+        self.parts: list[Path] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.data: dict[str, list[float]] = {c: [] for c in self.columns}
+        self.lists = [self.data[c] for c in self.columns]
+
+    def append(self, values: tuple[float, ...]) -> None:
+        for column, v in zip(self.lists, values, strict=True):
+            column.append(v)
+        if self.stream_dir is not None and len(self.lists[0]) >= self.flush_rows:
+            self.flush()
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.data)
+        for c in self.ints:
+            df[c] = df[c].astype("int64")
+        return df
+
+    def flush(self) -> None:
+        if self.stream_dir is None or not self.lists[0]:
+            return
+        path = self.stream_dir / f"{self.name}-part{len(self.parts):05d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        self.frame().to_parquet(tmp, index=False)
+        tmp.replace(path)
+        self.parts.append(path)
+        self._reset()
+
+    def read_all(self) -> pd.DataFrame:
+        frames = [pd.read_parquet(p) for p in self.parts] + [self.frame()]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
 class Recorder:
     def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000):
         self.num_layers = num_layers
-        self.req: dict[str, list[float]] = {c: [] for c in REQUEST_COLUMNS}
-        self.it: dict[str, list[float]] = {c: [] for c in ITERATION_COLUMNS}
-        self._it_columns = [self.it[c] for c in ITERATION_COLUMNS]
+        self.requests = Table("requests", REQUEST_COLUMNS,
+                              ("req_id", "replica", "prompt_tokens", "output_tokens", "preemptions"),
+                              stream_dir, flush_rows)
+        self.iterations = Table("iterations", ITERATION_COLUMNS,
+                                ("replica", "iterations", "prefill_tokens", "decode_tokens",
+                                 "num_tiles", "prefill_layer_tokens"), stream_dir, flush_rows)
         self.itl = array("d")
         self.preemptions = 0
         self.stream_dir = stream_dir
-        self.flush_rows = flush_rows
-        self.parts: list[Path] = []
         self.itl_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64) if stream_dir else None
         self.num_requests_recorded = 0
         self.on_record: Callable[[], object] | None = None
+        # running totals, so metrics never need the (possibly streamed) iteration table
+        self.energy_j = self.expert_bytes = self.hbm_bytes = 0.0
+        self.num_iterations = 0
 
     # ---- events -----------------------------------------------------------------------------
     def iteration(self, replica: int, start_s: float, cost: IterationCost, plan: tuple[Tile, ...],
@@ -77,8 +122,11 @@ class Recorder:
                      total(first.hbm_bytes.kv_read, last.hbm_bytes.kv_read))
 
     def _it_row(self, *values: float) -> None:
-        for column, v in zip(self._it_columns, values, strict=True):
-            column.append(v)
+        self.iterations.append(values)
+        self.num_iterations += int(values[3])
+        self.energy_j += values[8]
+        self.expert_bytes += values[10]
+        self.hbm_bytes += values[11]
 
     def preempted(self, req: RequestState) -> None:
         self.preemptions += 1
@@ -112,36 +160,24 @@ class Recorder:
                       nan, nan, nan, nan, nan, req.num_preemptions, False)
 
     def _req_row(self, *values: float) -> None:
-        for col, v in zip(REQUEST_COLUMNS, values, strict=True):
-            self.req[col].append(v)
+        self.requests.append(values)
         self.num_requests_recorded += 1
         if self.on_record is not None:
             self.on_record()
-        if self.stream_dir is not None and len(self.req["req_id"]) >= self.flush_rows:
-            self.flush()
 
     def flush(self) -> None:
-        if self.stream_dir is None or not self.req["req_id"]:
-            return
-        path = self.stream_dir / f"requests-part{len(self.parts):05d}.parquet"
-        tmp = path.with_suffix(".tmp")
-        _requests_frame(self.req).to_parquet(tmp, index=False)
-        tmp.replace(path)
-        self.parts.append(path)
-        self.req = {c: [] for c in REQUEST_COLUMNS}
+        self.requests.flush()
+        self.iterations.flush()
 
     # ---- results ----------------------------------------------------------------------------
     def requests_frame(self) -> pd.DataFrame:
-        frames = [pd.read_parquet(p) for p in self.parts] + [_requests_frame(self.req)]
-        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        df = self.requests.read_all()
+        df["finished"] = df["finished"].astype(bool)
         return df.sort_values("req_id", kind="stable").reset_index(drop=True)
 
     def iterations_frame(self) -> pd.DataFrame:
-        df = pd.DataFrame({c: self.it[c] for c in ITERATION_COLUMNS})
-        for c in ("replica", "iterations", "prefill_tokens", "decode_tokens", "num_tiles",
-                  "prefill_layer_tokens"):
-            df[c] = df[c].astype("int64")
-        return df
+        """Every iteration row; for streamed runs only the rows not yet spilled (see parts)."""
+        return self.iterations.frame() if self.stream_dir else self.iterations.read_all()
 
     def itl_values_s(self) -> np.ndarray:
         return np.frombuffer(self.itl, dtype=np.float64) if len(self.itl) else np.zeros(0)
@@ -179,12 +215,3 @@ def _percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def _requests_frame(cols: dict[str, list[float]]) -> pd.DataFrame:
-    df = pd.DataFrame({c: cols[c] for c in REQUEST_COLUMNS})
-    for c in ("req_id", "replica", "prompt_tokens", "output_tokens", "preemptions"):
-        df[c] = df[c].astype("int64")
-    df["finished"] = df["finished"].astype(bool)
-    return df
-
