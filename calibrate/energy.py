@@ -101,18 +101,19 @@ class NvmlMeter:
     def window(self, run: Callable[[], None], sync: Callable[[], None], per_call_s: float,
                flops: float, hbm_bytes: float, min_s: float = MIN_WINDOW_S) -> EnergyWindow:
         """Launch `run` back to back for at least `min_s`; FLOPs and bytes are per call."""
-        calls = max(1, int(np.ceil(1.25 * min_s / max(per_call_s, 1e-7))))
+        # Batches of ~50 ms between syncs: short kernels are launch-bound, so a call count
+        # estimated from their device time alone could take far longer than min_s on the host.
+        batch = max(1, min(4096, int(np.ceil(0.05 / max(per_call_s, 1e-7)))))
         sync()
         e0, t0 = self.energy_j(), time.perf_counter()
         done = 0
         while True:
-            for _ in range(calls):
+            for _ in range(batch):
                 run()
-            done += calls
+            done += batch
             sync()
             if time.perf_counter() - t0 >= min_s:
                 break
-            calls = max(1, calls // 4)  # the estimate was short: top up in smaller steps
         e1, t1 = self.energy_j(), time.perf_counter()
         return EnergyWindow(t1 - t0, flops * done, hbm_bytes * done, e1 - e0)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from costmodel import CostModel, GPUSpec, ModelSpec, Parallelism
-from costmodel.price import _FEATURES, OPS
+from costmodel.price import FEATURES, OPS
 
 OP_CLASS = dict(OPS)  # op name -> op class, as the cost model prices it
 
@@ -93,7 +93,7 @@ def features(shape: Shape, dims: Dims) -> dict[str, float]:
 def quantities(cm: CostModel, shape: Shape, dims: Dims) -> tuple[float, float, float, float]:
     """(flops, hbm_bytes, link_bytes, launches) the cost model charges for this shape."""
     f = features(shape, dims)
-    x = tuple(float(f.get(name, 0.0)) for name in _FEATURES)
+    x = tuple(float(f.get(name, 0.0)) for name in FEATURES)
     for row in cm.op_table(x):
         if row.name == shape.op:
             launches = 2.0 if shape.op_class in ("allreduce", "alltoall") else 1.0
@@ -127,9 +127,9 @@ _AXES: dict[tuple[str, bool], dict[str, list[int]]] = {
                          tpe=[1, 4, 16, 64], new=[16, 64, 256, 1024], cached=[0, 256, 1024],
                          batch=[1, 4, 16, 64], context=[64, 256, 1024, 4096],
                          elem=[1, 16, 256, 2048]),
-    ("cpu", True): dict(tokens=[1, 8, 64, 256, 1024], experts=[1, 2, 4, 8], tpe=[1, 8, 64],
-                        new=[16, 128, 512], cached=[0, 512], batch=[1, 8, 32],
-                        context=[64, 512, 2048], elem=[1, 32, 512, 4096]),
+    ("cpu", True): dict(tokens=[1, 8, 32, 128, 512], experts=[1, 2, 4, 8], tpe=[1, 4, 16, 64],
+                        new=[16, 64, 256, 512], cached=[0, 512], batch=[1, 4, 16, 64],
+                        context=[64, 256, 1024, 2048], elem=[1, 16, 128, 1024, 4096]),
 }
 
 MAX_DECODE_KV_TOKENS = 2 << 20  # batch * context cap: 8.6 GB of bf16 KV for Qwen3-30B at TP 1

@@ -234,15 +234,39 @@ def _prefill(ctx: Ctx, dims: Dims, n: int, c: int) -> tuple[Kernel, Callable[[],
     # New tokens attend to all cached keys and causally among themselves: the causal mask is
     # aligned to the bottom-right corner of the [n, c + n] score matrix.
     mask = causal_lower_right(n, c + n) if c else None
+    kv_heads = hq if ctx.info.get("prefill_kv") == "expanded" and c else hkv
 
     def make_sdpa() -> Tensors:
-        return (_randn(ctx, 1, hq, n, d), _randn(ctx, 1, hkv, c + n, d),  # [1, Hq, n, d], [1, Hkv, S, d]
-                _randn(ctx, 1, hkv, c + n, d))
+        return (_randn(ctx, 1, hq, n, d), _randn(ctx, 1, kv_heads, c + n, d),  # [1, Hq, n, d], [1, Hkv, S, d]
+                _randn(ctx, 1, kv_heads, c + n, d))
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=hq != hkv)  # [1, Hq, n, d]
+                                              enable_gqa=hq != kv_heads)  # [1, Hq, n, d]
     return run, make_sdpa
+
+
+def probe_prefill(ctx: Ctx, dims: Dims) -> str:
+    """On a GPU, whether SDPA runs a fused kernel for GQA with a bottom-right causal mask.
+
+    If not, torch would fall back to its math path (materialised scores: slow, and not what a
+    server runs), so KV heads are expanded to the query heads instead ("expanded"): a fused
+    kernel then reads Hq/Hkv times the KV bytes, a cost prefill (compute bound) barely feels.
+    """
+    if not ctx.is_cuda or dims.q_heads == dims.kv_heads:
+        return "gqa"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = _randn(ctx, 1, dims.q_heads, 64, dims.head_dim)  # [1, Hq, 64, d]
+    k = _randn(ctx, 1, dims.kv_heads, 128, dims.head_dim)  # [1, Hkv, 128, d]
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(64, 128), enable_gqa=True)
+        ctx.sync()
+        return "gqa"
+    except RuntimeError:
+        return "expanded"
 
 
 def _decode(ctx: Ctx, dims: Dims, b: int, c: int) -> tuple[Kernel, Callable[[], Tensors]]:

@@ -2,7 +2,7 @@
 
 Method. Shapes come from calibrate.grid (one model at one TP size), are timed by
 calibrate.kernels, and get their FLOPs and bytes from the cost model itself; calibrate.fit then
-fits each class's (compute_eff, memory_eff, overhead_s) on all but every k-th shape and reports
+fits each class's (compute_eff, memory_eff, overhead_s) on all but one shape in k and reports
 the error on those held out. On a GPU the preset's datasheet peaks are kept and NVML energy
 windows are fitted (calibrate.energy); on the CPU the peaks are measured first (a large matmul,
 a DRAM copy) and energy keeps the `cpu` preset's figures. Classes the grid cannot reach
@@ -24,6 +24,7 @@ from calibrate.grid import Dims, build_grid, counting_model, grid_summary, quant
 from costmodel import OP_CLASSES, EnergyParams, OpParams, Profile, default_profile, load_gpu, load_model
 from costmodel.profile import save_profile
 
+ONCE_PER_ITERATION = ("lm_head", "embedding")
 Progress = Callable[[int, int, str], None]
 
 
@@ -55,9 +56,11 @@ def run_calibration(model: str = "qwen3-30b-a3b", tp: int = 1, device: str = "cu
     dims = Dims.of(spec, tp)
     ctx = kernels.open_device(device, quick, cpu_threads)
     ctx.info["attention"] = kernels.attention_backend(ctx)
+    if ctx.info["attention"] == "sdpa":
+        ctx.info["prefill_kv"] = kernels.probe_prefill(ctx, dims)
     grid = build_grid(spec, tp, ctx.device.type, quick)
-    base = default_profile(load_gpu(ctx.preset))
     hw = load_gpu(ctx.preset)
+    base = default_profile(hw)
     meter = _open_meter(ctx.device.index or 0) if ctx.is_cuda else None
     energy_note = "no NVML on the CPU: energy figures of the 'cpu' preset"
     provenance: dict[str, Any] = {
@@ -111,8 +114,10 @@ def run_calibration(model: str = "qwen3-30b-a3b", tp: int = 1, device: str = "cu
         group = [s for s in samples if s.op_class == cls]
         if group:
             p = base.ops[cls]
+            # Per-layer ops recur num_layers times an iteration; the LM head and embedding once.
+            weights = [1.0 if s.shape["op"] in ONCE_PER_ITERATION else spec.num_layers for s in group]
             fits[cls] = fit_op_class(group, peak_flops, bandwidth, holdout,
-                                     init=(p.compute_eff, p.memory_eff, p.overhead_s))
+                                     init=(p.compute_eff, p.memory_eff, p.overhead_s), weights=weights)
     ops = {c: OpParams(compute_eff=f.compute_eff, memory_eff=f.memory_eff, overhead_s=f.overhead_s)
            for c, f in fits.items()}
     provenance["not_measured"] = [c for c in OP_CLASSES if c not in ops]

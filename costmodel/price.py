@@ -140,7 +140,7 @@ _QUANTITIES = ("flops", "wbytes", "xbytes", "kvr", "kvw", "act", "link", "launch
 # prefills, KV tokens read by prefills, prefill query-layers, KV tokens read by decodes, decode
 # query-layers, experts read per GPU (summed over layers), layers with prefill / decode work,
 # tokens needing logits, whether any does, embedded tokens, whether any are.
-_FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert_units",
+FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert_units",
              "nl_pf", "nl_dec", "logits", "has_logits", "embed", "has_embed")
 _PER_GROUP = (0, 2, 3, 4, 5, 6)  # token work that ep attention groups split between them
 
@@ -282,7 +282,7 @@ class CostModel:
         terms. Returns (latency, then the replica-total quantities per GPU)."""
         K = self._K
         q = {name: i for i, name in enumerate(_QUANTITIES)}
-        args = ", ".join(f"x{j}" for j in range(len(_FEATURES)))
+        args = ", ".join(f"x{j}" for j in range(len(FEATURES)))
 
         def dot(row: np.ndarray) -> str:
             terms = [f"{float(c)!r} * x{j}" for j, c in enumerate(row) if c]
@@ -337,10 +337,10 @@ class CostModel:
         kv_pg = max(1, m.num_kv_heads // tp) * hd
         heads_pg = m.num_q_heads // tp
         inter_pg = m.expert_intermediate // tp
-        K = np.zeros((len(_QUANTITIES), len(OPS), len(_FEATURES)))
+        K = np.zeros((len(_QUANTITIES), len(OPS), len(FEATURES)))
 
         def put(q: str, op: str, f: str, v: float) -> None:
-            K[_QUANTITIES.index(q), _OP_INDEX[op], _FEATURES.index(f)] += v
+            K[_QUANTITIES.index(q), _OP_INDEX[op], FEATURES.index(f)] += v
 
         put("flops", "qkv_proj", "tm", 2 * h * (q_pg + 2 * kv_pg))
         put("wbytes", "qkv_proj", "nl", h * (q_pg + 2 * kv_pg) * wb)
@@ -405,7 +405,7 @@ class CostModel:
                         embed_tokens: int) -> IterationCost:
         m, ep, imb = self.model, self.parallel.ep, self.ep_imbalance
         prefix = self._sliding_prefix
-        x = [0.0] * len(_FEATURES)
+        x = [0.0] * len(FEATURES)
         expert_segments = []
         distinct_layers = 0.0
         for l0, l1, s in self._segments(agg):
