@@ -32,6 +32,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-itl-ms", type=float)
     p.add_argument("--profile", help="a calibration profile JSON")
     p.add_argument("--routing-skew", type=float)
+    p.add_argument("--workers", type=int, help="processes to split the replicas over "
+                   "(round-robin router only; results are the same)")
     p.add_argument("--out", type=Path, help="write tables (parquet) and metrics here")
     p.add_argument("--json", action="store_true", help="print one JSON object per policy")
     p.add_argument("--check", action="store_true", help="check every plan's legality (slower)")
@@ -52,7 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 _STUDY_KEYS = ("model", "gpu", "tp", "ep", "replicas", "router", "workload", "rate", "arrival", "cv",
                "duration_s", "num_requests", "speed", "seed", "slo_ttft_ms", "slo_itl_ms",
-               "profile", "routing_skew")
+               "profile", "routing_skew", "workers")
 
 
 def study_from_args(ns: argparse.Namespace) -> Study:

@@ -80,6 +80,9 @@ class IterationCost(NamedTuple):
     hbm_bytes: HbmBytes
     link_bytes: float
     num_gpus: int
+    decode_tokens: int  # whole-stack decodes in the plan
+    prefill_tokens: int  # tokens of every other tile
+    prefill_layer_tokens: int  # those tokens times the layers they pass
     # (cost model, feature vector, ((l0, l1, expected distinct experts), ...), num_layers)
     detail: tuple[Any, tuple[float, ...], tuple[tuple[int, int, float], ...], int]
 
@@ -234,15 +237,17 @@ class CostModel:
         agg: dict[tuple[int, int], list[int]] = {}
         num_logits = embed_tokens = 0
         # Fast path for whole-stack decodes, the bulk of every plan: plain local sums.
-        dn = dkv = dkv_win = 0
+        dn = dkv = dkv_win = prefill = prefill_layer_tokens = 0
         for _rid, t0, t1, l0, l1, c, logits in plan:
             n = t1 - t0
-            if n == 1 and l0 == 0 and l1 == L:
+            if n == 1 and logits and l0 == 0 and l1 == L:
                 dn += 1
                 dkv += c
                 if w:
                     dkv_win += c + 1 if c < w else w
                 continue
+            prefill += n
+            prefill_layer_tokens += n * (l1 - l0)
             a = agg.get((l0, l1))
             if a is None:
                 a = agg[(l0, l1)] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -263,16 +268,29 @@ class CostModel:
             if l0 == 0:
                 embed_tokens += n
         if dn:
-            a = agg.get((0, L))
-            if a is None:
-                a = agg[(0, L)] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
-            a[0] += dn
-            a[6] += dn
-            a[7] += dkv + dn
-            a[8] += dkv_win if w else dkv + dn
-            num_logits += dn
-            embed_tokens += dn
-        return self._price_segments(agg, num_logits, embed_tokens)
+            self._add_decodes(agg, dn, dkv + dn, dkv_win)
+        return self._price_segments(agg, num_logits + dn, embed_tokens + dn, dn, prefill,
+                                    prefill_layer_tokens)
+
+    def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
+                     kv_tokens_window: int) -> None:
+        key = (0, self.model.num_layers)
+        a = agg.get(key)
+        if a is None:
+            a = agg[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+        a[0] += num
+        a[6] += num
+        a[7] += kv_tokens
+        a[8] += kv_tokens_window if self.model.sliding_window else kv_tokens
+
+    def price_decodes(self, num: int, kv_tokens: int, kv_tokens_window: int = 0) -> IterationCost:
+        """A plan of `num` whole-stack decodes, from its totals alone: the fast-forward's path.
+
+        kv_tokens is the sum over requests of (context + 1); kv_tokens_window the same with each
+        term capped at the sliding window (ignored for models without one)."""
+        agg: dict[tuple[int, int], list[int]] = {}
+        self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
+        return self._price_segments(agg, num, num, num, 0, 0)
 
     def _compile(self, is_link: np.ndarray) -> Callable[..., tuple[float, ...]]:
         """Turn the coefficient tensor into one straight-line function of the features.
@@ -402,7 +420,8 @@ class CostModel:
         return K
 
     def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
-                        embed_tokens: int) -> IterationCost:
+                        embed_tokens: int, decode_tokens: int, prefill_tokens: int,
+                        prefill_layer_tokens: int) -> IterationCost:
         m, ep, imb = self.model, self.parallel.ep, self.ep_imbalance
         prefix = self._sliding_prefix
         x = [0.0] * len(FEATURES)
@@ -449,6 +468,7 @@ class CostModel:
         energy = (e.idle_w * latency * gpus + e.j_per_flop * total_flops
                   + e.j_per_hbm_byte * hbm_bytes.total + e.j_per_link_byte * link_total)
         return IterationCost(latency, energy, total_flops, hbm_bytes, link_total, gpus,
+                             decode_tokens, prefill_tokens, prefill_layer_tokens,
                              (self, tuple(x), tuple(expert_segments), m.num_layers))
 
     def op_table(self, x: tuple[float, ...]) -> tuple[OpCost, ...]:

@@ -246,6 +246,8 @@ class ReplicaState:
         redo its prefill. Returns the victims.
         """
         victims: list[RequestState] = []
+        if len(self.decodes) <= self.num_free_blocks:  # a decode needs at most one new block
+            return victims
         while True:
             need = sum(max(0, self.blocks_for(r.num_computed_tokens + 1) - r.num_blocks)
                        for r in self.decodes)

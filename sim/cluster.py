@@ -69,71 +69,153 @@ def _mark_builtin(policy: Policy, spec: object) -> Policy:
     return policy
 
 
+@dataclass
+class _Shard:
+    """What one process simulated: a subset of the replicas and the requests routed to them."""
+
+    recorder: Recorder
+    busy_s: list[float]
+    replica_ids: list[int]
+    end_s: float
+    policy_name: str
+
+
 def simulate(requests: Sequence[Request], cost_model: CostModel,
              policy: str | Callable[[], Policy], *, num_replicas: int = 1,
              router: str = "round-robin", seed: int = 0, block_size: int = 16,
              gpu_memory_utilization: float = 0.9, activation_reserve_bytes: float | None = None,
              slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_itl_ms: float = DEFAULT_SLO_ITL_MS,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
-             progress: bool = False) -> SimResult:
+             progress: bool = False, workers: int = 1) -> SimResult:
+    """Simulate `requests` on `num_replicas` replicas; see the module note.
+
+    `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
+    (round-robin) allows it: each process then sees exactly the requests the single-process run
+    would route to its replicas, so the results are the same, byte for byte.
+    """
     if num_replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {num_replicas}")
     if not 0 < gpu_memory_utilization <= 1:
         raise ConfigError("gpu_memory_utilization must be in (0, 1]")
-
-    def new_policy() -> Policy:
-        return _mark_builtin(make_policy(policy) if isinstance(policy, str) else policy(), policy)
-
+    make_router(router, seed)  # validates the name
+    workers = max(1, min(workers, num_replicas))
+    if workers > 1 and router != "round-robin":
+        raise ConfigError(f"--workers {workers} needs the round-robin router (got {router}): other "
+                          "routers look at every replica's load")
     reserve = (0.05 * cost_model.hw.hbm_bytes if activation_reserve_bytes is None
                else activation_reserve_bytes)
     num_blocks, hidden_blocks = kv_blocks(cost_model, block_size, gpu_memory_utilization, reserve)
     if num_blocks <= 0:
         raise ConfigError(f"no memory left for the KV cache: {cost_model.model.name} on "
                           f"{cost_model.parallel.num_gpus} x {cost_model.hw.name}")
-    env = simpy.Environment()
-    recorder = Recorder(cost_model.model.num_layers, stream_dir)
-    replicas = [Replica(env, i, new_policy(), cost_model, num_blocks, block_size, hidden_blocks,
-                        recorder, check=check, fast_forward=fast_forward)
-                for i in range(num_replicas)]
-    picker = make_router(router, seed)
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.req_id))
     max_context = cost_model.model.max_context
+    too_long = [r for r in ordered if r.prompt_tokens + r.output_tokens > max_context]
+    servable = [r for r in ordered if r.prompt_tokens + r.output_tokens <= max_context]
+
+    def run_shard(shard: int) -> _Shard:
+        ids = list(range(shard, num_replicas, workers))
+        mine = servable if workers == 1 else [
+            r for i, r in enumerate(servable) if i % num_replicas % workers == shard]
+        sub_dir = None
+        if stream_dir is not None:
+            sub_dir = stream_dir if workers == 1 else stream_dir / f"shard{shard:03d}"
+            sub_dir.mkdir(parents=True, exist_ok=True)
+        return _run_replicas(mine, cost_model, policy, ids, router, seed, num_blocks, block_size,
+                             hidden_blocks, check, fast_forward, sub_dir,
+                             progress and shard == 0, len(mine))
+
+    if workers == 1:
+        shards = [run_shard(0)]
+    else:
+        import multiprocessing as mp
+        global _SHARD_JOB
+        _SHARD_JOB = run_shard  # forked workers inherit it; closures do not pickle
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                shards = pool.map(_call_shard, range(workers))
+        finally:
+            _SHARD_JOB = None
+    return _merge(shards, too_long, cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
+
+
+_SHARD_JOB: Callable[[int], _Shard] | None = None
+
+
+def _call_shard(shard: int) -> _Shard:
+    assert _SHARD_JOB is not None
+    return _SHARD_JOB(shard)
+
+
+def _run_replicas(requests: list[Request], cost_model: CostModel,
+                  policy: str | Callable[[], Policy], replica_ids: list[int], router: str,
+                  seed: int, num_blocks: int, block_size: int, hidden_blocks: float, check: bool,
+                  fast_forward: bool, stream_dir: Path | None, progress: bool,
+                  total: int) -> _Shard:
+    def new_policy() -> Policy:
+        return _mark_builtin(make_policy(policy) if isinstance(policy, str) else policy(), policy)
+
+    env = simpy.Environment()
+    recorder = Recorder(cost_model.model.num_layers, stream_dir)
+    done = env.event()
+    pending = [len(requests)]
+
+    def on_finish() -> None:
+        pending[0] -= 1
+        if pending[0] == 0 and not done.triggered:
+            done.succeed()
+
+    replicas = [Replica(env, rid, new_policy(), cost_model, num_blocks, block_size, hidden_blocks,
+                        recorder, check=check, fast_forward=fast_forward, on_finish=on_finish)
+                for rid in replica_ids]
+    picker = make_router(router, seed)
 
     def arrivals():  # type: ignore[no-untyped-def]
-        for r in ordered:
+        for r in requests:
             if r.arrival_s > env.now:
                 yield env.timeout(r.arrival_s - env.now)
             state = RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens)
-            if r.prompt_tokens + r.output_tokens > max_context:
-                recorder.rejected(state, env.now)
-                continue
             replicas[picker.pick(replicas)].submit(state)
 
-    feeder = env.process(arrivals())
-    bar = _progress(len(ordered), recorder) if progress else None
-    env.run(until=feeder)
-    try:
-        while any(r.state.running or r.state.waiting for r in replicas):
-            env.step()
-    except simpy.core.EmptySchedule:  # a policy stopped scheduling work it still holds
-        pass
+    env.process(arrivals())
+    bar = _progress(total, recorder) if progress else None
+    if requests:
+        try:
+            env.run(until=done)
+        except (RuntimeError, simpy.core.EmptySchedule):  # a policy stopped scheduling work
+            pass
     end_s = env.now
     for rep in replicas:  # report what never finished
         for req in rep.state.running + rep.state.waiting:
             recorder.rejected(req, end_s, rep.idx)
     if bar is not None:
         bar.close()
+    recorder.on_record = None
     if stream_dir is not None:
         recorder.flush()
+    return _Shard(recorder, [rep.busy_s for rep in replicas], replica_ids, end_s,
+                  replicas[0].policy.name)
+
+
+def _merge(shards: list[_Shard], too_long: list[Request], cost_model: CostModel,
+           num_replicas: int, slo_ttft_ms: float, slo_itl_ms: float) -> SimResult:
+    rec = shards[0].recorder
+    for other in shards[1:]:
+        rec.absorb(other.recorder)
+    for r in too_long:
+        rec.rejected(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens), r.arrival_s)
+    end_s = max(s.end_s for s in shards)
     idle_w = cost_model.idle_power_w()
-    idle_energy = sum(max(0.0, end_s - rep.busy_s) for rep in replicas) * idle_w
-    req_df = recorder.requests_frame()
-    it_df = recorder.iterations_frame()
-    metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_energy,
+    idle_energy = sum(max(0.0, end_s - b) for s in shards for b in s.busy_s) * idle_w
+    req_df = rec.requests_frame()
+    it_df = rec.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
+    it_df = it_df.reset_index(drop=True)
+    metrics = summarize(req_df, rec, end_s=end_s, idle_energy_j=idle_energy,
                         slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms)
-    metrics = {"policy": replicas[0].policy.name, "replicas": num_replicas,
+    name = shards[0].policy_name
+    metrics = {"policy": name, "replicas": num_replicas,
                "gpus": num_replicas * cost_model.parallel.num_gpus, **metrics}
-    return SimResult(replicas[0].policy.name, metrics, req_df, it_df)
+    return SimResult(name, metrics, req_df, it_df)
 
 
 def _progress(total: int, recorder: Recorder) -> Any:

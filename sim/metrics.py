@@ -50,7 +50,7 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
     tpot = done.loc[done["output_tokens"] > 1, "tpot_ms"].to_numpy()
     out |= _stats("tpot_ms", tpot)
     if rec.itl_hist is None:
-        out |= _stats("itl_ms", rec.itl_values_s() * 1e3)
+        out |= _stats("itl_ms", np.sort(rec.itl_values_s()) * 1e3)  # sorted: order-free sums
     else:
         med, p99 = rec.itl_percentiles_ms((50, 99))
         out |= {"mean_itl_ms": float("nan"), "median_itl_ms": med, "p99_itl_ms": p99}

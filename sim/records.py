@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from costmodel.plan import Tile
 from policies.state import RequestState
 
 if TYPE_CHECKING:
@@ -94,20 +93,12 @@ class Recorder:
         self.num_iterations = 0
 
     # ---- events -----------------------------------------------------------------------------
-    def iteration(self, replica: int, start_s: float, cost: IterationCost, plan: tuple[Tile, ...],
+    def iteration(self, replica: int, start_s: float, cost: IterationCost, num_tiles: int,
                   iterations: int) -> None:
-        L = self.num_layers
-        decode = prefill = pf_layer_tokens = 0
-        for _, t0, t1, l0, l1, c, logits in plan:
-            n = t1 - t0
-            if n == 1 and logits and l1 - l0 == L and c == t0:
-                decode += 1
-            else:
-                prefill += n
-                pf_layer_tokens += n * (l1 - l0)
-        self._it_row(replica, start_s, cost.latency_s, iterations, prefill, decode, len(plan),
-                     pf_layer_tokens, cost.energy_j, cost.flops, cost.hbm_bytes.expert_weights,
-                     cost.hbm_bytes.total, cost.hbm_bytes.kv_read)
+        hb = cost.hbm_bytes
+        self._it_row(replica, start_s, cost.latency_s, iterations, cost.prefill_tokens,
+                     cost.decode_tokens, num_tiles, cost.prefill_layer_tokens, cost.energy_j,
+                     cost.flops, hb.expert_weights, hb.total, hb.kv_read)
 
     def steady(self, replica: int, start_s: float, latency_s: float, steps: int, batch: int,
                first: IterationCost, last: IterationCost, frac: float) -> None:
@@ -168,6 +159,22 @@ class Recorder:
     def flush(self) -> None:
         self.requests.flush()
         self.iterations.flush()
+
+    def absorb(self, other: Recorder) -> None:
+        """Fold another shard's records into this one (replicas are disjoint)."""
+        for mine, theirs in ((self.requests, other.requests), (self.iterations, other.iterations)):
+            mine.parts.extend(theirs.parts)
+            for column, values in zip(mine.lists, theirs.lists, strict=True):
+                column.extend(values)
+        self.itl.extend(other.itl)
+        if self.itl_hist is not None and other.itl_hist is not None:
+            self.itl_hist += other.itl_hist
+        self.preemptions += other.preemptions
+        self.num_requests_recorded += other.num_requests_recorded
+        self.energy_j += other.energy_j
+        self.expert_bytes += other.expert_bytes
+        self.hbm_bytes += other.hbm_bytes
+        self.num_iterations += other.num_iterations
 
     # ---- results ----------------------------------------------------------------------------
     def requests_frame(self) -> pd.DataFrame:

@@ -20,24 +20,26 @@ the KV read saturates at the window, so the affine form over-counts slightly pas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import simpy
 
-from costmodel.plan import Tile, decode_tile
+from costmodel.plan import Tile
 from policies.base import Policy
 from policies.state import PlanError, ReplicaState, RequestState
 from sim.records import Recorder
 
 if TYPE_CHECKING:
-    from costmodel.price import CostModel
+    from costmodel.price import CostModel, IterationCost
 
 
 class Replica:
     def __init__(self, env: simpy.Environment, idx: int, policy: Policy, cost_model: CostModel,
                  num_blocks: int, block_size: int, hidden_blocks_per_token: float,
-                 recorder: Recorder, check: bool = False, fast_forward: bool = True) -> None:
+                 recorder: Recorder, check: bool = False, fast_forward: bool = True,
+                 on_finish: Callable[[], None] | None = None) -> None:
         self.env = env
         self.idx = idx
         self.policy = policy
@@ -50,6 +52,7 @@ class Replica:
         self.check = check or not getattr(policy, "_layersim_builtin", False)
         self.fast_forward = fast_forward and bool(getattr(policy, "steady_decode", False))
         self._wakeup = env.event()
+        self._on_finish = on_finish
         self.busy_s = 0.0
         self.outstanding = 0  # requests routed here and not finished (for routers)
         self.pending_tokens = 0  # prompt + output tokens still to compute (for routers)
@@ -76,9 +79,8 @@ class Replica:
                 yield self._sleep()
                 continue
             state.now_s = env.now
-            if state.decodes:
-                for victim in state.preempt_for_decodes():
-                    self.recorder.preempted(victim)
+            for victim in state.preempt_for_decodes():
+                self.recorder.preempted(victim)
             if self.fast_forward and not state.waiting and all(r.is_prefill_done for r in state.running):
                 yield from self._steady_decode()
                 continue
@@ -100,7 +102,7 @@ class Replica:
             if self.check:
                 self._check_invariants()
             self.busy_s += cost.latency_s
-            self.recorder.iteration(self.idx, start, cost, plan, 1)
+            self.recorder.iteration(self.idx, start, cost, len(plan), 1)
             for req in finished:
                 self._finish_accounting(req)
                 self.recorder.finished(req, self.idx)
@@ -127,23 +129,22 @@ class Replica:
 
     def _finish_accounting(self, req: RequestState) -> None:
         self.outstanding -= 1
+        if self._on_finish is not None:
+            self._on_finish()
 
     # ---- fast-forward of steady decoding ----------------------------------------------------
     def _steady_decode(self):  # type: ignore[no-untyped-def]
         env, state = self.env, self.state
         running = list(state.running)
-        L = state.num_layers
         k = min(r.max_tokens - r.num_output_tokens for r in running)
         k = min(k, self._kv_steps(running, k))
         if k <= 0:  # cannot grow at all: let the normal path preempt or stall
             k = 1
-        plan0 = tuple(decode_tile(r.req_id, r.num_computed_tokens, L) for r in running)
-        c0 = self.cost.price(plan0)
+        c0 = self._price_steady(running, 0)
         if k == 1:
             c_last, slope = c0, 0.0
         else:
-            c_last = self.cost.price(tuple(decode_tile(r.req_id, r.num_computed_tokens + k - 1, L)
-                                           for r in running))
+            c_last = self._price_steady(running, k - 1)
             slope = (c_last.latency_s - c0.latency_s) / (k - 1)
         lat = np.arange(k) * slope + c0.latency_s  # [k] latency of each step
         ends = np.cumsum(lat) + env.now  # [k] when each step ends
@@ -175,6 +176,14 @@ class Replica:
         for r in finished:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
+
+    def _price_steady(self, running: list[RequestState], step: int) -> IterationCost:
+        """The decode iteration `step` steps ahead, priced from its context totals."""
+        n = len(running)
+        kv = sum(r.num_computed_tokens for r in running) + n * (step + 1)
+        w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
+        kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
+        return self.cost.price_decodes(n, kv, kv_win)
 
     def _kv_steps(self, running: list[RequestState], k: int) -> int:
         """Largest j <= k such that every request can grow by j tokens in the free blocks."""

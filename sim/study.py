@@ -45,6 +45,7 @@ class Study(BaseModel):
     mxfp4_experts: bool | None = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
+    workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
 
     @model_validator(mode="after")
     def _caps(self) -> Study:
@@ -122,6 +123,6 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
                         router=study.router, seed=study.seed, block_size=study.block_size,
                         gpu_memory_utilization=study.gpu_memory_utilization,
                         slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
-                        check=check, progress=progress)
+                        check=check, progress=progress, workers=study.workers)
                for policy in study.policies]
     return workload, cm, results

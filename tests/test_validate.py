@@ -1,0 +1,79 @@
+"""`layersim validate` end to end on the CPU: engine and simulator on the same arrivals.
+
+The calibrated test is CI's end-to-end check (about 15 s on two idle cores): calibrate the CPU
+quickly, validate tiny-moe under both policies, and require that every request finishes in both
+executors, that layered prefill's measured expert traffic is below chunked's on long prompts,
+and that every bounded metric is within engine.validate.CPU_BOUNDS (whose comment justifies the
+bounds from the CPU's noise). The uncalibrated test checks the no-profile path, bounding only
+what does not depend on timing: completion, the expert-traffic order and expert bytes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from engine.cli import validate_main  # noqa: E402
+from engine.validate import CPU_BOUNDS, validate  # noqa: E402
+from traces import WorkloadSpec  # noqa: E402
+
+POLICIES = ["chunked:512", "layered"]
+# Prompts of two chunks: chunked prefill loads every expert of every layer twice per prompt,
+# layered prefill once.
+LONG = WorkloadSpec("fixed:1024:8", rate=4.0, num_requests=3, seed=1, max_context=4096)
+
+
+def _row(report: dict, policy: str, metric: str) -> dict:
+    return next(r for r in report["rows"] if r["policy"] == policy and r["metric"] == metric)
+
+
+def _check_common(report: dict) -> None:
+    for pol in POLICIES:
+        for side in ("engine", "sim"):
+            m = report["runs"][pol][side]
+            assert m["completed"] == m["num_requests"] == LONG.num_requests, (pol, side)
+    ch = _row(report, "chunked:512", "expert_bytes_per_request")["measured"]
+    la = _row(report, "layered", "expert_bytes_per_request")["measured"]
+    assert la < ch
+
+
+def test_validate_cpu_end_to_end(tmp_path):
+    report = validate("tiny-moe", "cpu", None, POLICIES, LONG, tmp_path)
+    _check_common(report)
+    for pol in POLICIES:
+        row = _row(report, pol, "expert_bytes_per_request")
+        assert abs(row["rel_error"]) <= CPU_BOUNDS["expert_bytes_per_request"], row
+        assert _row(report, pol, "energy_per_token_j")["measured"] is None  # not measured on CPU
+        assert (tmp_path / pol.replace(":", "_") / "engine" / "iterations.parquet").is_file()
+        assert (tmp_path / pol.replace(":", "_") / "sim" / "requests.parquet").is_file()
+    saved = json.loads((tmp_path / "validation.json").read_text())
+    assert len(saved["rows"]) == len(report["rows"]) and (tmp_path / "validation.csv").is_file()
+
+
+def test_validate_cli_json_and_errors(tmp_path, capsys):
+    argv = ["--model", "tiny-moe", "--device", "cpu", "--policies", "chunked:128,layered",
+            "--workload", "fixed:200:3", "--rate", "50", "--num-requests", "2", "--json",
+            "--out", str(tmp_path)]
+    assert validate_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["policy"] for r in report["rows"]} == {"chunked:128", "layered"}
+    assert validate_main(["--policies", "nope"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    for bad in (["--device", "tpu"], ["--workload", "fixed:64:4"], ["--rate", "x"]):
+        assert validate_main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("layersim validate: error:") and err.count("\n") == 1, err
+
+
+def test_calibrated_validate_within_bounds(tmp_path):
+    run = pytest.importorskip("calibrate.run")
+    profile = tmp_path / "cpu.json"
+    run.run_calibration(model="tiny-moe", device="cpu", quick=True, out=profile)
+    report = validate("tiny-moe", "cpu", profile, POLICIES, LONG, tmp_path / "out")
+    _check_common(report)
+    bad = [r for r in report["rows"] if r["within"] is False]
+    assert not bad, bad
+    assert sum(r["within"] is True for r in report["rows"]) >= len(CPU_BOUNDS) * len(POLICIES) - 2
