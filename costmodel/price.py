@@ -182,6 +182,12 @@ class CostModel:
         self._inv_link = np.where(is_link, [1 / (link_bw * p.memory_eff) for p in params], 0.0)
         self._overhead = np.array([p.overhead_s for p in params])
         self._kernel = self._compile(is_link)
+        self._is_moe = model.is_moe
+        self._experts_per_group = model.num_experts / self.parallel.ep
+        self._bytes_per_expert = model.expert_params * model.expert_weight_bytes
+        e = self.profile.energy
+        self._energy = (e.idle_w * self.parallel.num_gpus, e.j_per_flop, e.j_per_hbm_byte,
+                        e.j_per_link_byte)
         self._sliding_prefix = [0]
         for s in model.sliding_layers:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
@@ -422,7 +428,7 @@ class CostModel:
     def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
                         embed_tokens: int, decode_tokens: int, prefill_tokens: int,
                         prefill_layer_tokens: int) -> IterationCost:
-        m, ep, imb = self.model, self.parallel.ep, self.ep_imbalance
+        ep, imb, is_moe = self.parallel.ep, self.ep_imbalance, self._is_moe
         prefix = self._sliding_prefix
         x = [0.0] * len(FEATURES)
         expert_segments = []
@@ -442,34 +448,30 @@ class CostModel:
                 x[5] += n_full * s[7] + n_slide * s[8]
                 x[6] += s[6] * nl
                 x[9] += nl
-            if m.is_moe:
+            if is_moe:
                 distinct = self.activation.distinct(s[0])
                 expert_segments.append((l0, l1, distinct))
                 distinct_layers += distinct * nl
-                x[7] += nl * min(m.num_experts / ep, distinct / ep * imb)
-        for i in _PER_GROUP:
-            x[i] /= ep
+                x[7] += nl * min(self._experts_per_group, distinct / ep * imb)
+        if ep > 1:
+            for i in _PER_GROUP:
+                x[i] /= ep
         x[10] = num_logits / ep
         x[11] = 1.0 if num_logits else 0.0
         x[12] = embed_tokens / ep
         x[13] = 1.0 if embed_tokens else 0.0
-        latency, *sums = self._kernel(*x)
+        latency, flops, wbytes, _, kvr, kvw, act, link = self._kernel(*x)
         gpus = self.parallel.num_gpus
-        total_flops = sums[0] * gpus
-        hbm_bytes = HbmBytes(
-            dense_weights=sums[1] * gpus,
-            expert_weights=distinct_layers * m.expert_params * m.expert_weight_bytes,
-            kv_read=sums[3] * gpus,
-            kv_write=sums[4] * gpus,
-            activations=sums[5] * gpus,
-        )
-        link_total = sums[6] * gpus
-        e = self.profile.energy
-        energy = (e.idle_w * latency * gpus + e.j_per_flop * total_flops
-                  + e.j_per_hbm_byte * hbm_bytes.total + e.j_per_link_byte * link_total)
-        return IterationCost(latency, energy, total_flops, hbm_bytes, link_total, gpus,
-                             decode_tokens, prefill_tokens, prefill_layer_tokens,
-                             (self, tuple(x), tuple(expert_segments), m.num_layers))
+        hbm = HbmBytes(wbytes * gpus, distinct_layers * self._bytes_per_expert, kvr * gpus,
+                       kvw * gpus, act * gpus)
+        flops *= gpus
+        link *= gpus
+        e_idle, e_flop, e_byte, e_link = self._energy
+        energy = (e_idle * latency + e_flop * flops + e_byte * (hbm[0] + hbm[1] + hbm[2] + hbm[3] + hbm[4])
+                  + e_link * link)
+        return IterationCost(latency, energy, flops, hbm, link, gpus, decode_tokens, prefill_tokens,
+                             prefill_layer_tokens,
+                             (self, tuple(x), tuple(expert_segments), self.model.num_layers))
 
     def op_table(self, x: tuple[float, ...]) -> tuple[OpCost, ...]:
         """The per-operation breakdown for a feature vector (see IterationCost.ops)."""
