@@ -7,8 +7,8 @@ import json
 
 from cli.simulate import _add_common, _write_report, study_from_args
 from costmodel import ConfigError
+from costmodel.files import atomic_write
 from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
-from sim.cluster import _atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,7 +52,7 @@ def run(ns: argparse.Namespace) -> int:
     result = answer.to_dict()
     if ns.out is not None:
         ns.out.mkdir(parents=True, exist_ok=True)
-        _atomic(ns.out / "capacity.json",
+        atomic_write(ns.out / "capacity.json",
                 lambda p: p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n"))
         _write_report(ns.out)
     if ns.json:

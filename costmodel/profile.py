@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from costmodel.errors import ConfigError
+from costmodel.files import atomic_write
 from costmodel.gpu import GPUSpec, load_gpu
 
 SCHEMA_VERSION = 1
@@ -145,10 +146,8 @@ def load_profile(path: str | Path) -> Profile:
 
 def save_profile(profile: Profile, path: str | Path) -> None:
     """Atomic: write a sibling temp file, then rename, so an interrupted run leaves no half file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(profile.model_dump(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(profile.model_dump(), indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile:

@@ -19,7 +19,7 @@ meet it; the policy then falls back to the static group so prefills still progre
 from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from policies.layered import LayeredPrefill
 from policies.state import ReplicaState, RequestState
 
@@ -49,11 +49,9 @@ class AdaptiveLayered(LayeredPrefill):
             raise ValueError("adaptive needs the replica's cost model (state.cost_model)")
         L = state.num_layers
         decodes: list[Tile] = decode_tiles(state)
-        batch = [r for r in state.running if not r.is_prefill_done]
+        batch = self.current_batch(state)
         if not batch:
-            batch = self.new_batch(state, decode_block_growth(state))
-            if not batch:
-                return tuple(decodes)
+            return tuple(decodes)
         total = sum(r.num_prompt_tokens for r in batch)
         # The static layered plan's next tiles: the reference the budget starts from.
         groups = self.groups_for(total, state)

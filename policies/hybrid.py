@@ -14,7 +14,7 @@ tokens; a part-way prompt resumes at its lowest unfinished layer, group by group
 from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from policies.layered import LayeredPrefill
 from policies.state import ReplicaState, RequestState
 
@@ -36,11 +36,9 @@ class HybridPrefill(LayeredPrefill):
     def schedule(self, state: ReplicaState) -> Plan:
         L = state.num_layers
         tiles: list[Tile] = decode_tiles(state)
-        batch = [r for r in state.running if not r.is_prefill_done]
+        batch = self.current_batch(state)
         if not batch:
-            batch = self.new_batch(state, decode_block_growth(state))
-            if not batch:
-                return tuple(tiles)
+            return tuple(tiles)
         groups = self.groups_for(sum(r.num_prompt_tokens for r in batch), state)
         tiles.extend(self._tile(r, groups, L) for r in batch)
         return tuple(tiles)

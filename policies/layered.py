@@ -86,16 +86,17 @@ class LayeredPrefill:
             num_seqs += 1
         return batch
 
+    def current_batch(self, state: ReplicaState) -> list[RequestState]:
+        """The prompts part-way through the stack, or else the ones that start now."""
+        batch = [r for r in state.running if not r.is_prefill_done]
+        return batch or self.new_batch(state, decode_block_growth(state))
+
     def schedule(self, state: ReplicaState) -> Plan:
         L = state.num_layers
         tiles: list[Tile] = decode_tiles(state)
-        batch = [r for r in state.running if not r.is_prefill_done]
-        if batch:
-            l0, l1 = self.next_group(batch, state)
-        else:
-            batch = self.new_batch(state, decode_block_growth(state))
-            if not batch:
-                return tuple(tiles)
-            l0, l1 = self.groups_for(sum(r.num_prompt_tokens for r in batch), state)[0]
+        batch = self.current_batch(state)
+        if not batch:
+            return tuple(tiles)
+        l0, l1 = self.next_group(batch, state)
         tiles.extend(prompt_tile(r, r.num_prompt_tokens, l0, l1, L) for r in batch)
         return tuple(tiles)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from costmodel.files import atomic_write
 from reports import figures
 from reports.load import Results, Run, as_float, load_results
 
@@ -170,15 +169,4 @@ def write_report(results_dir: str | Path, out_path: str | Path | None = None, *,
     out = Path(out_path) if out_path is not None else Path(results_dir) / "report.html"
     text = render_report(results, title=title, generated=generated)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target so the rename is atomic; a reader never sees half a report.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        tmp.chmod(0o644)  # mkstemp makes it 0600; a report is meant to be shared
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -8,7 +8,6 @@ returns the per-request and per-iteration tables with the summary metrics.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pandas as pd
 import simpy
 
 from costmodel.errors import ConfigError
+from costmodel.files import atomic_write
 from costmodel.price import CostModel
 from policies.base import Policy
 from policies.registry import make_policy
@@ -44,21 +44,11 @@ class SimResult:
         """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically."""
         d = Path(out_dir) / self.policy.replace(":", "_").replace("/", "_")
         d.mkdir(parents=True, exist_ok=True)
-        _atomic(d / "requests.parquet", lambda p: self.requests.to_parquet(p, index=False))
-        _atomic(d / "iterations.parquet", lambda p: self.iterations.to_parquet(p, index=False))
-        _atomic(d / "metrics.json",
+        atomic_write(d / "requests.parquet", lambda p: self.requests.to_parquet(p, index=False))
+        atomic_write(d / "iterations.parquet", lambda p: self.iterations.to_parquet(p, index=False))
+        atomic_write(d / "metrics.json",
                 lambda p: p.write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n"))
         return d
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _mark_builtin(policy: Policy, spec: object) -> Policy:

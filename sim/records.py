@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from costmodel.files import atomic_write
 from policies.state import RequestState
 
 if TYPE_CHECKING:
@@ -62,9 +63,8 @@ class Table:
         if self.stream_dir is None or not self.lists[0]:
             return
         path = self.stream_dir / f"{self.name}-part{len(self.parts):05d}.parquet"
-        tmp = path.with_suffix(".tmp")
-        self.frame().to_parquet(tmp, index=False)
-        tmp.replace(path)
+        frame = self.frame()
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
         self.parts.append(path)
         self._reset()
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sim.cluster import _atomic
+from costmodel.files import atomic_write
 from sim.study import Study, run_study
 
 
@@ -34,5 +34,5 @@ def sweep(study: Study, rates: Sequence[float], out_dir: Path | None = None,
 
 def write_sweep(rows: list[dict[str, Any]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / "sweep.json",
+    atomic_write(out_dir / "sweep.json",
             lambda p: p.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n"))
