@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,6 +62,53 @@ def measured_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, flo
     return flops, bw
 
 
+def time_decode(eng: Engine, counting: CostModel, datasheet_bw: float, copy_bw: float, batch: int,
+                context: int, repeats: int) -> dict[str, Any]:
+    """One decode step of `batch` requests at `context` cached tokens, against the HBM roofline."""
+    L = eng.spec.num_layers
+    ids = list(range(1000, 1000 + batch))
+    for r in ids:
+        eng.fake_context(r, context)
+    plan = tuple(Tile(r, context, context + 1, 0, L, context, True) for r in ids)
+    touched: list[int] = []
+
+    def step() -> None:
+        for r in ids:  # rewind so every run decodes the same position
+            del eng.tokens[r][context + 1:]
+        touched[:] = eng.execute(plan).experts_touched
+
+    step()
+    t = _timed(step, eng.device, repeats)
+    cost = counting.price(plan)
+    per_expert = eng.spec.expert_params * counting.model.expert_weight_bytes
+    nbytes = cost.hbm_bytes.total - cost.hbm_bytes.expert_weights + sum(touched) * per_expert
+    for r in ids:
+        eng.release(r)
+    return {"kind": "decode", "batch": batch, "context": context, "time_ms": t * 1e3,
+            "bytes_gb": nbytes / 1e9, "achieved_gbps": nbytes / t / 1e9,
+            "of_datasheet": nbytes / t / datasheet_bw, "of_measured_copy": nbytes / t / copy_bw}
+
+
+def time_prefill(eng: Engine, counting: CostModel, datasheet_flops: float, matmul_flops: float,
+                 n: int, repeats: int) -> dict[str, Any]:
+    """One fresh prompt of n tokens through every layer, against the FLOP roofline."""
+    rid = 5000 + n
+    eng.add_request(rid, n)
+    plan = (Tile(rid, 0, n, 0, eng.spec.num_layers, 0, True),)
+
+    def prefill() -> None:
+        del eng.tokens[rid][n:]
+        eng.execute(plan)
+
+    prefill()
+    t = _timed(prefill, eng.device, repeats)
+    eng.release(rid)
+    flops = counting.price(plan).flops
+    return {"kind": "prefill", "tokens": n, "time_ms": t * 1e3, "tflop": flops / 1e12,
+            "achieved_tflops": flops / t / 1e12, "of_datasheet": flops / t / datasheet_flops,
+            "of_measured_matmul": flops / t / matmul_flops}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-moe")
@@ -86,47 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     es = float(torch.empty(0, dtype=eng.dtype).element_size())
     # Count bytes at the dtype the engine really moves (fp32 on the CPU).
     counting = CostModel(spec.with_overrides(weight_bytes=es, expert_weight_bytes=es, kv_bytes=es), preset)
-    per_expert = spec.expert_params * es
     peak_flops, copy_bw = measured_peaks(device, eng.dtype)
-    L = spec.num_layers
-    rows = []
-    for B in batches:
-        ids = list(range(1000, 1000 + B))
-        for r in ids:
-            eng.fake_context(r, args.context)
-        plan = tuple(Tile(r, args.context, args.context + 1, 0, L, args.context, True) for r in ids)
-        touched: list[int] = []
-
-        def step() -> None:
-            for r in ids:  # rewind so every run decodes the same position
-                del eng.tokens[r][args.context + 1:]
-            touched[:] = eng.execute(plan).experts_touched
-
-        step()
-        t = _timed(step, device, args.repeats)
-        cost = counting.price(plan)
-        nbytes = cost.hbm_bytes.total - cost.hbm_bytes.expert_weights + sum(touched) * per_expert
-        rows.append({"kind": "decode", "batch": B, "context": args.context, "time_ms": t * 1e3,
-                     "bytes_gb": nbytes / 1e9, "achieved_gbps": nbytes / t / 1e9,
-                     "of_datasheet": nbytes / t / hw.hbm_bytes_per_s, "of_measured_copy": nbytes / t / copy_bw})
-        for r in ids:
-            eng.release(r)
-    for n in prefills:
-        rid = 5000 + n
-        eng.add_request(rid, n)
-        plan = (Tile(rid, 0, n, 0, L, 0, True),)
-
-        def prefill() -> None:
-            del eng.tokens[rid][n:]
-            eng.execute(plan)
-
-        prefill()
-        t = _timed(prefill, device, max(1, args.repeats // 2))
-        flops = counting.price(plan).flops
-        rows.append({"kind": "prefill", "tokens": n, "time_ms": t * 1e3, "tflop": flops / 1e12,
-                     "achieved_tflops": flops / t / 1e12, "of_datasheet": flops / t / hw.peak_flops,
-                     "of_measured_matmul": flops / t / peak_flops})
-        eng.release(rid)
+    rows = [time_decode(eng, counting, hw.hbm_bytes_per_s, copy_bw, B, args.context, args.repeats)
+            for B in batches]
+    rows += [time_prefill(eng, counting, hw.peak_flops, peak_flops, n, max(1, args.repeats // 2))
+             for n in prefills]
     head = {"model": spec.name, "device": str(device), "dtype": str(eng.dtype).replace("torch.", ""),
             "attention": eng.attn_impl, "experts": eng.expert_impl, "preset": preset,
             "datasheet_gbps": hw.hbm_bytes_per_s / 1e9, "datasheet_tflops": hw.peak_flops / 1e12,

@@ -122,3 +122,17 @@ def test_serve_finishes_every_request(engine, spec, policy):
     assert res.metrics["energy_j"] is None  # the CPU measures no energy
     assert not engine.kv.pages and not engine.tokens  # everything released
     assert engine.kv.free_pages == engine.kv.num_pages
+
+
+def test_serve_preempts_and_recomputes_under_tight_kv(engine, spec):
+    """With KV for ~2 requests, decodes preempt the newest request (vLLM's recompute); the
+    engine frees its pages, keeps its tokens and reruns its prefill; everything finishes."""
+    cm = CostModel(spec, "cpu", default_profile(load_gpu("cpu")))
+    blocks = 36  # of 16 tokens: room for about two of the requests below at full length
+    reserve = cm.hw.hbm_bytes - cm.weight_bytes_per_gpu - blocks * 16 * cm.kv_bytes_per_token_per_gpu
+    reqs = [Request(i, 0.0, 200, 90) for i in range(3)]
+    res = serve(engine, reqs, "chunked:256", cm, gpu_memory_utilization=1.0,
+                activation_reserve_bytes=reserve)
+    assert res.metrics["completed"] == 3
+    assert res.metrics["preemptions"] > 0
+    assert not engine.kv.pages and not engine.tokens

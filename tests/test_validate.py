@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("torch")
@@ -49,6 +50,9 @@ def test_validate_cpu_end_to_end(tmp_path):
         assert _row(report, pol, "energy_per_token_j")["measured"] is None  # not measured on CPU
         assert (tmp_path / pol.replace(":", "_") / "engine" / "iterations.parquet").is_file()
         assert (tmp_path / pol.replace(":", "_") / "sim" / "requests.parquet").is_file()
+        tokens = pd.read_parquet(tmp_path / pol.replace(":", "_") / "engine" / "tokens.parquet")
+        assert len(tokens) == LONG.num_requests * 8  # one timestamp per output token
+        assert tokens.groupby("req_id")["time_s"].is_monotonic_increasing.all()
     saved = json.loads((tmp_path / "validation.json").read_text())
     assert len(saved["rows"]) == len(report["rows"]) and (tmp_path / "validation.csv").is_file()
 
