@@ -6,7 +6,8 @@
 * ``LogNormalLengths`` / ``arxiv_long``: independent log-normal prompt and output lengths, each
   fitted to a median m and p90 q as ``mu = ln m``, ``sigma = (ln q - ln m) / 1.2816`` (1.2816 is
   the standard normal 0.9 quantile), rounded to integers; prompts clipped to
-  ``[1, max_context]`` (default 16,384), outputs clipped to ``>= 1``.
+  ``[1, max_context - output]`` (default 16,384) so prompt and output fit the context,
+  outputs clipped to ``[1, max_context - 1]``.
 
 Source of the ``arxiv-long`` quantiles: the "Long-document summarization" section of
 ``shared/traces/README.md`` - published arXiv-summarization statistics filtered to at most
@@ -122,8 +123,9 @@ class LogNormalLengths:
         o_mu, o_sigma = lognormal_params(self.output_median, self.output_p90)
         prompt = np.rint(rng.lognormal(p_mu, p_sigma, size=n))
         output = np.rint(rng.lognormal(o_mu, o_sigma, size=n))
-        prompt = np.clip(prompt, 1, self.max_context).astype(np.int64)
-        output = np.maximum(output, 1).astype(np.int64)
+        # prompt + output must fit the context: outputs keep their draw (capped), prompts give way
+        output = np.clip(output, 1, max(1, self.max_context - 1)).astype(np.int64)
+        prompt = np.clip(prompt, 1, np.maximum(1, self.max_context - output)).astype(np.int64)
         return prompt, output
 
     def describe(self) -> str:
