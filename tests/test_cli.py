@@ -97,3 +97,10 @@ def test_routers_pick_by_their_rule():
     assert 0 not in picks  # replica 0 is the busiest: it loses every pairing
     with pytest.raises(Exception, match="unknown router"):
         make_router("random")
+
+
+def test_shipped_study_file_runs(capsys):
+    code, out, _ = run(capsys, "compare", "examples/study.yaml", "--duration", "10", "--json")
+    assert code == 0
+    assert [json.loads(x)["policy"] for x in out.strip().splitlines()] == [
+        "chunked:512", "layered", "layered:4", "hybrid:512", "adaptive:30"]
