@@ -34,7 +34,8 @@ _HIST_EDGES = np.geomspace(1e-6, 1e3, int(np.log(1e9) / np.log(1.005)) + 1)
 
 
 class Table:
-    """Column lists that spill to numbered parquet parts when a stream folder is given."""
+    """Rows (plain tuples, the cheapest thing to append) that spill to numbered parquet parts
+    when a stream folder is given."""
 
     def __init__(self, name: str, columns: tuple[str, ...], ints: tuple[str, ...],
                  stream_dir: Path | None, flush_rows: int) -> None:
@@ -44,23 +45,24 @@ class Table:
         self._reset()
 
     def _reset(self) -> None:
-        self.data: dict[str, list[float]] = {c: [] for c in self.columns}
-        self.lists = [self.data[c] for c in self.columns]
+        self.rows: list[tuple[float, ...]] = []
 
     def append(self, values: tuple[float, ...]) -> None:
-        for column, v in zip(self.lists, values, strict=True):
-            column.append(v)
-        if self.stream_dir is not None and len(self.lists[0]) >= self.flush_rows:
+        self.rows.append(values)
+        if self.stream_dir is not None and len(self.rows) >= self.flush_rows:
             self.flush()
 
     def frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(self.data)
+        if not self.rows:  # typed columns even when empty, so parts concatenate cleanly
+            return pd.DataFrame({c: np.zeros(0, dtype="int64" if c in self.ints else "float64")
+                                 for c in self.columns})
+        df = pd.DataFrame.from_records(self.rows, columns=list(self.columns))
         for c in self.ints:
             df[c] = df[c].astype("int64")
         return df
 
     def flush(self) -> None:
-        if self.stream_dir is None or not self.lists[0]:
+        if self.stream_dir is None or not self.rows:
             return
         path = self.stream_dir / f"{self.name}-part{len(self.parts):05d}.parquet"
         frame = self.frame()
@@ -69,7 +71,9 @@ class Table:
         self._reset()
 
     def read_all(self) -> pd.DataFrame:
-        frames = [pd.read_parquet(p) for p in self.parts] + [self.frame()]
+        frames = [pd.read_parquet(p) for p in self.parts]
+        if self.rows or not frames:
+            frames.append(self.frame())
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
@@ -124,12 +128,9 @@ class Recorder:
 
     def finished(self, req: RequestState, replica: int = -1) -> None:
         gaps = req.itl_s
-        if self.itl_hist is not None:
-            if gaps:
-                idx = np.searchsorted(_HIST_EDGES, gaps)
-                np.add.at(self.itl_hist, idx, 1)
-        else:
-            self.itl.extend(gaps)
+        self.itl.extend(gaps)
+        if self.itl_hist is not None and len(self.itl) >= 1 << 20:
+            self._bin_gaps()
         if gaps:
             p99 = _percentile(gaps, 99.0) * 1e3
             max_itl = max(gaps) * 1e3
@@ -159,16 +160,17 @@ class Recorder:
     def flush(self) -> None:
         self.requests.flush()
         self.iterations.flush()
+        self._bin_gaps()
 
     def absorb(self, other: Recorder) -> None:
         """Fold another shard's records into this one (replicas are disjoint)."""
         for mine, theirs in ((self.requests, other.requests), (self.iterations, other.iterations)):
             mine.parts.extend(theirs.parts)
-            for column, values in zip(mine.lists, theirs.lists, strict=True):
-                column.extend(values)
+            mine.rows.extend(theirs.rows)
         self.itl.extend(other.itl)
         if self.itl_hist is not None and other.itl_hist is not None:
             self.itl_hist += other.itl_hist
+            self._bin_gaps()
         self.preemptions += other.preemptions
         self.num_requests_recorded += other.num_requests_recorded
         self.energy_j += other.energy_j
@@ -186,6 +188,13 @@ class Recorder:
         """Every iteration row; for streamed runs only the rows not yet spilled (see parts)."""
         return self.iterations.frame() if self.stream_dir else self.iterations.read_all()
 
+    def _bin_gaps(self) -> None:
+        """Streaming runs keep gaps in a histogram; bin the pending ones (in batches: cheap)."""
+        if self.itl_hist is not None and len(self.itl):
+            idx = np.searchsorted(_HIST_EDGES, np.frombuffer(self.itl, dtype=np.float64))
+            self.itl_hist += np.bincount(idx, minlength=len(self.itl_hist))
+            self.itl = array("d")
+
     def itl_values_s(self) -> np.ndarray:
         return np.frombuffer(self.itl, dtype=np.float64) if len(self.itl) else np.zeros(0)
 
@@ -196,6 +205,7 @@ class Recorder:
             if not len(v):
                 return tuple(float("nan") for _ in qs)
             return tuple(float(np.percentile(v, q)) * 1e3 for q in qs)
+        self._bin_gaps()
         cum = np.cumsum(self.itl_hist)
         if not cum[-1]:
             return tuple(float("nan") for _ in qs)
