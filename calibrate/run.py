@@ -7,6 +7,9 @@ the error on those held out. On a GPU the preset's datasheet peaks are kept and 
 windows are fitted (calibrate.energy); on the CPU the peaks are measured first (a large matmul,
 a DRAM copy) and energy keeps the `cpu` preset's figures. Classes the grid cannot reach
 (collectives on one device, experts of a dense model) keep the default profile's parameters.
+Last, the engine runs whole iterations of the model and the time its kernels do not explain is
+fitted as per-iteration and per-layer host overhead (calibrate.host; skipped, with the reason
+in provenance, where the model does not fit on the device).
 The profile is written once, atomically, at the end: an interrupted run writes nothing.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 from calibrate.energy import EnergyWindow, NvmlMeter, fit_energy
 from calibrate.fit import OpFit, Sample, fit_op_class
 from calibrate.grid import Dims, build_grid, counting_model, grid_summary, quantities
+from calibrate.host import measure_host_overhead
 from costmodel import OP_CLASSES, EnergyParams, OpParams, Profile, default_profile, load_gpu, load_model
 from costmodel.profile import save_profile
 
@@ -138,16 +142,23 @@ def run_calibration(model: str = "qwen3-30b-a3b", tp: int = 1, device: str = "cu
         provenance["energy"] = {"measured": False, "reason": energy_note}
     provenance["grid"] = {"sizes": {c: sum(s.op_class == c for s in samples) for c in fits},
                           "holdout_every": holdout, "shapes": grid_summary(grid)}
-    provenance["iteration_overhead_s"] = "default (not measured)"
     is_cpu = not ctx.is_cuda
     profile = Profile(
         gpu=ctx.preset,
         peak_flops=peak_flops if is_cpu else None,
         hbm_bytes_per_s=bandwidth if is_cpu else None,
-        iteration_overhead_s=base.iteration_overhead_s,
+        iteration_overhead_s=0.0, layer_overhead_s=0.0,
         ops=ops, energy=energy, provenance=provenance,
         fit_errors={c: {**f.errors(), "held_out": f.held_out} for c, f in fits.items()},
     )
+    # Whole engine iterations, priced by the kernels-only profile above: the rest is host time.
+    progress(len(grid), len(grid), "engine iterations (host overhead)")
+    host = measure_host_overhead(spec, ctx.device, profile, quick, ctx.sync)
+    profile = profile.model_copy(update={
+        "provenance": {**provenance, "host_overhead": host.record},
+        "iteration_overhead_s": (base.iteration_overhead_s if host.iteration_overhead_s is None
+                                 else host.iteration_overhead_s),
+        "layer_overhead_s": host.layer_overhead_s or 0.0})
     if out is not None:
         write_profile(profile, out)
     return profile
@@ -191,6 +202,16 @@ def format_fit_table(profile: Profile) -> str:
                  f"{e.j_per_hbm_byte * 1e12:.1f} pJ/byte"
                  + (f" (median err {en['median_rel_err']:.1%}, {en['n_windows']} windows)"
                     if en.get("measured") else " (not measured)"))
+    host = pv.get("host_overhead", {})
+    if host.get("measured"):
+        lines.append(f"host overhead: {profile.iteration_overhead_s * 1e6:.0f} us per iteration + "
+                     f"{profile.layer_overhead_s * 1e6:.0f} us per active layer, fitted on "
+                     f"{len(host['plans'])} engine iterations: median err "
+                     f"{host['median_rel_err']:.1%}, worst {host['worst_rel_err']:.1%} "
+                     f"(kernels alone: median {host['kernel_only_median_rel_err']:.1%})")
+    elif host:
+        lines.append(f"host overhead: not measured ({host.get('reason')}); "
+                     f"{profile.iteration_overhead_s * 1e6:.0f} us per iteration (default)")
     if profile.peak_flops:
         lines.append(f"measured peaks: {profile.peak_flops / 1e9:.1f} GFLOP/s, "
                      f"{(profile.hbm_bytes_per_s or 0) / 1e9:.1f} GB/s")

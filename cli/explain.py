@@ -67,13 +67,19 @@ def run(ns: argparse.Namespace) -> int:
             f"{'bound':>10}{'time us':>11}{'share':>8}")
     print(head)
     print("-" * len(head))
-    for op in cost.ops:
+    kernels = [op for op in cost.ops if op.op_class != "host"]
+    for op in kernels:
         print(f"{op.name:<18}{op.op_class:<14}{op.flops / 1e9:>10.2f}{op.hbm_bytes / 1e6:>11.1f}"
               f"{op.link_bytes / 1e6:>10.1f}{op.bound:>10}{op.time_s * 1e6:>11.1f}"
               f"{op.time_s / cost.latency_s:>8.1%}")
-    over = cm.profile.iteration_overhead_s
+    # Host time the kernels do not see: once per iteration plus once per layer that has work.
+    per_iter, per_layer = cm.profile.iteration_overhead_s, cm.profile.layer_overhead_s
+    active = L if ns.decode else l1 - l0  # decodes run every layer; else the prefill's range
+    over = per_iter + per_layer * active
     print(f"{'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>10}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
+    print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "
+          f"active layers")
     print("-" * len(head))
     hb = cost.hbm_bytes
     print(f"latency {cost.latency_s * 1e3:.3f} ms   energy {cost.energy_j:.3f} J   "

@@ -6,7 +6,9 @@ segments at every tile boundary; inside a segment every layer runs the same work
 operation is priced once per segment and multiplied by its layer count. An operation's time is
 the roofline max(FLOPs / (peak * compute_eff), bytes / (bandwidth * memory_eff)) plus a fixed
 launch overhead, with per-class efficiencies from the profile; the iteration's latency is the
-sum over operations (kernels run back to back) plus a host overhead.
+sum over operations (kernels run back to back) plus host overhead: the profile's
+iteration_overhead_s once and layer_overhead_s per layer that runs any tile (feature `nl`),
+shown in `ops` as a `host_overhead` row (class "host") when non-zero.
 
 Parallelism: `tp` GPUs split heads, MLP and expert widths and all-reduce twice per layer.
 `ep` > 1 adds ep groups of tp GPUs: attention runs data-parallel across groups (tokens split
@@ -59,7 +61,7 @@ class HbmBytes(NamedTuple):
 
 class OpCost(NamedTuple):
     name: str
-    op_class: str
+    op_class: str  # one of profile.OP_CLASSES, or "host" for the host_overhead row
     flops: float  # per GPU
     hbm_bytes: float  # per GPU
     link_bytes: float  # per GPU
@@ -313,6 +315,8 @@ class CostModel:
             return " + ".join(terms) if terms else "0.0"
 
         lines = [f"def kernel({args}):", f"    lat = {self.profile.iteration_overhead_s!r}"]
+        if self.profile.layer_overhead_s:  # host time per layer with work: x1 is `nl`
+            lines.append(f"    lat += {self.profile.layer_overhead_s!r} * x{FEATURES.index('nl')}")
         for i in range(len(OPS)):
             launches = dot(K[q["launches"], i])
             if launches == "0.0":
@@ -490,6 +494,9 @@ class CostModel:
             mem_kind = "link" if cls in _LINK_OPS else "memory"
             bound = "overhead" if t_o > roof else ("compute" if t_c >= t_m else mem_kind)
             out.append(OpCost(name, cls, flops[i], hbm, link[i], roof + t_o, bound))
+        host = self.profile.layer_overhead_s * x[FEATURES.index("nl")]
+        if host:
+            out.append(OpCost("host_overhead", "host", 0.0, 0.0, 0.0, host, "overhead"))
         return tuple(out)
 
     def idle_power_w(self) -> float:

@@ -9,6 +9,7 @@ Schema (version 1), written by `calibrate` and read here:
       "hbm_bytes_per_s": 4.8e12,
       "link_bytes_per_s": 9e11,
       "iteration_overhead_s": 2e-4,       # fixed cost per scheduler iteration (host side)
+      "layer_overhead_s": 1e-4,           # optional (default 0): host cost per layer with work
       "ops": {                            # one entry per operation class (OP_CLASSES)
         "dense_gemm": {"compute_eff": 0.8, "memory_eff": 0.85, "overhead_s": 4e-6}, ...
       },
@@ -18,7 +19,10 @@ Schema (version 1), written by `calibrate` and read here:
     }
 
 An op's time is max(flops / (peak_flops * compute_eff), bytes / (bandwidth * memory_eff))
-+ overhead_s per launch; collectives use the link bandwidth. Energy is idle_w * time * GPUs
++ overhead_s per launch; collectives use the link bandwidth. An iteration adds
+iteration_overhead_s once and layer_overhead_s for every layer that runs any tile: the serving
+engine's host time (Python, small unfused kernels, page gathers) that kernel timings do not see;
+`calibrate` fits both from timed engine iterations. Energy is idle_w * time * GPUs
 + j_per_flop * FLOPs + j_per_hbm_byte * HBM bytes + j_per_link_byte * link bytes.
 Without a profile, `default_profile` derives all of this from the datasheet preset.
 """
@@ -64,6 +68,7 @@ class Profile(BaseModel):
     hbm_bytes_per_s: float | None = Field(default=None, gt=0)
     link_bytes_per_s: float | None = Field(default=None, gt=0)
     iteration_overhead_s: float = Field(ge=0)
+    layer_overhead_s: float = Field(default=0.0, ge=0)  # 0: profiles from before it stay valid
     ops: dict[str, OpParams]
     energy: EnergyParams
     provenance: dict[str, Any] = Field(default_factory=dict)

@@ -40,16 +40,21 @@ COMPARED = tuple(f"{s}_{m}" for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 # median, <= 10% on throughput, 3-4% on expert bytes; with another process competing for the
 # cores the errors grew to ~35% (throughput 34%), and run-to-run spread of one metric was up to
 # ~17 points. The bounds are about twice the worst error seen, so noise alone does not fail
-# them while a broken engine or cost model (errors of 2x and more) does. Median ITL is the one
-# known bias: decode-only iterations of a tiny model are dominated by the engine's host-side
-# overhead (~45 unfused kernels per layer) that the cost model's one-launch-per-op-class count
-# underprices, so it is measured -56% to -76% and bounded at 85%. Tails (p99) of three requests
+# them while a broken engine or cost model (errors of 2x and more) does. Median ITL was the one
+# known bias, -56% to -76% while profiles priced kernels only: decode-only iterations of a tiny
+# model are dominated by the engine's host time per layer (~45 unfused kernels). Since
+# calibrate fits that host time from timed engine iterations (calibrate/host.py, 1.6-1.7 ms per
+# layer here), four more idle repetitions gave median ITL -4% to -23% and every other bounded
+# metric within 21%; the arxiv-long workload (6 requests, contexts near 4k) still gives -46%,
+# because the engine's decode attention gathers padded KV pages and masks them (about 2x the
+# timed SDPA kernel at 4k context), a cost that grows with batch x context, not per layer. So
+# median ITL is bounded at 60% (was 85%). Tails (p99) of three requests
 # and energy (not measured on the CPU) are reported, not bounded. A CPU whose load changes
 # between calibration and validation (a 10x swing was seen on a shared box) breaks any bound.
 _LATENCY = ("mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms",
             "mean_e2el_ms", "median_e2el_ms")
 CPU_BOUNDS = {"expert_bytes_per_request": 0.25, "request_throughput": 0.5, "output_throughput": 0.5,
-              "total_token_throughput": 0.5, "median_itl_ms": 0.85, **dict.fromkeys(_LATENCY, 0.75)}
+              "total_token_throughput": 0.5, "median_itl_ms": 0.6, **dict.fromkeys(_LATENCY, 0.75)}
 
 _GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("B200", "b200"))
 

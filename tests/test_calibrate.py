@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,14 +116,21 @@ BOUNDED_CLASSES = ("dense_gemm", "expert_gemm", "prefill_attn", "decode_attn")
 CLASS_BOUND, MEAN_BOUND = 1.0, 0.5
 
 
+QUICK_CALIBRATION_S = 45.0
+
+
 @pytest.fixture(scope="module")
 def cpu_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
     from calibrate.cli import main
 
     out = tmp_path_factory.mktemp("cal") / "profile-cpu.json"
+    start = time.perf_counter()
     assert main(["--device", "cpu", "--quick", "--model", "tiny-moe", "--out", str(out),
                  "--no-progress"]) == 0
+    # Kernel grid plus engine iterations took ~12 s on two idle cores; 45 s leaves room for a
+    # busy runner while catching a host-overhead step that grows out of `--quick`.
+    assert time.perf_counter() - start < QUICK_CALIBRATION_S
     return out
 
 
@@ -148,11 +156,61 @@ def test_cpu_calibration_writes_usable_profile(cpu_profile: Path) -> None:
     assert cm.hw.peak_flops == profile.peak_flops  # measured peaks replace the preset's
 
 
+def test_cpu_host_overhead_is_fitted(cpu_profile: Path) -> None:
+    profile = load_profile(cpu_profile)
+    host = profile.provenance["host_overhead"]
+    assert host["measured"] is True, host
+    assert profile.iteration_overhead_s >= 0 and profile.layer_overhead_s >= 0
+    assert host["layer_overhead_s"] == profile.layer_overhead_s
+    # tiny-moe's engine spends about a millisecond of host time per layer on a CPU: the fit
+    # must find some, and explain the timed iterations better than kernels alone do.
+    assert profile.layer_overhead_s > 0
+    assert host["median_rel_err"] < host["kernel_only_median_rel_err"]
+    assert host["torch_threads"] == profile.provenance["torch_threads"]  # what validate will use
+    assert {p["active_layers"] for p in host["plans"]} >= {1, 2, 4}
+
+
+def test_host_overhead_fit_recovers_known_overheads() -> None:
+    from calibrate.host import _active_layers, _plans, fit_host_overhead
+    from costmodel import default_profile
+
+    spec = load_model("tiny-moe")
+    kernels = default_profile(load_gpu("cpu")).model_copy(update={"iteration_overhead_s": 0.0})
+    cm = CostModel(spec, "cpu", kernels)
+    plans = _plans(spec.num_layers, (1, 4, 16), (128, 1024))
+    per_iter, per_layer = 3e-4, 1.5e-3
+    rows = [(label, plan, cm.price(plan).latency_s + per_iter + per_layer * _active_layers(plan))
+            for label, plan in plans]
+    fit = fit_host_overhead(rows, cm)
+    assert fit.iteration_overhead_s == pytest.approx(per_iter, rel=1e-6)
+    assert fit.layer_overhead_s == pytest.approx(per_layer, rel=1e-6)
+    assert fit.record["worst_rel_err"] < 1e-9
+    # iterations faster than their kernels (a pessimistic kernel fit): no negative overheads
+    fast = [(label, plan, 0.5 * cm.price(plan).latency_s) for label, plan, _ in rows]
+    fit = fit_host_overhead(fast, cm)
+    assert fit.iteration_overhead_s == 0.0 and fit.layer_overhead_s == 0.0
+
+
+def test_host_overhead_skipped_when_model_does_not_fit() -> None:
+    torch = pytest.importorskip("torch")
+    from calibrate.host import measure_host_overhead
+    from calibrate.run import format_fit_table
+    from costmodel import default_profile
+
+    prof = default_profile(load_gpu("cpu"))  # 16 GB: qwen3-30b-a3b's 61 GB cannot load
+    fit = measure_host_overhead(load_model("qwen3-30b-a3b"), torch.device("cpu"), prof, True,
+                                lambda: None)
+    assert fit.iteration_overhead_s is None and fit.record["measured"] is False
+    assert "does not fit" in fit.record["reason"]
+    noted = prof.model_copy(update={"provenance": {"host_overhead": fit.record}})
+    assert "host overhead: not measured (" in format_fit_table(noted)
+
+
 def test_fit_table_prints_every_class(cpu_profile: Path) -> None:
     from calibrate.run import format_fit_table
 
     table = format_fit_table(load_profile(cpu_profile))
-    for cls in ("dense_gemm", "decode_attn", "alltoall", "energy"):
+    for cls in ("dense_gemm", "decode_attn", "alltoall", "energy", "host overhead"):
         assert cls in table
 
 

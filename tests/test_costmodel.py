@@ -232,3 +232,36 @@ def test_profile_roundtrip_and_errors(tmp_path, qwen):
     plan = [Tile(0, 0, 8192, 0, 48, 0, True)]
     faster = CostModel(qwen, "h200", fast).price(plan).latency_s
     assert faster < CostModel(qwen, "h200", prof).price(plan).latency_s
+
+
+def test_layer_overhead_adds_per_active_layer(qwen, tmp_path):
+    from costmodel import default_profile, load_gpu, save_profile
+    base = default_profile(load_gpu("h200"))
+    ov = 2.5e-5
+    host = base.model_copy(update={"layer_overhead_s": ov})
+    cm0, cm1 = CostModel(qwen, "h200", base), CostModel(qwen, "h200", host)
+    decodes = [decode_tile(i, 1000, 48) for i in range(8)]
+    plans = [(48, decodes), (3, [Tile(9, 0, 512, 0, 3, 0, False)]),
+             # a partial tile under whole-stack decodes adds no layer: every layer already runs
+             (48, decodes + [Tile(9, 0, 512, 0, 3, 0, False)])]
+    for layers, plan in plans:
+        with_host, without = cm1.price(plan), cm0.price(plan)
+        assert with_host.latency_s - without.latency_s == pytest.approx(ov * layers, rel=1e-9)
+        assert op(with_host, "host_overhead").time_s == pytest.approx(ov * layers)
+        assert op(with_host, "host_overhead").bound == "overhead"
+        assert with_host.latency_s == pytest.approx(sum(o.time_s for o in with_host.ops)
+                                                    + host.iteration_overhead_s)
+        assert not any(o.name == "host_overhead" for o in without.ops)  # 0: no row
+    # two disjoint partial tiles: layers [0, 3) and [10, 12) run, 5 in all
+    split = cm1.price([Tile(0, 0, 64, 0, 3, 0), Tile(1, 0, 64, 10, 12, 0)]).latency_s
+    assert split - cm0.price([Tile(0, 0, 64, 0, 3, 0), Tile(1, 0, 64, 10, 12, 0)]).latency_s \
+        == pytest.approx(5 * ov)
+    assert cm1.price_decodes(8, 8 * 1001).latency_s == pytest.approx(cm1.price(decodes).latency_s)
+    # old profiles (no key) load with 0; the key round-trips
+    raw = json.loads(base.model_dump_json())
+    raw.pop("layer_overhead_s")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    assert load_profile(path).layer_overhead_s == 0.0
+    save_profile(host, path)
+    assert load_profile(path).layer_overhead_s == ov

@@ -41,7 +41,8 @@ def test_stall_free_policies_never_skip_a_decode(spec):
 
 def test_chunked_never_exceeds_budget():
     sizes = []
-    drive(ChunkedPrefill(256), random_prompts(4), on_plan=lambda s, p: sizes.append(sum(t.t1 - t.t0 for t in p)))
+    drive(ChunkedPrefill(256), random_prompts(4),
+          on_plan=lambda s, p: sizes.append(sum(t.t1 - t.t0 for t in p)))
     assert max(sizes) <= 256
     assert max(sizes) == 256  # and it does fill it under load
 
@@ -76,7 +77,8 @@ def test_layered_finishes_in_g_iterations_unloaded():
 
 
 def test_layered_power_of_two_buckets():
-    assert [num_groups(P, 48, max_groups=16) for P in (100, 600, 1500, 3000, 9000, 100000)] == [1, 2, 4, 8, 16, 16]
+    prompts = (100, 600, 1500, 3000, 9000, 100000)
+    assert [num_groups(P, 48, max_groups=16) for P in prompts] == [1, 2, 4, 8, 16, 16]
 
 
 def test_short_prompts_share_a_group_pass():
