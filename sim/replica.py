@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from costmodel.plan import Tile
 from policies.base import Policy
 from policies.state import PlanError, ReplicaState, RequestState
 from sim.records import Recorder
@@ -106,7 +105,8 @@ class Replica:
             for req in finished:
                 self._finish_accounting(req)
                 self.recorder.finished(req, self.idx)
-            self._update_pending(plan)
+            # tokens through the whole stack, for the jsq-tokens router
+            self.pending_tokens -= cost.decode_tokens + cost.prefill_layer_tokens // state.num_layers
 
     def _check_invariants(self) -> None:
         """Memory is conserved and within capacity; tokens never exceed what was asked."""
@@ -122,10 +122,6 @@ class Replica:
                 raise AssertionError(f"request {r.req_id}: more tokens than asked")
             if any(g < 0 for g in r.itl_s):
                 raise AssertionError(f"request {r.req_id}: token times go backwards")
-
-    def _update_pending(self, plan: tuple[Tile, ...]) -> None:
-        L = self.state.num_layers
-        self.pending_tokens -= sum((t1 - t0) * (l1 - l0) // L for _, t0, t1, l0, l1, _, _ in plan)
 
     def _finish_accounting(self, req: RequestState) -> None:
         self.outstanding -= 1
