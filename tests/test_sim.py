@@ -87,7 +87,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_fast_forward_matches_step_by_step(qwen_tp2):
-    w = build_workload(WorkloadSpec("sharegpt", rate=3.0, duration_s=30, seed=2))
+    w = build_workload(WorkloadSpec("arxiv-long", rate=1.5, duration_s=40, seed=2))
     fast = simulate(w.requests, qwen_tp2, "chunked:512", fast_forward=True)
     slow = simulate(w.requests, qwen_tp2, "chunked:512", fast_forward=False)
     for key in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms", "mean_e2el_ms",
@@ -125,7 +125,7 @@ def test_unfittable_request_is_reported_not_hung():
 
 
 def test_workers_split_replicas_without_changing_results(qwen_tp2):
-    w = build_workload(WorkloadSpec("sharegpt", rate=6.0, duration_s=20, seed=5))
+    w = build_workload(WorkloadSpec("arxiv-long", rate=4.0, duration_s=20, seed=5))
     one = simulate(w.requests, qwen_tp2, "chunked:512", num_replicas=4)
     two = simulate(w.requests, qwen_tp2, "chunked:512", num_replicas=4, workers=2)
     pd.testing.assert_frame_equal(one.requests, two.requests)
@@ -135,7 +135,7 @@ def test_workers_split_replicas_without_changing_results(qwen_tp2):
 
 
 def test_streaming_bounds_memory_and_keeps_results(qwen_tp2, tmp_path):
-    w = build_workload(WorkloadSpec("sharegpt", rate=6.0, duration_s=20, seed=6))
+    w = build_workload(WorkloadSpec("arxiv-long", rate=3.0, duration_s=20, seed=6))
     full = simulate(w.requests, qwen_tp2, "layered", num_replicas=2)
     streamed = simulate(w.requests, qwen_tp2, "layered", num_replicas=2, stream_dir=tmp_path)
     pd.testing.assert_frame_equal(full.requests, streamed.requests)
