@@ -54,11 +54,12 @@ class Engine:
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *,
                  dtype: torch.dtype | None = None, seed: int = 0, kv_tokens: int = 1 << 16,
                  attention: str = "auto", experts: str = "auto",
-                 weights: ModelWeights | None = None) -> None:
+                 weights: ModelWeights | None = None, routing_skew: float = 0.0) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.seed = seed
-        self.w = weights if weights is not None else init_weights(spec, self.device, dtype, seed)
+        self.w = (weights if weights is not None
+                  else init_weights(spec, self.device, dtype, seed, routing_skew))
         self.dtype = self.w.dtype
         self.mlp = Mlp(self.w, experts)
         self.attn_impl = (probe_attention(self.device, self.dtype, spec.num_kv_heads,

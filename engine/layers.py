@@ -85,7 +85,7 @@ class Mlp:
     def _experts(self, a: torch.Tensor, lw: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
         assert lw.router is not None and lw.w_gate_up is not None and lw.w_down is not None
         T, k, E = a.shape[0], self.top_k, self.num_experts
-        probs = torch.softmax(F.linear(a, lw.router).float(), dim=-1)  # [T, E]
+        probs = torch.softmax(F.linear(a, lw.router, lw.router_bias).float(), dim=-1)  # [T, E]
         weight, idx = torch.topk(probs, k, dim=-1)  # [T, k], [T, k]
         if self.w.norm_topk:
             weight = weight / weight.sum(dim=-1, keepdim=True)
