@@ -5,24 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.simulate import _add_common, _write_report, study_from_args
+from cli.simulate import _add_common, _write_report, check_out, study_from_args
 from costmodel import ConfigError
 from costmodel.files import atomic_write
 from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("capacity", help="search the highest rate (or fewest GPUs) meeting the SLO")
     _add_common(p)
     p.add_argument("--policy", help="the policy to size (default chunked:512)")
-    p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet (default 0.9)")
-    p.add_argument("--price-per-gpu-hour", type=float, default=None)
+    p.add_argument("--target", type=_fraction, default=0.9, help="SLO attainment to meet (default 0.9)")
+    p.add_argument("--price-per-gpu-hour", type=_non_negative, default=None)
     p.add_argument("--start-rate", type=float, default=0.5)
     p.set_defaults(handler=run, single=True)
 
 
 def run(ns: argparse.Namespace) -> int:
     given_rate = ns.rate
+    check_out(ns.out)
     study = study_from_args(ns)
     if len(study.policies) != 1:
         raise ConfigError("capacity sizes one policy at a time: give --policy")

@@ -72,10 +72,12 @@ def run(ns: argparse.Namespace) -> int:
         print(f"{op.name:<18}{op.op_class:<14}{op.flops / 1e9:>10.2f}{op.hbm_bytes / 1e6:>11.1f}"
               f"{op.link_bytes / 1e6:>10.1f}{op.bound:>10}{op.time_s * 1e6:>11.1f}"
               f"{op.time_s / cost.latency_s:>8.1%}")
-    # Host time the kernels do not see: once per iteration plus once per layer that has work.
+    # Host time the kernels do not see: once per iteration plus once per layer that has work
+    # (the cost model's `host_overhead` row, when the profile has one).
     per_iter, per_layer = cm.profile.iteration_overhead_s, cm.profile.layer_overhead_s
-    active = L if ns.decode else l1 - l0  # decodes run every layer; else the prefill's range
-    over = per_iter + per_layer * active
+    layer_host = sum(op.time_s for op in cost.ops if op.op_class == "host")
+    active = round(layer_host / per_layer) if per_layer else 0
+    over = per_iter + layer_host
     print(f"{'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>10}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
     print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "

@@ -25,6 +25,8 @@ def _guard(prog: str, fn: Callable[[], int]) -> int:
         return _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
     except FileNotFoundError as e:
         return _fail(prog, f"{e.filename}: not found")
+    except OSError as e:  # e.g. --out naming a file, or a folder we may not write
+        return _fail(prog, f"{e.filename or ''}: {e.strerror or e}")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished results were kept", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ SUPPORTED_ARCHITECTURES = (
 # 0.9 puts ~5% of the routing mass on the top expert of 128 and ~80% on the top half,
 # close to the published Qwen3-30B-A3B counts quoted in MISSION.md (4%, 90%).
 DEFAULT_ROUTING_SKEW = 0.9
+MAX_ROUTING_SKEW = 5.0  # beyond it one expert takes nearly all the mass; no router is that skewed
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,25 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
         raise ConfigError(f"{source}: missing key '{key}'")
 
     def need_int(key: str, *alts: str) -> int:
-        value = need(key, *alts)
+        return positive_int(key, need(key, *alts))
+
+    def positive_int(key: str, value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{source}: key '{key}' must be a positive integer, got {value!r}")
         return value
+
+    def optional_int(key: str, default: int) -> int:
+        """The key's value if present (and valid); the architecture's default only when absent."""
+        value = cfg.get(key)
+        return default if value is None else positive_int(key, value)
+
+    def optional_float(key: str, default: float) -> float:
+        value = cfg.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{source}: key '{key}' must be a positive number, got {value!r}")
+        return float(value)
 
     archs = cfg.get("architectures")
     if not archs or not isinstance(archs, list):
@@ -176,11 +192,11 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
     hidden = need_int("hidden_size")
     num_layers = need_int("num_hidden_layers")
     num_q_heads = need_int("num_attention_heads")
-    num_kv_heads = int(cfg.get("num_key_value_heads") or num_q_heads)
+    num_kv_heads = optional_int("num_key_value_heads", num_q_heads)
     if num_q_heads % num_kv_heads:
         raise ConfigError(f"{source}: key 'num_key_value_heads' ({num_kv_heads}) must divide "
                           f"num_attention_heads ({num_q_heads})")
-    head_dim = int(cfg.get("head_dim") or hidden // num_q_heads)
+    head_dim = optional_int("head_dim", hidden // num_q_heads)
     vocab = need_int("vocab_size")
 
     num_experts = top_k = expert_inter = shared_inter = dense_inter = 0
@@ -188,8 +204,10 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
         num_experts = need_int("num_experts")
         top_k = need_int("num_experts_per_tok")
         expert_inter = need_int("moe_intermediate_size")
-        shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
-        if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        # 0 or absent: no shared expert
+        shared = cfg.get("shared_expert_intermediate_size")
+        shared_inter = positive_int("shared_expert_intermediate_size", shared) if shared else 0
+        if cfg.get("mlp_only_layers") or optional_int("decoder_sparse_step", 1) != 1:
             raise ConfigError(f"{source}: key 'mlp_only_layers'/'decoder_sparse_step': "
                               "mixed dense and MoE layers are not supported")
     elif arch in ("MixtralForCausalLM", "GptOssForCausalLM"):
@@ -223,12 +241,12 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
     expert_weight_bytes = DTYPE_BYTES["mxfp4"] if use_mxfp4 and num_experts else weight_bytes
 
     skew = DEFAULT_ROUTING_SKEW if routing_skew is None else routing_skew
-    if skew < 0:
-        raise ConfigError(f"routing skew must be >= 0, got {skew}")
+    if not 0 <= skew <= MAX_ROUTING_SKEW:  # also rejects NaN
+        raise ConfigError(f"--routing-skew must be between 0 and {MAX_ROUTING_SKEW:g}, got {skew}")
     return ModelSpec(
         name=name, architecture=arch, num_layers=num_layers, hidden=hidden,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, vocab=vocab,
-        max_context=int(cfg.get("max_position_embeddings") or 0) or 1 << 30,
+        max_context=optional_int("max_position_embeddings", 1 << 30),
         dense_intermediate=dense_inter, num_experts=num_experts, top_k=top_k,
         expert_intermediate=expert_inter, shared_expert_intermediate=shared_inter,
         sliding_window=sliding_window, sliding_layers=sliding_layers,
@@ -236,6 +254,6 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         routing_skew=skew if num_experts else 0.0,
-        rope_theta=float(cfg.get("rope_theta") or 10000.0),
-        rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+        rope_theta=optional_float("rope_theta", 10000.0),
+        rms_norm_eps=optional_float("rms_norm_eps", 1e-6),
     )

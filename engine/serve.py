@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from costmodel.plan import Tile
-from costmodel.price import CostModel, HbmBytes
+from costmodel.price import CostModel, HbmBytes, IterationCost
 from engine.energy import open_meter
 from engine.executor import Engine
-from policies.base import Policy
+from policies.base import Policy, schedule_checked
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
@@ -42,22 +41,16 @@ from traces.request import Request
 NAN = float("nan")
 
 
-def iteration_row(plan: Sequence[Tile], num_layers: int, start_s: float, latency_s: float,
-                  energy_j: float, flops: float, hbm: HbmBytes) -> dict[str, float]:
-    """One row of sim.records.ITERATION_COLUMNS for an executed plan, by column name (a
-    decode is a one-token tile through the whole stack with logits; the rest is prefill)."""
-    decode = prefill = layer_tokens = 0
-    for _, t0, t1, l0, l1, cached, logits in plan:
-        n = t1 - t0
-        if n == 1 and logits and l1 - l0 == num_layers and cached == t0:
-            decode += 1
-        else:
-            prefill += n
-            layer_tokens += n * (l1 - l0)
+def iteration_row(counted: IterationCost, num_tiles: int, start_s: float, latency_s: float,
+                  energy_j: float, hbm: HbmBytes) -> dict[str, float]:
+    """One row of sim.records.ITERATION_COLUMNS for an executed plan, by column name: token
+    counts and FLOPs from the cost model's count of the plan, time, energy and expert bytes
+    measured."""
     return {"replica": 0, "start_s": start_s, "latency_s": latency_s, "iterations": 1,
-            "prefill_tokens": prefill, "decode_tokens": decode, "num_tiles": len(plan),
-            "prefill_layer_tokens": layer_tokens, "energy_j": energy_j, "flops": flops,
-            "expert_bytes": hbm.expert_weights, "hbm_bytes": hbm.total, "kv_read_bytes": hbm.kv_read}
+            "prefill_tokens": counted.prefill_tokens, "decode_tokens": counted.decode_tokens,
+            "num_tiles": num_tiles, "prefill_layer_tokens": counted.prefill_layer_tokens,
+            "energy_j": energy_j, "flops": counted.flops, "expert_bytes": hbm.expert_weights,
+            "hbm_bytes": hbm.total, "kv_read_bytes": hbm.kv_read}
 
 
 def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cost_model: CostModel,
@@ -122,13 +115,13 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
                 for victim in state.preempt_for_decodes():
                     rec.preempted(victim)
                     engine.release(victim.req_id, keep_tokens=True)
-            plan = pol.schedule(state)
-            state.check(plan, pol.stall_free)
+            plan = schedule_checked(pol, state)  # the simulator's checks, every iteration
             if not plan:
-                if not state.running:  # the head prompt can never fit in this replica's KV
-                    req = state.waiting.pop(0)
-                    rec.rejected(req, now)
-                    engine.release(req.req_id)
+                if state.running and not state.decodes:
+                    # Part-way prompts filled the KV and none can grow: recompute the newest.
+                    victim = state.preempt_newest()
+                    rec.preempted(victim)
+                    engine.release(victim.req_id, keep_tokens=True)
                     continue
                 if nxt >= n:  # the policy holds work it will never schedule
                     break
@@ -150,7 +143,7 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
                     token_log.append((rid, len(engine.tokens[rid]) - 1, tok, end_s))
             expert_bytes = sum(out.experts_touched) * bytes_per_expert
             hbm = counted.hbm_bytes._replace(expert_weights=expert_bytes)
-            row = iteration_row(plan, L, start, end_s - start, energy, counted.flops, hbm)
+            row = iteration_row(counted, len(plan), start, end_s - start, energy, hbm)
             rec._it_row(*(row.get(c, NAN) for c in ITERATION_COLUMNS))
             touched_rows.append(out.experts_touched)
             for req in finished:

@@ -13,7 +13,8 @@ up it grows linearly to the full target at `queue_saturation` waiting prompts, s
 gets fewer, larger group passes while the TBT slack allows. Because the search includes the
 static group's tile shape at every step, a plan the static G would have run within the target
 is never replaced by one that misses it. If even the decodes alone miss the target, no plan can
-meet it; the policy then falls back to the static group so prefills still progress.
+meet it; the policy then falls back to the static group so prefills still progress. With no
+decodes running, the target protects nobody: the prompts run through all their layers at once.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ class AdaptiveLayered(LayeredPrefill):
 
         l0_ref = fronts[0][0]
         static_span = next((b - a for a, b in groups if a <= l0_ref < b), 1)
+        max_span = max(l_max - l0 for l0, _, _, l_max in fronts)
+        if not decodes:  # no token is waiting on this iteration: finish the prompts outright
+            return plan_for(max_span)
         static_plan = plan_for(static_span)
         if latency(tuple(decodes)) > self.tbt_s:
             return static_plan  # no plan meets the target; keep prefills moving
         slack = min(1.0, len(state.waiting) / self.queue_saturation)
         budget = min(self.tbt_s, latency(static_plan) + slack * self.tbt_s)
-        budget = max(budget, min(self.tbt_s, latency(static_plan)))
-        max_span = max(l_max - l0 for l0, _, _, l_max in fronts)
         lo, hi = 0, max_span  # largest layer span whose plan fits the budget
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -94,4 +96,6 @@ class AdaptiveLayered(LayeredPrefill):
                 t_lo = mid
             else:
                 t_hi = mid - 1
-        return plan_for(1, t_lo) if t_lo >= 1 else tuple(decodes)
+        if t_lo >= 1:
+            return plan_for(1, t_lo)
+        return tuple(decodes)  # not one token fits beside the decodes: hold the prefill back

@@ -12,10 +12,11 @@ identical decode iterations in closed form. Leave it False if your policy might 
 
 from __future__ import annotations
 
+import traceback
 from typing import Protocol, runtime_checkable
 
 from costmodel.plan import Plan, Tile, decode_tile
-from policies.state import ReplicaState, RequestState
+from policies.state import PlanError, ReplicaState, RequestState
 
 
 @runtime_checkable
@@ -24,6 +25,33 @@ class Policy(Protocol):
     stall_free: bool
 
     def schedule(self, state: ReplicaState) -> Plan: ...
+
+
+def schedule_checked(policy: Policy, state: ReplicaState) -> Plan:
+    """Run a policy the executor does not trust (a user's): its exceptions become a PlanError
+    naming the file and line, it must leave the state as it found it, and its plan must be legal
+    (ReplicaState.check)."""
+    def snapshot() -> tuple[object, ...]:
+        return (tuple(map(id, state.waiting)), tuple(map(id, state.running)), state.num_free_blocks,
+                tuple((r.num_computed_tokens, r.num_output_tokens, r.num_blocks) for r in state.running))
+
+    before = snapshot()
+    try:
+        plan = policy.schedule(state)
+    except PlanError:
+        raise
+    except Exception as e:  # a user's code: say where, in one line
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise PlanError(f"policy {policy.name} raised {type(e).__name__}: {e} "
+                        f"({frame.filename}:{frame.lineno})") from None
+    if snapshot() != before:
+        raise PlanError(f"policy {policy.name} changed the replica state; a policy may only read it "
+                        "and return tiles")
+    if not isinstance(plan, tuple | list):
+        raise PlanError(f"policy {policy.name} returned {type(plan).__name__}; a plan is a tuple of Tile")
+    plan = tuple(plan)
+    state.check(plan, policy.stall_free)
+    return plan
 
 
 def decode_tiles(state: ReplicaState) -> list[Tile]:

@@ -34,6 +34,18 @@ def _int_arg(name: str, arg: str | None, default: int | None) -> int | None:
     return value
 
 
+def _float_arg(name: str, arg: str | None, default: float) -> float:
+    if arg is None or arg == "":
+        return default
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ConfigError(f"policy '{name}:{arg}': the parameter must be a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"policy '{name}:{arg}': the parameter must be a positive number")
+    return value
+
+
 def _builtin(name: str, arg: str | None) -> Policy | None:
     makers: dict[str, Callable[[str | None], Policy]] = {
         "chunked": lambda a: ChunkedPrefill(_int_arg("chunked", a, 512) or 512),
@@ -44,7 +56,7 @@ def _builtin(name: str, arg: str | None) -> Policy | None:
         from policies.adaptive import AdaptiveLayered
         from policies.hybrid import HybridPrefill
         makers["hybrid"] = lambda a: HybridPrefill(_int_arg("hybrid", a, 512) or 512)
-        makers["adaptive"] = lambda a: AdaptiveLayered(float(_int_arg("adaptive", a, 100) or 100))
+        makers["adaptive"] = lambda a: AdaptiveLayered(_float_arg("adaptive", a, 100.0))
     except ImportError:
         pass
     maker = makers.get(name)

@@ -253,16 +253,20 @@ class ReplicaState:
                        for r in self.decodes)
             if need <= self.num_free_blocks or not self.running:
                 return victims
-            victim = self.running.pop()
-            self.num_free_blocks += victim.num_blocks
-            victim.num_blocks = 0
-            victim.num_computed_tokens = 0
-            victim.layer_tokens = None
-            # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
-            victim.num_prompt_tokens += victim.num_output_tokens
-            victim.max_tokens -= victim.num_output_tokens
-            victim.num_output_tokens = 0
-            victim.num_preemptions += 1
-            self.num_preemptions += 1
-            self.waiting.insert(0, victim)
-            victims.append(victim)
+            victims.append(self.preempt_newest())
+
+    def preempt_newest(self) -> RequestState:
+        """Free the newest running request's KV; it redoes its prefill from the waiting head."""
+        victim = self.running.pop()
+        self.num_free_blocks += victim.num_blocks
+        victim.num_blocks = 0
+        victim.num_computed_tokens = 0
+        victim.layer_tokens = None
+        # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
+        victim.num_prompt_tokens += victim.num_output_tokens
+        victim.max_tokens -= victim.num_output_tokens
+        victim.num_output_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, victim)
+        return victim

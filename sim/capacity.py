@@ -101,6 +101,8 @@ def max_rate(evaluate: Evaluate, target: float = 0.9, start_rate: float = 0.5,
         p = probe(rate)
         if p.meets:
             good, rate = p, rate * 2
+            if bad is not None:  # bracketed from above already: bisect, never re-probe
+                break
         else:
             bad = p
             if good is not None:

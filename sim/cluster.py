@@ -8,6 +8,7 @@ returns the per-request and per-iteration tables with the summary metrics.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,8 +101,15 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                           f"{cost_model.parallel.num_gpus} x {cost_model.hw.name}")
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.req_id))
     max_context = cost_model.model.max_context
-    too_long = [r for r in ordered if r.prompt_tokens + r.output_tokens > max_context]
-    servable = [r for r in ordered if r.prompt_tokens + r.output_tokens <= max_context]
+    def fits(r: Request) -> bool:
+        """Within the context and the KV memory of one replica (hidden states included)."""
+        if r.prompt_tokens + r.output_tokens > max_context:
+            return False
+        need = -(-(r.prompt_tokens + r.output_tokens) // block_size)
+        return need + math.ceil(r.prompt_tokens * hidden_blocks) <= num_blocks
+
+    too_long = [r for r in ordered if not fits(r)]
+    servable = [r for r in ordered if fits(r)]
 
     def run_shard(shard: int) -> _Shard:
         ids = list(range(shard, num_replicas, workers))
@@ -126,7 +134,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                 shards = pool.map(_call_shard, range(workers))
         finally:
             _SHARD_JOB = None
-    return _merge(shards, too_long, cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
+    return _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
 
 
 _SHARD_JOB: Callable[[int], _Shard] | None = None
@@ -169,15 +177,20 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
 
     env.process(arrivals())
     bar = _progress(total, recorder) if progress else None
-    if requests:
-        try:
-            env.run(until=done)
-        except (RuntimeError, simpy.core.EmptySchedule):  # a policy stopped scheduling work
-            pass
+    try:
+        while not done.triggered and requests:
+            env.step()
+    except simpy.core.EmptySchedule:  # a policy holds work it no longer schedules
+        pass
     end_s = env.now
     for rep in replicas:  # report what never finished
         for req in rep.state.running + rep.state.waiting:
             recorder.rejected(req, end_s, rep.idx)
+    recorded = recorder.recorded_ids
+    for r in requests:  # and what never arrived because the run stopped first
+        if r.req_id not in recorded:
+            recorder.rejected(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens),
+                              end_s)
     if bar is not None:
         bar.close()
     recorder.on_record = None
@@ -187,7 +200,8 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   replicas[0].policy.name)
 
 
-def _merge(shards: list[_Shard], too_long: list[Request], cost_model: CostModel,
+def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[Request],
+           cost_model: CostModel,
            num_replicas: int, slo_ttft_ms: float, slo_itl_ms: float) -> SimResult:
     rec = shards[0].recorder
     for other in shards[1:]:
@@ -195,8 +209,10 @@ def _merge(shards: list[_Shard], too_long: list[Request], cost_model: CostModel,
     for r in too_long:
         rec.rejected(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens), r.arrival_s)
     end_s = max(s.end_s for s in shards)
+    start_s = min((r.arrival_s for r in first_arrivals), default=0.0)
     idle_w = cost_model.idle_power_w()
-    idle_energy = sum(max(0.0, end_s - b) for s in shards for b in s.busy_s) * idle_w
+    # idle power over the same window the metrics' duration covers: first arrival to last finish
+    idle_energy = sum(max(0.0, end_s - start_s - b) for s in shards for b in s.busy_s) * idle_w
     req_df = rec.requests_frame()
     it_df = rec.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
     it_df = it_df.reset_index(drop=True)

@@ -91,6 +91,7 @@ class Recorder:
         self.stream_dir = stream_dir
         self.itl_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64) if stream_dir else None
         self.num_requests_recorded = 0
+        self.recorded_ids: set[int] = set()
         self.on_record: Callable[[], object] | None = None
         # running totals, so metrics never need the (possibly streamed) iteration table
         self.energy_j = self.expert_bytes = self.hbm_bytes = 0.0
@@ -153,6 +154,7 @@ class Recorder:
 
     def _req_row(self, *values: float) -> None:
         self.requests.append(values)
+        self.recorded_ids.add(int(values[0]))
         self.num_requests_recorded += 1
         if self.on_record is not None:
             self.on_record()
@@ -173,6 +175,7 @@ class Recorder:
             self._bin_gaps()
         self.preemptions += other.preemptions
         self.num_requests_recorded += other.num_requests_recorded
+        self.recorded_ids |= other.recorded_ids
         self.energy_j += other.energy_j
         self.expert_bytes += other.expert_bytes
         self.hbm_bytes += other.hbm_bytes

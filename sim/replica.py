@@ -13,8 +13,8 @@ prompt waits and none is part-way, the next K iterations are identical decode ba
 contexts grow by one token each, so their latencies are an affine function of the step (only
 decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and last step
 and wait for their sum in one event; an arrival interrupts it at the end of the step in flight.
-K stops at the first request to finish and at the KV blocks left. (With sliding-window layers
-the KV read saturates at the window, so the affine form over-counts slightly past it.)
+K stops at the first request to finish, at the KV blocks left, and where a request's context
+reaches a sliding window (past it that layer's KV read stops growing), so the form is exact.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from policies.base import Policy
+from policies.base import Policy, schedule_checked
 from policies.state import PlanError, ReplicaState, RequestState
 from sim.records import Recorder
 
@@ -54,16 +54,24 @@ class Replica:
         self._on_finish = on_finish
         self.busy_s = 0.0
         self.outstanding = 0  # requests routed here and not finished (for routers)
-        self.pending_tokens = 0  # prompt + output tokens still to compute (for routers)
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
     def submit(self, req: RequestState) -> None:
         self.state.waiting.append(req)
         self.outstanding += 1
-        self.pending_tokens += req.num_prompt_tokens + req.max_tokens
         if not self._wakeup.triggered:
             self._wakeup.succeed()
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens still to compute through the whole stack here (the jsq-tokens router's load).
+
+        Computed when asked rather than kept as a running sum, which drifted with preemptions,
+        rejections and part-way layer groups."""
+        st = self.state
+        return sum(r.num_prompt_tokens + r.max_tokens - 1 - r.num_computed_tokens
+                   for reqs in (st.waiting, st.running) for r in reqs)
 
     def _sleep(self) -> simpy.Event:
         if self._wakeup.triggered:
@@ -83,16 +91,13 @@ class Replica:
             if self.fast_forward and not state.waiting and all(r.is_prefill_done for r in state.running):
                 yield from self._steady_decode()
                 continue
-            plan = policy.schedule(state)
-            if self.check:
-                state.check(plan, policy.stall_free)
+            plan = schedule_checked(policy, state) if self.check else policy.schedule(state)
             if not plan:
-                if not state.running:  # the head prompt can never fit in this replica's KV
-                    req = state.waiting.pop(0)
-                    self._finish_accounting(req)
-                    self.recorder.rejected(req, env.now, self.idx)
+                if state.running and not state.decodes:
+                    # Part-way prompts filled the KV and none can grow: recompute the newest.
+                    self.recorder.preempted(state.preempt_newest())
                     continue
-                yield self._sleep()  # a policy may choose to wait for more arrivals
+                yield self._sleep()  # nothing runnable: wait for an arrival (a policy may wait)
                 continue
             cost = self.cost.price(plan)
             start = env.now
@@ -105,8 +110,6 @@ class Replica:
             for req in finished:
                 self._finish_accounting(req)
                 self.recorder.finished(req, self.idx)
-            # tokens through the whole stack, for the jsq-tokens router
-            self.pending_tokens -= cost.decode_tokens + cost.prefill_layer_tokens // state.num_layers
 
     def _check_invariants(self) -> None:
         """Memory is conserved and within capacity; tokens never exceed what was asked."""
@@ -134,6 +137,11 @@ class Replica:
         running = list(state.running)
         k = min(r.max_tokens - r.num_output_tokens for r in running)
         k = min(k, self._kv_steps(running, k))
+        w = self.cost.model.sliding_window
+        if w:  # a window's KV read stops growing at w: stop there so every step stays affine
+            below = [w - r.num_computed_tokens for r in running if r.num_computed_tokens + 1 < w]
+            if below:
+                k = min(k, max(1, min(below)))
         if k <= 0:  # cannot grow at all: let the normal path preempt or stall
             k = 1
         c0 = self._price_steady(running, 0)
@@ -168,7 +176,6 @@ class Replica:
         self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
         self.recorder.steady(self.idx, start, end_s - start, done, len(running), c0, c_last, frac)
-        self.pending_tokens -= done * len(running)
         for r in finished:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)

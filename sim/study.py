@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.profile import Profile
@@ -20,7 +20,7 @@ from traces import TraceError, Workload, WorkloadSpec, build_workload
 
 
 class Study(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: str = "qwen3-30b-a3b"
     gpu: str | None = None  # default: the profile's GPU, else h100
@@ -41,7 +41,7 @@ class Study(BaseModel):
     slo_ttft_ms: float = Field(default=DEFAULT_SLO_TTFT_MS, gt=0)
     slo_itl_ms: float = Field(default=DEFAULT_SLO_ITL_MS, gt=0)
     profile: str | None = None
-    routing_skew: float | None = Field(default=None, ge=0)
+    routing_skew: float | None = Field(default=None, ge=0, le=5)
     mxfp4_experts: bool | None = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
@@ -52,6 +52,14 @@ class Study(BaseModel):
         if self.duration_s is None and self.num_requests is None:
             raise ValueError("set duration_s or num_requests (or both)")
         return self
+
+    @field_validator("policies")
+    @classmethod
+    def _distinct(cls, policies: list[str]) -> list[str]:
+        dupes = sorted({p for p in policies if policies.count(p) > 1})
+        if dupes:  # their results would land in the same folder
+            raise ValueError(f"listed twice: {', '.join(dupes)}")
+        return policies
 
     # ---- building blocks --------------------------------------------------------------------
     def resolved_profile(self) -> Profile:

@@ -265,3 +265,18 @@ def test_layer_overhead_adds_per_active_layer(qwen, tmp_path):
     assert load_profile(path).layer_overhead_s == 0.0
     save_profile(host, path)
     assert load_profile(path).layer_overhead_s == ov
+
+
+@pytest.mark.parametrize("key,value", [("num_key_value_heads", 0), ("head_dim", 0), ("head_dim", "x"),
+                                       ("max_position_embeddings", -5), ("rope_theta", "big")])
+def test_bad_optional_keys_are_errors_not_defaults(key, value):
+    cfg = json.loads((__import__("costmodel").model.PRESET_DIR / "qwen3-30b-a3b.json").read_text())
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=rf"m.json: key '{key}'"):
+        parse_config(cfg, source="m.json", name="m")
+
+
+@pytest.mark.parametrize("skew", [float("nan"), -0.1, 50.0])
+def test_routing_skew_is_bounded(skew):
+    with pytest.raises(ConfigError, match="routing-skew"):
+        load_model("qwen3-30b-a3b", routing_skew=skew)

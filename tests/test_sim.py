@@ -86,12 +86,14 @@ def test_same_seed_same_bytes(tmp_path):
         (tmp_path / "a/layered/requests.parquet").read_bytes()
 
 
-def test_fast_forward_matches_step_by_step(qwen_tp2):
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "gpt-oss-20b"])  # gpt-oss: sliding windows
+def test_fast_forward_matches_step_by_step(model):
+    cm = CostModel(load_model(model), "h100", parallel=Parallelism(tp=2))
     w = build_workload(WorkloadSpec("arxiv-long", rate=1.5, duration_s=40, seed=2))
-    fast = simulate(w.requests, qwen_tp2, "chunked:512", fast_forward=True)
-    slow = simulate(w.requests, qwen_tp2, "chunked:512", fast_forward=False)
+    fast = simulate(w.requests, cm, "chunked:512", fast_forward=True)
+    slow = simulate(w.requests, cm, "chunked:512", fast_forward=False)
     for key in ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms", "mean_e2el_ms",
-                "energy_j", "expert_bytes_per_request"):
+                "energy_j", "expert_bytes_per_request", "hbm_bytes_per_request"):
         assert fast.metrics[key] == pytest.approx(slow.metrics[key], rel=1e-6), key
     assert fast.metrics["iterations"] == slow.metrics["iterations"]
     assert len(fast.iterations) < len(slow.iterations) / 3  # it did fast-forward
