@@ -1,12 +1,14 @@
-"""Time one grid shape of each operation class with torch (the only torch module besides run.py).
+"""Time one grid shape of each operation class with torch.
 
 Method. Each shape gets a few sets of inputs drawn at random (never zeros: some kernels and
 memory compressors shortcut them), enough sets that together they exceed the last-level cache,
 and calls rotate through the sets so no call finds its weights cached by the previous one.
 After a warm-up, every call is timed on its own - CUDA events on a GPU, perf_counter on the CPU
 (where torch ops are synchronous) - and the median is kept. A GPU runs the model's bf16; the
-CPU runs fp32, which is what its BLAS is fast at. FLOPs and bytes come from the cost model
-(grid.quantities), never from here.
+CPU runs fp32, which is what its BLAS is fast at. Attention (prefill and decode) is not a bare
+kernel call: it runs the engine's own paged-KV code (engine.attention.attend, with the
+implementation the engine probes for), because that is what the simulator's predictions are
+validated against. FLOPs and bytes come from the cost model (grid.quantities), never from here.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from calibrate.grid import Dims, Shape
 from costmodel import ConfigError
+from engine.attention import attend, probe_attention
+from engine.kvcache import PAGE_SIZE, ActiveTile, PagedKV, batch_meta
 
 Tensors = tuple[torch.Tensor, ...]
 Kernel = Callable[..., Any]
@@ -221,64 +224,50 @@ def _experts(ctx: Ctx, dims: Dims, e: int, t: int) -> tuple[Kernel, Callable[[],
     return run, make
 
 
-def _prefill(ctx: Ctx, dims: Dims, n: int, c: int) -> tuple[Kernel, Callable[[], Tensors]]:
+def probe_engine_attention(ctx: Ctx, dims: Dims) -> str:
+    """The attention implementation the engine picks on this device ('varlen' or 'sdpa')."""
+    return probe_attention(ctx.device, ctx.dtype, dims.kv_heads, dims.q_heads, dims.head_dim)
+
+
+def _paged(ctx: Ctx, dims: Dims, tiles: list[ActiveTile]) -> tuple[Kernel, Callable[[], Tensors]]:
+    """One layer's attention over `tiles` exactly as the engine runs it (engine.attention.attend).
+
+    The engine does not attend over contiguous K/V: it reads them from its page pool, and its
+    SDPA path (the CPU, and GPUs without paged FlashAttention) gathers each request's pages into
+    a padded buffer and masks the padding - about twice a plain SDPA call at long contexts, many
+    times it at short ones (a whole 256-token page and ~10 small ops per call). Timing that code
+    is what makes the fitted attention parameters describe the engine `validate` runs. Only
+    `attend` is timed: the batch metadata is built once per iteration and shared by all layers
+    (host overhead), and writing the new K/V is a few rows.
+    """
     hq, hkv, d = dims.q_heads, dims.kv_heads, dims.head_dim
-    flash = ctx.info.get("attention") == "flash_attn"
-    if flash:
-        from flash_attn import flash_attn_func  # bottom-right causal and GQA natively
+    impl = ctx.info.get("attention") or probe_engine_attention(ctx, dims)
+    # Page bookkeeping only: a pool on the meta device allocates nothing; each input set brings
+    # its own random K/V pool and the kernel swaps it in before the call.
+    kv = PagedKV(1, sum(-(-t.t1 // PAGE_SIZE) for t in tiles), hkv, d, torch.device("meta"), ctx.dtype)
+    for t in tiles:
+        kv.ensure(t.req_id, t.t1)  # requests take consecutive pages, as in a fresh engine
+    meta = batch_meta(tiles, kv, ctx.device)  # decodes first, as the engine orders them
+    rows = sum(t.t1 - t.t0 for t in tiles)
+    pool = kv.k.shape  # [1, pages, P, Hkv, D]
 
-        def make() -> Tensors:
-            return (_randn(ctx, 1, n, hq, d), _randn(ctx, 1, c + n, hkv, d),  # [1, n, Hq, d], [1, S, Hkv, d]
-                    _randn(ctx, 1, c + n, hkv, d))
-        return (lambda q, k, v: flash_attn_func(q, k, v, causal=True)), make
-    # New tokens attend to all cached keys and causally among themselves: the causal mask is
-    # aligned to the bottom-right corner of the [n, c + n] score matrix.
-    mask = causal_lower_right(n, c + n) if c else None
-    kv_heads = hq if ctx.info.get("prefill_kv") == "expanded" and c else hkv
-
-    def make_sdpa() -> Tensors:
-        return (_randn(ctx, 1, hq, n, d), _randn(ctx, 1, kv_heads, c + n, d),  # [1, Hq, n, d], [1, Hkv, S, d]
-                _randn(ctx, 1, kv_heads, c + n, d))
+    def make() -> Tensors:
+        return (_randn(ctx, rows, hq, d), _randn(ctx, *pool), _randn(ctx, *pool))  # [T, Hq, D], K, V
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=hq != kv_heads)  # [1, Hq, n, d]
-    return run, make_sdpa
+        kv.k, kv.v = k, v
+        return attend(impl, q, kv, 0, meta, 0)  # [T, Hq D]; no sliding window, as dec_kv/pf_kv
+    return run, make
 
 
-def probe_prefill(ctx: Ctx, dims: Dims) -> str:
-    """On a GPU, whether SDPA runs a fused kernel for GQA with a bottom-right causal mask.
-
-    If not, torch would fall back to its math path (materialised scores: slow, and not what a
-    server runs), so KV heads are expanded to the query heads instead ("expanded"): a fused
-    kernel then reads Hq/Hkv times the KV bytes, a cost prefill (compute bound) barely feels.
-    """
-    if not ctx.is_cuda or dims.q_heads == dims.kv_heads:
-        return "gqa"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q = _randn(ctx, 1, dims.q_heads, 64, dims.head_dim)  # [1, Hq, 64, d]
-    k = _randn(ctx, 1, dims.kv_heads, 128, dims.head_dim)  # [1, Hkv, 128, d]
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(64, 128), enable_gqa=True)
-        ctx.sync()
-        return "gqa"
-    except RuntimeError:
-        return "expanded"
+def _prefill(ctx: Ctx, dims: Dims, n: int, c: int) -> tuple[Kernel, Callable[[], Tensors]]:
+    # n new tokens of one request after c cached ones: one tile, causal to the bottom right.
+    return _paged(ctx, dims, [ActiveTile(0, c, c + n)])
 
 
 def _decode(ctx: Ctx, dims: Dims, b: int, c: int) -> tuple[Kernel, Callable[[], Tensors]]:
-    hq, hkv, d = dims.q_heads, dims.kv_heads, dims.head_dim
-
-    def make() -> Tensors:
-        return (_randn(ctx, b, hq, 1, d), _randn(ctx, b, hkv, c, d),  # [B, Hq, 1, d], [B, Hkv, C, d]
-                _randn(ctx, b, hkv, c, d))
-
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)  # [B, Hq, 1, d]
-    return run, make
+    # `c` counts the new token (grid.features): each decode sees c keys, itself included.
+    return _paged(ctx, dims, [ActiveTile(r, c - 1, c) for r in range(b)])
 
 
 def _elementwise(ctx: Ctx, dims: Dims, t: int) -> tuple[Kernel, Callable[[], Tensors]]:
@@ -328,14 +317,3 @@ def build(ctx: Ctx, dims: Dims, shape: Shape) -> tuple[Kernel, list[Tensors]]:
         raise ValueError(f"no kernel for op '{shape.op}'")
     fn, make = makers[shape.op]()
     return fn, rotated(ctx, make)
-
-
-def attention_backend(ctx: Ctx) -> str:
-    """FlashAttention's own kernels where installed on a GPU, else torch SDPA's choice."""
-    if ctx.is_cuda:
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attn"
-        except ImportError:
-            pass
-    return "sdpa"

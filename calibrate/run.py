@@ -59,9 +59,8 @@ def run_calibration(model: str = "qwen3-30b-a3b", tp: int = 1, device: str = "cu
     cm = counting_model(spec, tp)  # raises ConfigError on a TP the model cannot split by
     dims = Dims.of(spec, tp)
     ctx = kernels.open_device(device, quick, cpu_threads)
-    ctx.info["attention"] = kernels.attention_backend(ctx)
-    if ctx.info["attention"] == "sdpa":
-        ctx.info["prefill_kv"] = kernels.probe_prefill(ctx, dims)
+    # Attention is timed through the engine's own code, so with the implementation it picks.
+    ctx.info["attention"] = kernels.probe_engine_attention(ctx, dims)
     grid = build_grid(spec, tp, ctx.device.type, quick)
     hw = load_gpu(ctx.preset)
     base = default_profile(hw)

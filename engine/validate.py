@@ -45,16 +45,21 @@ COMPARED = tuple(f"{s}_{m}" for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 # model are dominated by the engine's host time per layer (~45 unfused kernels). Since
 # calibrate fits that host time from timed engine iterations (calibrate/host.py, 1.6-1.7 ms per
 # layer here), four more idle repetitions gave median ITL -4% to -23% and every other bounded
-# metric within 21%; the arxiv-long workload (6 requests, contexts near 4k) still gives -46%,
-# because the engine's decode attention gathers padded KV pages and masks them (about 2x the
-# timed SDPA kernel at 4k context), a cost that grows with batch x context, not per layer. So
-# median ITL is bounded at 60% (was 85%). Tails (p99) of three requests
-# and energy (not measured on the CPU) are reported, not bounded. A CPU whose load changes
-# between calibration and validation (a 10x swing was seen on a shared box) breaks any bound.
+# metric within 21%; the arxiv-long workload (6 requests, contexts near 4k) still gave -41% to
+# -46%, because calibrate timed decode attention as one SDPA call on contiguous K/V while the
+# engine gathers padded KV pages and masks them (about 2x at 4k context, a cost that grows with
+# batch x context, not per layer). Calibrate now times attention through the engine's own paged
+# path (calibrate/kernels.py): in back-to-back calibrate+validate pairs on arxiv-long, median ITL
+# went from -42%/-41% to -21%/-21% and from -38%/-43% to -3%/-2% (chunked:512/layered), a third
+# run under competing load gave -8%/+7%, and fixed:1024:8 gave +0%/+1%. With the bias gone,
+# median ITL is bounded at 50% (was 60%, and 85% before that): over twice the worst error
+# seen. Tails (p99) of three requests and energy (not measured on the CPU) are reported, not
+# bounded. A CPU whose load changes between calibration and validation (a 10x swing was seen on
+# a shared box) breaks any bound.
 _LATENCY = ("mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms",
             "mean_e2el_ms", "median_e2el_ms")
 CPU_BOUNDS = {"expert_bytes_per_request": 0.25, "request_throughput": 0.5, "output_throughput": 0.5,
-              "total_token_throughput": 0.5, "median_itl_ms": 0.6, **dict.fromkeys(_LATENCY, 0.75)}
+              "total_token_throughput": 0.5, "median_itl_ms": 0.5, **dict.fromkeys(_LATENCY, 0.75)}
 
 _GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("B200", "b200"))
 

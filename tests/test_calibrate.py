@@ -206,6 +206,49 @@ def test_host_overhead_skipped_when_model_does_not_fit() -> None:
     assert "host overhead: not measured (" in format_fit_table(noted)
 
 
+@pytest.mark.parametrize("op,params", [("decode_attn", {"batch": 3, "context": 300}),
+                                       ("prefill_attn", {"new": 40, "cached": 280})])
+def test_attention_is_timed_through_the_engines_paged_path(op: str, params: dict[str, int]) -> None:
+    # The engine gathers K/V from its page pool and masks the padding; calibration must time that
+    # code (engine.attention.attend), not a bare SDPA call on contiguous K/V. Check the timed
+    # callable computes, for every rotated input set, what plain attention over each request's
+    # first keys gives: right pages, right key count (300 keys span two 256-token pages), GQA
+    # and the bottom-right causal mask.
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from calibrate import kernels
+
+    spec = load_model("tiny-moe")
+    dims = Dims.of(spec, 1)
+    ctx = kernels.open_device("cpu", quick=True)
+    ctx.info["attention"] = kernels.probe_engine_attention(ctx, dims)
+    assert ctx.info["attention"] == "sdpa"  # what the engine runs on a CPU
+    fn, sets = kernels.build(ctx, dims, Shape(op, params))
+    assert len(sets) >= 2
+    hq, hkv, d = dims.q_heads, dims.kv_heads, dims.head_dim
+    for q, k, v in sets[:2]:
+        out = fn(q, k, v)  # [T, Hq D]
+        if op == "decode_attn":
+            reqs = [(r, params["context"], 1) for r in range(params["batch"])]
+        else:
+            reqs = [(0, params["cached"] + params["new"], params["new"])]
+        row = 0
+        for r, keys, n in reqs:
+            pages = -(-keys // 256)  # a fresh pool hands each request consecutive pages
+            # [1, Hkv, keys, D] of request r, from pools [1, pages, 256, Hkv, D]
+            kr, vr = (pool[0, r * pages:(r + 1) * pages].reshape(-1, hkv, d)[:keys].transpose(0, 1)[None]
+                      for pool in (k, v))
+            qs = q[row:row + n].transpose(0, 1)[None]  # [1, Hq, n, D]
+            mask = causal_lower_right(n, keys) if n > 1 else None
+            ref = F.scaled_dot_product_attention(qs, kr, vr, attn_mask=mask, enable_gqa=True)  # [1, Hq, n, D]
+            got = out[row:row + n].view(n, hq, d).transpose(0, 1)[None]
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            row += n
+        assert row == out.shape[0]
+
+
 def test_fit_table_prints_every_class(cpu_profile: Path) -> None:
     from calibrate.run import format_fit_table
 
