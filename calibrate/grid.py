@@ -127,9 +127,13 @@ _AXES: dict[tuple[str, bool], dict[str, list[int]]] = {
                          tpe=[1, 4, 16, 64], new=[16, 64, 256, 1024], cached=[0, 256, 1024],
                          batch=[1, 4, 16, 64], context=[64, 256, 1024, 4096],
                          elem=[1, 16, 256, 2048]),
-    ("cpu", True): dict(tokens=[1, 8, 32, 128, 512], experts=[1, 2, 4, 8], tpe=[1, 4, 16, 64],
-                        new=[16, 64, 256, 512], cached=[0, 512], batch=[1, 4, 16, 64],
-                        context=[64, 256, 1024, 2048], elem=[1, 16, 128, 1024, 4096]),
+    # Up to 2048-token GEMMs and prefills: layered prefill runs whole prompts through a group,
+    # and a fit that never saw them extrapolates badly. Decode contexts are whole 256-token
+    # KV pages, since the engine reads whole pages.
+    ("cpu", True): dict(tokens=[1, 8, 32, 128, 512, 2048], experts=[1, 2, 4, 8],
+                        tpe=[1, 4, 16, 64, 256], new=[16, 64, 256, 512, 2048], cached=[0, 512],
+                        batch=[1, 4, 16, 64], context=[256, 512, 1024, 2048],
+                        elem=[1, 16, 128, 1024, 4096]),
 }
 
 MAX_DECODE_KV_TOKENS = 2 << 20  # batch * context cap: 8.6 GB of bf16 KV for Qwen3-30B at TP 1
