@@ -80,8 +80,9 @@ def run(ns: argparse.Namespace) -> int:
     over = per_iter + layer_host
     print(f"{'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>10}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
-    print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "
-          f"active layers")
+    if per_layer:
+        print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "
+              f"active layers")
     print("-" * len(head))
     hb = cost.hbm_bytes
     print(f"latency {cost.latency_s * 1e3:.3f} ms   energy {cost.energy_j:.3f} J   "
