@@ -40,6 +40,9 @@ def build_parser(prog: str = "layersim validate") -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None,
                    help="cap prompt + output tokens (default: the model's context, at most 16384)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing-skew", type=float, default=0.0,
+                   help="expert popularity skew of the engine's router and of the simulator's model "
+                        "(default 0: the near-uniform routing of random router weights)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop each engine run after this many seconds (unfinished are reported)")
     p.add_argument("--out", default=None, help="directory for the tables and validation.json")
@@ -79,7 +82,8 @@ def validate_main(argv: list[str] | None = None) -> int:
                           max_context=max_context)
         log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
         report = validate(args.model, args.device, args.profile, policies, wl, args.out,
-                          seed=args.seed, time_limit_s=args.time_limit, log=log)
+                          seed=args.seed, time_limit_s=args.time_limit, log=log,
+                          routing_skew=args.routing_skew)
     except (ConfigError, TraceError) as e:
         return _error(prog, str(e))
     if args.json:
