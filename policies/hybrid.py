@@ -13,8 +13,8 @@ tokens; a part-way prompt resumes at its lowest unfinished layer, group by group
 
 from __future__ import annotations
 
-from costmodel.plan import Plan, Tile
-from policies.base import decode_tiles, prompt_tile
+from costmodel.plan import Tile
+from policies.base import prompt_tile
 from policies.layered import LayeredPrefill
 from policies.state import ReplicaState, RequestState
 
@@ -33,12 +33,6 @@ class HybridPrefill(LayeredPrefill):
         chunk = max(1, self.chunk_tokens * L // (l1 - l0))
         return prompt_tile(req, min(P, t0 + chunk), l0, l1, L)
 
-    def schedule(self, state: ReplicaState) -> Plan:
-        L = state.num_layers
-        tiles: list[Tile] = decode_tiles(state)
-        batch = self.current_batch(state)
-        if not batch:
-            return tuple(tiles)
+    def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
         groups = self.groups_for(sum(r.num_prompt_tokens for r in batch), state)
-        tiles.extend(self._tile(r, groups, L) for r in batch)
-        return tuple(tiles)
+        return [self._tile(r, groups, state.num_layers) for r in batch]

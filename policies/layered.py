@@ -91,12 +91,14 @@ class LayeredPrefill:
         batch = [r for r in state.running if not r.is_prefill_done]
         return batch or self.new_batch(state, decode_block_growth(state))
 
+    def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
+        """This iteration's prefill work: the batch's whole prompts through the next group."""
+        l0, l1 = self.next_group(batch, state)
+        return [prompt_tile(r, r.num_prompt_tokens, l0, l1, state.num_layers) for r in batch]
+
     def schedule(self, state: ReplicaState) -> Plan:
-        L = state.num_layers
         tiles: list[Tile] = decode_tiles(state)
         batch = self.current_batch(state)
-        if not batch:
-            return tuple(tiles)
-        l0, l1 = self.next_group(batch, state)
-        tiles.extend(prompt_tile(r, r.num_prompt_tokens, l0, l1, L) for r in batch)
+        if batch:
+            tiles.extend(self.prefill_tiles(batch, state))
         return tuple(tiles)
