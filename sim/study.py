@@ -120,6 +120,9 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown key (valid keys: {', '.join(Study.model_fields)})"
+        if source == "flags":  # name the flag the user typed
+            flag = {"duration_s": "duration"}.get(key, key).replace("_", "-")
+            raise ConfigError(f"--{flag}: {msg}") from None
         raise ConfigError(f"{source}: key '{key}': {msg}") from None
 
 
