@@ -13,6 +13,7 @@ hidden states at the layer frontier (layered prefill's memory cost), counted in 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,7 +51,8 @@ class RequestState:
         self.last_token_s: float | None = None
         self.finish_s: float | None = None
         self.num_preemptions = 0
-        self.itl_s: list[float] = []  # gaps between consecutive output tokens
+        # gaps between consecutive output tokens; a float array, copied in bulk by the simulator
+        self.itl_s = array("d")
         self.admitted_s: float | None = None
 
     # ---- what policies read -----------------------------------------------------------------

@@ -10,7 +10,7 @@ rows and gaps are binned in a log-spaced histogram, so memory stays bounded for 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,7 +145,7 @@ class Recorder:
         tpot = (e2e - ttft) / (out - 1) if out > 1 else 0.0
         self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, out, first, finish,
                       ttft, tpot, e2e, p99, max_itl, req.num_preemptions, req.is_finished)
-        req.itl_s = []
+        req.itl_s = array("d")
 
     def rejected(self, req: RequestState, now_s: float, replica: int = -1) -> None:
         nan = float("nan")
@@ -227,7 +227,7 @@ class Recorder:
         return float("nan")
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _percentile(values: Sequence[float], q: float) -> float:
     """numpy's default (linear) percentile without numpy's per-call overhead: this runs once per
     finished request."""
     v = sorted(values)

@@ -162,7 +162,7 @@ class Replica:
             done = k
         end_s = float(ends[done - 1])
         first_end = float(ends[0])
-        gaps = lat[1:done].tolist()  # the same for every request in the batch
+        gaps = lat[1:done].tobytes()  # the same for every request in the batch: copy as bytes
         for r in running:
             self._advance_decode(r, first_end, gaps, end_s, done)
         finished = [r for r in running if r.is_finished]
@@ -207,11 +207,11 @@ class Replica:
                 hi = mid - 1
         return lo
 
-    def _advance_decode(self, r: RequestState, first_end: float, gaps: list[float], end_s: float,
+    def _advance_decode(self, r: RequestState, first_end: float, gaps: bytes, end_s: float,
                         steps: int) -> None:
         state = self.state
         r.itl_s.append(first_end - (r.last_token_s if r.last_token_s is not None else first_end))
-        r.itl_s.extend(gaps)
+        r.itl_s.frombytes(gaps)
         r.last_token_s = end_s
         r.num_output_tokens += steps
         r.num_computed_tokens += steps
