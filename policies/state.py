@@ -106,6 +106,7 @@ class ReplicaState:
     running: list[RequestState] = field(default_factory=list)  # admitted, in admission order
     num_free_blocks: int = -1
     num_preemptions: int = 0
+    _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_free_blocks < 0:
@@ -125,8 +126,17 @@ class ReplicaState:
 
     @property
     def decodes(self) -> list[RequestState]:
-        """Running requests whose prompt is done: each owes one decode step per iteration."""
-        return [r for r in self.running if r.is_prefill_done and not r.is_finished]
+        """Running requests whose prompt is done: each owes one decode step per iteration.
+
+        Cached between changes (policies and executors ask several times per iteration);
+        `apply` and preemption drop the cache, and an executor that changes requests any other
+        way must call `changed()`. Treat the list as read-only."""
+        if self._decodes is None:
+            self._decodes = [r for r in self.running if r.is_prefill_done and not r.is_finished]
+        return self._decodes
+
+    def changed(self) -> None:
+        self._decodes = None
 
     # ---- executors call these ----------------------------------------------------------------
     def check(self, plan: Sequence[Tile], stall_free: bool) -> None:
@@ -218,6 +228,7 @@ class ReplicaState:
             self.num_free_blocks += req.num_blocks
             req.num_blocks = 0
         self.now_s = now_s
+        self._decodes = None
         return finished
 
     def _emit(self, req: RequestState, now_s: float) -> None:
@@ -260,6 +271,7 @@ class ReplicaState:
     def preempt_newest(self) -> RequestState:
         """Free the newest running request's KV; it redoes its prefill from the waiting head."""
         victim = self.running.pop()
+        self._decodes = None
         self.num_free_blocks += victim.num_blocks
         victim.num_blocks = 0
         victim.num_computed_tokens = 0

@@ -88,7 +88,8 @@ class Replica:
             state.now_s = env.now
             for victim in state.preempt_for_decodes():
                 self.recorder.preempted(victim)
-            if self.fast_forward and not state.waiting and all(r.is_prefill_done for r in state.running):
+            # every running request decoding (finished ones have left `running`)
+            if self.fast_forward and not state.waiting and len(state.decodes) == len(state.running):
                 yield from self._steady_decode()
                 continue
             plan = schedule_checked(policy, state) if self.check else policy.schedule(state)
@@ -171,6 +172,7 @@ class Replica:
             state.num_free_blocks += r.num_blocks
             r.num_blocks = 0
         state.now_s = env.now
+        state.changed()
         if self.check:
             self._check_invariants()
         self.busy_s += end_s - start
