@@ -151,19 +151,28 @@ class Replica:
         else:
             c_last = self._price_steady(running, k - 1)
             slope = (c_last.latency_s - c0.latency_s) / (k - 1)
-        lat = np.arange(k) * slope + c0.latency_s  # [k] latency of each step
-        ends = np.cumsum(lat) + env.now  # [k] when each step ends
-        start = env.now
+        l0, start = c0.latency_s, env.now
+
+        def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
+            return start + (j + 1) * l0 + slope * j * (j + 1) / 2
+
         wake = self._sleep()
-        yield env.timeout(float(ends[-1]) - start) | wake
-        if env.now < ends[-1] - 1e-15:  # an arrival: finish the step in flight, then stop
-            done = int(np.searchsorted(ends, env.now)) + 1
-            yield env.timeout(max(0.0, float(ends[done - 1]) - env.now))
-        else:
-            done = k
-        end_s = float(ends[done - 1])
-        first_end = float(ends[0])
-        gaps = lat[1:done].tobytes()  # the same for every request in the batch: copy as bytes
+        yield env.timeout(end(k - 1) - start) | wake
+        done = k
+        if env.now < end(k - 1) - 1e-15:  # an arrival: finish the step in flight, then stop
+            lo, hi = 0, k - 1  # the first step that ends at or after now
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if end(mid) < env.now:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            done = lo + 1
+            yield env.timeout(max(0.0, end(lo) - env.now))
+        end_s = end(done - 1)
+        first_end = end(0)
+        # step j's latency is the gap before its token; the same for every request in the batch
+        gaps = (np.arange(1, done) * slope + l0).tobytes()
         for r in running:
             self._advance_decode(r, first_end, gaps, end_s, done)
         finished = [r for r in running if r.is_finished]
