@@ -186,18 +186,14 @@ class ReplicaState:
         """Advance every tile's request; emit tokens at `now_s`; return requests that finished."""
         L = self.num_layers
         finished: list[RequestState] = []
-        admitted = {r.req_id: r for r in self.waiting}
+        running = {r.req_id: r for r in self.running}
         touched: dict[int, RequestState] = {}
-        running_ids = None
         for rid, _t0, t1, l0, l1, _cached, _logits in plan:
             req = touched.get(rid)
             if req is None:
-                req = admitted.pop(rid, None)
-                if req is None:
-                    if running_ids is None:
-                        running_ids = {r.req_id: r for r in self.running}
-                    req = running_ids[rid]
-                else:
+                req = running.get(rid)
+                if req is None:  # admitted now; found near the head of a FCFS queue
+                    req = next(r for r in self.waiting if r.req_id == rid)
                     self.waiting.remove(req)
                     self.running.append(req)
                     req.admitted_s = now_s
