@@ -1,11 +1,12 @@
 """layersim's cost model: price one scheduler iteration of an LLM on given hardware (no torch)."""
 
+from costmodel.cost import HbmBytes, IterationCost, OpCost, Parallelism
 from costmodel.errors import ConfigError
 from costmodel.experts import ExpertActivation, uniform_distinct
 from costmodel.gpu import GPUS, GPUSpec, load_gpu
 from costmodel.model import ModelSpec, list_presets, load_model, parse_config
 from costmodel.plan import Plan, Tile, decode_tile
-from costmodel.price import CostModel, HbmBytes, IterationCost, OpCost, Parallelism
+from costmodel.price import CostModel
 from costmodel.profile import (
                                OP_CLASSES,
                                SCHEMA_VERSION,

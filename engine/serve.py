@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from costmodel.price import CostModel, HbmBytes, IterationCost
+from costmodel.cost import HbmBytes, IterationCost
+from costmodel.price import CostModel
 from engine.energy import open_meter
 from engine.executor import Engine
 from policies.base import Policy, schedule_checked

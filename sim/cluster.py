@@ -2,7 +2,9 @@
 
 `simulate` builds the SimPy environment, one arrival process that routes each request at its
 arrival time, and one process per replica (sim/replica.py), runs to the last completion and
-returns the per-request and per-iteration tables with the summary metrics.
+returns the per-request and per-iteration tables with the summary metrics. Requests that cannot
+fit (context or one replica's KV memory) are reported unfinished up front; with a round-robin
+router the replicas can be split over worker processes with identical results.
 """
 
 from __future__ import annotations

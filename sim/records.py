@@ -1,10 +1,11 @@
 """What a run records: one row per finished request, one row per iteration (or per fast-forwarded
 run of identical decode iterations, with its count), and every inter-token gap.
 
-Rows are kept column-wise in plain lists and arrays (cheap to append) and become pandas
-DataFrames at the end. Inter-token gaps go to a flat float array: 8 bytes per output token.
-With `stream_dir` set, finished-request rows are flushed to parquet parts every `flush_rows`
-rows and gaps are binned in a log-spaced histogram, so memory stays bounded for huge runs.
+Rows are plain tuples (cheap to append) that become pandas DataFrames at the end; inter-token
+gaps go to a flat float array, 8 bytes per output token. With `stream_dir` set, request and
+iteration rows spill to parquet parts every `flush_rows` rows and gaps are binned in batches
+into a log-spaced histogram, so memory stays bounded for huge runs; the metrics come from
+running totals, never from re-reading the iteration parts.
 """
 
 from __future__ import annotations

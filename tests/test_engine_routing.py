@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 LENGTHS = (4, 16, 64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def measured(skew: float) -> dict[int, float]:
     """Mean distinct experts per layer for prompts of each length (32 experts, top-4)."""
     from engine.executor import Engine

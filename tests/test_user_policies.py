@@ -24,7 +24,8 @@ def requests():
 
 
 def test_policy_exception_names_file_and_line(cm, requests):
-    with pytest.raises(PlanError, match=r"policy boom raised RuntimeError: out of ideas \(.*bad_policies.py:\d+\)"):
+    where = r"policy boom raised RuntimeError: out of ideas \(.*bad_policies.py:\d+\)"
+    with pytest.raises(PlanError, match=where):
         simulate(requests, cm, f"{BAD}:Boom")
 
 
