@@ -1,0 +1,34 @@
+"""Wall time and peak memory of a capacity search on the default study (issue 6).
+
+The search: the highest arrival rate per replica at which 90% of requests meet the default SLO
+(TTFT <= 2 s, per-request P99 ITL <= 100 ms), for layered and for chunked:512 on the default
+setup (Qwen3-30B-A3B, 2 x H100 TP 2, arxiv-long Poisson arrivals over 120 s), bisected to 2%.
+Each point is a full simulation. There is no stated target beyond "interactive": it compares
+against the one-second budget of a single default-study simulation (issue 3).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+
+from sim.capacity import max_rate, study_evaluator
+from sim.study import make_study
+
+
+def main() -> None:
+    print(f"machine: {platform.machine()}, Python {platform.python_version()}")
+    for policy in ("layered", "chunked:512"):
+        study = make_study({"policies": [policy]})
+        start = time.perf_counter()
+        ans = max_rate(study_evaluator(study), target=0.9, start_rate=0.5)
+        wall = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rate = ans.point.rate if ans.point else float("nan")
+        print(f"{policy:<12} {rate:6.3f} req/s per replica after {len(ans.search)} simulations: "
+              f"{wall:5.1f} s wall ({wall / len(ans.search):.2f} s per point), peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
