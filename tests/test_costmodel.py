@@ -280,3 +280,19 @@ def test_bad_optional_keys_are_errors_not_defaults(key, value):
 def test_routing_skew_is_bounded(skew):
     with pytest.raises(ConfigError, match="routing-skew"):
         load_model("qwen3-30b-a3b", routing_skew=skew)
+
+
+@pytest.mark.parametrize("c,n", [(0, 100), (0, 300), (50, 100), (200, 64), (1000, 1)])
+def test_sliding_window_prefill_attention_by_brute_force(c, n):
+    oss = load_model("gpt-oss-20b")
+    cm = CostModel(oss, "h100")
+    w, heads, hd = 128, 64, 64
+    full = sum(p + 1 for p in range(c, c + n))  # keys each query sees without a window
+    windowed = sum(min(p + 1, w) for p in range(c, c + n))
+    cost = cm.price([Tile(0, c, c + n, 0, 24, c, False)])
+    attn = op(cost, "decode_attn" if n == 1 else "prefill_attn")
+    assert attn.flops == pytest.approx(4 * heads * hd * (12 * full + 12 * windowed))
+    # K/V read: the whole context on full layers, the last w - 1 cached tokens plus the new ones
+    kv_token = 2 * 8 * 64 * 2
+    windowed_keys = min(c + n, w + n - 1) if n > 1 else min(c + 1, w)
+    assert cost.hbm_bytes.kv_read == pytest.approx(kv_token * (12 * (c + n) + 12 * windowed_keys))
