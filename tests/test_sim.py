@@ -145,3 +145,21 @@ def test_streaming_bounds_memory_and_keeps_results(qwen_tp2, tmp_path):
     assert streamed.metrics["mean_ttft_ms"] == pytest.approx(full.metrics["mean_ttft_ms"])
     # gap percentiles come from a 0.5%-wide histogram when streaming
     assert streamed.metrics["p99_itl_ms"] == pytest.approx(full.metrics["p99_itl_ms"], rel=0.01)
+
+
+def test_metrics_by_hand_on_a_constant_server():
+    """One request, prompt 64, 5 output tokens, every iteration D: the prefill emits token 1 at
+    D, four decodes emit the rest at 2D..5D (benchmark_serving's definitions)."""
+    D = 0.01
+    for fast in (True, False):
+        res = simulate([Request(0, 0.0, 64, 5)], ConstantCost(D), "chunked:512", fast_forward=fast)
+        m = res.metrics
+        assert m["mean_ttft_ms"] == pytest.approx(D * 1e3)
+        assert m["mean_e2el_ms"] == pytest.approx(5 * D * 1e3)
+        assert m["mean_tpot_ms"] == pytest.approx(D * 1e3)  # (E2E - TTFT) / (5 - 1)
+        assert m["median_itl_ms"] == pytest.approx(D * 1e3) and m["p99_itl_ms"] == pytest.approx(D * 1e3)
+        assert m["request_throughput"] == pytest.approx(1 / (5 * D))
+        assert m["output_throughput"] == pytest.approx(5 / (5 * D))
+        assert m["total_token_throughput"] == pytest.approx(69 / (5 * D))
+        assert m["iterations"] == 5
+        assert m["slo_attainment"] == 1.0
