@@ -31,10 +31,6 @@ class Tile(NamedTuple):
     def num_layers(self) -> int:
         return self.l1 - self.l0
 
-    @property
-    def is_decode(self) -> bool:
-        return self.t1 - self.t0 == 1 and self.num_cached == self.t0 and self.logits
-
 
 Plan = tuple[Tile, ...]
 """The tiles of one iteration. Tiles of one request never overlap in (token, layer)."""

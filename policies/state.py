@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from costmodel.price import CostModel
 
 
+def blocks_needed(num_tokens: int, block_size: int, hidden_blocks_per_token: float = 0.0) -> int:
+    """KV blocks for `num_tokens`, plus their hidden states where a prompt is part-way."""
+    return -(-num_tokens // block_size) + math.ceil(num_tokens * hidden_blocks_per_token)
+
+
 class PlanError(ValueError):
     """A policy returned an illegal plan; the message names the rule it broke."""
 
@@ -115,10 +120,14 @@ class ReplicaState:
     # ---- memory arithmetic policies may use --------------------------------------------------
     def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
         """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
-        blocks = -(-num_tokens // self.block_size)
-        if partial:
-            blocks += math.ceil(num_tokens * self.hidden_blocks_per_token)
-        return blocks
+        return blocks_needed(num_tokens, self.block_size,
+                             self.hidden_blocks_per_token if partial else 0.0)
+
+    def peak_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """The most blocks a request ever holds: hidden states part-way through the prompt, or
+        the whole KV cache at its last token."""
+        return max(self.blocks_for(num_prompt_tokens, partial=True),
+                   self.blocks_for(num_prompt_tokens + max_tokens))
 
     def can_admit(self, req: RequestState, num_tokens: int, partial: bool = False,
                   reserved: int = 0) -> bool:

@@ -10,7 +10,6 @@ router the replicas can be split over worker processes with identical results.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from costmodel.files import atomic_write
 from costmodel.price import CostModel
 from policies.base import Policy
 from policies.registry import make_policy
-from policies.state import RequestState
+from policies.state import ReplicaState, RequestState
 from sim.metrics import summarize
 from sim.records import Recorder
 from sim.replica import Replica, kv_blocks
@@ -103,12 +102,12 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                           f"{cost_model.parallel.num_gpus} x {cost_model.hw.name}")
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.req_id))
     max_context = cost_model.model.max_context
+    memory = ReplicaState(cost_model.model.num_layers, num_blocks, block_size, hidden_blocks)
+
     def fits(r: Request) -> bool:
         """Within the context and the KV memory of one replica (hidden states included)."""
-        if r.prompt_tokens + r.output_tokens > max_context:
-            return False
-        need = -(-(r.prompt_tokens + r.output_tokens) // block_size)
-        return need + math.ceil(r.prompt_tokens * hidden_blocks) <= num_blocks
+        return (r.prompt_tokens + r.output_tokens <= max_context
+                and memory.peak_blocks(r.prompt_tokens, r.output_tokens) <= num_blocks)
 
     too_long = [r for r in ordered if not fits(r)]
     servable = [r for r in ordered if fits(r)]

@@ -221,11 +221,6 @@ class Recorder:
             out.append(float(centers[min(i, len(centers) - 1)]) * 1e3)
         return tuple(out)
 
-    def itl_mean_ms(self) -> float:
-        if self.itl_hist is None:
-            v = self.itl_values_s()
-            return float(v.mean()) * 1e3 if len(v) else float("nan")
-        return float("nan")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
