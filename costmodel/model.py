@@ -1,8 +1,9 @@
 """Model architectures read from a Hugging Face `config.json`.
 
 A `ModelSpec` holds only what the cost model and the engine need: layer count, attention shape,
-MLP or expert widths, sliding-window layers and weight bytes. Presets live as published configs
-in `presets/models/` and are selected by name; any other name is read as a path.
+MLP or expert widths, sliding-window layers and the data types (with their bytes) of the weights,
+the expert weights and the KV cache. Presets live as published configs in `presets/models/` and
+are selected by name; any other name is read as a path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,39 @@ PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
 # Bytes per parameter. MXFP4 packs 32 4-bit values with one shared 8-bit scale: 4.25 bits.
 DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+
+# Data types a model can be priced with (canonical names; ModelSpec holds these), keyed by the
+# study key that sets them. MXFP4 is an expert-weight format only; the KV cache is bf16 or fp8.
+WEIGHT_DTYPES = ("bfloat16", "fp8")
+EXPERT_DTYPES = ("bfloat16", "fp8", "mxfp4")
+KV_CACHE_DTYPES = ("bfloat16", "fp8")
+DTYPE_CHOICES = {"dtype": WEIGHT_DTYPES, "expert_dtype": EXPERT_DTYPES,
+                 "kv_cache_dtype": KV_CACHE_DTYPES}
+_SPELLINGS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "mxfp4": "mxfp4"}
+_SHORT = {"bfloat16": "bf16", "fp8": "fp8", "mxfp4": "mxfp4"}
+# A config.json's torch_dtype as served: 16- and 32-bit checkpoints load at 16 bits (vLLM's
+# dtype "auto"), priced as bf16 (same bytes and tensor-core rate as fp16).
+_CONFIG_DTYPES = {"bfloat16": "bfloat16", "float16": "bfloat16", "float32": "bfloat16"}
+# Each dtype field of ModelSpec and the byte field that follows it.
+_BYTES_OF = {"weight_dtype": "weight_bytes", "expert_dtype": "expert_weight_bytes",
+             "kv_cache_dtype": "kv_bytes"}
+_ALLOWED = {"weight_dtype": WEIGHT_DTYPES, "expert_dtype": EXPERT_DTYPES,
+            "kv_cache_dtype": KV_CACHE_DTYPES}
+
+
+def canonical_dtype(value: object, allowed: tuple[str, ...]) -> str:
+    """The canonical name of a user's spelling (bf16, bfloat16, fp8, mxfp4) if in `allowed`.
+
+    Raises ValueError with a one-line message the caller prefixes with the flag or key.
+    """
+    name = _SPELLINGS.get(value.lower()) if isinstance(value, str) else None
+    if name is not None and name in allowed:
+        return name
+    valid = ", ".join(_SHORT[d] for d in allowed)
+    if name == "mxfp4":
+        raise ValueError(f"mxfp4 is an expert-weight format only (valid here: {valid})")
+    raise ValueError(f"unsupported dtype {value!r} (valid: {valid}; bf16 may be written bfloat16)")
+
 
 SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
@@ -54,6 +88,11 @@ class ModelSpec:
     shared_expert_intermediate: int  # 0 when there is no shared expert
     sliding_window: int  # 0 when no layer slides
     sliding_layers: tuple[bool, ...]  # per layer: True where the window applies
+    # Data types ("bfloat16", "fp8"; experts also "mxfp4") and the bytes per element they imply;
+    # with_overrides keeps each byte field in step with its dtype field.
+    weight_dtype: str  # attention, embeddings, router, dense MLP, shared expert
+    expert_dtype: str  # routed experts (mxfp4 for GPT-OSS); equals weight_dtype on dense models
+    kv_cache_dtype: str
     weight_bytes: float  # bytes per parameter of attention, embeddings, router
     expert_weight_bytes: float  # bytes per parameter of the experts (MXFP4 for GPT-OSS)
     kv_bytes: float  # bytes per element of the KV cache
@@ -62,6 +101,12 @@ class ModelSpec:
     routing_skew: float
     rope_theta: float
     rms_norm_eps: float
+
+    def __post_init__(self) -> None:
+        for field, allowed in _ALLOWED.items():
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"ModelSpec.{field} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, field)!r}")
 
     @property
     def is_moe(self) -> bool:
@@ -117,7 +162,27 @@ class ModelSpec:
         """KV cache bytes one token occupies across all layers (K and V)."""
         return 2.0 * self.kv_dim * self.kv_bytes * self.num_layers
 
+    @property
+    def dtype_note(self) -> str:
+        """'' when weights, experts and KV cache are all bf16, else e.g. 'fp8 weights, fp8 KV cache'."""
+        parts = []
+        if self.weight_dtype != "bfloat16":
+            parts.append(f"{_SHORT[self.weight_dtype]} weights")
+        if self.is_moe and self.expert_dtype != self.weight_dtype:
+            parts.append(f"{_SHORT[self.expert_dtype]} experts")
+        if self.kv_cache_dtype != "bfloat16":
+            parts.append(f"{_SHORT[self.kv_cache_dtype]} KV cache")
+        return ", ".join(parts)
+
     def with_overrides(self, **changes: Any) -> ModelSpec:
+        """A copy with fields changed; a changed dtype field also sets its byte field (unless
+        that is given too, as a benchmark counting bytes at the engine's own dtype does)."""
+        dense = not changes.get("num_experts", self.num_experts)
+        if dense and "weight_dtype" in changes and "expert_dtype" not in changes:
+            changes["expert_dtype"] = changes["weight_dtype"]
+        for field, nbytes in _BYTES_OF.items():
+            if field in changes and nbytes not in changes:  # an unknown dtype: __post_init__ says so
+                changes[nbytes] = DTYPE_BYTES.get(str(changes[field]), 0.0)
         return replace(self, **changes)
 
 
@@ -125,9 +190,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_model(name_or_path: str | Path, *, mxfp4_experts: bool | None = None,
+def load_model(name_or_path: str | Path, *, dtype: str | None = None,
+               expert_dtype: str | None = None, kv_cache_dtype: str | None = None,
                routing_skew: float | None = None) -> ModelSpec:
-    """A preset name (`qwen3-30b-a3b`) or the path of a `config.json`."""
+    """A preset name (`qwen3-30b-a3b`) or the path of a `config.json`.
+
+    `dtype`, `expert_dtype` and `kv_cache_dtype` (any spelling `canonical_dtype` accepts) override
+    what the config says; None keeps it (see `parse_config`).
+    """
     path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
         path = Path(name_or_path)
@@ -145,13 +215,16 @@ def load_model(name_or_path: str | Path, *, mxfp4_experts: bool | None = None,
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     name = path.stem if path.parent == PRESET_DIR else str(path)
-    return parse_config(cfg, source=str(path), name=name, mxfp4_experts=mxfp4_experts,
-                        routing_skew=routing_skew)
+    return parse_config(cfg, source=str(path), name=name, dtype=dtype, expert_dtype=expert_dtype,
+                        kv_cache_dtype=kv_cache_dtype, routing_skew=routing_skew)
 
 
-def parse_config(cfg: dict[str, Any], *, source: str, name: str,
-                 mxfp4_experts: bool | None = None,
+def parse_config(cfg: dict[str, Any], *, source: str, name: str, dtype: str | None = None,
+                 expert_dtype: str | None = None, kv_cache_dtype: str | None = None,
                  routing_skew: float | None = None) -> ModelSpec:
+    """Defaults when a dtype is None: weights at the config's `torch_dtype` (fp8 when its
+    `quantization_config` says fp8); experts as the config quantizes them (mxfp4 for GPT-OSS),
+    else as the weights; the KV cache bf16."""
     def need(key: str, *alts: str) -> Any:
         for k in (key, *alts):
             if cfg.get(k) is not None:
@@ -232,13 +305,27 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
         sliding_window = need_int("sliding_window")
         sliding_layers = (True,) * num_layers
 
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"{source}: key 'torch_dtype': unsupported dtype '{dtype}'")
-    weight_bytes = DTYPE_BYTES[dtype]
+    def choose(key: str, value: str | None, default: str) -> str:
+        if value is None:
+            return default
+        try:
+            return canonical_dtype(value, DTYPE_CHOICES[key])
+        except ValueError as e:
+            raise ConfigError(f"--{key.replace('_', '-')}: {e}") from None
+
+    torch_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    if torch_dtype not in _CONFIG_DTYPES:
+        raise ConfigError(f"{source}: key 'torch_dtype': unsupported dtype '{torch_dtype}'")
     quant = cfg.get("quantization_config") or {}
-    use_mxfp4 = quant.get("quant_method") == "mxfp4" if mxfp4_experts is None else mxfp4_experts
-    expert_weight_bytes = DTYPE_BYTES["mxfp4"] if use_mxfp4 and num_experts else weight_bytes
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    weight_dtype = choose("dtype", dtype, "fp8" if method == "fp8" else _CONFIG_DTYPES[torch_dtype])
+    expert_dt = choose("expert_dtype", expert_dtype, "mxfp4" if method == "mxfp4" else weight_dtype)
+    if not num_experts:
+        if expert_dt != weight_dtype and expert_dtype is not None:
+            raise ConfigError(f"--expert-dtype: {name} is a dense model, it has no experts "
+                              "(use --dtype)")
+        expert_dt = weight_dtype
+    kv_dtype = choose("kv_cache_dtype", kv_cache_dtype, "bfloat16")
 
     skew = DEFAULT_ROUTING_SKEW if routing_skew is None else routing_skew
     if not 0 <= skew <= MAX_ROUTING_SKEW:  # also rejects NaN
@@ -250,7 +337,9 @@ def parse_config(cfg: dict[str, Any], *, source: str, name: str,
         dense_intermediate=dense_inter, num_experts=num_experts, top_k=top_k,
         expert_intermediate=expert_inter, shared_expert_intermediate=shared_inter,
         sliding_window=sliding_window, sliding_layers=sliding_layers,
-        weight_bytes=weight_bytes, expert_weight_bytes=expert_weight_bytes, kv_bytes=weight_bytes,
+        weight_dtype=weight_dtype, expert_dtype=expert_dt, kv_cache_dtype=kv_dtype,
+        weight_bytes=DTYPE_BYTES[weight_dtype], expert_weight_bytes=DTYPE_BYTES[expert_dt],
+        kv_bytes=DTYPE_BYTES[kv_dtype],
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         routing_skew=skew if num_experts else 0.0,

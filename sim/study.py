@@ -11,9 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
+from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
 from traces import TraceError, Workload, WorkloadSpec, build_workload
@@ -42,7 +51,10 @@ class Study(BaseModel):
     slo_itl_ms: float = Field(default=DEFAULT_SLO_ITL_MS, gt=0)
     profile: str | None = None
     routing_skew: float | None = Field(default=None, ge=0, le=5)
-    mxfp4_experts: bool | None = None
+    # None: what the model's config.json says (see costmodel.model.parse_config)
+    dtype: str | None = None
+    expert_dtype: str | None = None
+    kv_cache_dtype: str | None = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
@@ -61,6 +73,11 @@ class Study(BaseModel):
             raise ValueError(f"listed twice: {', '.join(dupes)}")
         return policies
 
+    @field_validator("dtype", "expert_dtype", "kv_cache_dtype")
+    @classmethod
+    def _dtype(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else canonical_dtype(value, DTYPE_CHOICES[str(info.field_name)])
+
     # ---- building blocks --------------------------------------------------------------------
     def resolved_profile(self) -> Profile:
         prof = resolve_profile(self.gpu or "h100", self.profile)
@@ -69,8 +86,8 @@ class Study(BaseModel):
         return prof
 
     def cost_model(self) -> CostModel:
-        model = load_model(self.model, mxfp4_experts=self.mxfp4_experts,
-                           routing_skew=self.routing_skew)
+        model = load_model(self.model, dtype=self.dtype, expert_dtype=self.expert_dtype,
+                           kv_cache_dtype=self.kv_cache_dtype, routing_skew=self.routing_skew)
         prof = self.resolved_profile()
         return CostModel(model, prof.gpu, prof, Parallelism(self.tp, self.ep))
 
@@ -90,7 +107,8 @@ class Study(BaseModel):
         shape = f"tp {par.tp}" + (f", ep {par.ep}" if par.ep > 1 else "")
         reps = f", {self.replicas} replicas ({self.router})" if self.replicas > 1 else ""
         prof = "calibrated profile" if cm.profile.is_calibrated else "datasheet profile"
-        return f"{cm.model.name} on {gpus} ({shape}{reps}, {prof})"
+        dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
+        return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
 
 
 def load_study(path: str | Path, **overrides: Any) -> Study:
@@ -120,6 +138,8 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown key (valid keys: {', '.join(Study.model_fields)})"
+            if key == "mxfp4_experts":  # the key before dtypes were keys of their own
+                msg = "replaced by expert_dtype (mxfp4 or bf16)"
         if source == "flags":  # name the flag the user typed
             flag = {"duration_s": "duration"}.get(key, key).replace("_", "-")
             raise ConfigError(f"--{flag}: {msg}") from None
