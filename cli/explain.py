@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli.simulate import _add_dtypes
 from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, load_model, resolve_profile
 
 
@@ -20,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--prefill-layers", default=None, metavar="L0:L1", help="layer range of the prefill tile")
     p.add_argument("--profile", default=None)
     p.add_argument("--routing-skew", type=float, default=None)
+    _add_dtypes(p)
     p.add_argument("--json", action="store_true", help="print the IterationCost as one JSON object")
     p.set_defaults(handler=run)
 
@@ -37,7 +39,8 @@ def _layers(text: str | None, num_layers: int) -> tuple[int, int]:
 
 
 def run(ns: argparse.Namespace) -> int:
-    model = load_model(ns.model, routing_skew=ns.routing_skew)
+    model = load_model(ns.model, dtype=ns.dtype, expert_dtype=ns.expert_dtype,
+                       kv_cache_dtype=ns.kv_cache_dtype, routing_skew=ns.routing_skew)
     prof = resolve_profile(ns.gpu or "h100", ns.profile)
     if ns.gpu and ns.profile and prof.gpu != ns.gpu.lower():
         raise ConfigError(f"--gpu {ns.gpu} but the profile {ns.profile} is for '{prof.gpu}'")

@@ -33,11 +33,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-itl-ms", type=float)
     p.add_argument("--profile", help="a calibration profile JSON")
     p.add_argument("--routing-skew", type=float)
+    _add_dtypes(p)
     p.add_argument("--workers", type=int, help="processes to split the replicas over "
                    "(round-robin router only; results are the same)")
     p.add_argument("--out", type=Path, help="write tables (parquet) and metrics here")
     p.add_argument("--json", action="store_true", help="print one JSON object per policy")
     p.add_argument("--check", action="store_true", help="check every plan's legality (slower)")
+
+
+def _add_dtypes(p: argparse.ArgumentParser) -> None:
+    """The dtype flags (also used by `explain`); values are checked where they are used."""
+    p.add_argument("--dtype", help="bf16 | fp8: weights (default: the model's config.json)")
+    p.add_argument("--expert-dtype", help="bf16 | fp8 | mxfp4: expert weights (default: the "
+                   "checkpoint's expert format, mxfp4 for gpt-oss, else --dtype)")
+    p.add_argument("--kv-cache-dtype", help="bf16 | fp8 (default bf16)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,7 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 _STUDY_KEYS = ("model", "gpu", "tp", "ep", "replicas", "router", "workload", "rate", "arrival", "cv",
                "duration_s", "num_requests", "speed", "seed", "slo_ttft_ms", "slo_itl_ms",
-               "profile", "routing_skew", "workers")
+               "profile", "routing_skew", "dtype", "expert_dtype", "kv_cache_dtype", "workers")
 
 
 def study_from_args(ns: argparse.Namespace) -> Study:
