@@ -10,7 +10,16 @@ from __future__ import annotations
 import platform
 import time
 
-from costmodel import CostModel, Parallelism, Tile, decode_tile, load_model
+from costmodel import (
+    CostModel,
+    Parallelism,
+    Tile,
+    decode_tile,
+    default_profile,
+    load_gpu,
+    load_model,
+    resolve_profile,
+)
 
 
 def rate(cm: CostModel, plan: list[Tile], seconds: float = 2.0) -> float:
@@ -23,7 +32,9 @@ def rate(cm: CostModel, plan: list[Tile], seconds: float = 2.0) -> float:
 
 
 def main() -> None:
-    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    model = load_model("qwen3-30b-a3b")
+    profiles = {"measured-kernel h100": resolve_profile("h100"),
+                "datasheet h100": default_profile(load_gpu("h100"))}
     decodes = [decode_tile(i, 4096, 48) for i in range(64)]
     cases = {
         "64 decodes + 512-token chunk": decodes + [Tile(64, 1024, 1536, 0, 48, 1024, False)],
@@ -32,8 +43,10 @@ def main() -> None:
     }
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print("target: >= 20,000 plans/s on one core")
-    for name, plan in cases.items():
-        print(f"{name:<50} {rate(cm, plan):>10,.0f} plans/s")
+    for label, prof in profiles.items():
+        cm = CostModel(model, "h100", prof, Parallelism(tp=2))
+        for name, plan in cases.items():
+            print(f"{label:<22} {name:<50} {rate(cm, plan):>10,.0f} plans/s")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
         prog=prog, description="Time every operation class the cost model prices on this device "
         "and fit a hardware profile (JSON) for `layersim --profile`.")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpu", type=int, metavar="N", help="CUDA device index (default: 0)")
+    where.add_argument("--gpu", metavar="N|NAME", help="CUDA device index (default: 0); with "
+                       "--from-tables, the GPU whose tables to fit: h100, h200 or a100")
     where.add_argument("--device", metavar="DEV", help="'cpu' or 'cuda:N'")
     p.add_argument("--model", default="qwen3-30b-a3b", help="model preset or config.json whose "
                    "shapes make the grid (default: qwen3-30b-a3b)")
@@ -33,7 +34,41 @@ def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads with --device "
                    "cpu (default: 1, the reproducible choice on shared machines)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-tables", metavar="DIR", help="fit to published per-kernel tables "
+                   "(the kernels/ folder of shared/gpu-data) instead of timing this machine")
+    p.add_argument("--framework-version", metavar="V", help="with --from-tables: the vLLM "
+                   "version whose tables to read (default: the newest there)")
     return p
+
+
+def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
+    """No torch: read the tables, check each class on held-out shapes, write the profile."""
+    from pathlib import Path
+
+    from calibrate.tables import GPU_FOLDERS, profile_from_tables, summary
+    from costmodel import save_profile
+
+    if args.gpu not in GPU_FOLDERS:
+        return fail(f"--gpu {args.gpu}: with --from-tables give one of {', '.join(GPU_FOLDERS)}")
+    out = Path(args.out or f"profile-{args.gpu}.json")
+    if not out.parent.is_dir():  # checked before the work, not after
+        return fail(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        profile = profile_from_tables(Path(args.from_tables), args.gpu, args.framework_version)
+    except ConfigError as e:
+        return fail(str(e))
+    except (OSError, ValueError, KeyError) as e:  # a damaged or foreign table
+        return fail(f"--from-tables {args.from_tables}: {type(e).__name__}: {e}")
+    save_profile(profile, out)
+    print(f"{profile.provenance['source']}\nheld-out relative error per class "
+          f"(targets: median <= 5%, p90 <= 15%):\n{summary(profile)}")
+    energy = profile.fit_errors.get("energy", {})
+    held = energy.get("held_out")
+    err = (f"; held-out power error median {held['median_rel_err']:.0%}, p90 {held['p90_rel_err']:.0%}"
+           if held else "")
+    print(f"energy: {energy.get('source', 'datasheet guess')}{err}")
+    print(f"wrote {out}")
+    return 0
 
 
 def _bar(enabled: bool) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
@@ -66,6 +101,12 @@ def main(argv: list[str] | None = None, prog: str = "calibrate") -> int:
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
+    if args.from_tables is not None:
+        return _from_tables(args, fail)
+    if args.framework_version is not None:
+        return fail("--framework-version needs --from-tables")
+    if args.gpu is not None and not str(args.gpu).isdigit():
+        return fail(f"--gpu {args.gpu}: a CUDA device index (a GPU name needs --from-tables)")
     device = args.device or f"cuda:{args.gpu if args.gpu is not None else 0}"
     if args.tp < 1 or args.threads < 1:
         return fail(f"--tp and --threads must be >= 1, got {args.tp} and {args.threads}")

@@ -55,13 +55,14 @@ class IterationCost(NamedTuple):
     decode_tokens: int  # whole-stack decodes in the plan
     prefill_tokens: int  # tokens of every other tile
     prefill_layer_tokens: int  # those tokens times the layers they pass
-    # (cost model, feature vector, ((l0, l1, expected distinct experts), ...), num_layers)
-    detail: tuple[Any, tuple[float, ...], tuple[tuple[int, int, float], ...], int]
+    # (cost model, feature vector, ((l0, l1, expected distinct experts), ...), num_layers,
+    #  the segments' stats when measured tables price the plan, else None)
+    detail: tuple[Any, tuple[float, ...], tuple[tuple[int, int, float], ...], int, Any]
 
     @property
     def experts_touched_per_layer(self) -> tuple[float, ...]:
         """Expected distinct experts per layer (empty for a dense model)."""
-        model, _, segments, num_layers = self.detail
+        model, _, segments, num_layers, _ = self.detail
         if model is None or not model.model.is_moe:
             return ()
         out = [0.0] * num_layers
@@ -72,8 +73,8 @@ class IterationCost(NamedTuple):
     @property
     def ops(self) -> tuple[OpCost, ...]:
         """Per-operation breakdown (per GPU)."""
-        model, x, _, _ = self.detail
-        return model.op_table(x) if model is not None else ()  # type: ignore[no-any-return]
+        model, x, _, _, measured = self.detail
+        return model.op_table(x, measured) if model is not None else ()  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,8 @@ from costmodel.cost import HbmBytes, IterationCost, OpCost, Parallelism
 from costmodel.errors import ConfigError
 from costmodel.experts import ExpertActivation
 from costmodel.gpu import GPUSpec, load_gpu
+from costmodel.kernel_tables import Roofline
+from costmodel.measured import MeasuredKernels, moe_distribution
 from costmodel.model import ModelSpec
 from costmodel.plan import Tile
 from costmodel.profile import Profile, default_profile
@@ -103,11 +105,30 @@ class CostModel:
         self._experts_per_group = model.num_experts / self.parallel.ep
         self._bytes_per_expert = model.expert_params * model.expert_weight_bytes
         e = self.profile.energy
-        self._energy = (e.idle_w * self.parallel.num_gpus, e.j_per_flop, e.j_per_hbm_byte,
+        busy_w = e.busy_w if e.busy_w is not None else e.idle_w
+        self._energy = (busy_w * self.parallel.num_gpus, e.j_per_flop, e.j_per_hbm_byte,
                         e.j_per_link_byte)
         self._sliding_prefix = [0]
         for s in model.sliding_layers:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
+        self.measured = self._measured_kernels() if self.profile.tables else None
+
+    def _measured_kernels(self) -> MeasuredKernels:
+        ops = self.profile.ops
+        datasheet = {c: Roofline(p.compute_eff, p.memory_eff, p.overhead_s) for c, p in ops.items()}
+        return MeasuredKernels(
+            self.model, self.parallel.tp, self.parallel.ep, self.profile, datasheet,
+            moe_distribution(self.model.routing_skew), tuple(self._sliding_prefix),
+            elementwise_s=lambda tokens: self._datasheet_op("norms_elementwise", tokens),
+            embedding_s=lambda tokens: self._datasheet_op("embedding", tokens))
+
+    def _datasheet_op(self, op: str, tokens: float) -> float:
+        """One launch of a token-proportional op by the profile's roofline (no table has it)."""
+        i, f = _OP_INDEX[op], FEATURES.index("tm")
+        flops = self._K[_QUANTITIES.index("flops"), i, f] * tokens
+        hbm = sum(self._K[_QUANTITIES.index(q), i, f] for q in ("wbytes", "xbytes", "kvr", "kvw", "act"))
+        t_c, t_m = flops * self._inv_compute[i], hbm * tokens * self._inv_memory[i]
+        return float(self._overhead[i] + max(t_c, t_m))
 
     # ---- validation -------------------------------------------------------------------------
     def _check_parallelism(self) -> None:
@@ -155,7 +176,7 @@ class CostModel:
         m = self.model
         w = m.sliding_window
         # Fold tiles per layer range: [tokens, pf_tokens, pf_pairs, pf_pairs_win, pf_kv,
-        # pf_kv_win, dec_tokens, dec_kv, dec_kv_win].
+        # pf_kv_win, dec_tokens, dec_kv, dec_kv_win, pf_sequences].
         L = m.num_layers
         agg: dict[tuple[int, int], list[int]] = {}
         num_logits = embed_tokens = 0
@@ -173,7 +194,7 @@ class CostModel:
             prefill_layer_tokens += n * (l1 - l0)
             a = agg.get((l0, l1))
             if a is None:
-                a = agg[(l0, l1)] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+                a = agg[(l0, l1)] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
             a[0] += n
             if n == 1:
                 a[6] += 1
@@ -181,6 +202,7 @@ class CostModel:
                 a[8] += (c + 1 if c < w else w) if w else c + 1
             else:
                 a[1] += n
+                a[9] += 1
                 a[2] += (2 * c + n + 1) * n // 2
                 a[4] += c + n
                 if w:
@@ -200,7 +222,7 @@ class CostModel:
         key = (0, self.model.num_layers)
         a = agg.get(key)
         if a is None:
-            a = agg[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+            a = agg[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         a[0] += num
         a[6] += num
         a[7] += kv_tokens
@@ -352,7 +374,8 @@ class CostModel:
         x = [0.0] * len(FEATURES)
         expert_segments = []
         distinct_layers = 0.0
-        for l0, l1, s in self._segments(agg):
+        segments = self._segments(agg)
+        for l0, l1, s in segments:
             nl = l1 - l0
             n_slide = prefix[l1] - prefix[l0]
             n_full = nl - n_slide
@@ -380,6 +403,10 @@ class CostModel:
         x[12] = embed_tokens / ep
         x[13] = 1.0 if embed_tokens else 0.0
         latency, flops, wbytes, _, kvr, kvw, act, link = self._kernel(*x)
+        measured = None
+        if self.measured is not None:
+            measured = (tuple((l0, l1, tuple(s)) for l0, l1, s in segments), num_logits, embed_tokens)
+            latency = self.measured.latency_s(*measured)
         gpus = self.parallel.num_gpus
         hbm = HbmBytes(wbytes * gpus, distinct_layers * self._bytes_per_expert, kvr * gpus,
                        kvw * gpus, act * gpus)
@@ -390,18 +417,26 @@ class CostModel:
                   + e_link * link)
         return IterationCost(latency, energy, flops, hbm, link, gpus, decode_tokens, prefill_tokens,
                              prefill_layer_tokens,
-                             (self, tuple(x), tuple(expert_segments), self.model.num_layers))
+                             (self, tuple(x), tuple(expert_segments), self.model.num_layers, measured))
 
-    def op_table(self, x: tuple[float, ...]) -> tuple[OpCost, ...]:
-        """The per-operation breakdown for a feature vector (see IterationCost.ops)."""
+    def op_table(self, x: tuple[float, ...], measured: Any = None) -> tuple[OpCost, ...]:
+        """The per-operation breakdown for a feature vector (see IterationCost.ops).
+
+        With measured tables, `time_s` is the tables' and `bound` says what priced the op."""
         flops, wbytes, xbytes, kvr, kvw, act, link, launches = (self._K @ np.array(x)).tolist()
         inv_compute, inv_memory = self._inv_compute.tolist(), self._inv_memory.tolist()
         inv_link, overhead = self._inv_link.tolist(), self._overhead.tolist()
+        times = self.measured.op_times_s(*measured) if self.measured and measured is not None else {}
         out = []
         for i, (name, cls) in enumerate(OPS):
             if not launches[i]:
                 continue
             hbm = wbytes[i] + xbytes[i] + kvr[i] + kvw[i] + act[i]
+            if self.measured is not None and measured is not None:
+                sources = self.measured.sources
+                source = sources.get(name, sources.get(cls, "datasheet roofline"))
+                out.append(OpCost(name, cls, flops[i], hbm, link[i], times.get(name, 0.0), source))
+                continue
             t_c = flops[i] * inv_compute[i]
             t_m = hbm * inv_memory[i] + link[i] * inv_link[i]
             t_o = launches[i] * overhead[i]

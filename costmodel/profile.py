@@ -19,16 +19,19 @@ Schema (version 1), written by `calibrate` and read here:
     }
 
 An op's time is max(flops / (peak_flops * compute_eff), bytes / (bandwidth * memory_eff))
-+ overhead_s per launch; collectives use the link bandwidth. An iteration adds
++ overhead_s per launch; collectives use the link bandwidth. Classes in `tables` (measured
+kernel latencies, see costmodel/kernel_tables.py) are priced from them instead. An iteration adds
 iteration_overhead_s once and layer_overhead_s for every layer that runs any tile: the serving
 engine's host time (Python, small unfused kernels, page gathers) that kernel timings do not see;
-`calibrate` fits both from timed engine iterations. Energy is idle_w * time * GPUs
-+ j_per_flop * FLOPs + j_per_hbm_byte * HBM bytes + j_per_link_byte * link bytes.
+`calibrate` fits both from timed engine iterations. Energy of an iteration is
+(busy_w or idle_w) * time * GPUs + j_per_flop * FLOPs + j_per_hbm_byte * HBM bytes
++ j_per_link_byte * link bytes; between iterations a GPU draws idle_w.
 Without a profile, `default_profile` derives all of this from the datasheet preset.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,10 @@ class OpParams(BaseModel):
 
 class EnergyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    idle_w: float = Field(ge=0)
+    idle_w: float = Field(ge=0)  # between iterations
+    # Static power while kernels run (clocks up); None: the same as idle_w. Measured GPUs draw
+    # far more static power busy than idle, so one figure would misprice one or the other.
+    busy_w: float | None = Field(default=None, ge=0)
     j_per_flop: float = Field(ge=0)
     j_per_hbm_byte: float = Field(ge=0)
     j_per_link_byte: float = Field(ge=0)
@@ -73,6 +79,9 @@ class Profile(BaseModel):
     energy: EnergyParams
     provenance: dict[str, Any] = Field(default_factory=dict)
     fit_errors: dict[str, Any] = Field(default_factory=dict)
+    # Measured kernel tables by operation class (costmodel/kernel_tables.py); a class with a
+    # table is priced from it, the others by the roofline with `ops`' efficiencies.
+    tables: dict[str, Any] = Field(default_factory=dict)
 
     def hardware(self) -> GPUSpec:
         """The preset with this profile's measured peaks substituted."""
@@ -90,6 +99,14 @@ class Profile(BaseModel):
     @property
     def is_calibrated(self) -> bool:
         return bool(self.provenance.get("calibrated"))
+
+    @property
+    def label(self) -> str:
+        """What priced the run, for headers: e.g. 'measured-kernel profile (vllm 0.24.0, ...)'."""
+        if self.tables:
+            versions = ", ".join(self.provenance.get("framework_versions", []))
+            return f"measured-kernel profile ({versions})" if versions else "measured-kernel profile"
+        return "calibrated profile" if self.is_calibrated else "datasheet profile"
 
 
 def default_profile(gpu: GPUSpec) -> Profile:
@@ -125,9 +142,15 @@ def default_profile(gpu: GPUSpec) -> Profile:
 def load_profile(path: str | Path) -> Profile:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt") as f:
+                raw = json.load(f)
+        else:
+            raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: profile file not found") from None
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise ConfigError(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
     if not isinstance(raw, dict):
@@ -150,16 +173,31 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
-    """Atomic: write a sibling temp file, then rename, so an interrupted run leaves no half file."""
-    text = json.dumps(profile.model_dump(), indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Atomic: write a sibling temp file, then rename, so an interrupted run leaves no half file.
+
+    A profile with measured tables is written compactly (its tables hold ~10^5 numbers); a
+    path ending in .gz is gzip-compressed, with no timestamp so the bytes depend only on it."""
+    compact = bool(profile.tables)
+    text = json.dumps(profile.model_dump(), indent=None if compact else 2, sort_keys=True,
+                      separators=(",", ":") if compact else None) + "\n"
+    if Path(path).suffix == ".gz":
+        data = gzip.compress(text.encode(), mtime=0)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    else:
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+DATASHEET = "datasheet"  # --profile datasheet: today's guesses, for comparison
 
 
 def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile:
-    """An explicit file, else a shipped calibrated profile for this GPU, else the datasheet."""
+    """An explicit file (or 'datasheet'), else the profile shipped for this GPU (fitted to
+    measured kernel tables for h100, h200 and a100), else the datasheet."""
+    if profile_path is not None and str(profile_path) == DATASHEET:
+        return default_profile(load_gpu(gpu))
     if profile_path is not None:
         return load_profile(profile_path)
-    shipped = SHIPPED_DIR / f"{gpu.lower()}.json"
-    if shipped.is_file():
-        return load_profile(shipped)
+    for name in (f"{gpu.lower()}.json", f"{gpu.lower()}.json.gz"):
+        if (SHIPPED_DIR / name).is_file():
+            return load_profile(SHIPPED_DIR / name)
     return default_profile(load_gpu(gpu))

@@ -106,7 +106,7 @@ class Study(BaseModel):
         gpus = f"{self.replicas * par.num_gpus} x {cm.hw.name}"
         shape = f"tp {par.tp}" + (f", ep {par.ep}" if par.ep > 1 else "")
         reps = f", {self.replicas} replicas ({self.router})" if self.replicas > 1 else ""
-        prof = "calibrated profile" if cm.profile.is_calibrated else "datasheet profile"
+        prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
 

@@ -45,8 +45,8 @@ class ConstantCost(CostModel):
     def price(self, plan):  # type: ignore[no-untyped-def,override]
         zero = HbmBytes(0.0, 0.0, 0.0, 0.0, 0.0)
         n = sum(t.t1 - t.t0 for t in plan)
-        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, 0, n, n, (None, (), (), 0))
+        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, 0, n, n, (None, (), (), 0, None))
 
     def price_decodes(self, num, kv_tokens, kv_tokens_window=0):  # type: ignore[no-untyped-def,override]
         zero = HbmBytes(0.0, 0.0, 0.0, 0.0, 0.0)
-        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, num, 0, 0, (None, (), (), 0))
+        return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, num, 0, 0, (None, (), (), 0, None))

@@ -1,0 +1,337 @@
+"""Measured kernel tables, and the one interpolation rule that prices from them.
+
+A table holds one operation class's measured latencies: exact-match keys (data type, model
+shape), numeric shape axes, and one size axis `x` (tokens, sequence length, message bytes).
+Every price taken from a table follows one rule:
+
+    t(shape, x) = roofline(shape, x) * exp(e(shape, x)),     e = log(t_measured / roofline)
+
+e, the log of the measured-to-roofline ratio, is interpolated linearly in the logarithm of each
+axis between the nearest measured values on either side (shape axes in the table's order, the
+size axis last). A value inside the measured range is therefore a table lookup; only outside it
+is e held at the nearest measured value, so that the roofline alone carries the scaling there
+(and the profile says so). The roofline is a datasheet one (peak FLOP/s, HBM or link bandwidth,
+a 5 us launch): its job is to make e smooth, so interpolation between measured shapes is good.
+
+No pandas and no torch here: the simulator imports this.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+LAUNCH_S = 5e-6  # the roofline's fixed cost; only shapes e, see above
+DTYPE_BYTES = {"bfloat16": 2.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+Columns = Mapping[str, Any]  # arrays over rows, or scalars for one shape
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Datasheet peaks for the roofline that normalises measured times."""
+
+    peak_flops: float  # dense bf16
+    hbm_bytes_per_s: float
+    link_bytes_per_s: float  # bidirectional, as quoted
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """r = overhead_s + max(flops / (peak * compute_eff), bytes / (bandwidth * memory_eff)).
+
+    The datasheet one has efficiencies 1 and LAUNCH_S; `calibrate` fits all three per class."""
+
+    compute_eff: float = 1.0
+    memory_eff: float = 1.0
+    overhead_s: float = LAUNCH_S
+
+    def time_s(self, work: Work, hw: Hardware) -> Any:
+        compute = work.flops / (hw.peak_flops * work.peak_scale * self.compute_eff)
+        memory = (work.hbm_bytes / hw.hbm_bytes_per_s
+                  + work.link_bytes / (hw.link_bytes_per_s / 2)) / self.memory_eff
+        if isinstance(compute, float) and isinstance(memory, float):
+            return self.overhead_s + (compute if compute > memory else memory)
+        return self.overhead_s + np.maximum(compute, memory)
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: Any  # arrays over a table's rows, or floats for one shape
+    hbm_bytes: Any
+    link_bytes: Any
+    peak_scale: Any  # 2 where fp8 tensor cores run the FLOPs
+
+
+def _bytes_per(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        return DTYPE_BYTES[dtype]
+    return np.vectorize(lambda d: DTYPE_BYTES[str(d)], otypes=[float])(dtype)
+
+
+def _fp8_scale(dtype: Any) -> Any:
+    return np.where(dtype == "fp8", 2.0, 1.0) if not isinstance(dtype, str) else (
+        2.0 if dtype == "fp8" else 1.0)
+
+
+def _work(flops: Any, hbm: Any, link: Any = 0.0, scale: Any = 1.0) -> Work:
+    return Work(flops, hbm, link, scale)  # arrays of rows, or floats for one shape
+
+
+def _gemm_work(c: Columns) -> Work:
+    m, n, k = c["m"], c["n"], c["k"]
+    hbm = (m * k + k * n) * _bytes_per(c["dtype"]) + 2 * m * n
+    return _work(2 * m * n * k, hbm, 0.0, _fp8_scale(c["dtype"]))
+
+
+def _moe_work(c: Columns) -> Work:
+    n, h, inter = c["num_tokens"], c["hidden"], c["inter_per_gpu"]
+    e_total, e_gpu, k = c["num_experts"], c["experts_per_gpu"], c["topk"]
+    routed = n * k * e_gpu / e_total  # token-expert pairs this GPU computes
+    distinct = e_gpu * (1 - (1 - k / e_total) ** n)  # uniform occupancy: bytes follow it
+    hbm = distinct * 3 * h * inter * _bytes_per(c["dtype"]) + 2 * 2 * h * n
+    # MXFP4 experts run their FLOPs in bf16 (w4a16): only fp8 doubles the peak
+    return _work(2 * 3 * h * inter * routed, hbm, 0.0, _fp8_scale(c["dtype"]))
+
+
+def _prefill_work(c: Columns) -> Work:
+    b, s, heads, kv, d = c["batch"], c["isl"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
+    hbm = b * s * d * (2 * heads * 2 + 2 * kv * _bytes_per(c["kv_dtype"]))
+    return _work(4 * b * heads * d * s * (s + 1) / 2, hbm)
+
+
+def _decode_work(c: Columns) -> Work:
+    b, ctx, heads, kv, d = c["batch"], c["context"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
+    hbm = b * ctx * 2 * kv * d * _bytes_per(c["kv_dtype"]) + 2 * 2 * b * heads * d
+    return _work(4 * b * heads * d * ctx, hbm)
+
+
+def _allreduce_work(c: Columns) -> Work:
+    g = c["num_gpus"]
+    return _work(0.0, 0.0, 2 * (g - 1) / g * c["message_bytes"])
+
+
+def _alltoall_work(c: Columns) -> Work:
+    g = c["num_gpus"]
+    return _work(0.0, 0.0, (g - 1) / g * c["message_bytes"])
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    op_class: str
+    keys: tuple[str, ...]  # matched exactly
+    axes: tuple[str, ...]  # interpolated, in this order
+    x: str  # the size axis, interpolated last
+    held_out_axis: str  # interior values of this axis are held out to estimate the error
+    work: Callable[[Columns], Work]
+
+
+SPECS: dict[str, TableSpec] = {s.op_class: s for s in (
+    TableSpec("dense_gemm", ("dtype",), ("n", "k"), "m", "n", _gemm_work),
+    TableSpec("expert_gemm", ("dtype", "distribution", "hidden", "inter", "num_experts", "topk"),
+              ("inter_per_gpu", "experts_per_gpu"), "num_tokens", "inter_per_gpu", _moe_work),
+    TableSpec("prefill_attn", ("kv_dtype", "head_dim", "num_kv_heads"), ("num_heads", "batch"),
+              "isl", "num_heads", _prefill_work),
+    TableSpec("decode_attn", ("kv_dtype", "head_dim", "num_kv_heads"), ("num_heads", "batch"),
+              "context", "num_heads", _decode_work),
+    TableSpec("allreduce", ("num_gpus",), (), "message_bytes", "message_bytes", _allreduce_work),
+    TableSpec("alltoall", ("num_gpus",), (), "message_bytes", "message_bytes", _alltoall_work),
+)}
+
+
+class Curve:
+    """log(t / roofline) against log(x) for one shape, evaluated by linear interpolation."""
+
+    def __init__(self, log_x: list[float], e: list[float], source: str) -> None:
+        self.log_x, self.e, self.source = log_x, e, source
+        self.x_range = (math.exp(log_x[0]), math.exp(log_x[-1]))
+
+    def ratio(self, x: float) -> float:
+        """exp(e) at x: measured time over roofline time (held constant beyond the range)."""
+        return math.exp(self.e_at(math.log(x) if x > 0 else self.log_x[0]))
+
+    def e_at(self, u: float) -> float:
+        """e at log x = u."""
+        lx, es = self.log_x, self.e
+        if u <= lx[0]:
+            return es[0]
+        if u >= lx[-1]:
+            return es[-1]
+        i = bisect_right(lx, u)
+        return es[i - 1] + (u - lx[i - 1]) / (lx[i] - lx[i - 1]) * (es[i] - es[i - 1])
+
+
+_RANK = {"table": 0, "interpolated": 1, "extrapolated": 2}
+
+
+def _worse(a: str, b: str) -> str:
+    return a if _RANK[a] >= _RANK[b] else b
+
+
+class KernelTable:
+    """One class's measured rows (columns of equal length) with latency in seconds."""
+
+    def __init__(self, spec: TableSpec, columns: dict[str, np.ndarray], latency_s: np.ndarray,
+                 source: dict[str, Any], roofline: Roofline | None = None) -> None:
+        self.spec, self.columns, self.latency_s, self.source = spec, columns, latency_s, source
+        self.roofline = roofline or Roofline()
+        self._e: np.ndarray | None = None
+        self._hw: Hardware | None = None
+
+    def __len__(self) -> int:
+        return len(self.latency_s)
+
+    def log_ratio(self, hw: Hardware) -> np.ndarray:
+        if self._e is None or self._hw != hw:
+            self._e = np.log(self.latency_s / self.roofline.time_s(self.spec.work(self.columns), hw))
+            self._hw = hw
+        return self._e
+
+    def to_json(self) -> dict[str, Any]:
+        cols = {k: [v if isinstance(v, str) else float(v) for v in arr.tolist()]
+                for k, arr in self.columns.items()}
+        return {"columns": cols, "latency_s": [float(f"{t:.5g}") for t in self.latency_s.tolist()],
+                "source": self.source, "roofline": asdict(self.roofline)}
+
+    @classmethod
+    def from_json(cls, op_class: str, raw: Mapping[str, Any]) -> KernelTable:
+        spec = SPECS[op_class]
+        cols = {k: np.asarray(v) for k, v in raw["columns"].items()}
+        need = set(spec.keys) | set(spec.axes) | {spec.x}
+        missing = sorted(need - set(cols))
+        if missing:
+            raise ValueError(f"table '{op_class}' lacks columns {missing}")
+        return cls(spec, cols, np.asarray(raw["latency_s"], dtype=float), dict(raw.get("source", {})),
+                   Roofline(**raw.get("roofline", {})))
+
+    def subset(self, mask: np.ndarray) -> KernelTable:
+        return KernelTable(self.spec, {k: v[mask] for k, v in self.columns.items()},
+                           self.latency_s[mask], self.source, self.roofline)
+
+    def with_roofline(self, roofline: Roofline) -> KernelTable:
+        return KernelTable(self.spec, self.columns, self.latency_s, self.source, roofline)
+
+    def curve(self, target: Mapping[str, Any], hw: Hardware) -> Curve | None:
+        """The curve along x for one shape, or None when no row has its keys."""
+        mask = np.ones(len(self), dtype=bool)
+        for key in self.spec.keys:
+            mask &= self.columns[key] == target[key]
+        idx = np.nonzero(mask)[0]
+        if not len(idx):
+            return None
+        log_x, e, source = self._along_axes(idx, self.spec.axes, target, self.log_ratio(hw))
+        return Curve(log_x, e, source)
+
+    def _along_axes(self, idx: np.ndarray, axes: tuple[str, ...], target: Mapping[str, Any],
+                    e_all: np.ndarray) -> tuple[list[float], list[float], str]:
+        if not axes:
+            xs = self.columns[self.spec.x][idx].astype(float)
+            ux, inv = np.unique(xs, return_inverse=True)
+            mean_e = np.bincount(inv, weights=e_all[idx]) / np.bincount(inv)  # repeats: their mean
+            return np.log(ux).tolist(), mean_e.tolist(), "table"
+        axis, rest = axes[0], axes[1:]
+        col = self.columns[axis][idx].astype(float)
+        vals = np.unique(col)
+        v = float(target[axis])
+        if v in vals:
+            return self._along_axes(idx[col == v], rest, target, e_all)
+        if v < vals[0] or v > vals[-1]:
+            near = vals[0] if v < vals[0] else vals[-1]
+            lx, e, _ = self._along_axes(idx[col == near], rest, target, e_all)
+            return lx, e, "extrapolated"
+        lo, hi = vals[vals < v][-1], vals[vals > v][0]
+        lx_lo, e_lo, s_lo = self._along_axes(idx[col == lo], rest, target, e_all)
+        lx_hi, e_hi, s_hi = self._along_axes(idx[col == hi], rest, target, e_all)
+        w = (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        grid = np.union1d(lx_lo, lx_hi)
+        mixed = (1 - w) * np.interp(grid, lx_lo, e_lo) + w * np.interp(grid, lx_hi, e_hi)
+        return grid.tolist(), mixed.tolist(), _worse(_worse(s_lo, s_hi), "interpolated")
+
+
+class Surface:
+    """A curve along x for each measured value of a second axis (batch), for 2-D lookups."""
+
+    def __init__(self, table: KernelTable, target: Mapping[str, Any], axis: str, hw: Hardware) -> None:
+        idx = np.ones(len(table), dtype=bool)
+        for key in table.spec.keys:
+            idx &= table.columns[key] == target[key]
+        values = sorted({float(v) for v in table.columns[axis][idx]})
+        self.log_b: list[float] = []
+        self.curves: list[Curve] = []
+        for b in values:
+            c = table.curve({**target, axis: b}, hw)
+            if c is not None:
+                self.log_b.append(math.log(b))
+                self.curves.append(c)
+        self.source = "table"
+        for c in self.curves:
+            self.source = _worse(self.source, c.source)
+
+    def __bool__(self) -> bool:
+        return bool(self.curves)
+
+    def ratio(self, b: float, x: float) -> float:
+        lb, cs = self.log_b, self.curves
+        u = math.log(x) if x > 0 else cs[0].log_x[0]
+        v = math.log(b) if b > 0 else lb[0]
+        if v <= lb[0]:
+            return math.exp(cs[0].e_at(u))
+        if v >= lb[-1]:
+            return math.exp(cs[-1].e_at(u))
+        i = bisect_right(lb, v)
+        w = (v - lb[i - 1]) / (lb[i] - lb[i - 1])
+        return math.exp((1 - w) * cs[i - 1].e_at(u) + w * cs[i].e_at(u))
+
+
+def _held_out_groups(table: KernelTable) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """(rows below, held-out rows, rows above, weight) for every held-out slice.
+
+    Along the spec's held-out axis, within each group of rows that share every other key and
+    shape axis, every second interior value is held out whole: never random rows of a shape."""
+    spec = table.spec
+    others = [c for c in (*spec.keys, *spec.axes) if c != spec.held_out_axis]
+    keys = np.array(["|".join(str(table.columns[c][i]) for c in others) for i in range(len(table))])
+    out = []
+    for g in np.unique(keys):
+        gi = np.nonzero(keys == g)[0]
+        axis_vals = table.columns[spec.held_out_axis][gi].astype(float)
+        vals = np.unique(axis_vals)
+        for j in range(1, len(vals) - 1, 2):
+            lo, v, hi = vals[j - 1], vals[j], vals[j + 1]
+            w = (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            out.append((gi[axis_vals == lo], gi[axis_vals == v], gi[axis_vals == hi], w))
+    return out
+
+
+def held_out_mask(table: KernelTable) -> np.ndarray:
+    mask = np.zeros(len(table), dtype=bool)
+    for _, held, _, _ in _held_out_groups(table):
+        mask[held] = True
+    return mask
+
+
+def held_out_errors(table: KernelTable, hw: Hardware) -> dict[str, Any]:
+    """Relative errors on the held-out rows, each predicted by the interpolation rule from its
+    measured neighbours on the held-out axis (which then lie twice as far apart as in use, so
+    the estimate is pessimistic). The table's roofline should be fitted without those rows."""
+    spec = table.spec
+    e_all = table.log_ratio(hw)
+    xcol = table.columns[spec.x].astype(float)
+    errs: list[float] = []
+    for lo, held, hi, w in _held_out_groups(table):
+        if spec.held_out_axis == spec.x:  # one point each side
+            pred = (1 - w) * e_all[lo].mean() + w * e_all[hi].mean()
+            errs += np.abs(np.exp(pred - e_all[held]) - 1).tolist()
+            continue
+        e_lo = dict(zip(xcol[lo], e_all[lo], strict=True))
+        e_hi = dict(zip(xcol[hi], e_all[hi], strict=True))
+        for x, e_true in zip(xcol[held], e_all[held], strict=True):
+            if x in e_lo and x in e_hi:
+                errs.append(abs(math.exp((1 - w) * e_lo[x] + w * e_hi[x] - e_true) - 1))
+    arr = np.array(errs) if errs else np.array([float("nan")])
+    return {"median_rel_err": float(np.median(arr)), "p90_rel_err": float(np.quantile(arr, 0.9)),
+            "held_out_rows": len(errs), "rows": len(table), "held_out_axis": spec.held_out_axis}

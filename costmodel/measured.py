@@ -1,0 +1,252 @@
+"""Kernel times of one model on one replica, from a profile's measured tables.
+
+Each kernel a decoder layer runs is mapped onto the table row shape that measures it:
+
+- qkv, o_proj, router, shared expert and dense MLP (gate+up fused, then down) and the LM head:
+  one dense GEMM each, m = the tokens a GPU computes, n and k from the weights it holds. The
+  router and the LM head stay bf16 (fp8 checkpoints keep them so);
+- the experts: vLLM's fused MoE layer for this model's shape, at inter/tp and experts/ep per GPU,
+  for every token of the iteration (with ep, each rank's share: the busiest rank sets the time);
+- prefill attention: a batch of the plan's sequences, each of the length whose causal pairs are
+  the plan's mean pairs per sequence (a 512-token chunk over 8,000 cached tokens computes as much
+  as a 2,900-token prompt); sliding-window layers the same with their windowed pairs;
+- decode attention: the plan's decodes at their mean context (windowed layers: capped context);
+- two all-reduces per layer over tp GPUs of m x hidden bf16 values, and with ep two all-to-alls.
+
+Each time is the class's fitted roofline for that shape times the table's measured ratio (the
+rule in kernel_tables.py). A class with no table, or a shape whose keys no row has, is priced by
+the fitted roofline alone ("roofline"), or by the profile's datasheet efficiencies when the class
+has no table at all (elementwise: norms, activation, rotary; no table measures them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from costmodel.gpu import GPUSpec, load_gpu
+from costmodel.kernel_tables import SPECS, Curve, Hardware, KernelTable, Roofline, Surface
+from costmodel.model import ModelSpec
+from costmodel.profile import Profile
+
+ACT_BYTES = 2.0
+DATASHEET = "datasheet roofline"
+
+
+_PARSED: dict[int, tuple[dict[str, Any], dict[str, KernelTable]]] = {}
+
+
+def _parsed(tables: dict[str, Any]) -> dict[str, KernelTable]:
+    """Tables parsed once per profile object: a study builds a cost model per policy."""
+    hit = _PARSED.get(id(tables))
+    if hit is None or hit[0] is not tables:
+        hit = _PARSED[id(tables)] = (tables, {c: KernelTable.from_json(c, raw) for c, raw in tables.items()})
+    return hit[1]
+
+
+def moe_distribution(routing_skew: float) -> str:
+    """The tables' expert-popularity rows that match a routing skew (see costmodel/experts.py)."""
+    return "balanced" if routing_skew == 0 else "power_law_1.01"
+
+
+def _dense_dtype(dtype: str) -> str:
+    return "fp8" if dtype == "fp8" else "bfloat16"
+
+
+def _seq_len_for_pairs(pairs: float) -> float:
+    """s with s (s + 1) / 2 = pairs: a causal prompt computing that many attention pairs."""
+    return (math.sqrt(8 * pairs + 1) - 1) / 2
+
+
+class MeasuredKernels:
+    """Per-layer kernel times of `model` at tp x ep from measured tables (see module doc)."""
+
+    def __init__(self, model: ModelSpec, tp: int, ep: int, profile: Profile,
+                 datasheet: dict[str, Roofline], moe_distribution: str,
+                 sliding_prefix: tuple[int, ...], elementwise_s: Callable[[float], float],
+                 embedding_s: Callable[[float], float]) -> None:
+        spec: GPUSpec = load_gpu(profile.gpu)  # calibration normalised by the datasheet peaks
+        self.iteration_overhead_s = profile.iteration_overhead_s
+        self.layer_overhead_s = profile.layer_overhead_s
+        self._sliding_prefix = sliding_prefix
+        self._embedding_s = embedding_s
+        tables = profile.tables
+        self.hw = Hardware(spec.peak_flops, spec.hbm_bytes_per_s, spec.link_bytes_per_s)
+        self.model, self.tp, self.ep = model, tp, ep
+        self.tables = _parsed(tables)
+        self._elementwise_s = elementwise_s  # tokens -> seconds, the datasheet roofline
+        self._datasheet = datasheet  # per class: the profile's roofline, for classes without a table
+        m = model
+        h = m.hidden
+        self.q_pg = m.q_dim // tp
+        self.kv_heads_pg = max(1, m.num_kv_heads // tp)
+        self.heads_pg = m.num_q_heads // tp
+        wdt = _dense_dtype(m.weight_dtype)
+        gemms: dict[str, list[tuple[int, int, str]]] = {
+            "qkv_proj": [(self.q_pg + 2 * self.kv_heads_pg * m.head_dim, h, wdt)],
+            "o_proj": [(h, self.q_pg, wdt)],
+        }
+        if m.is_moe:
+            gemms["router"] = [(m.num_experts, h, "bfloat16")]
+            if m.shared_expert_intermediate:
+                si = m.shared_expert_intermediate // tp
+                gemms["shared_experts"] = [(2 * si, h, wdt), (h, si, wdt)]
+        else:
+            di = m.dense_intermediate // tp
+            gemms["dense_mlp"] = [(2 * di, h, wdt), (h, di, wdt)]
+        self.sources: dict[str, str] = {}
+        self._gemms = {name: [self._gemm(name, n, k, dt) for n, k, dt in shapes]
+                       for name, shapes in gemms.items()}
+        self._lm_head = self._gemm("lm_head", m.vocab // tp, h, "bfloat16")
+        self._experts = self._moe(moe_distribution) if m.is_moe else None
+        self._allreduce = self._comm("allreduce", tp) if tp > 1 else None
+        self._alltoall = self._comm("alltoall", ep) if ep > 1 and m.is_moe else None
+        self._prefill = self._attention("prefill_attn")
+        self._decode = self._attention("decode_attn")
+        self._last_decode: tuple[tuple[int, float], float] = ((0, 0.0), 0.0)
+        self.layer_ops = lru_cache(maxsize=65536)(self._layer_ops)
+        self.layer_time_s = lru_cache(maxsize=65536)(self._layer_time_s)
+
+    # ---- one kernel: its shape's columns, the fitted roofline and the measured ratio ----------
+    def _priced(self, op: str, cls: str, target: dict[str, Any]) -> tuple[dict[str, Any], Roofline,
+                                                                              Curve | None]:
+        table = self.tables.get(cls)
+        if table is None:
+            self.sources[op] = DATASHEET
+            return target, self._datasheet[cls], None
+        curve = table.curve(target, self.hw)
+        self.sources[op] = curve.source if curve is not None else "fitted roofline"
+        return target, table.roofline, curve
+
+    def _gemm(self, op: str, n: int, k: int, dtype: str) -> Any:
+        cols, roof, curve = self._priced(op, "dense_gemm", {"dtype": dtype, "n": n, "k": k})
+        work = SPECS["dense_gemm"].work
+        return lambda m: self._time(work, {**cols, "m": m}, roof, curve, m)
+
+    def _moe(self, distribution: str) -> Any:
+        m = self.model
+        cols, roof, curve = self._priced("experts", "expert_gemm", {
+            "dtype": m.expert_dtype, "distribution": distribution, "hidden": m.hidden,
+            "inter": m.expert_intermediate, "num_experts": m.num_experts, "topk": m.top_k,
+            "inter_per_gpu": m.expert_intermediate / self.tp,
+            "experts_per_gpu": m.num_experts / self.ep})
+        work = SPECS["expert_gemm"].work
+        return lambda n: self._time(work, {**cols, "num_tokens": n}, roof, curve, n)
+
+    def _comm(self, op: str, gpus: int) -> Any:
+        cols, roof, curve = self._priced(op, op, {"num_gpus": gpus})
+        work = SPECS[op].work
+        return lambda nbytes: self._time(work, {**cols, "message_bytes": nbytes}, roof, curve, nbytes)
+
+    def _attention(self, cls: str) -> tuple[dict[str, Any], Roofline, Surface | None]:
+        m = self.model
+        target = {"kv_dtype": m.kv_cache_dtype, "head_dim": m.head_dim,
+                  "num_kv_heads": self.kv_heads_pg, "num_heads": self.heads_pg}
+        table = self.tables.get(cls)
+        if table is None:
+            self.sources[cls] = DATASHEET
+            return target, self._datasheet[cls], None
+        surface = Surface(table, target, "batch", self.hw)
+        self.sources[cls] = surface.source if surface else "fitted roofline"
+        return target, table.roofline, surface if surface else None
+
+    def _time(self, work: Any, cols: dict[str, Any], roof: Roofline, curve: Curve | None,
+              x: float) -> float:
+        t = float(roof.time_s(work(cols), self.hw))
+        return t * curve.ratio(x) if curve is not None else t
+
+    # ---- a layer ---------------------------------------------------------------------------
+    def _layer_ops(self, tokens: int) -> dict[str, float]:
+        """Seconds per kernel of one layer running `tokens` tokens (all ep groups together)."""
+        if tokens <= 0:
+            return {}
+        m, ep = self.model, self.ep
+        per_group = math.ceil(tokens / ep)  # attention and dense layers run data-parallel
+        out = {name: sum(g(per_group) for g in fns) for name, fns in self._gemms.items()}
+        if self._experts is not None:
+            out["experts"] = self._experts(tokens)
+        out["norms_elementwise"] = float(self._elementwise_s(per_group))
+        if self._allreduce is not None:
+            out["allreduce"] = 2 * self._allreduce(per_group * m.hidden * ACT_BYTES)
+        if self._alltoall is not None:
+            out["alltoall"] = 2 * self._alltoall(per_group * m.top_k * m.hidden * ACT_BYTES)
+        return out
+
+    def _layer_time_s(self, tokens: int) -> float:
+        return sum(self.layer_ops(tokens).values())
+
+    def lm_head_s(self, num_logits: int) -> float:
+        return self._lm_head(math.ceil(num_logits / self.ep)) if num_logits else 0.0
+
+    def prefill_attn_s(self, num_seqs: int, pairs: float) -> float:
+        """One layer's prefill attention for `num_seqs` sequences computing `pairs` in all."""
+        if not num_seqs:
+            return 0.0
+        b = math.ceil(num_seqs / self.ep)
+        s = _seq_len_for_pairs(pairs / num_seqs)
+        return self._attn(self._prefill, "prefill_attn", {"batch": b, "isl": s}, b, s)
+
+    def decode_attn_s(self, num_decodes: int, kv_tokens: float) -> float:
+        """One layer's decode attention: `num_decodes` queries over `kv_tokens` keys in all."""
+        if not num_decodes:
+            return 0.0
+        if (num_decodes, kv_tokens) == self._last_decode[0]:  # the same decodes pass every segment
+            return self._last_decode[1]
+        b = math.ceil(num_decodes / self.ep)
+        ctx = kv_tokens / num_decodes
+        t = self._attn(self._decode, "decode_attn", {"batch": b, "context": ctx}, b, ctx)
+        self._last_decode = ((num_decodes, kv_tokens), t)
+        return t
+
+    def _attn(self, priced: tuple[dict[str, Any], Roofline, Surface | None], cls: str,
+              shape: dict[str, float], b: float, x: float) -> float:
+        target, roof, surface = priced
+        t = float(roof.time_s(SPECS[cls].work({**target, **shape}), self.hw))
+        return t * surface.ratio(b, x) if surface is not None else t
+
+    def latency_s(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+                          num_logits: int, embed_tokens: int) -> float:
+        """An iteration: its kernels back to back plus host overhead, from per-segment stats
+        (layers l0..l1 and the folded tile sums of CostModel.price)."""
+        mk, prefix = self, self._sliding_prefix
+        lat = self.iteration_overhead_s + mk.lm_head_s(num_logits)
+        if embed_tokens:
+            lat += self._embedding_s(embed_tokens / self.ep)
+        for l0, l1, s in segments:
+            nl = l1 - l0
+            n_slide = prefix[l1] - prefix[l0]
+            n_full = nl - n_slide
+            lat += nl * (self.layer_overhead_s + mk.layer_time_s(s[0]))
+            if s[1]:
+                if n_full:
+                    lat += n_full * mk.prefill_attn_s(s[9], s[2])
+                if n_slide:
+                    lat += n_slide * mk.prefill_attn_s(s[9], s[3])
+            if s[6]:
+                if n_full:
+                    lat += n_full * mk.decode_attn_s(s[6], s[7])
+                if n_slide:
+                    lat += n_slide * mk.decode_attn_s(s[6], s[8])
+        return lat
+
+    def op_times_s(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+                           num_logits: int, embed_tokens: int) -> dict[str, float]:
+        """latency_s's kernel terms by operation, for the breakdown."""
+        mk, prefix = self, self._sliding_prefix
+        times: dict[str, float] = {"lm_head": mk.lm_head_s(num_logits)}
+        if embed_tokens:
+            times["embedding"] = self._embedding_s(embed_tokens / self.ep)
+        for l0, l1, s in segments:
+            nl = l1 - l0
+            n_slide = prefix[l1] - prefix[l0]
+            for name, t in mk.layer_ops(s[0]).items():
+                times[name] = times.get(name, 0.0) + nl * t
+            if s[1]:
+                times["prefill_attn"] = times.get("prefill_attn", 0.0) + (
+                    (nl - n_slide) * mk.prefill_attn_s(s[9], s[2]) + n_slide * mk.prefill_attn_s(s[9], s[3]))
+            if s[6]:
+                times["decode_attn"] = times.get("decode_attn", 0.0) + (
+                    (nl - n_slide) * mk.decode_attn_s(s[6], s[7]) + n_slide * mk.decode_attn_s(s[6], s[8]))
+        return times

@@ -1,0 +1,103 @@
+"""The table interpolation rule (costmodel/kernel_tables.py) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from costmodel.kernel_tables import SPECS, Hardware, KernelTable, Roofline, Surface, held_out_errors
+
+HW = Hardware(peak_flops=1e15, hbm_bytes_per_s=3e12, link_bytes_per_s=9e11)
+
+
+def allreduce_table(ratios: dict[float, float]) -> KernelTable:
+    """An all-reduce table whose measured time is `ratio` x the datasheet roofline."""
+    spec = SPECS["allreduce"]
+    sizes = np.array(sorted(ratios))
+    cols = {"num_gpus": np.full(len(sizes), 2.0), "message_bytes": sizes}
+    roof = Roofline().time_s(spec.work(cols), HW)
+    lat = roof * np.array([ratios[s] for s in sizes])
+    return KernelTable(spec, cols, lat, {})
+
+
+def gemm_table(e_of_n: dict[int, float], ms: tuple[int, ...] = (1, 64, 4096)) -> KernelTable:
+    """A GEMM table, k = 1024, with log(measured / roofline) = e_of_n[n] at every m."""
+    spec = SPECS["dense_gemm"]
+    rows = [(n, m) for n in sorted(e_of_n) for m in ms]
+    cols = {"dtype": np.array(["bfloat16"] * len(rows)), "n": np.array([float(n) for n, _ in rows]),
+            "k": np.full(len(rows), 1024.0), "m": np.array([float(m) for _, m in rows])}
+    roof = Roofline().time_s(spec.work(cols), HW)
+    lat = roof * np.exp([e_of_n[n] for n, _ in rows])
+    return KernelTable(spec, cols, lat, {})
+
+
+def test_exact_shape_returns_the_measured_ratio() -> None:
+    t = allreduce_table({1024: 2.0, 4096: 3.0, 16384: 5.0})
+    curve = t.curve({"num_gpus": 2.0}, HW)
+    assert curve is not None and curve.source == "table"
+    assert curve.ratio(4096) == pytest.approx(3.0)
+
+
+def test_size_between_measurements_interpolates_in_log_log() -> None:
+    t = allreduce_table({1024: 2.0, 4096: 8.0})
+    curve = t.curve({"num_gpus": 2.0}, HW)
+    assert curve is not None
+    # halfway in log size: log ratio halfway between log 2 and log 8 -> ratio 4
+    assert curve.ratio(2048) == pytest.approx(4.0)
+
+
+def test_beyond_the_grid_the_roofline_carries_the_scaling() -> None:
+    t = allreduce_table({1024: 2.0, 4096: 3.0})
+    curve = t.curve({"num_gpus": 2.0}, HW)
+    assert curve is not None
+    assert curve.ratio(1 << 30) == pytest.approx(3.0)  # last measured ratio, held
+    assert curve.ratio(1) == pytest.approx(2.0)
+
+
+def test_unmeasured_shape_interpolates_between_neighbours() -> None:
+    t = gemm_table({1024: 0.0, 4096: math.log(4.0)})
+    curve = t.curve({"dtype": "bfloat16", "n": 2048.0, "k": 1024.0}, HW)
+    assert curve is not None and curve.source == "interpolated"
+    assert curve.ratio(64) == pytest.approx(2.0)  # geometric midpoint of ratios 1 and 4
+    outside = t.curve({"dtype": "bfloat16", "n": 65536.0, "k": 1024.0}, HW)
+    assert outside is not None and outside.source == "extrapolated"
+    assert outside.ratio(64) == pytest.approx(4.0)
+    assert t.curve({"dtype": "fp8", "n": 1024.0, "k": 1024.0}, HW) is None  # no such rows
+
+
+def test_surface_interpolates_across_batch() -> None:
+    spec = SPECS["decode_attn"]
+    rows = [(b, c) for b in (1.0, 4.0) for c in (128.0, 1024.0)]
+    cols = {"kv_dtype": np.array(["bfloat16"] * 4), "head_dim": np.full(4, 128.0),
+            "num_kv_heads": np.full(4, 2.0), "num_heads": np.full(4, 16.0),
+            "batch": np.array([b for b, _ in rows]), "context": np.array([c for _, c in rows])}
+    roof = Roofline().time_s(spec.work(cols), HW)
+    ratio = np.array([1.0 if b == 1 else 4.0 for b, _ in rows])
+    surface = Surface(KernelTable(spec, cols, roof * ratio, {}),
+                      {"kv_dtype": "bfloat16", "head_dim": 128.0, "num_kv_heads": 2.0,
+                       "num_heads": 16.0}, "batch", HW)
+    assert surface.ratio(2.0, 300.0) == pytest.approx(2.0)
+    assert surface.ratio(4.0, 128.0) == pytest.approx(4.0)
+
+
+def test_held_out_error_is_zero_on_a_smooth_table_and_exact_on_a_kink() -> None:
+    # e linear in log n: every held-out shape is predicted exactly
+    smooth = gemm_table({256: 0.0, 512: 0.1, 1024: 0.2, 2048: 0.3, 4096: 0.4})
+    errs = held_out_errors(smooth, HW)
+    assert errs["median_rel_err"] == pytest.approx(0.0, abs=1e-9)
+    assert errs["held_out_rows"] == 2 * 3  # n = 512 and 2048 held out, at 3 sizes each
+    # a 1.5x bump at n = 512 alone: predicted 1.0, measured 1.5 -> |1/1.5 - 1| = 1/3
+    kink = gemm_table({256: 0.0, 512: math.log(1.5), 1024: 0.0})
+    assert held_out_errors(kink, HW)["median_rel_err"] == pytest.approx(1 / 3)
+
+
+def test_json_round_trip_keeps_every_value() -> None:
+    t = gemm_table({1024: 0.0, 4096: 0.5}).with_roofline(Roofline(0.7, 0.8, 6e-6))
+    back = KernelTable.from_json("dense_gemm", t.to_json())
+    assert back.roofline == Roofline(0.7, 0.8, 6e-6)
+    np.testing.assert_allclose(back.latency_s, t.latency_s, rtol=1e-4)
+    assert list(back.columns["dtype"]) == list(t.columns["dtype"])
+    with pytest.raises(ValueError, match="lacks columns"):
+        KernelTable.from_json("dense_gemm", {"columns": {"m": [1]}, "latency_s": [1.0]})
