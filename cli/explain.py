@@ -65,15 +65,22 @@ def run(ns: argparse.Namespace) -> int:
     if ns.prefill:
         desc += f" + prefill of {ns.prefill} tokens on layers {l0}:{l1}"
     print(f"{model.name} on {cm.parallel.num_gpus} x {cm.hw.name} (tp {ns.tp}, ep {ns.ep}); {desc}")
-    print(f"profile: {'calibrated' if prof.is_calibrated else 'datasheet'}; figures per GPU\n")
+    print(f"profile: {prof.label}; figures per GPU")
+    if cm.measured is not None:
+        print("priced by: table = a measured row of this shape; interpolated / extrapolated = the "
+              "tables' measured-to-roofline ratio between / beyond measured shapes; fitted roofline "
+              "= no row has this shape; datasheet roofline = no table measures this class (a guess)")
+    print()
+    by = "priced by" if cm.measured is not None else "bound"
+    width = 20 if cm.measured is not None else 10
     head = (f"{'operation':<18}{'class':<14}{'GFLOP':>10}{'HBM MB':>11}{'link MB':>10}"
-            f"{'bound':>10}{'time us':>11}{'share':>8}")
+            f"{by:>{width}}{'time us':>11}{'share':>8}")
     print(head)
     print("-" * len(head))
     kernels = [op for op in cost.ops if op.op_class != "host"]
     for op in kernels:
         print(f"{op.name:<18}{op.op_class:<14}{op.flops / 1e9:>10.2f}{op.hbm_bytes / 1e6:>11.1f}"
-              f"{op.link_bytes / 1e6:>10.1f}{op.bound:>10}{op.time_s * 1e6:>11.1f}"
+              f"{op.link_bytes / 1e6:>10.1f}{op.bound:>{width}}{op.time_s * 1e6:>11.1f}"
               f"{op.time_s / cost.latency_s:>8.1%}")
     # Host time the kernels do not see: once per iteration plus once per layer that has work
     # (the cost model's `host_overhead` row, when the profile has one).
@@ -81,7 +88,8 @@ def run(ns: argparse.Namespace) -> int:
     layer_host = sum(op.time_s for op in cost.ops if op.op_class == "host")
     active = round(layer_host / per_layer) if per_layer else 0
     over = per_iter + layer_host
-    print(f"{'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>10}{over * 1e6:>11.1f}"
+    guess = "guess" in str(cm.profile.provenance.get("iteration_overhead_s", ""))
+    print(f"{'host overhead (guess)' if guess else 'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>{width}}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
     if per_layer:
         print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "
