@@ -6,7 +6,8 @@ Each kernel a decoder layer runs is mapped onto the table row shape that measure
   one dense GEMM each, m = the tokens a GPU computes, n and k from the weights it holds. The
   router and the LM head stay bf16 (fp8 checkpoints keep them so);
 - the experts: vLLM's fused MoE layer for this model's shape, at inter/tp and experts/ep per GPU,
-  for every token of the iteration (with ep, each rank's share: the busiest rank sets the time);
+  for every token of the iteration, in the rows of the expert popularity nearest the routing
+  skew (with ep, the tables measure the busiest rank's share, which sets the time);
 - prefill attention: a batch of the plan's sequences, each of the length whose causal pairs are
   the plan's mean pairs per sequence (a 512-token chunk over 8,000 cached tokens computes as much
   as a 2,900-token prompt); sliding-window layers the same with their windowed pairs;
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+from costmodel.experts import power_law_skew
 from costmodel.gpu import GPUSpec, load_gpu
 from costmodel.kernel_tables import SPECS, Curve, Hardware, KernelTable, Roofline, Surface
 from costmodel.model import ModelSpec
@@ -46,9 +48,21 @@ def _parsed(tables: dict[str, Any]) -> dict[str, KernelTable]:
     return hit[1]
 
 
-def moe_distribution(routing_skew: float) -> str:
-    """The tables' expert-popularity rows that match a routing skew (see costmodel/experts.py)."""
-    return "balanced" if routing_skew == 0 else "power_law_1.01"
+MOE_ROWS_AT_TOKENS = 128  # a typical decode batch: where the skews are matched
+
+
+def moe_distribution(routing_skew: float, num_experts: int, top_k: int) -> str:
+    """The tables' expert-popularity rows nearest a routing skew.
+
+    The MoE tables time each shape under `balanced` routing (no skew) and two power laws of
+    expert load; each power law amounts to a log-normal sigma that depends on the token count
+    (costmodel/experts.py: power_law_skew). Take the rows whose sigma at 128 tokens is nearest."""
+    if not num_experts:
+        return "balanced"
+    sigma = {"balanced": 0.0}
+    for alpha in (1.01, 1.2):
+        sigma[f"power_law_{alpha}"] = power_law_skew(alpha, MOE_ROWS_AT_TOKENS, num_experts, top_k)
+    return min(sigma, key=lambda d: abs(sigma[d] - routing_skew))
 
 
 def _dense_dtype(dtype: str) -> str:

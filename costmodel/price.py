@@ -13,7 +13,9 @@ shown in `ops` as a `host_overhead` row (class "host") when non-zero.
 Parallelism: `tp` GPUs split heads, MLP and expert widths and all-reduce twice per layer.
 `ep` > 1 adds ep groups of tp GPUs: attention runs data-parallel across groups (tokens split
 evenly), experts are split across groups with a dispatch and a combine all-to-all, and the
-busiest group's expert load sets the time (see ExpertActivation.ep_imbalance). A replica has
+busiest group's expert load sets the time (ExpertActivation.ep_imbalance, experts placed without
+regard to popularity as vLLM does without EPLB; a measured MoE row is already the busiest
+rank's, so table pricing does not inflate it again). A replica has
 tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for the replica.
 """
 
@@ -89,7 +91,7 @@ class CostModel:
         self.parallel = parallel or Parallelism()
         self._check_parallelism()
         self.activation = ExpertActivation(model.num_experts, model.top_k, model.routing_skew)
-        self.ep_imbalance = self.activation.ep_imbalance(self.parallel.ep)
+        self.ep_imbalance = self.activation.ep_imbalance(self.parallel.ep, placement="random")
         self._check_memory()
         self._K = self._coefficients()
         params = [self.profile.ops[c] for _, c in OPS]
@@ -118,7 +120,7 @@ class CostModel:
         datasheet = {c: Roofline(p.compute_eff, p.memory_eff, p.overhead_s) for c, p in ops.items()}
         return MeasuredKernels(
             self.model, self.parallel.tp, self.parallel.ep, self.profile, datasheet,
-            moe_distribution(self.model.routing_skew), tuple(self._sliding_prefix),
+            moe_distribution(self.model.routing_skew, self.model.num_experts, self.model.top_k), tuple(self._sliding_prefix),
             elementwise_s=lambda tokens: self._datasheet_op("norms_elementwise", tokens),
             embedding_s=lambda tokens: self._datasheet_op("embedding", tokens))
 

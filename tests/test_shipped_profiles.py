@@ -89,7 +89,7 @@ def test_qwen3_layer_at_tp2_matches_the_sum_of_its_measured_kernels(tokens: int)
     m = pd.read_parquet(h100 / "moe/vllm/0.24.0/moe_perf.parquet")
     moe = m[(m.moe_dtype == "bfloat16") & (m.hidden_size == 2048) & (m.inter_size == 768)
             & (m.num_experts == 128) & (m.topk == 8) & (m.moe_tp_size == 2) & (m.moe_ep_size == 1)
-            & (m.distribution == moe_distribution(model.routing_skew)) & (m.num_tokens == tokens)]
+            & (m.distribution == moe_distribution(model.routing_skew, 128, 8)) & (m.num_tokens == tokens)]
     a = pd.read_parquet(h100 / "attention/vllm/0.24.0/context_attention_perf.parquet")
     attn = a[(a.kv_cache_dtype == "bfloat16") & (a.window_size == 0) & (a.batch_size == 1)
              & (a.isl == tokens) & (a.num_heads == 16) & (a.num_key_value_heads == 2)
