@@ -89,7 +89,8 @@ def run(ns: argparse.Namespace) -> int:
     active = round(layer_host / per_layer) if per_layer else 0
     over = per_iter + layer_host
     guess = "guess" in str(cm.profile.provenance.get("iteration_overhead_s", ""))
-    print(f"{'host overhead (guess)' if guess else 'host overhead':<18}{'':<14}{'':>10}{'':>11}{'':>10}{'':>{width}}{over * 1e6:>11.1f}"
+    label = "host overhead (guess)" if guess else "host overhead"
+    print(f"{label:<22}{'':<10}{'':>10}{'':>11}{'':>10}{'':>{width}}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
     if per_layer:
         print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "

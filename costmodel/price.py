@@ -120,7 +120,8 @@ class CostModel:
         datasheet = {c: Roofline(p.compute_eff, p.memory_eff, p.overhead_s) for c, p in ops.items()}
         return MeasuredKernels(
             self.model, self.parallel.tp, self.parallel.ep, self.profile, datasheet,
-            moe_distribution(self.model.routing_skew, self.model.num_experts, self.model.top_k), tuple(self._sliding_prefix),
+            moe_distribution(self.model.routing_skew, self.model.num_experts, self.model.top_k),
+            tuple(self._sliding_prefix),
             elementwise_s=lambda tokens: self._datasheet_op("norms_elementwise", tokens),
             embedding_s=lambda tokens: self._datasheet_op("embedding", tokens))
 
