@@ -107,3 +107,48 @@ def test_qwen3_layer_at_tp2_matches_the_sum_of_its_measured_kernels(tokens: int)
     assert mk is not None
     priced_s = mk.layer_time_s(tokens) + mk.prefill_attn_s(1, tokens * (tokens + 1) / 2)
     assert priced_s == pytest.approx(measured_s, rel=0.10)
+
+
+def test_compare_without_arguments_names_the_measured_h100_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    assert main(["compare", "--duration", "5"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("qwen3-30b-a3b on 2 x h100 (tp 2, measured-kernel profile (")
+    assert "vllm 0.24.0" in header
+    assert main(["compare", "--duration", "5", "--profile", "datasheet"]) == 0
+    assert "datasheet profile" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_explain_says_what_priced_each_operation(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    assert main(["explain", "--tp", "2", "--decode", "8", "--context", "1000", "--prefill", "256"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+            if len(line.split()) > 2 and line.split()[1] in ("dense_gemm", "expert_gemm", "elementwise")}
+    assert rows["experts"].split()[-3] == "table"
+    assert "datasheet roofline" in rows["norms_elementwise"]  # no table measures it: says so
+    assert "extrapolated" in rows["lm_head"]  # vocab / 2 = 75,968 > the widest measured n
+
+
+def test_fp8_weights_take_the_fp8_rows() -> None:
+    """An fp8 model is priced from the fp8 rows (here slower than bf16 at this shape: vLLM's
+    per-tensor fp8 GEMM quantises its input first), its router from the bf16 rows."""
+    prof = resolve_profile("h100")
+    bf16 = CostModel(load_model("qwen3-30b-a3b"), "h100", prof, Parallelism(tp=2)).measured
+    fp8 = CostModel(load_model("qwen3-30b-a3b", dtype="fp8"), "h100", prof, Parallelism(tp=2)).measured
+    assert bf16 is not None and fp8 is not None
+    assert fp8.sources["qkv_proj"] == "table" and fp8.sources["experts"] == "table"
+    # the rows themselves (H100, vLLM 0.24.0, m 4096, n 2560, k 2048): bf16 0.0582 ms, fp8 0.0615 ms
+    assert bf16.layer_ops(4096)["qkv_proj"] == pytest.approx(0.0582e-3, rel=0.01)
+    assert fp8.layer_ops(4096)["qkv_proj"] == pytest.approx(0.0615e-3, rel=0.01)
+    assert fp8.layer_ops(4096)["router"] == pytest.approx(bf16.layer_ops(4096)["router"])
+    assert fp8.layer_ops(4096)["experts"] != pytest.approx(bf16.layer_ops(4096)["experts"], rel=0.02)
+
+
+def test_routing_skew_picks_the_nearest_measured_popularity() -> None:
+    # sigma equivalent at 128 tokens, Qwen3 (128 experts, top-8): alpha 1.01 -> 1.09, 1.2 -> 1.24
+    assert moe_distribution(0.0, 128, 8) == "balanced"
+    assert moe_distribution(1.0, 128, 8) == "power_law_1.01"
+    assert moe_distribution(1.2, 128, 8) == "power_law_1.2"
+    assert moe_distribution(1.2, 0, 0) == "balanced"  # dense: nothing to route
