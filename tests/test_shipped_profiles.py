@@ -109,7 +109,8 @@ def test_qwen3_layer_at_tp2_matches_the_sum_of_its_measured_kernels(tokens: int)
     assert priced_s == pytest.approx(measured_s, rel=0.10)
 
 
-def test_compare_without_arguments_names_the_measured_h100_profile(capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_without_arguments_names_the_measured_h100_profile(
+        capsys: pytest.CaptureFixture[str]) -> None:
     from cli.main import main
 
     assert main(["compare", "--duration", "5"]) == 0
