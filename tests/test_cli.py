@@ -8,7 +8,6 @@ import pytest
 
 from cli.main import main
 from sim.router import make_router
-from traces import data_dir
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -100,7 +99,6 @@ def test_routers_pick_by_their_rule():
         make_router("random")
 
 
-@pytest.mark.skipif(not data_dir().is_dir(), reason="the shared traces (ShareGPT) are not here")
 def test_shipped_study_file_runs(capsys):
     code, out, _ = run(capsys, "compare", "examples/study.yaml", "--duration", "10", "--json")
     assert code == 0

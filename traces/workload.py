@@ -13,7 +13,8 @@ with the same seed therefore uses identical arrivals.
   are redrawn from the arrival process and the trace's lengths are used in order. Then the caps
   keep arrivals ``t < duration_s`` and the first ``num_requests``.
 
-Named files are looked up in ``$LAYERSIM_TRACES_DIR`` or else ``<repo root>/../shared/traces``.
+Named files ship with the package in ``traces/data/`` (provenance and licences in its README);
+``$LAYERSIM_TRACES_DIR``, when set, is searched instead.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ NAMED_FILES = {
 VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT")
 
 
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+
+
 def data_dir() -> Path:
-    """``$LAYERSIM_TRACES_DIR`` if set, else ``<repo root>/../shared/traces``."""
+    """``$LAYERSIM_TRACES_DIR`` if set, else the trace files shipped in the package."""
     env = os.environ.get("LAYERSIM_TRACES_DIR")
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parent.parent
-    return repo_root.parent / "shared" / "traces"
+    return PACKAGED_DATA
 
 
 def _positive(value: float | None, label: str) -> None:
@@ -118,9 +121,9 @@ def resolve_workload(
     if name in NAMED_FILES:
         path = data_dir() / NAMED_FILES[name]
         if not path.is_file():
-            raise TraceError(
-                f"workload {name!r} needs {path}, which is missing (set LAYERSIM_TRACES_DIR)"
-            )
+            why = ("LAYERSIM_TRACES_DIR names a folder without it" if os.environ.get("LAYERSIM_TRACES_DIR")
+                   else "the package's trace data was not installed")
+            raise TraceError(f"workload {name!r} needs {path}, which is missing ({why})")
         return load_trace(path)
     path = Path(name).expanduser()
     if path.is_file():
