@@ -23,15 +23,15 @@ ROWS = (("mean_ttft_ms", "TTFT mean (ms)", "{:.0f}"), ("p99_ttft_ms", "TTFT p99 
 def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()} (simulation only; no GPU ran)")
     results = {}
-    for label, profile in (("datasheet", "datasheet"), ("measured-kernel", None)):
+    for label, profile in (("datasheet", "datasheet"), ("measured", None)):
         study = make_study({"profile": profile} if profile else {})
         _, _, runs = run_study(study)
         results[label] = {r.policy: r.metrics for r in runs}
     policies = list(results["datasheet"])
-    head = f"{'':<20}" + "".join(f"{f'{p} / {lab}':>28}" for p in policies for lab in results)
+    head = f"{'':<20}" + "".join(f"{f'{p} / {lab}':>25}" for p in policies for lab in results)
     print(head)
     for key, name, fmt in ROWS:
-        cells = "".join(f"{fmt.format(results[lab][p][key]):>28}" for p in policies for lab in results)
+        cells = "".join(f"{fmt.format(results[lab][p][key]):>25}" for p in policies for lab in results)
         print(f"{name:<20}{cells}")
     print("published study (its own engine, 2 x H100): chunked mean TTFT about 2,800 ms")
 
