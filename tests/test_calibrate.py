@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from calibrate.energy import EnergyWindow, fit_energy
 from calibrate.fit import Sample, fit_op_class, predict, split
 from calibrate.grid import Dims, Shape, build_grid, counting_model, quantities
-from costmodel import CostModel, decode_tile, load_gpu, load_model, load_profile
+from costmodel import CostModel, IterationCost, Profile, decode_tile, load_gpu, load_model, load_profile
 
 H200 = load_gpu("h200")
 
@@ -112,11 +111,11 @@ def test_quantities_are_the_cost_models() -> None:
 # factor of 2) and their mean within 50%. `elementwise` is reported but not bounded: the cost
 # model gives the embedding gather (~10 us on the CPU) and a layer's norms (~110 us of
 # dispatch) one shared overhead, which no fit can reconcile on a CPU.
+# These bounds depend on the machine's load, so they are checked by `slow` tests
+# (`pytest -m slow`); CI checks what calibration writes, not how well it fits. The wall time of
+# the quick calibration is measured by benchmarks/calibrate_cpu.py.
 BOUNDED_CLASSES = ("dense_gemm", "expert_gemm", "prefill_attn", "decode_attn")
 CLASS_BOUND, MEAN_BOUND = 1.0, 0.5
-
-
-QUICK_CALIBRATION_S = 45.0
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +124,8 @@ def cpu_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from calibrate.cli import main
 
     out = tmp_path_factory.mktemp("cal") / "profile-cpu.json"
-    start = time.perf_counter()
     assert main(["--device", "cpu", "--quick", "--model", "tiny-moe", "--out", str(out),
                  "--no-progress"]) == 0
-    # Kernel grid plus engine iterations took ~12 s on two idle cores; 45 s leaves room for a
-    # busy runner while catching a host-overhead step that grows out of `--quick`.
-    assert time.perf_counter() - start < QUICK_CALIBRATION_S
     return out
 
 
@@ -143,17 +138,31 @@ def test_cpu_calibration_writes_usable_profile(cpu_profile: Path) -> None:
         assert key in pv
     assert pv["energy"]["measured"] is False
     assert set(pv["not_measured"]) == {"allreduce", "alltoall"}
+    for c in BOUNDED_CLASSES:
+        err = profile.fit_errors[c]["median_rel_err"]
+        assert np.isfinite(err) and err >= 0, profile.fit_errors
+        assert profile.fit_errors[c]["n_held_out"] >= 3
+
+    cost = _priced_decodes(profile)
+    assert cost.latency_s > 0 and cost.energy_j > 0
+    assert np.isfinite(cost.latency_s)
+
+
+def _priced_decodes(profile: Profile) -> IterationCost:
+    spec = load_model("tiny-moe")
+    cm = CostModel(spec, profile.gpu, profile)
+    assert cm.hw.peak_flops == profile.peak_flops  # measured peaks replace the preset's
+    return cm.price([decode_tile(r, 100 + r, spec.num_layers) for r in range(8)])
+
+
+@pytest.mark.slow
+def test_cpu_calibration_fit_errors_within_bounds(cpu_profile: Path) -> None:
+    # timing-dependent: held-out errors grow when the machine's load changes during the grid
+    profile = load_profile(cpu_profile)
     errs = [profile.fit_errors[c]["median_rel_err"] for c in BOUNDED_CLASSES]
     assert max(errs) < CLASS_BOUND, profile.fit_errors
     assert float(np.mean(errs)) < MEAN_BOUND, profile.fit_errors
-    for c in BOUNDED_CLASSES:
-        assert profile.fit_errors[c]["n_held_out"] >= 3
-
-    spec = load_model("tiny-moe")
-    cm = CostModel(spec, profile.gpu, profile)
-    cost = cm.price([decode_tile(r, 100 + r, spec.num_layers) for r in range(8)])
-    assert 0 < cost.latency_s < 1 and cost.energy_j > 0
-    assert cm.hw.peak_flops == profile.peak_flops  # measured peaks replace the preset's
+    assert _priced_decodes(profile).latency_s < 1  # tiny-moe: 8 decodes well under a second
 
 
 def test_cpu_host_overhead_is_fitted(cpu_profile: Path) -> None:
@@ -162,12 +171,20 @@ def test_cpu_host_overhead_is_fitted(cpu_profile: Path) -> None:
     assert host["measured"] is True, host
     assert profile.iteration_overhead_s >= 0 and profile.layer_overhead_s >= 0
     assert host["layer_overhead_s"] == profile.layer_overhead_s
-    # tiny-moe's engine spends about a millisecond of host time per layer on a CPU: the fit
-    # must find some, and explain the timed iterations better than kernels alone do.
-    assert profile.layer_overhead_s > 0
-    assert host["median_rel_err"] < host["kernel_only_median_rel_err"]
     assert host["torch_threads"] == profile.provenance["torch_threads"]  # what validate will use
     assert {p["active_layers"] for p in host["plans"]} >= {1, 2, 4}
+    assert 0 <= host["median_rel_err"] <= host["worst_rel_err"]
+
+
+@pytest.mark.slow
+def test_cpu_host_overhead_explains_the_iterations(cpu_profile: Path) -> None:
+    # tiny-moe's engine spends about a millisecond of host time per layer on a CPU: the fit
+    # must find some, and explain the timed iterations better than kernels alone do. Timing-
+    # dependent: a grid timed under load can price kernels above the idle iterations.
+    profile = load_profile(cpu_profile)
+    host = profile.provenance["host_overhead"]
+    assert profile.layer_overhead_s > 0
+    assert host["median_rel_err"] < host["kernel_only_median_rel_err"]
 
 
 def test_host_overhead_fit_recovers_known_overheads() -> None:
@@ -324,22 +341,35 @@ def test_profile_json_is_plain(cpu_profile: Path) -> None:
     assert raw["schema_version"] == 1 and raw["provenance"]["calibrated"] is True
 
 
-def test_energy_window_spans_at_least_200ms() -> None:
-    # A fake NVML whose counter integrates 100 W: the window must last >= 0.2 s, count every
-    # call's FLOPs and bytes, and turn mJ into J.
-    import time
-
+def test_energy_window_spans_at_least_200ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock that each call advances by 1 ms, and a fake NVML whose counter integrates
+    # 100 W on that clock: the window must last >= 0.2 s, count every call's FLOPs and bytes, and
+    # turn mJ into J. No wall clock, so a busy machine cannot change the result.
+    from calibrate import energy
     from calibrate.energy import MIN_WINDOW_S, NvmlMeter
+
+    clock = [0.0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
 
     class FakeNvml:
         def nvmlDeviceGetTotalEnergyConsumption(self, handle: object) -> int:
-            return int(time.perf_counter() * 100 * 1e3)  # mJ at 100 W
+            return round(clock[0] * 100 * 1e3)  # mJ at 100 W
 
+    def call() -> None:
+        calls.append(1)
+        clock[0] += 1e-3
+
+    monkeypatch.setattr(energy, "time", FakeTime)
     meter = NvmlMeter.__new__(NvmlMeter)
     meter._nv = FakeNvml()
     meter.handle = None
-    calls = []
-    w = meter.window(lambda: calls.append(1), lambda: None, per_call_s=1e-3, flops=10.0, hbm_bytes=2.0)
+    calls: list[int] = []
+    w = meter.window(call, lambda: None, per_call_s=1e-3, flops=10.0, hbm_bytes=2.0)
     assert w.duration_s >= MIN_WINDOW_S
+    assert w.duration_s == pytest.approx(1e-3 * len(calls))
     assert w.flops == 10.0 * len(calls) and w.hbm_bytes == 2.0 * len(calls)
-    assert w.energy_j == pytest.approx(100 * w.duration_s, rel=0.05)
+    assert w.energy_j == pytest.approx(100 * w.duration_s, rel=1e-6)
