@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.simulate import _add_common, _write_report, check_out, study_from_args
+from cli.simulate import _add_common, _write_report, study_from_args
 from costmodel import ConfigError
-from costmodel.files import atomic_write
 from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
+from sim.results import check_out, results_folder, setup_record, write_provenance
 
 
 def _fraction(text: str) -> float:
@@ -66,10 +66,13 @@ def run(ns: argparse.Namespace) -> int:
     answer = with_price(answer, ns.price_per_gpu_hour)
     result = answer.to_dict()
     if ns.out is not None:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(ns.out / "capacity.json",
-                lambda p: p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n"))
-        _write_report(ns.out)
+        setup = setup_record(study, cm, policy=study.policies[0], target_attainment=ns.target,
+                             price_per_gpu_hour=ns.price_per_gpu_hour, rate=given_rate)
+        with results_folder(ns.out) as folder:
+            (folder / "capacity.json").write_text(
+                json.dumps({**result, "setup": setup}, indent=2, sort_keys=True) + "\n")
+            write_provenance(folder, study, setup, getattr(ns, "argv", []))
+            _write_report(folder)
     if ns.json:
         print(json.dumps(result["answer"], sort_keys=True))
         return 0

@@ -27,8 +27,8 @@ def _guard(prog: str, fn: Callable[[], int]) -> int:
         return _fail(prog, f"{e.filename}: not found")
     except OSError as e:  # e.g. --out naming a file, or a folder we may not write
         return _fail(prog, f"{e.filename or ''}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished results were kept", file=sys.stderr)
+    except KeyboardInterrupt:  # --out folders appear whole or not at all (sim/results.py)
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="layersim", description=(
         "Capacity planning and scheduling-policy design for MoE LLM serving."))
+    from sim.results import layersim_version
+
+    parser.add_argument("--version", action="version", version=f"layersim {layersim_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     simulate.add_parsers(sub)
     explain.add_parser(sub)
@@ -67,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     ns = parser.parse_args(args)
+    ns.argv = args  # recorded in results folders (sim/results.py)
     if ns.command is None:
         parser.print_help()
         return 0

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from costmodel import ConfigError
+from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study, load_study, make_study, run_study
 from sim.table import format_comparison
 
@@ -81,20 +81,17 @@ def study_from_args(ns: argparse.Namespace) -> Study:
     return make_study(flags)
 
 
-def check_out(out: Path | None) -> None:
-    """Fail before simulating, not after, when the results folder cannot be one."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-
-
 def run(ns: argparse.Namespace) -> int:
     check_out(ns.out)
     study = study_from_args(ns)
     workload, cm, results = run_study(study, progress=not ns.json, check=ns.check)
     if ns.out is not None:
-        for r in results:
-            r.write(ns.out)
-        _write_report(ns.out)
+        setup = setup_record(study, cm)
+        with results_folder(ns.out) as folder:
+            for r in results:
+                r.write(folder, setup)
+            write_provenance(folder, study, setup, getattr(ns, "argv", []))
+            _write_report(folder)
     if ns.json:
         for r in results:
             print(json.dumps(r.metrics, sort_keys=True))

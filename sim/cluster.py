@@ -42,14 +42,16 @@ class SimResult:
     requests: pd.DataFrame = field(repr=False)
     iterations: pd.DataFrame = field(repr=False)
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically."""
+    def write(self, out_dir: str | Path, setup: dict[str, Any] | None = None) -> Path:
+        """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically;
+        `setup` (what produced the run, sim/results.py) goes into metrics.json as "setup"."""
+        metrics = self.metrics if setup is None else {**self.metrics, "setup": setup}
         d = Path(out_dir) / self.policy.replace(":", "_").replace("/", "_")
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / "requests.parquet", lambda p: self.requests.to_parquet(p, index=False))
         atomic_write(d / "iterations.parquet", lambda p: self.iterations.to_parquet(p, index=False))
         atomic_write(d / "metrics.json",
-                lambda p: p.write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n"))
+                lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"))
         return d
 
 
