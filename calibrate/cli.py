@@ -72,25 +72,21 @@ def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
 
 
 def _bar(enabled: bool) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
-    """A tqdm bar created on the first report, when the grid size is known."""
-    state: dict[str, object] = {}
+    """Progress created on the first report, when the grid size is known (sim/progress.py)."""
+    from sim.progress import Progress
+
+    state: dict[str, Progress] = {}
 
     def report(done: int, total: int, label: str) -> None:
         if not enabled:
             return
-        from tqdm import tqdm
-
-        bar = state.get("bar")
-        if bar is None:
-            bar = state["bar"] = tqdm(total=total, unit="shape", file=sys.stderr, dynamic_ncols=True)
-        assert isinstance(bar, tqdm)
-        bar.set_postfix_str(label[:48], refresh=False)
-        bar.update(done - bar.n)
+        if "bar" not in state:
+            state["bar"] = Progress(total, "calibrating", "shape")
+        state["bar"].update(done, label)
 
     def close() -> None:
-        bar = state.get("bar")
-        if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
+        if "bar" in state:
+            state["bar"].close()
     return report, close
 
 
@@ -119,6 +115,10 @@ def main(argv: list[str] | None = None, prog: str = "calibrate") -> int:
     out = args.out
     if out is None:
         out = f"profile-{_device_tag(device)}.json"
+    from pathlib import Path
+
+    if not Path(out).parent.is_dir():  # before the run, not after it
+        return fail(f"--out {out}: folder {Path(out).parent} does not exist")
     report, close = _bar(not args.no_progress)
     try:
         profile = run_calibration(args.model, args.tp, device, args.quick, out, report,

@@ -82,13 +82,13 @@ def open_device(spec: str, quick: bool, threads: int = 1) -> Ctx:
         index = int(spec.partition(":")[2] or 0)
     except ValueError:
         raise CalibrationError(f"--device {spec}: expected 'cpu' or 'cuda:N'") from None
+    if not torch.cuda.is_available():  # first: without a GPU, a missing NVML is beside the point
+        raise CalibrationError(f"--gpu {index}: this machine has no CUDA GPU that torch "
+                               f"{torch.__version__} can see; use --device cpu, or --from-tables")
     try:
         import pynvml  # noqa: F401  (needed for the energy counter)
     except ImportError:
         raise CalibrationError("GPU calibration needs nvidia-ml-py (pip install 'layersim[gpu]')") from None
-    if not torch.cuda.is_available():
-        raise CalibrationError(f"--gpu {index}: no CUDA GPU visible to torch {torch.__version__}; "
-                               "use --device cpu")
     if index >= torch.cuda.device_count():
         raise CalibrationError(f"--gpu {index}: only {torch.cuda.device_count()} GPU(s) visible")
     device = torch.device("cuda", index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,9 @@ def _guard(prog: str, fn: Callable[[], int]) -> int:
         return _fail(prog, str(e))
     except ValueError as e:  # TraceError and the reports' input errors are ValueErrors
         return _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except BrokenPipeError:  # `layersim ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's flush is quiet
+        return 0
     except FileNotFoundError as e:
         return _fail(prog, f"{e.filename}: not found")
     except OSError as e:  # e.g. --out naming a file, or a folder we may not write

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,11 +73,27 @@ def make_policy(spec: str) -> Policy:
     name, _, arg = spec.partition(":")
     if "/" not in name and not name.endswith(".py") and "." not in name:
         policy = _builtin(name, arg or None)
-        if policy is None:
-            raise ConfigError(f"unknown policy '{spec}' (built-in: {', '.join(BUILTIN_NAMES)}; "
-                              "or path/to/file.py:ClassName, module:ClassName)")
-        return policy
+        if policy is not None:
+            return policy
+        unknown = (f"unknown policy '{spec}' (built-in: {', '.join(BUILTIN_NAMES)}; "
+                   "or path/to/file.py:ClassName, module:ClassName)")
+        if not arg or not _module_exists(name):  # a top-level module of the user's: mine:Class
+            raise ConfigError(unknown)
     return load_user_policy(spec)
+
+
+def _with_cwd_on_path() -> None:
+    """As `python -m` would: module:Class finds modules in the current folder."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+def _module_exists(name: str) -> bool:
+    _with_cwd_on_path()
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def load_user_policy(spec: str) -> Policy:
@@ -103,6 +120,7 @@ def load_user_policy(spec: str) -> Policy:
             raise ConfigError(f"policy '{spec}': {path} failed to import: "
                               f"{type(e).__name__}: {e}") from None
     else:
+        _with_cwd_on_path()
         try:
             module = importlib.import_module(target)
         except ImportError as e:
