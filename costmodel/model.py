@@ -190,6 +190,29 @@ class ModelSpec:
         return replace(self, **changes)
 
 
+# Hugging Face ids of the presets' checkpoints (lower case; "-instruct" variants share the
+# architecture). A "-FP8" suffix is the same model with fp8 weights, as the Hub publishes them.
+HF_IDS = {
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b", "qwen/qwen3-235b-a22b": "qwen3-235b-a22b",
+    "qwen/qwen3-8b": "qwen3-8b", "meta-llama/llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b",
+    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b", "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
+    "openai/gpt-oss-20b": "gpt-oss-20b", "openai/gpt-oss-120b": "gpt-oss-120b",
+}
+
+
+def hf_preset(name: str) -> tuple[str | None, str | None]:
+    """(preset, weight dtype the id implies) for a Hugging Face id such as Qwen/Qwen3-30B-A3B-FP8."""
+    key = name.lower().rstrip("/")
+    if Path(name).exists() or "/" not in key:
+        return None, None
+    if key.endswith("-fp8") and key.removesuffix("-fp8") in HF_IDS:
+        return HF_IDS[key.removesuffix("-fp8")], "fp8"
+    return HF_IDS.get(key), None
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
@@ -197,11 +220,16 @@ def list_presets() -> list[str]:
 def load_model(name_or_path: str | Path, *, dtype: str | None = None,
                expert_dtype: str | None = None, kv_cache_dtype: str | None = None,
                routing_skew: float | None = None) -> ModelSpec:
-    """A preset name (`qwen3-30b-a3b`) or the path of a `config.json`.
+    """A preset name (`qwen3-30b-a3b`), a Hugging Face id of one (`Qwen/Qwen3-30B-A3B`, with
+    `-FP8`: fp8 weights), or the path of a `config.json`.
 
     `dtype`, `expert_dtype` and `kv_cache_dtype` (any spelling `canonical_dtype` accepts) override
     what the config says; None keeps it (see `parse_config`).
     """
+    preset, checkpoint_dtype = hf_preset(str(name_or_path))
+    if preset is not None:
+        name_or_path = preset
+        dtype = dtype if dtype is not None else checkpoint_dtype
     path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
         path = Path(name_or_path)
@@ -209,8 +237,8 @@ def load_model(name_or_path: str | Path, *, dtype: str | None = None,
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(
-                f"unknown model '{name_or_path}': not a preset ({', '.join(list_presets())}) "
-                "nor a config.json file"
+                f"unknown model '{name_or_path}': not a preset ({', '.join(list_presets())}), "
+                "a Hugging Face id of one, nor a config.json file"
             )
     try:
         cfg = json.loads(path.read_text())

@@ -161,3 +161,15 @@ def test_bad_dtype_key_is_one_line(capsys, tmp_path, content, needle):
     study = tmp_path / "study.yaml"
     study.write_text(content)
     assert_one_line_error(capsys, ["compare", str(study)], needle)
+
+
+def test_hugging_face_ids_resolve_to_presets() -> None:
+    from costmodel import load_model
+
+    assert load_model("Qwen/Qwen3-30B-A3B").name == "qwen3-30b-a3b"
+    fp8 = load_model("Qwen/Qwen3-235B-A22B-FP8")
+    assert fp8.name == "qwen3-235b-a22b" and fp8.weight_dtype == "fp8"
+    assert load_model("Qwen/Qwen3-235B-A22B-FP8", dtype="bf16").weight_dtype == "bfloat16"  # flag wins
+    assert load_model("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
+    with pytest.raises(ConfigError, match="Hugging Face id"):
+        load_model("someone/unknown-model")
