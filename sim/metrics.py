@@ -2,8 +2,11 @@
 
 Duration is from the first arrival to the last completion (benchmark_serving's wall time).
 TPOT is per request (E2E - TTFT) / (output tokens - 1); ITL pools every gap between tokens.
-A request meets the SLO when its TTFT and its own P99 ITL are both within target; requests that
-never finished count as misses. Energy covers busy iterations and idle power between them.
+A request meets the SLO when its TTFT and its own P99 ITL are both within target (and its TPOT
+and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them);
+requests that never finished count as misses. Each latency has mean, median, std and the
+requested percentiles (p90, p95, p99 by default; p99 always). Energy covers busy iterations and
+idle power between them.
 """
 
 from __future__ import annotations
@@ -16,24 +19,42 @@ import pandas as pd
 
 from sim.records import Recorder
 
+DEFAULT_PERCENTILES = (90.0, 95.0, 99.0)
 
-def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
+
+def _name(p: float) -> str:
+    return f"p{p:g}".replace(".", "_")  # benchmark_serving's p99, p99_9
+
+
+def _stats(prefix: str, values: np.ndarray, percentiles: tuple[float, ...]) -> dict[str, float]:
+    """mean, median, std and the percentiles, as benchmark_serving names them."""
     if not len(values):
         nan = float("nan")
-        return {f"mean_{prefix}": nan, f"median_{prefix}": nan, f"p99_{prefix}": nan}
+        return {f"mean_{prefix}": nan, f"median_{prefix}": nan, f"std_{prefix}": nan,
+                **{f"{_name(p)}_{prefix}": nan for p in percentiles}}
+    pct = np.percentile(values, percentiles) if percentiles else []
     return {f"mean_{prefix}": float(np.mean(values)), f"median_{prefix}": float(np.median(values)),
-            f"p99_{prefix}": float(np.percentile(values, 99))}
+            f"std_{prefix}": float(np.std(values)),
+            **{f"{_name(p)}_{prefix}": float(v) for p, v in zip(percentiles, pct, strict=True)}}
 
 
 def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
-              idle_energy_j: float, slo_ttft_ms: float, slo_itl_ms: float) -> dict[str, Any]:
+              idle_energy_j: float, slo_ttft_ms: float, slo_itl_ms: float,
+              slo_tpot_ms: float | None = None, slo_e2el_ms: float | None = None,
+              percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> dict[str, Any]:
+    pcts = tuple(sorted({*percentiles, 99.0}))  # p99 always: the SLO and the tables use it
     done = req[req["finished"]]
     start_s = float(req["arrival_s"].min()) if len(req) else 0.0
     duration = max(end_s - start_s, 1e-12)
     prompt_tokens = int(done["prompt_tokens"].sum())
     output_tokens = int(done["output_tokens"].sum())
     energy = rec.energy_j + idle_energy_j
-    ok = done[(done["ttft_ms"] <= slo_ttft_ms) & (done["p99_itl_ms"] <= slo_itl_ms)]
+    meets = (done["ttft_ms"] <= slo_ttft_ms) & (done["p99_itl_ms"] <= slo_itl_ms)
+    if slo_tpot_ms is not None:  # a one-token request has no TPOT: it cannot miss that target
+        meets &= (done["output_tokens"] <= 1) | (done["tpot_ms"] <= slo_tpot_ms)
+    if slo_e2el_ms is not None:
+        meets &= done["e2el_ms"] <= slo_e2el_ms
+    ok = done[meets]
     n = len(done)
     out: dict[str, Any] = {
         "completed": n,
@@ -46,22 +67,26 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (prompt_tokens + output_tokens) / duration,
     }
-    out |= _stats("ttft_ms", done["ttft_ms"].to_numpy())
+    out |= _stats("ttft_ms", done["ttft_ms"].to_numpy(), pcts)
     tpot = done.loc[done["output_tokens"] > 1, "tpot_ms"].to_numpy()
-    out |= _stats("tpot_ms", tpot)
+    out |= _stats("tpot_ms", tpot, pcts)
     if rec.itl_hist is None:
-        out |= _stats("itl_ms", np.sort(rec.itl_values_s()) * 1e3)  # sorted: order-free sums
-    else:
-        med, p99 = rec.itl_percentiles_ms((50, 99))
-        out |= {"mean_itl_ms": float("nan"), "median_itl_ms": med, "p99_itl_ms": p99}
-    out |= _stats("e2el_ms", done["e2el_ms"].to_numpy())
+        out |= _stats("itl_ms", np.sort(rec.itl_values_s()) * 1e3, pcts)  # sorted: order-free sums
+    else:  # fleet runs keep gaps as a histogram: no mean or std, percentiles from its bins
+        values = rec.itl_percentiles_ms((50, *pcts))
+        out |= {"mean_itl_ms": float("nan"), "std_itl_ms": float("nan"), "median_itl_ms": values[0],
+                **{f"{_name(p)}_itl_ms": v for p, v in zip(pcts, values[1:], strict=True)}}
+    out |= _stats("e2el_ms", done["e2el_ms"].to_numpy(), pcts)
     expert_bytes = rec.expert_bytes
     hbm_bytes = rec.hbm_bytes
     out |= {
         "slo_ttft_ms": slo_ttft_ms,
         "slo_itl_ms": slo_itl_ms,
+        "slo_tpot_ms": slo_tpot_ms if slo_tpot_ms is not None else float("nan"),
+        "slo_e2el_ms": slo_e2el_ms if slo_e2el_ms is not None else float("nan"),
         "slo_attainment": len(ok) / len(req) if len(req) else float("nan"),
         "goodput": len(ok) / duration,
+        "request_goodput": len(ok) / duration,  # benchmark_serving's name for the same
         "energy_j": energy,
         "energy_per_token_j": energy / (prompt_tokens + output_tokens) if n else float("nan"),
         "energy_per_output_token_j": energy / output_tokens if output_tokens else float("nan"),

@@ -1,0 +1,32 @@
+"""benchmark_serving's metric names: std and percentiles by hand on a constant-latency server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.cluster import simulate
+from tests.helpers import ConstantCost
+from traces.request import Request
+
+D = 0.01  # seconds per iteration, whatever it holds
+OUTPUTS = (2, 5, 9, 17)
+
+
+def isolated_run():  # type: ignore[no-untyped-def]
+    """One request at a time (100 s apart): TTFT = D, E2E = output tokens x D, TPOT = D."""
+    reqs = [Request(i, 100.0 * i, 64, o) for i, o in enumerate(OUTPUTS)]
+    return simulate(reqs, ConstantCost(D), "chunked:512")
+
+
+def test_std_and_percentiles_match_hand_computed_values() -> None:
+    m = isolated_run().metrics
+    e2el = np.array(OUTPUTS) * D * 1e3
+    assert m["mean_e2el_ms"] == pytest.approx(e2el.mean())
+    assert m["std_e2el_ms"] == pytest.approx(np.sqrt(((e2el - e2el.mean()) ** 2).mean()))
+    # numpy's linear percentile on [20, 50, 90, 170] ms: p90 at rank 2.7 -> 90 + 0.7 * 80
+    assert m["p90_e2el_ms"] == pytest.approx(146.0)
+    assert m["p95_e2el_ms"] == pytest.approx(90 + 0.85 * 80)
+    assert m["std_ttft_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert m["p99_tpot_ms"] == pytest.approx(D * 1e3)
+    assert m["request_goodput"] == m["goodput"]
