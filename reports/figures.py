@@ -6,6 +6,7 @@ Trace data is thinned (CDF quantiles, per-time-bin extremes) so the HTML stays s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,46 @@ _SUBPLOT_LAYOUT: dict[str, Any] = _LAYOUT | dict(margin=dict(l=60, r=20, t=90, b
 
 def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
+
+
+def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
+    """1-2-3-5 tick values (fewer when the range spans many decades), each labelled in full.
+
+    Plotly's default log axis labels minor ticks with their bare leading digit ("6" for 60),
+    which reads as a value next to a target line.
+    """
+    lo, hi = max(min(lo, hi), 1e-9), max(lo, hi, 1e-9)
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for mantissas in ((1, 2, 3, 5), (1, 2, 5), (1, 3), (1,)):
+        vals = [m * 10.0 ** k for k in range(k0, k1 + 1) for m in mantissas]
+        # One tick beyond each end of the data, so the autoranged axis is labelled to its edges.
+        below = [v for v in vals if v <= lo][-1:]
+        above = [v for v in vals if v >= hi][:1]
+        vals = below + [v for v in vals if lo < v < hi] + above
+        if len(vals) <= 8:
+            break
+    return vals, [_tick_text(v) for v in vals]
+
+
+def _tick_text(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1 else f"{v:.10g}"
+
+
+def _nice_floor(v: float) -> float:
+    """v rounded down to two significant digits."""
+    if v <= 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(v)) - 1)
+    return math.floor(v / step) * step
+
+
+def bar_range(values: Sequence[float]) -> tuple[float, float] | None:
+    """A y range whose baseline shows differences of a few percent; None when 0 already does."""
+    lo, hi = min(values), max(values)
+    if lo <= 0 or lo < 0.8 * hi:  # differences of 20% and more show on a zero baseline
+        return None
+    spread = max(hi - lo, 0.02 * hi)
+    return _nice_floor(lo - spread), hi + 0.35 * spread
 
 
 def frontier(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -124,6 +165,7 @@ def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
               ("p99_itl_ms", "per-request P99 ITL (ms)"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
     drawn = False
+    spans: dict[int, list[float]] = {}
     for i, r in enumerate(runs):
         df = r.requests
         if df is None or "finished" not in df:
@@ -138,6 +180,7 @@ def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
             if not len(v):
                 continue
             x, y = _ecdf(v)
+            spans.setdefault(col, []).extend((float(v.min()), float(v.max())))
             fig.add_trace(go.Scatter(
                 x=x, y=y, mode="lines", name=r.label, legendgroup=r.label, showlegend=col == 1,
                 line=dict(color=_color(i), shape="hv"),
@@ -148,6 +191,9 @@ def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
         return None
     fig.update_layout(**_SUBPLOT_LAYOUT, height=440)
     fig.update_xaxes(type="log")
+    for col, span in spans.items():
+        vals, text = log_ticks(min(span), max(span))
+        fig.update_xaxes(tickvals=vals, ticktext=text, row=1, col=col)
     fig.update_yaxes(range=[0, 1.02])
     fig.update_yaxes(title="fraction of finished requests", row=1, col=1)
     return fig
@@ -202,6 +248,7 @@ def timeline(runs: Sequence[Run]) -> go.Figure | None:
                                "<br>decode %{customdata[1]} tok<extra>" + kind + "</extra>")),
                 row=n, col=1)
         target = r.metric("slo_itl_ms")
+        lo, hi = float(it["per_iter_ms"].min()), float(it["per_iter_ms"].max())
         if target is not None:
             # A trace, not add_hline: hline annotations on a log axis take log10(y) and blow up the range.
             t = it["start_s"]
@@ -209,7 +256,13 @@ def timeline(runs: Sequence[Run]) -> go.Figure | None:
                 x=[t.min(), t.max()], y=[target, target], mode="lines", name="TBT target",
                 legendgroup="target", showlegend=n == 1, line=dict(color="crimson", dash="dash", width=1),
                 hovertemplate=f"TBT target {target:g} ms<extra></extra>"), row=n, col=1)
-        fig.update_yaxes(title="ms / iteration", type="log", row=n, col=1)
+            # The target's value written on its line; annotations on a log axis take log10(y).
+            fig.add_annotation(x=float(t.max()), y=math.log10(target), text=f"TBT target {target:g} ms",
+                               showarrow=False, xanchor="right", yanchor="bottom",
+                               font=dict(color="crimson", size=11), row=n, col=1)
+            lo, hi = min(lo, target), max(hi, target)
+        vals, text = log_ticks(lo, hi)
+        fig.update_yaxes(title="ms / iteration", type="log", tickvals=vals, ticktext=text, row=n, col=1)
     fig.update_xaxes(title="time (s)", row=len(rows), col=1)
     fig.update_layout(**_SUBPLOT_LAYOUT, height=140 + 260 * len(rows))
     return fig
@@ -224,12 +277,27 @@ def traffic_energy(runs: Sequence[Run]) -> go.Figure | None:
     fig = make_subplots(rows=1, cols=2, subplot_titles=["expert weight traffic per request (GB)",
                                                         "energy per token (J)"])
     color = {r.label: _color(i) for i, r in enumerate(runs)}
-    for col, data, fmt in ((1, gb, "%{y:.2f} GB"), (2, joule, "%{y:.4f} J")):
-        if data:
-            fig.add_trace(go.Bar(x=[d[0] for d in data], y=[d[1] for d in data],
-                                 marker_color=[color[d[0]] for d in data], showlegend=False,
-                                 hovertemplate="%{x}<br>" + fmt + "<extra></extra>"), row=1, col=col)
-    fig.update_layout(**_LAYOUT, height=420)
+    for col, data, unit, fmt in ((1, gb, "GB", "{:,.2f}"), (2, joule, "J", "{:.4f}")):
+        if not data:
+            continue
+        ys = [d[1] for d in data]
+        # Each bar says its value and its difference from the first run (the study's baseline):
+        # a 2% difference is then readable even where the bars look alike.
+        base = ys[0]
+        text = [fmt.format(y) + ("" if len(ys) == 1 or base == 0 else "<br>baseline" if i == 0
+                                 else f"<br>{(y - base) / abs(base):+.1%}")
+                for i, y in enumerate(ys)]
+        fig.add_trace(go.Bar(x=[d[0] for d in data], y=ys, text=text, textposition="outside",
+                             cliponaxis=False, marker_color=[color[d[0]] for d in data],
+                             showlegend=False,
+                             hovertemplate="%{x}<br>%{y:.4g} " + unit + "<extra></extra>"), row=1, col=col)
+        span = bar_range(ys)
+        if span is None:
+            fig.update_yaxes(title=unit, rangemode="tozero", row=1, col=col)
+        else:  # a non-zero baseline, and the axis title says so
+            fig.update_yaxes(title=f"{unit} (axis starts at {span[0]:g}, not 0)", range=list(span),
+                             row=1, col=col)
+    fig.update_layout(**(_LAYOUT | dict(margin=dict(l=70, r=20, t=60, b=60))), height=440)
     return fig
 
 

@@ -8,17 +8,18 @@ no timestamps unless the caller passes one) and written atomically (temp file, t
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from costmodel.files import atomic_write
 from reports import figures
-from reports.load import Results, Run, as_float, load_results
+from reports.load import Results, load_results
+from reports.setup import setup_html
+from reports.tables import answer_table, probes_table, summary_table
+from reports.validation import validation_figure, validation_table
 
 _CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -28,31 +29,25 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 1.6em; margin-bottom: 4px; } h2 { font-size: 1.2em; margin-top: 32px; }
 .sub { color: #666; margin-top: 0; }
 table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; white-space: nowrap; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
-thead th { background: #f4f4f4; position: sticky; top: 0; }
-.wrap { overflow-x: auto; }
+thead th { background: #f4f4f4; position: sticky; top: 0; vertical-align: bottom; }
+table.fit thead th { white-space: normal; min-width: 3.5em; }
+table.fit td:first-child { white-space: normal; min-width: 7em; max-width: 16em;
+                           overflow-wrap: break-word; }
+table.kv th { text-align: left; font-weight: normal; color: #555; background: none; }
+table.kv td { text-align: left; white-space: normal; }
+#validation-table td:nth-child(2), #validation-table th:nth-child(2) { text-align: left; }
+td.ok { color: #1a7f37; } td.bad { color: #b42318; font-weight: bold; }
+.wrap { overflow-x: auto; margin-bottom: 16px; }
+#setup { background: #f7f7f9; border: 1px solid #e3e3e8; border-radius: 6px; padding: 4px 16px 8px; }
+#setup h2 { margin-top: 8px; }
+dl.setup { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 0; }
+dl.setup dt { color: #555; } dl.setup dd { margin: 0; } dl.setup dd.missing { color: #999; }
+#setup .src { color: #888; font-size: 0.85em; margin: 8px 0 0; }
 figure { margin: 0 0 24px 0; } figcaption { color: #555; font-size: 0.9em; margin-top: 4px; }
 .notes { color: #8a4b00; }
 """
-
-# (column header, metric key, scale, format) for the summary table.
-_SUMMARY: tuple[tuple[str, str, float, str], ...] = (
-    ("requests", "num_requests", 1, "{:.0f}"),
-    ("finished", "completed", 1, "{:.0f}"),
-    ("mean TTFT ms", "mean_ttft_ms", 1, "{:.1f}"),
-    ("p99 TTFT ms", "p99_ttft_ms", 1, "{:.1f}"),
-    ("mean TPOT ms", "mean_tpot_ms", 1, "{:.2f}"),
-    ("p99 ITL ms", "p99_itl_ms", 1, "{:.2f}"),
-    ("p99 E2E ms", "p99_e2el_ms", 1, "{:.0f}"),
-    ("req/s", "request_throughput", 1, "{:.3f}"),
-    ("output tok/s", "output_throughput", 1, "{:.1f}"),
-    ("SLO attainment", "slo_attainment", 100, "{:.1f}%"),
-    ("goodput req/s", "goodput", 1, "{:.3f}"),
-    ("energy J/token", "energy_per_token_j", 1, "{:.4f}"),
-    ("expert GB/request", "expert_bytes_per_request", 1e-9, "{:.2f}"),
-    ("preemptions", "preemptions", 1, "{:.0f}"),
-)
 
 # (div id, builder, caption). Ids are fixed so the same inputs give byte-identical HTML.
 _FIGURES: tuple[tuple[str, Callable[[Results], go.Figure | None], str], ...] = (
@@ -67,9 +62,14 @@ _FIGURES: tuple[tuple[str, Callable[[Results], go.Figure | None], str], ...] = (
      f"TBT target; long runs keep each time bin's slowest and fastest iteration "
      f"(at most {figures.TIMELINE_POINTS} points per run)."),
     ("fig-traffic-energy", lambda r: figures.traffic_energy(r.runs),
-     "Expert-weight bytes read from HBM per finished request, and energy per (prompt + output) token."),
+     "Expert-weight bytes read from HBM per finished request, and energy per (prompt + output) token; "
+     "each bar is labelled with its difference from the first run. An axis that does not start at "
+     "0 says so in its title."),
     ("fig-slo-rate", lambda r: figures.slo_vs_rate(r.sweep),
      "Fraction of requests meeting both the TTFT and the ITL target, across the sweep's arrival rates."),
+    ("fig-validation", lambda r: validation_figure(r.validation),
+     "Each compared metric as simulator prediction divided by engine measurement (log scale): "
+     "1× is exact, right of it the simulator overestimates; grey bars span the bound it is held to."),
     ("fig-capacity", lambda r: figures.capacity(r.capacity),
      "Points probed by the capacity search with their SLO attainment; the dashed line is the target."),
 )
@@ -101,62 +101,54 @@ def render_report(results: Results, title: str | None = None, generated: str | N
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="sub">{html.escape(_subtitle(results, generated))}</p>',
+        setup_html(results.setup),
     ]
     if results.notes:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in results.notes)
         parts.append(f'<div class="notes"><p>Skipped while loading:</p><ul>{items}</ul></div>')
+    figs = {div_id: (fig, caption) for div_id, fig, caption in build_figures(results)}
+    if results.validation is not None:
+        parts += ['<h2 id="validation">Validation: predicted against measured</h2>',
+                  validation_table(results.validation), *_figure_html(figs, "fig-validation")]
+    if results.capacity is not None:
+        if results.capacity.answer:
+            parts += ['<h2 id="capacity">Capacity answer</h2>',
+                      answer_table(results.capacity.answer, results.capacity.target)]
+        parts += _figure_html(figs, "fig-capacity")
+        parts += ["<h2>Capacity search probes</h2>", probes_table(results.capacity.search)]
     if results.runs:
         parts += ["<h2>Summary</h2>", summary_table(results.runs)]
-    if results.capacity is not None and results.capacity.answer:
-        parts += ["<h2>Capacity answer</h2>", kv_table(results.capacity.answer)]
-    if results.validation is not None:
-        parts += ["<h2>Validation</h2>", kv_table(results.validation)]
-    for div_id, fig, caption in build_figures(results):
-        div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
-                          div_id=div_id, config=_CONFIG)
-        parts.append(f'<figure id="{div_id}-section">{div}'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    for div_id in list(figs):
+        parts += _figure_html(figs, div_id)
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 
 
+def _figure_html(figs: dict[str, tuple[go.Figure, str]], div_id: str) -> list[str]:
+    """The figure (taken out of figs) as a <figure>, or nothing when it was not built."""
+    if div_id not in figs:
+        return []
+    fig, caption = figs.pop(div_id)
+    div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
+                      div_id=div_id, config=_CONFIG)
+    return [f'<figure id="{div_id}-section">{div}<figcaption>{html.escape(caption)}</figcaption></figure>']
+
+
 def _subtitle(results: Results, generated: str | None) -> str:
-    bits = [f"{len(results.runs)} run{'s' if len(results.runs) != 1 else ''}"]
+    bits = []
+    if results.runs:
+        bits.append(f"{len(results.runs)} run{'s' if len(results.runs) != 1 else ''}"
+                    " in study order")
     if results.sweep is not None:
         bits.append(f"sweep of {len(results.sweep)} points")
     if results.capacity is not None:
-        bits.append(f"capacity search of {len(results.capacity.search)} probes")
+        n = len(results.capacity.search)
+        bits.append(f"capacity search of {n} probe{'s' if n != 1 else ''}")
+    if results.validation is not None:
+        bits.append("engine against simulator")
     if generated:
         bits.append(f"generated {generated}")
     return " · ".join(bits)
-
-
-def _fmt(v: float | None, scale: float, fmt: str) -> str:
-    return "—" if v is None else fmt.format(v * scale)
-
-
-def summary_table(runs: tuple[Run, ...]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, *_ in _SUMMARY)
-    rows = []
-    for r in runs:
-        cells = "".join(f"<td>{_fmt(r.metric(key), scale, fmt)}</td>" for _, key, scale, fmt in _SUMMARY)
-        rows.append(f"<tr><td>{html.escape(r.label)}</td>{cells}</tr>")
-    return (f'<div class="wrap"><table id="summary"><thead><tr><th>run</th>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
-
-
-def kv_table(data: dict[str, Any]) -> str:
-    """A flat key/value table; nested values are shown as compact JSON."""
-    rows = []
-    for k, v in data.items():
-        if isinstance(v, (dict, list)):
-            text = json.dumps(v, sort_keys=True, default=str)
-            text = text if len(text) <= 300 else text[:297] + "..."
-        else:
-            f = as_float(v)
-            text = f"{f:.6g}" if f is not None and not isinstance(v, int) else str(v)
-        rows.append(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(text)}</td></tr>")
-    return f'<div class="wrap"><table>{"".join(rows)}</table></div>'
 
 
 def write_report(results_dir: str | Path, out_path: str | Path | None = None, *,

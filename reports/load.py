@@ -3,6 +3,9 @@ requests/iterations parquet when present), and the optional sweep, capacity and 
 
 Anything absent is None so the report can skip the plots it feeds; a folder with nothing
 loadable is a ValueError naming the path, which the CLI prints as its one-line error.
+Runs come in study order: the order of the study's `policies` when the folder records it, else
+the order they were written (a recorded index, else metrics.json's modification time), never
+alphabetical.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from reports.setup import Setup, load_setup
 
 # Subfolders the engine's validate command writes under DIR/<policy>/; shown as a suffix.
 _SOURCES = ("engine", "sim")
@@ -51,6 +56,7 @@ class Results:
     capacity: Capacity | None = None
     validation: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()  # files skipped as unreadable, shown in the report
+    setup: Setup = field(default_factory=lambda: Setup((), (), ()))
 
 
 def as_float(v: Any) -> float | None:
@@ -70,15 +76,42 @@ def load_results(root: str | Path) -> Results:
     if not root.is_dir():
         raise ValueError(f"not a results folder: {root}")
     notes: list[str] = []
-    runs = _load_runs(root, notes)
+    written = _load_runs(root, notes)
     sweep = _load_sweep(root, notes)
-    capacity = _load_capacity(root, notes)
+    cap_raw = _read_json(root / "capacity.json", notes)
+    capacity = _load_capacity(cap_raw, notes)
     validation = _read_json(root / "validation.json", notes)
     if not isinstance(validation, dict):
         validation = None
-    if not runs and sweep is None and capacity is None:
+    if not written and sweep is None and capacity is None:
         raise ValueError(f"no results in {root} (no */metrics.json, sweep.json/csv or capacity.json)")
-    return Results(root, tuple(runs), sweep, capacity, validation, tuple(notes))
+    setup = load_setup(root, [w[0].metrics for w in written], cap_raw, validation, notes)
+    runs = study_order(written, setup.policies)
+    return Results(root, tuple(runs), sweep, capacity, validation, tuple(notes), setup)
+
+
+def _tag(policy: str) -> str:
+    """The folder name a policy's results are written to (sim/cluster.py)."""
+    return policy.replace(":", "_").replace("/", "_")
+
+
+def _study_rank(run: Run, policies: tuple[str, ...]) -> int:
+    """Position of the run's policy in the study: exact name, folder name, or a spec that the
+    policy's canonical name extends (`hybrid` ran as `hybrid:512`)."""
+    top = run.path.parts[0] if run.path.parts else ""
+    for i, spec in enumerate(policies):
+        if run.policy == spec or top == _tag(spec):
+            return i
+    for i, spec in enumerate(policies):
+        if ":" not in spec and run.policy.split(":", 1)[0] == spec:
+            return i
+    return len(policies)
+
+
+def study_order(written: list[tuple[Run, int | None, int]], policies: tuple[str, ...]) -> list[Run]:
+    """Runs in study order, then recorded index, then write time; the folder path breaks ties."""
+    return [w[0] for w in sorted(written, key=lambda w: (
+        _study_rank(w[0], policies), w[1] if w[1] is not None else -1, w[2], w[0].path.as_posix()))]
 
 
 def _metrics_dirs(root: Path) -> list[Path]:
@@ -92,7 +125,17 @@ def _metrics_dirs(root: Path) -> list[Path]:
     return found
 
 
-def _load_runs(root: Path, notes: list[str]) -> list[Run]:
+def _written(d: Path, metrics: dict[str, Any]) -> tuple[int | None, int]:
+    """(recorded run index, metrics.json mtime in ns): the order the runs were written."""
+    index = next((int(v) for k in ("run_index", "index", "order")
+                  if (v := as_float(metrics.get(k))) is not None), None)
+    try:
+        return index, (d / "metrics.json").stat().st_mtime_ns
+    except OSError:
+        return index, 0
+
+
+def _load_runs(root: Path, notes: list[str]) -> list[tuple[Run, int | None, int]]:
     raw: list[tuple[str, Path, dict[str, Any], pd.DataFrame | None, pd.DataFrame | None]] = []
     for d in _metrics_dirs(root):
         metrics = _read_json(d / "metrics.json", notes)
@@ -105,7 +148,7 @@ def _load_runs(root: Path, notes: list[str]) -> list[Run]:
         raw.append((policy, rel, metrics, _read_parquet(d / "requests.parquet", root, notes),
                     _read_parquet(d / "iterations.parquet", root, notes)))
     labels = _labels([(policy, rel) for policy, rel, *_ in raw])
-    return [Run(lab, policy, rel, metrics, req, it)
+    return [(Run(lab, policy, rel, metrics, req, it), *_written(root / rel, metrics))
             for lab, (policy, rel, metrics, req, it) in zip(labels, raw, strict=True)]
 
 
@@ -180,8 +223,7 @@ def _load_sweep(root: Path, notes: list[str]) -> pd.DataFrame | None:
     return df
 
 
-def _load_capacity(root: Path, notes: list[str]) -> Capacity | None:
-    data = _read_json(root / "capacity.json", notes)
+def _load_capacity(data: Any, notes: list[str]) -> Capacity | None:
     if data is None:
         return None
     rows = _rows(data)

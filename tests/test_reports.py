@@ -143,13 +143,14 @@ def test_report_is_one_offline_file(report: Path, results_dir: Path) -> None:
     assert report == results_dir / "report.html"
     text = report.read_text(encoding="utf-8")
     assert len(PLOTLY_HEADER.findall(text)) == 1
-    assert FIG_DIV.findall(text) == ["fig-pareto", "fig-cdf", "fig-timeline", "fig-traffic-energy",
-                                     "fig-slo-rate", "fig-capacity"]
+    # The capacity answer and its search come first, then the runs' summary and figures.
+    assert FIG_DIV.findall(text) == ["fig-capacity", "fig-pareto", "fig-cdf", "fig-timeline",
+                                     "fig-traffic-energy", "fig-slo-rate"]
     # Nothing fetched at view time: no external scripts, stylesheets, fonts or MathJax.
     assert not re.search(r"<script[^>]*\ssrc=", text, re.I)
     assert not re.search(r"<link[^>]*href=[\"']?(https?:)?//", text, re.I)
     assert "mathjax" not in text.lower().split("</script>", 1)[1]
-    assert '<table id="summary">' in text and "chunked:512" in text
+    assert '<table id="summary"' in text and "chunked:512" in text
     assert report.stat().st_size < 8_000_000
     assert not [p for p in results_dir.iterdir() if p.name.endswith(".tmp")]
 
@@ -251,20 +252,18 @@ class _DomScan(HTMLParser):
             self._err_text += data
 
 
-def _render_in_chromium(page: Path, workdir: Path) -> tuple[_DomScan, list[str]]:
-    """Load page headless and return the scanned DOM and console lines Chromium logged as errors."""
-    text = page.read_text(encoding="utf-8")
-    probe = workdir / "probe.html"
-    probe.write_text(text.replace("<head>", "<head>\n" + _HOOK, 1), encoding="utf-8")
-    profile = workdir / "chromium-profile"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+def run_chromium(page: Path, workdir: Path, *mode: str) -> tuple[str, str]:
+    """Headless Chromium on page with a 1,400 x 2,000 window; mode: --dump-dom or --screenshot=PNG.
+    Returns (stdout, stderr)."""
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--force-device-scale-factor=1", "--window-size=1400,2000",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+           f"--user-data-dir={workdir / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=10000", *mode, page.as_uri()]
     # Own process group: on a hang, the browser's helper processes go down with it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "LANG": "C.UTF-8"})
+                            start_new_session=True, cwd=workdir, env={**os.environ, "LANG": "C.UTF-8"})
     try:
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -272,6 +271,15 @@ def _render_in_chromium(page: Path, workdir: Path) -> tuple[_DomScan, list[str]]
         proc.communicate()
         pytest.fail("headless Chromium did not finish within 120 s")
     assert proc.returncode == 0, f"chromium exited {proc.returncode}: {err[-2000:]}"
+    return out, err
+
+
+def _render_in_chromium(page: Path, workdir: Path) -> tuple[_DomScan, list[str]]:
+    """Load page headless and return the scanned DOM and console lines Chromium logged as errors."""
+    text = page.read_text(encoding="utf-8")
+    probe = workdir / "probe.html"
+    probe.write_text(text.replace("<head>", "<head>\n" + _HOOK, 1), encoding="utf-8")
+    out, err = run_chromium(probe, workdir, "--dump-dom")
     # dbus/GPU noise is logged as ERROR too; only page console output matters here.
     console = [ln for ln in err.splitlines()
                if ("CONSOLE" in ln and ("ERROR" in ln or "Uncaught" in ln)) or "Uncaught" in ln]
