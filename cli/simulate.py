@@ -22,10 +22,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", help="round-robin | least-outstanding | jsq-tokens | power-of-two")
     p.add_argument("--workload", help="arxiv-long | sharegpt | arxiv | azure-conv | mooncake | "
                    "fixed:PROMPT:OUTPUT | a trace file")
-    p.add_argument("--rate", type=float, help="arrivals per second (synthetic arrivals)")
+    p.add_argument("--rate", type=float, help="arrivals per second, drawn by --arrival (default: a "
+                   "trace with timestamps replays its own; other workloads 1.3)")
     p.add_argument("--arrival", help="poisson | gamma | fixed")
     p.add_argument("--cv", type=float, help="coefficient of variation of gamma arrivals")
-    p.add_argument("--duration", dest="duration_s", type=float, help="seconds of arrivals")
+    p.add_argument("--duration", dest="duration_s", type=float, help="seconds of arrivals "
+                   "(default: a replayed trace's own span; else 120 unless --num-requests)")
     p.add_argument("--num-requests", type=int)
     p.add_argument("--speed", type=float, help="replay a real trace k times faster")
     p.add_argument("--seed", type=int)

@@ -3,8 +3,9 @@
 `simulate` builds the SimPy environment, one arrival process that routes each request at its
 arrival time, and one process per replica (sim/replica.py), runs to the last completion and
 returns the per-request and per-iteration tables with the summary metrics. Requests that cannot
-fit (context or one replica's KV memory) are reported unfinished up front; with a round-robin
-router the replicas can be split over worker processes with identical results.
+fit are rejected up front, as vLLM rejects them, and counted by reason in the metrics (see
+REJECTIONS); when none of them fits, simulating is a ConfigError. With a round-robin router the
+replicas can be split over worker processes with identical results.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from traces.request import Request
 
 DEFAULT_SLO_TTFT_MS = 2000.0
 DEFAULT_SLO_ITL_MS = 100.0
+# metric key -> why such a request never runs (the first that applies; context: the model's,
+# KV cache: one replica's, hidden states included)
+REJECTIONS = {
+    "rejected_prompt_over_context": "prompt > context",
+    "rejected_prompt_output_over_context": "prompt + output > context",
+    "rejected_over_kv_cache": "KV cache too small",
+}
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,26 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     max_context = cost_model.model.max_context
     memory = ReplicaState(cost_model.model.num_layers, num_blocks, block_size, hidden_blocks)
 
-    def fits(r: Request) -> bool:
-        """Within the context and the KV memory of one replica (hidden states included)."""
-        return (r.prompt_tokens + r.output_tokens <= max_context
-                and memory.peak_blocks(r.prompt_tokens, r.output_tokens) <= num_blocks)
+    def rejection(r: Request) -> str | None:
+        """Why `r` cannot run: the model's context, or one replica's KV memory (hidden states
+        included); None when it fits."""
+        if r.prompt_tokens > max_context:
+            return "rejected_prompt_over_context"
+        if r.prompt_tokens + r.output_tokens > max_context:
+            return "rejected_prompt_output_over_context"
+        if memory.peak_blocks(r.prompt_tokens, r.output_tokens) > num_blocks:
+            return "rejected_over_kv_cache"
+        return None
 
-    too_long = [r for r in ordered if not fits(r)]
-    servable = [r for r in ordered if fits(r)]
+    reasons = [rejection(r) for r in ordered]
+    too_long = [r for r, why in zip(ordered, reasons, strict=True) if why is not None]
+    servable = [r for r, why in zip(ordered, reasons, strict=True) if why is None]
+    rejected = {key: reasons.count(key) for key in REJECTIONS}
+    if ordered and not servable:
+        why = ", ".join(f"{REJECTIONS[k]}: {n}" for k, n in rejected.items() if n)
+        raise ConfigError(f"nothing can be served: all {len(ordered)} requests are rejected ({why}); "
+                          f"{cost_model.model.name}'s context is {max_context} tokens, one replica's "
+                          f"KV cache {num_blocks * block_size} tokens")
 
     def run_shard(shard: int) -> _Shard:
         ids = list(range(shard, num_replicas, workers))
@@ -137,7 +158,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                 shards = pool.map(_call_shard, range(workers))
         finally:
             _SHARD_JOB = None
-    return _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
+    result = _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
+    result.metrics.update(max_context=max_context, **rejected)
+    return result
 
 
 _SHARD_JOB: Callable[[int], _Shard] | None = None

@@ -73,6 +73,7 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
     """What produced a run, for run.json and every metrics.json."""
     prov = cm.profile.provenance
     m = cm.model
+    rate, duration_s = study.arrivals()
     return {
         "layersim_version": layersim_version(),
         "model": m.name, "gpu": cm.hw.name, "tp": cm.parallel.tp, "ep": cm.parallel.ep,
@@ -82,8 +83,10 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
         "profile": {"label": cm.profile.label, "file": study.profile,
                     "source": prov.get("source"), "date": prov.get("date"),
                     "framework_versions": prov.get("framework_versions")},
-        "workload": study.workload, "rate": study.rate, "arrival": study.arrival,
-        "duration_s": study.duration_s, "num_requests": study.num_requests, "seed": study.seed,
+        # the arrivals as built: rate None and replay True when a trace replays its own
+        "workload": study.workload, "rate": rate, "replay": study.replays_trace(),
+        "arrival": study.arrival, "duration_s": duration_s, "num_requests": study.num_requests,
+        "seed": study.seed,
         "slo_ttft_ms": study.slo_ttft_ms, "slo_itl_ms": study.slo_itl_ms,
         **extra,
     }

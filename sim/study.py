@@ -3,10 +3,17 @@
 The default study is the public layered-prefill setup: Qwen3-30B-A3B on H100s with TP 2,
 long-document (arxiv-long) prompts with Poisson arrivals, chunked prefill at 512 tokens against
 layered prefill. Every policy of a study sees the same arrivals (same seed, same workload).
+
+Arrivals (`Study.arrivals`): a trace with timestamps (azure-conv, mooncake, an Azure / BurstGPT /
+Mooncake file) replays its own arrivals, the whole trace unless capped, unless `rate` is given;
+a length-statistics workload (sharegpt, arxiv, arxiv-long, fixed:P:O, a statistics CSV) draws
+arrivals at `rate` (default 1.3 req/s) for `duration_s` (default 120 s unless `num_requests`
+caps it). A run with no requests, or none the model can serve, is a ConfigError.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +25,16 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
-from traces import TraceError, Workload, WorkloadSpec, build_workload
+from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
+
+DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
+DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
 
 
 class Study(BaseModel):
@@ -39,10 +48,10 @@ class Study(BaseModel):
     router: str = "round-robin"
     policies: list[str] = Field(default_factory=lambda: ["chunked:512", "layered"], min_length=1)
     workload: str = "arxiv-long"
-    rate: float | None = Field(default=1.3, gt=0)
+    rate: float | None = Field(default=None, gt=0)  # None: see `arrivals`
     arrival: str = "poisson"
     cv: float = Field(default=1.0, gt=0)
-    duration_s: float | None = Field(default=120.0, gt=0)
+    duration_s: float | None = Field(default=None, gt=0)  # None: see `arrivals`
     num_requests: int | None = Field(default=None, ge=1)
     speed: float = Field(default=1.0, gt=0)
     seed: int = 0
@@ -58,12 +67,6 @@ class Study(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
-
-    @model_validator(mode="after")
-    def _caps(self) -> Study:
-        if self.duration_s is None and self.num_requests is None:
-            raise ValueError("set duration_s or num_requests (or both)")
-        return self
 
     @field_validator("policies")
     @classmethod
@@ -91,15 +94,37 @@ class Study(BaseModel):
         prof = self.resolved_profile()
         return CostModel(model, prof.gpu, prof, Parallelism(self.tp, self.ep))
 
+    def replays_trace(self) -> bool:
+        """Whether the workload's own arrival times are replayed (see the module note)."""
+        # Hook for a closed-loop `max_concurrency` (vLLM's --max-concurrency), not implemented:
+        # like `rate`, it will stop the replay (`and self.max_concurrency is None`), and
+        # `arrivals`/`build_workload` will then build the arrivals it implies.
+        return self.rate is None and has_arrival_times(self.workload)
+
+    def arrivals(self) -> tuple[float | None, float | None]:
+        """The (rate, duration_s) the workload is built with: (None, cap or None) for a replay."""
+        if self.replays_trace():
+            return None, self.duration_s
+        duration = self.duration_s
+        if duration is None and self.num_requests is None:
+            duration = DEFAULT_DURATION_S
+        return (DEFAULT_RATE if self.rate is None else self.rate), duration
+
     def build_workload(self, max_context: int) -> Workload:
-        spec = WorkloadSpec(workload=self.workload, rate=self.rate, arrival=self.arrival,
-                            cv=self.cv, duration_s=self.duration_s,
+        """The requests; arxiv-long prompts are clipped to fit `max_context`, the model's."""
+        rate, duration_s = self.arrivals()
+        spec = WorkloadSpec(workload=self.workload, rate=rate, arrival=self.arrival,
+                            cv=self.cv, duration_s=duration_s,
                             num_requests=self.num_requests, speed=self.speed, seed=self.seed,
-                            max_context=self.max_context or min(max_context, 16384))
+                            max_context=self.max_context or 16384, model_context=max_context)
         try:
-            return build_workload(spec)
+            workload = build_workload(spec)
         except TraceError as e:
             raise ConfigError(str(e)) from None
+        if not workload.requests:
+            raise ConfigError(f"the workload has no requests ({workload.description}); "
+                              "raise the rate, the duration or the number of requests")
+        return workload
 
     def setup_line(self, cm: CostModel) -> str:
         par = cm.parallel
@@ -156,4 +181,7 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
                         slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
                         check=check, progress=progress, workers=study.workers)
                for policy in study.policies]
+    # what the workload shortened to fit the model, beside what the simulator rejected
+    results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
+               for r in results]
     return workload, cm, results

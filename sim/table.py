@@ -1,9 +1,15 @@
-"""The comparison table a person reads at a glance: one column per policy."""
+"""The comparison table a person reads at a glance: one column per policy.
+
+Requests that were rejected, left unfinished or clipped get a row each, with the reason, right
+under "requests finished" whenever any policy has one; nothing vanishes without a word.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from sim.cluster import REJECTIONS
 
 ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = ()
 
@@ -30,11 +36,37 @@ ROWS = (
 )
 
 
+def _count(key: str) -> Callable[[dict[str, Any]], int]:
+    return lambda m: int(m.get(key) or 0)
+
+
+def _other_unfinished(m: dict[str, Any]) -> int:
+    """Accepted but never finished (the run ended first, or a policy stopped scheduling them)."""
+    return int(m.get("unfinished") or 0) - sum(int(m.get(k) or 0) for k in REJECTIONS)
+
+
+COUNT_ROWS: tuple[tuple[str, Callable[[dict[str, Any]], int]], ...] = (
+    *((f"rejected ({why})", _count(key)) for key, why in REJECTIONS.items()),
+    ("unfinished (run ended)", _other_unfinished),
+    ("prompts clipped to context", _count("clipped_prompts")),
+)
+
+
+def _as_cell(count: Callable[[dict[str, Any]], int]) -> Callable[[dict[str, Any]], str]:
+    return lambda m: str(count(m))
+
+
 def format_comparison(metrics: Sequence[dict[str, Any]]) -> str:
     names = [str(m["policy"]) for m in metrics]
-    width = max(14, *(len(n) + 2 for n in names))
-    label = max(len(r[0]) for r in ROWS) + 2
+    rows = list(ROWS[:1])
+    for title, count in COUNT_ROWS:  # shown only when some policy has such requests
+        if any(count(m) for m in metrics):
+            rows.append((title, _as_cell(count)))
+    rows += ROWS[1:]
+    cells = [[cell(m) for m in metrics] for _, cell in rows]
+    width = max(14, *(len(n) + 2 for n in names), *(len(c) + 2 for row in cells for c in row))
+    label = max(len(r[0]) for r in rows) + 2
     lines = [" " * label + "".join(f"{n:>{width}}" for n in names)]
-    for title, cell in ROWS:
-        lines.append(f"{title:<{label}}" + "".join(f"{cell(m):>{width}}" for m in metrics))
+    for (title, _), row in zip(rows, cells, strict=True):
+        lines.append(f"{title:<{label}}" + "".join(f"{c:>{width}}" for c in row))
     return "\n".join(lines)

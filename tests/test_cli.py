@@ -43,7 +43,7 @@ def test_simulate_table_and_out_dir(capsys, tmp_path):
     ("rate: -1\n", "key 'rate'"),
     ("tp: three\n", "key 'tp'"),
     ("policies: [chunked:512, fifo]\n", "unknown policy 'fifo'"),
-    ("duration_s: null\n", "set duration_s or num_requests"),
+    ("duration_s: 0\n", "key 'duration_s'"),
     ("model: no-such-model\n", "unknown model 'no-such-model'"),
     ("workload: nowhere.csv\n", "nowhere.csv"),
     ("rate: [1\n", "not valid YAML"),

@@ -30,6 +30,7 @@ from traces.workload import (
     WorkloadSpec,
     build_workload,
     data_dir,
+    has_arrival_times,
     resolve_workload,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "fixed",
     "gamma",
     "generate_arrivals",
+    "has_arrival_times",
     "load_azure",
     "load_burstgpt",
     "load_length_stats",

@@ -11,7 +11,13 @@ with the same seed therefore uses identical arrivals.
 * Real traces ('azure-conv', 'mooncake', an Azure / BurstGPT / Mooncake file): with ``rate=None``
   the trace's own arrival times are replayed divided by ``speed``; with a ``rate`` the arrivals
   are redrawn from the arrival process and the trace's lengths are used in order. Then the caps
-  keep arrivals ``t < duration_s`` and the first ``num_requests``.
+  keep arrivals ``t < duration_s`` and the first ``num_requests`` (none: the whole trace).
+  ``has_arrival_times`` says which kind a workload is before anything is loaded.
+
+With ``model_context`` set, 'arxiv-long' prompts are clipped to fit that context (after the
+preset's own ``max_context`` bound) and ``Workload.clipped`` counts the prompts it shortened;
+the description then gives the lengths actually simulated. Other sources are never clipped: a
+request that does not fit the model is the simulator's to reject (and report).
 
 Named files ship with the package in ``traces/data/`` (provenance and licences in its README);
 ``$LAYERSIM_TRACES_DIR``, when set, is searched instead.
@@ -28,8 +34,8 @@ import numpy as np
 
 from traces.arrivals import ARRIVAL_KINDS, describe_arrivals, generate_arrivals
 from traces.errors import TraceError
-from traces.lengths import LengthSampler, TableLengths, arxiv_long, parse_fixed
-from traces.loaders import LengthTable, LoadedTrace, load_trace, requests_from_arrays
+from traces.lengths import LengthSampler, LogNormalLengths, TableLengths, arxiv_long, parse_fixed
+from traces.loaders import LengthTable, LoadedTrace, load_trace, requests_from_arrays, sniff_format
 from traces.request import Request
 
 NAMED_FILES = {
@@ -80,7 +86,8 @@ class WorkloadSpec:
     num_requests: int | None = None
     speed: float = 1.0
     seed: int = 0
-    max_context: int = 16384
+    max_context: int = 16384  # the arxiv-long preset's bound on prompt + output
+    model_context: int | None = None  # the model's context: arxiv-long prompts are clipped to it
 
     def __post_init__(self) -> None:
         if not isinstance(self.workload, str) or not self.workload:
@@ -95,6 +102,7 @@ class WorkloadSpec:
         _positive(self.speed, "speed")
         _positive_int(self.num_requests, "num_requests")
         _positive_int(self.max_context, "max_context")
+        _positive_int(self.model_context, "model_context")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TraceError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.cv != 1.0 and self.arrival != "gamma":
@@ -108,6 +116,7 @@ class Workload:
     requests: tuple[Request, ...]
     skipped_zero: int
     description: str
+    clipped: int = 0  # prompts shortened to fit the model's context (arxiv-long only)
 
 
 def resolve_workload(
@@ -134,48 +143,76 @@ def resolve_workload(
     )
 
 
+def has_arrival_times(name: str) -> bool:
+    """Whether workload ``name`` is a trace with its own arrival times (replayable); False for
+    length statistics, presets, and names that are neither (``build_workload`` says why)."""
+    if name in ("azure-conv", "mooncake"):
+        return True
+    if name in NAMED_FILES or name == "arxiv-long" or name.startswith("fixed:"):
+        return False
+    path = Path(name).expanduser()
+    try:
+        return path.is_file() and sniff_format(path) != "length-stats"
+    except TraceError:
+        return False
+
+
 def _span_text(span: float) -> str:
-    return f"{span:.0f}" if span >= 10 else f"{span:.2g}"
+    """Seconds below 10 minutes, then minutes below 2 hours, then hours."""
+    if span >= 7200:
+        return f"{span / 3600:.1f} h"
+    if span >= 600:
+        return f"{span / 60:.0f} min"
+    return f"{span:.0f} s" if span >= 10 else f"{span:.2g} s"
 
 
 def _assemble(
     times: np.ndarray, prompt: np.ndarray, output: np.ndarray, skipped: int, head: str,
-    duration_s: float | None,
+    duration_s: float | None, clipped: int = 0, replay: bool = False,
 ) -> Workload:
     requests = requests_from_arrays(times, prompt, output)
     span = duration_s if duration_s is not None else (float(times[-1]) if len(times) else 0.0)
-    text = f"{head}, {len(requests)} requests over {_span_text(span)} s"
+    if replay:  # the rate the replay actually offers: requests over the window they arrive in
+        rate = len(requests) / span if span > 0 else 0.0
+        rate_text = f"{rate:.1f}" if rate >= 0.95 else f"{rate:.2g}"
+        text = f"{head}, {rate_text} req/s over {_span_text(span)}, {len(requests)} requests"
+    else:
+        text = f"{head}, {len(requests)} requests over {_span_text(span)}"
     if skipped:
         text += f" ({skipped} zero-token rows skipped)"
-    return Workload(requests=requests, skipped_zero=skipped, description=text)
+    if clipped:
+        text += (f"; {clipped} of {len(requests)} prompts clipped to fit the model's context, "
+                 f"simulated prompts median {np.median(prompt):.0f} / p90 "
+                 f"{np.percentile(prompt, 90):.0f} tokens")
+    return Workload(requests=requests, skipped_zero=skipped, description=text, clipped=clipped)
 
 
 def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Generator) -> Workload:
     reqs = trace.requests
     prompt = np.fromiter((r.prompt_tokens for r in reqs), dtype=np.int64, count=len(reqs))
     output = np.fromiter((r.output_tokens for r in reqs), dtype=np.int64, count=len(reqs))
+    label = f"{spec.workload} ({trace.source})" if spec.workload in NAMED_FILES else trace.source
     if spec.rate is None:
         times = np.fromiter((r.arrival_s for r in reqs), dtype=np.float64, count=len(reqs))
         times = times / spec.speed
-        speed = "own arrival times" if spec.speed == 1.0 else f"replayed at {spec.speed:g}x speed"
-        head = f"{trace.source}, {speed}"
+        head = f"{label}: real arrivals replayed (x{spec.speed:g})"
     else:
         if spec.speed != 1.0:
-            raise TraceError("speed applies only when replaying a trace's own arrivals (rate=None)")
+            raise TraceError("speed applies only when a trace replays its own arrivals "
+                             "(no rate given)")
         n = len(reqs) if spec.num_requests is None else min(len(reqs), spec.num_requests)
         times = generate_arrivals(
             spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=n, duration_s=spec.duration_s
         )
         arrivals = describe_arrivals(spec.arrival, spec.rate, spec.cv)
-        head = f"{trace.source} lengths in order, {arrivals}"
+        head = f"{label}: the trace's lengths in order, {arrivals} (rate given: own arrivals not replayed)"
     keep = len(times)
     if spec.duration_s is not None:
         keep = int(np.searchsorted(times, spec.duration_s, side="left"))
     if spec.num_requests is not None:
         keep = min(keep, spec.num_requests)
-    return _assemble(
-        times[:keep], prompt[:keep], output[:keep], trace.skipped_zero, head, spec.duration_s
-    )
+    return _assemble(times[:keep], prompt[:keep], output[:keep], trace.skipped_zero, head,
+                     spec.duration_s, replay=spec.rate is None)
 
 
 def build_workload(spec: WorkloadSpec) -> Workload:
@@ -205,11 +242,25 @@ def build_workload(spec: WorkloadSpec) -> Workload:
             f"workload {spec.workload!r} needs a cap: give duration_s and/or num_requests"
         )
     if spec.speed != 1.0:
-        raise TraceError("speed applies only when replaying a real trace's own arrivals")
+        raise TraceError(f"speed applies only when a trace replays its own arrivals; workload "
+                         f"{spec.workload!r} has none")
     times = generate_arrivals(
         spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=spec.num_requests,
         duration_s=spec.duration_s,
     )
     prompt, output = sampler.sample(len(times), len_rng)
+    clipped = 0
+    if isinstance(sampler, LogNormalLengths) and spec.model_context is not None:
+        # the same as drawing with the smaller bound (same draws), but counted
+        prompt, output, clipped = _clip_to_context(prompt, output, spec.model_context)
     head = f"{head}, {describe_arrivals(spec.arrival, spec.rate, spec.cv)}"
-    return _assemble(times, prompt, output, skipped, head, spec.duration_s)
+    return _assemble(times, prompt, output, skipped, head, spec.duration_s, clipped)
+
+
+def _clip_to_context(prompt: np.ndarray, output: np.ndarray, context: int
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clip as ``LogNormalLengths`` does (outputs keep their draw, prompts give way) to
+    ``context``; return the new lengths and how many requests changed."""
+    out = np.clip(output, 1, max(1, context - 1))
+    pro = np.clip(prompt, 1, np.maximum(1, context - out))
+    return pro, out, int(np.count_nonzero((pro != prompt) | (out != output)))
