@@ -11,7 +11,6 @@ replicas can be split over worker processes with identical results.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +201,7 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
             replicas[picker.pick(replicas)].submit(state)
 
     env.process(arrivals())
-    bar = _progress(total, recorder) if progress else None
+    bar = _progress(total, recorder, str(policy)) if progress else None
     try:
         while not done.triggered and requests:
             env.step()
@@ -250,10 +249,14 @@ def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[R
     return SimResult(name, metrics, req_df, it_df)
 
 
-def _progress(total: int, recorder: Recorder) -> Any:
-    from tqdm import tqdm
+def _progress(total: int, recorder: Recorder, label: str) -> Any:
+    from sim.progress import Progress
 
-    bar = tqdm(total=total, unit="req", desc="simulating", file=sys.stderr, leave=False,
-               disable=not sys.stderr.isatty(), mininterval=0.5)
-    recorder.on_record = lambda: bar.update(1)
+    bar = Progress(total, f"simulating {label}", "req")
+    count = [0]
+
+    def one() -> None:
+        count[0] += 1
+        bar.update(count[0])
+    recorder.on_record = one
     return bar

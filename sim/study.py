@@ -30,6 +30,7 @@ from pydantic import (
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
+from policies.registry import make_policy
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
 
@@ -173,6 +174,8 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
 
 def run_study(study: Study, *, progress: bool = False, check: bool = False
               ) -> tuple[Workload, CostModel, list[SimResult]]:
+    for spec in study.policies:  # every policy checked before the first one runs
+        make_policy(spec)
     cm = study.cost_model()
     workload = study.build_workload(cm.model.max_context)
     results = [simulate(workload.requests, cm, policy, num_replicas=study.replicas,
