@@ -19,7 +19,8 @@ EXIT_INTERRUPTED = 130
 
 def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Time every operation class the cost model prices on this device "
+        prog=prog, allow_abbrev=False,
+        description="Time every operation class the cost model prices on this device "
         "and fit a hardware profile (JSON) for `layersim --profile`.")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", metavar="N|NAME", help="CUDA device index (default: 0); with "

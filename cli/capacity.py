@@ -5,48 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.simulate import _add_common, _write_report, study_from_args
-from costmodel import ConfigError
+from cli.flags import add_study_flags
+from cli.simulate import _write_report, study_from_args
 from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
 from sim.results import check_out, results_folder, setup_record, write_provenance
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("capacity", help="search the highest rate (or fewest GPUs) meeting the SLO")
-    _add_common(p)
-    p.add_argument("--policy", help="the policy to size (default chunked:512)")
-    p.add_argument("--target", type=_fraction, default=0.9, help="SLO attainment to meet (default 0.9)")
-    p.add_argument("--price-per-gpu-hour", type=_non_negative, default=None)
-    p.add_argument("--start-rate", type=float, default=0.5)
+    p = sub.add_parser("capacity", help="search the highest rate (or fewest GPUs) meeting the SLO",
+                       allow_abbrev=False, description="Size one policy (--policies with one "
+                       "entry): without --rate, the highest rate per replica within the SLO; with "
+                       "--rate, the fewest GPUs for that total rate.")
+    add_study_flags(p, capacity=True)
     p.set_defaults(handler=run, single=True)
 
 
 def run(ns: argparse.Namespace) -> int:
-    given_rate = ns.rate
     check_out(ns.out)
     study = study_from_args(ns)
-    if len(study.policies) != 1:
-        raise ConfigError("capacity sizes one policy at a time: give --policy")
+    given_rate = study.rate
     cm = study.cost_model()
     if not ns.json:
         print(study.setup_line(cm))
         print(f"policy {study.policies[0]}, workload {study.workload}, SLO: TTFT <= "
               f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms, "
-              f"target attainment {ns.target:.0%}")
+              f"target attainment {study.target:.0%}")
         print(f"{'rate':>9} {'replicas':>9} {'GPUs':>6} {'attain':>8} {'TTFT ms':>9} {'P99 ITL':>8}  verdict")
 
     def show(p: Point) -> None:
@@ -60,14 +43,14 @@ def run(ns: argparse.Namespace) -> int:
 
     evaluate = study_evaluator(study)
     if given_rate is None:
-        answer = max_rate(evaluate, ns.target, start_rate=ns.start_rate, on_point=show)
+        answer = max_rate(evaluate, study.target, start_rate=study.start_rate, on_point=show)
     else:
-        answer = min_gpus(evaluate, given_rate, ns.target, on_point=show)
-    answer = with_price(answer, ns.price_per_gpu_hour)
+        answer = min_gpus(evaluate, given_rate, study.target, on_point=show)
+    answer = with_price(answer, study.price_per_gpu_hour)
     result = answer.to_dict()
     if ns.out is not None:
-        setup = setup_record(study, cm, policy=study.policies[0], target_attainment=ns.target,
-                             price_per_gpu_hour=ns.price_per_gpu_hour, rate=given_rate)
+        setup = setup_record(study, cm, policy=study.policies[0], target_attainment=study.target,
+                             price_per_gpu_hour=study.price_per_gpu_hour, rate=given_rate)
         with results_folder(ns.out) as folder:
             (folder / "capacity.json").write_text(
                 json.dumps({**result, "setup": setup}, indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,8 @@ from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, lo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("explain", help="price one iteration and show where its time goes")
+    p = sub.add_parser("explain", help="price one iteration and show where its time goes",
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b")
     p.add_argument("--gpu", default=None, help="a100 | h100 | h200 | b200 | cpu (default h100)")
     p.add_argument("--tp", type=int, default=1)

@@ -6,9 +6,18 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from costmodel.errors import ConfigError
 from policies.state import PlanError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Flag mistakes as one line, like every other error (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _fail(prog: str, msg: str) -> int:
@@ -62,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(pip install -e '.[cpu]' or '.[gpu]')")
     from cli import capacity, explain, simulate
 
-    parser = argparse.ArgumentParser(prog="layersim", description=(
+    parser = _Parser(prog="layersim", allow_abbrev=False, description=(
         "Capacity planning and scheduling-policy design for MoE LLM serving."))
     from sim.results import layersim_version
 

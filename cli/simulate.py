@@ -7,40 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from cli.flags import add_study_flags, study_values
+from costmodel import ConfigError
 from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study, load_study, make_study, run_study
 from sim.table import format_comparison
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study", nargs="?", help="a YAML study file (flags override its keys)")
-    p.add_argument("--model", help="preset name or config.json path (default qwen3-30b-a3b)")
-    p.add_argument("--gpu", help="a100 | h100 | h200 | b200 | cpu (default: the profile's, else h100)")
-    p.add_argument("--tp", type=int)
-    p.add_argument("--ep", type=int)
-    p.add_argument("--replicas", type=int)
-    p.add_argument("--router", help="round-robin | least-outstanding | jsq-tokens | power-of-two")
-    p.add_argument("--workload", help="arxiv-long | sharegpt | arxiv | azure-conv | mooncake | "
-                   "fixed:PROMPT:OUTPUT | a trace file")
-    p.add_argument("--rate", type=float, help="arrivals per second, drawn by --arrival (default: a "
-                   "trace with timestamps replays its own; other workloads 1.3)")
-    p.add_argument("--arrival", help="poisson | gamma | fixed")
-    p.add_argument("--cv", type=float, help="coefficient of variation of gamma arrivals")
-    p.add_argument("--duration", dest="duration_s", type=float, help="seconds of arrivals "
-                   "(default: a replayed trace's own span; else 120 unless --num-requests)")
-    p.add_argument("--num-requests", type=int)
-    p.add_argument("--speed", type=float, help="replay a real trace k times faster")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--slo-ttft-ms", type=float)
-    p.add_argument("--slo-itl-ms", type=float)
-    p.add_argument("--profile", help="a calibration profile JSON")
-    p.add_argument("--routing-skew", type=float)
-    _add_dtypes(p)
-    p.add_argument("--workers", type=int, help="processes to split the replicas over "
-                   "(round-robin router only; results are the same)")
-    p.add_argument("--out", type=Path, help="write tables (parquet) and metrics here")
-    p.add_argument("--json", action="store_true", help="print one JSON object per policy")
-    p.add_argument("--check", action="store_true", help="check every plan's legality (slower)")
 
 
 def _add_dtypes(p: argparse.ArgumentParser) -> None:
@@ -52,35 +23,28 @@ def _add_dtypes(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("simulate", help="simulate one policy on a workload")
-    _add_common(p)
-    p.add_argument("--policy", help="chunked[:BUDGET] | layered[:MAX_G] | prefill-first | "
-                   "hybrid | adaptive[:TBT_MS] | file.py:Class | module:Class")
+    p = sub.add_parser("simulate", help="simulate one policy on a workload", allow_abbrev=False,
+                       description="Simulate one policy (--policies with one entry).")
+    add_study_flags(p)
     p.set_defaults(handler=run, single=True)
     p = sub.add_parser("compare", help="simulate several policies on the same arrivals "
-                       "(bare: the default study)")
-    _add_common(p)
-    p.add_argument("--policies", help="comma-separated policies (default chunked:512,layered)")
+                       "(bare: the default study)", allow_abbrev=False)
+    add_study_flags(p)
     p.set_defaults(handler=run, single=False)
 
 
-_STUDY_KEYS = ("model", "gpu", "tp", "ep", "replicas", "router", "workload", "rate", "arrival", "cv",
-               "duration_s", "num_requests", "speed", "seed", "slo_ttft_ms", "slo_itl_ms",
-               "profile", "routing_skew", "dtype", "expert_dtype", "kv_cache_dtype", "workers")
-
-
 def study_from_args(ns: argparse.Namespace) -> Study:
-    flags = {k: getattr(ns, k) for k in _STUDY_KEYS if getattr(ns, k, None) is not None}
-    pol = ns.policy if ns.single else ns.policies
-    if pol is not None:
-        flags["policies"] = [pol] if ns.single else pol
-    if "num_requests" in flags and "duration_s" not in flags:
-        flags["duration_s"] = None  # --num-requests alone caps by count only
+    flags = study_values(ns)
     if ns.study:
-        return load_study(ns.study, **flags)
-    if ns.single and "policies" not in flags:
-        flags["policies"] = ["chunked:512"]
-    return make_study(flags)
+        study = load_study(ns.study, **flags)
+    else:
+        if ns.single and "policies" not in flags:
+            flags["policies"] = ["chunked:512"]
+        study = make_study(flags)
+    if ns.single and len(study.policies) != 1:
+        raise ConfigError(f"--policies: layersim {ns.command} takes one policy, got "
+                          f"{len(study.policies)} ({', '.join(study.policies)}); compare takes several")
+    return study
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "layersim validate") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Run the real engine and the simulator on the same trace "
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description="Run the real engine and the simulator on the same trace "
                 "and compare predicted with measured serving metrics.")
     p.add_argument("--model", default="tiny-moe", help="model preset or config.json (default tiny-moe)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")

@@ -68,8 +68,17 @@ BUILTIN_NAMES = ("chunked[:BUDGET]", "layered[:MAX_G]", "prefill-first", "hybrid
                  "adaptive[:TBT_MS]")
 
 
-def make_policy(spec: str) -> Policy:
-    spec = spec.strip()
+def make_policy(spec: str, max_num_seqs: int | None = None) -> Policy:
+    """A policy from its spec; `max_num_seqs` (vLLM's) replaces the policy's own limit."""
+    policy = _make_policy(spec.strip())
+    if max_num_seqs is not None:
+        if not hasattr(policy, "max_num_seqs"):
+            raise ConfigError(f"max_num_seqs: policy '{spec}' has no limit on running requests to set")
+        policy.max_num_seqs = max_num_seqs  # type: ignore[attr-defined]
+    return policy
+
+
+def _make_policy(spec: str) -> Policy:
     name, _, arg = spec.partition(":")
     if "/" not in name and not name.endswith(".py") and "." not in name:
         policy = _builtin(name, arg or None)

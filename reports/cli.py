@@ -9,7 +9,8 @@ from reports.html import write_report
 
 
 def build_parser(prog: str = "layersim report") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Write one self-contained HTML report "
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                description="Write one self-contained HTML report "
                                 "(works offline) for a results folder.")
     p.add_argument("dir", help="results folder (holds <policy>/metrics.json, sweep.json, capacity.json)")
     p.add_argument("--out", "-o", default=None, help="output HTML file (default: DIR/report.html)")

@@ -25,7 +25,7 @@ from costmodel.price import CostModel
 from policies.base import Policy
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
-from sim.metrics import summarize
+from sim.metrics import DEFAULT_PERCENTILES, summarize
 from sim.records import Recorder
 from sim.replica import Replica, kv_blocks
 from sim.router import make_router
@@ -86,6 +86,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              router: str = "round-robin", seed: int = 0, block_size: int = 16,
              gpu_memory_utilization: float = 0.9, activation_reserve_bytes: float | None = None,
              slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_itl_ms: float = DEFAULT_SLO_ITL_MS,
+             slo_tpot_ms: float | None = None, slo_e2el_ms: float | None = None,
+             metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
              progress: bool = False, workers: int = 1) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
@@ -157,7 +159,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                 shards = pool.map(_call_shard, range(workers))
         finally:
             _SHARD_JOB = None
-    result = _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo_ttft_ms, slo_itl_ms)
+    slo = {"slo_ttft_ms": slo_ttft_ms, "slo_itl_ms": slo_itl_ms, "slo_tpot_ms": slo_tpot_ms,
+           "slo_e2el_ms": slo_e2el_ms, "percentiles": tuple(metric_percentiles)}
+    result = _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo)
     result.metrics.update(max_context=max_context, **rejected)
     return result
 
@@ -227,7 +231,7 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
 
 def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[Request],
            cost_model: CostModel,
-           num_replicas: int, slo_ttft_ms: float, slo_itl_ms: float) -> SimResult:
+           num_replicas: int, slo: dict[str, Any]) -> SimResult:
     rec = shards[0].recorder
     for other in shards[1:]:
         rec.absorb(other.recorder)
@@ -241,8 +245,7 @@ def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[R
     req_df = rec.requests_frame()
     it_df = rec.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
     it_df = it_df.reset_index(drop=True)
-    metrics = summarize(req_df, rec, end_s=end_s, idle_energy_j=idle_energy,
-                        slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms)
+    metrics = summarize(req_df, rec, end_s=end_s, idle_energy_j=idle_energy, **slo)
     name = shards[0].policy_name
     metrics = {"policy": name, "replicas": num_replicas,
                "gpus": num_replicas * cost_model.parallel.num_gpus, **metrics}

@@ -13,6 +13,7 @@ caps it). A run with no requests, or none the model can serve, is a ConfigError.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from pydantic import (
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
+from policies.base import Policy
 from policies.registry import make_policy
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
+from sim.metrics import DEFAULT_PERCENTILES
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
 
 DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
@@ -59,6 +62,9 @@ class Study(BaseModel):
     max_context: int | None = Field(default=None, ge=1)
     slo_ttft_ms: float = Field(default=DEFAULT_SLO_TTFT_MS, gt=0)
     slo_itl_ms: float = Field(default=DEFAULT_SLO_ITL_MS, gt=0)
+    slo_tpot_ms: float | None = Field(default=None, gt=0)  # None: not part of the SLO
+    slo_e2el_ms: float | None = Field(default=None, gt=0)
+    metric_percentiles: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
     profile: str | None = None
     routing_skew: float | None = Field(default=None, ge=0, le=5)
     # None: what the model's config.json says (see costmodel.model.parse_config)
@@ -67,7 +73,12 @@ class Study(BaseModel):
     kv_cache_dtype: str | None = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)  # None: each policy's own (256)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
+    # capacity searches (sim/capacity.py)
+    target: float = Field(default=0.9, gt=0, le=1)
+    price_per_gpu_hour: float | None = Field(default=None, ge=0)
+    start_rate: float = Field(default=0.5, gt=0)
 
     @field_validator("policies")
     @classmethod
@@ -76,6 +87,14 @@ class Study(BaseModel):
         if dupes:  # their results would land in the same folder
             raise ValueError(f"listed twice: {', '.join(dupes)}")
         return policies
+
+    @field_validator("metric_percentiles")
+    @classmethod
+    def _percentiles(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 < v < 100]
+        if bad:
+            raise ValueError(f"percentiles must be between 0 and 100, got {bad}")
+        return values
 
     @field_validator("dtype", "expert_dtype", "kv_cache_dtype")
     @classmethod
@@ -127,6 +146,13 @@ class Study(BaseModel):
                               "raise the rate, the duration or the number of requests")
         return workload
 
+    def policy_factory(self, spec: str) -> str | Callable[[], Policy]:
+        """The policy as simulate takes it: its spec, or a factory when max_num_seqs is set."""
+        if self.max_num_seqs is None:
+            return spec
+        n = self.max_num_seqs
+        return lambda: make_policy(spec, max_num_seqs=n)
+
     def setup_line(self, cm: CostModel) -> str:
         par = cm.parallel
         gpus = f"{self.replicas * par.num_gpus} x {cm.hw.name}"
@@ -175,15 +201,18 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
 def run_study(study: Study, *, progress: bool = False, check: bool = False
               ) -> tuple[Workload, CostModel, list[SimResult]]:
     for spec in study.policies:  # every policy checked before the first one runs
-        make_policy(spec)
+        make_policy(spec, max_num_seqs=study.max_num_seqs)
     cm = study.cost_model()
     workload = study.build_workload(cm.model.max_context)
-    results = [simulate(workload.requests, cm, policy, num_replicas=study.replicas,
+    results = [simulate(workload.requests, cm, study.policy_factory(spec),
+                        num_replicas=study.replicas,
                         router=study.router, seed=study.seed, block_size=study.block_size,
                         gpu_memory_utilization=study.gpu_memory_utilization,
                         slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
+                        slo_tpot_ms=study.slo_tpot_ms, slo_e2el_ms=study.slo_e2el_ms,
+                        metric_percentiles=study.metric_percentiles,
                         check=check, progress=progress, workers=study.workers)
-               for policy in study.policies]
+               for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
     results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
                for r in results]

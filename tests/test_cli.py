@@ -29,7 +29,7 @@ def test_compare_json_has_benchmark_serving_names(capsys):
 
 
 def test_simulate_table_and_out_dir(capsys, tmp_path):
-    code, out, _ = run(capsys, "simulate", "--policy", "layered:16", "--workload", "fixed:2000:20",
+    code, out, _ = run(capsys, "simulate", "--policies", "layered:16", "--workload", "fixed:2000:20",
                        "--rate", "1", "--num-requests", "10", "--out", str(tmp_path))
     assert code == 0
     assert "layered:16" in out and "TTFT mean / p99 (ms)" in out

@@ -53,7 +53,7 @@ def test_reusing_a_results_folder_replaces_it_whole(tmp_path: Path,
 
 def test_capacity_folder_records_price_and_target(tmp_path: Path) -> None:
     out = tmp_path / "cap"
-    assert main(["capacity", "--policy", "layered", "--duration", "8", "--num-requests", "6",
+    assert main(["capacity", "--policies", "layered", "--duration", "8", "--num-requests", "6",
                  "--price-per-gpu-hour", "2.5", "--target", "0.8", "--out", str(out)]) in (0, 1)
     setup = json.loads((out / "capacity.json").read_text())["setup"]
     assert setup["price_per_gpu_hour"] == 2.5 and setup["target_attainment"] == 0.8

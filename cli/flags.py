@@ -1,0 +1,115 @@
+"""Every study setting is a flag of the same name: `--slo-ttft-ms` is the key `slo_ttft_ms`.
+
+The flags are made from the `Study` model itself (sim/study.py), so a key cannot exist without
+its flag, and each flag's help shows the key's default. One exception in spelling: the key
+`duration_s` is the flag `--duration` (seconds). vLLM's `--goodput ttft:MS tpot:MS e2el:MS` is
+accepted as a way to set `slo_ttft_ms`, `slo_tpot_ms` and `slo_e2el_ms` together.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from costmodel import ConfigError
+from sim.study import Study
+
+# What each setting means (the default is added from Study). Keys of capacity searches only.
+HELP = {
+    "model": "preset, Hugging Face id (Qwen/Qwen3-30B-A3B) or config.json path",
+    "gpu": "a100 | h100 | h200 | b200 | cpu (null: the profile's GPU, else h100)",
+    "tp": "tensor-parallel GPUs per replica",
+    "ep": "expert-parallel groups per replica (GPUs per replica: tp x ep)",
+    "replicas": "replicas behind the router",
+    "router": "round-robin | least-outstanding | jsq-tokens | power-of-two",
+    "policies": "comma-separated: chunked[:BUDGET], layered[:MAX_G], prefill-first, "
+                "hybrid[:BUDGET], adaptive[:TBT_MS], file.py:Class, module:Class",
+    "workload": "arxiv-long | sharegpt | arxiv | azure-conv | mooncake | fixed:PROMPT:OUTPUT | "
+                "a trace file",
+    "rate": "arrivals per second, drawn by --arrival (null: a trace with timestamps replays its "
+            "own, other workloads 1.3)",
+    "arrival": "poisson | gamma | fixed",
+    "cv": "coefficient of variation of gamma arrivals",
+    "duration_s": "seconds of arrivals (null: a replayed trace's own span, else 120 unless "
+                  "--num-requests)",
+    "num_requests": "requests to send (null: as many as the duration gives)",
+    "speed": "replay a real trace k times faster",
+    "seed": "random seed of arrivals and lengths",
+    "max_context": "clip drawn prompt lengths to this many tokens (null: 16384 and the model's)",
+    "slo_ttft_ms": "SLO: time to first token, ms",
+    "slo_itl_ms": "SLO: each request's P99 gap between tokens, ms",
+    "slo_tpot_ms": "SLO: time per output token, ms (null: not part of the SLO)",
+    "slo_e2el_ms": "SLO: end-to-end latency, ms (null: not part of the SLO)",
+    "metric_percentiles": "comma-separated percentiles reported for every latency",
+    "profile": "a profile JSON, or 'datasheet' (null: the one shipped for the GPU)",
+    "routing_skew": "sigma of expert popularity (null: 1.2 for MoE models)",
+    "dtype": "bf16 | fp8: weights (null: the model's config.json)",
+    "expert_dtype": "bf16 | fp8 | mxfp4: expert weights (null: the checkpoint's format)",
+    "kv_cache_dtype": "bf16 | fp8: the KV cache (null: bf16)",
+    "gpu_memory_utilization": "share of GPU memory for weights and KV cache, as vLLM's",
+    "block_size": "KV cache block size in tokens, as vLLM's",
+    "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",
+    "workers": "processes to split the replicas over (round-robin router; results are the same)",
+    "target": "capacity: SLO attainment to meet",
+    "price_per_gpu_hour": "capacity: dollars per GPU-hour, for the cost per million tokens",
+    "start_rate": "capacity: first rate tried per replica (req/s)",
+}
+CAPACITY_ONLY = ("target", "price_per_gpu_hour", "start_rate")
+FLAG_NAMES = {"duration_s": "--duration"}
+
+
+def flag_name(key: str) -> str:
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def _default(key: str) -> Any:
+    field = Study.model_fields[key]
+    value = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return "null" if value is None else value
+
+
+def _type(key: str) -> Any:
+    text = str(Study.model_fields[key].annotation)
+    if key == "metric_percentiles":
+        return lambda s: [float(x) for x in s.replace(" ", ",").split(",") if x]
+    if key == "policies" or "str" in text:
+        return str
+    if "int" in text:
+        return int
+    return float
+
+
+def add_study_flags(p: argparse.ArgumentParser, capacity: bool = False) -> None:
+    p.add_argument("study", nargs="?", help="a YAML study file (flags override its keys)")
+    for key in Study.model_fields:
+        if key in CAPACITY_ONLY and not capacity:
+            continue
+        p.add_argument(flag_name(key), dest=key, type=_type(key), default=None,
+                       metavar=key.upper(), help=f"{HELP[key]} (default: {_default(key)})")
+    p.add_argument("--goodput", nargs="+", metavar="KIND:MS", help="vLLM's spelling of the SLO: "
+                   "ttft:MS tpot:MS e2el:MS (sets slo_ttft_ms, slo_tpot_ms, slo_e2el_ms)")
+    p.add_argument("--out", type=Path, help="write tables, metrics, study.yaml and report.html "
+                   "into this folder (not a study setting)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per policy")
+    p.add_argument("--check", action="store_true", help="check every plan's legality (slower)")
+
+
+def study_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, with --goodput unfolded."""
+    values = {k: getattr(ns, k) for k in Study.model_fields if getattr(ns, k, None) is not None}
+    for item in getattr(ns, "goodput", None) or []:
+        kind, _, ms = item.partition(":")
+        key = {"ttft": "slo_ttft_ms", "tpot": "slo_tpot_ms", "e2el": "slo_e2el_ms"}.get(kind)
+        try:
+            value = float(ms)
+        except ValueError:
+            key = None
+        if key is None:
+            raise ConfigError(f"--goodput {item}: write ttft:MS, tpot:MS or e2el:MS")
+        if key in values and values[key] != value:
+            raise ConfigError(f"--goodput {item} and {flag_name(key)} {values[key]:g} disagree")
+        values[key] = value
+    return values
