@@ -200,6 +200,8 @@ HF_IDS = {
     "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b",
     "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b", "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
     "openai/gpt-oss-20b": "gpt-oss-20b", "openai/gpt-oss-120b": "gpt-oss-120b",
+    "meta-llama/llama-3.1-70b": "llama-3.1-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
+    "meta-llama/meta-llama-3.1-70b-instruct": "llama-3.1-70b", "qwen/qwen3-32b": "qwen3-32b",
 }
 
 
