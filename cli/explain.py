@@ -88,14 +88,18 @@ def run(ns: argparse.Namespace) -> int:
     per_iter, per_layer = cm.profile.iteration_overhead_s, cm.profile.layer_overhead_s
     layer_host = sum(op.time_s for op in cost.ops if op.op_class == "host")
     active = round(layer_host / per_layer) if per_layer else 0
-    over = per_iter + layer_host
+    per_request = cm.profile.request_overhead_s
+    over = per_iter + layer_host + per_request * len(plan)
     guess = "guess" in str(cm.profile.provenance.get("iteration_overhead_s", ""))
-    label = "host overhead (guess)" if guess else "host overhead"
+    label = "host overhead (guess)" if guess else "engine overhead" if per_request else "host overhead"
     print(f"{label:<22}{'':<10}{'':>10}{'':>11}{'':>10}{'':>{width}}{over * 1e6:>11.1f}"
           f"{over / cost.latency_s:>8.1%}")
     if per_layer:
         print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_layer * 1e6:.1f} us x {active} "
               f"active layers")
+    if per_request:
+        print(f"{'':<18}iteration {per_iter * 1e6:.1f} us + {per_request * 1e6:.1f} us x "
+              f"{len(plan)} requests (fitted to measured serving runs)")
     print("-" * len(head))
     hb = cost.hbm_bytes
     print(f"latency {cost.latency_s * 1e3:.3f} ms   energy {cost.energy_j:.3f} J   "

@@ -218,7 +218,7 @@ class CostModel:
         if dn:
             self._add_decodes(agg, dn, dkv + dn, dkv_win)
         return self._price_segments(agg, num_logits + dn, embed_tokens + dn, dn, prefill,
-                                    prefill_layer_tokens)
+                                    prefill_layer_tokens, len(plan))
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
                      kv_tokens_window: int) -> None:
@@ -238,7 +238,7 @@ class CostModel:
         term capped at the sliding window (ignored for models without one)."""
         agg: dict[tuple[int, int], list[int]] = {}
         self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
-        return self._price_segments(agg, num, num, num, 0, 0)
+        return self._price_segments(agg, num, num, num, 0, 0, num)
 
     def _compile(self, is_link: np.ndarray) -> Callable[..., tuple[float, ...]]:
         """Turn the coefficient tensor into one straight-line function of the features.
@@ -371,7 +371,7 @@ class CostModel:
 
     def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
                         embed_tokens: int, decode_tokens: int, prefill_tokens: int,
-                        prefill_layer_tokens: int) -> IterationCost:
+                        prefill_layer_tokens: int, num_tiles: int) -> IterationCost:
         ep, imb, is_moe = self.parallel.ep, self.ep_imbalance, self._is_moe
         prefix = self._sliding_prefix
         x = [0.0] * len(FEATURES)
@@ -410,6 +410,7 @@ class CostModel:
         if self.measured is not None:
             measured = (tuple((l0, l1, tuple(s)) for l0, l1, s in segments), num_logits, embed_tokens)
             latency = self.measured.latency_s(*measured)
+        latency += self.profile.request_overhead_s * num_tiles  # engine time per running request
         gpus = self.parallel.num_gpus
         hbm = HbmBytes(wbytes * gpus, distinct_layers * self._bytes_per_expert, kvr * gpus,
                        kvw * gpus, act * gpus)

@@ -75,6 +75,9 @@ class Profile(BaseModel):
     link_bytes_per_s: float | None = Field(default=None, gt=0)
     iteration_overhead_s: float = Field(ge=0)
     layer_overhead_s: float = Field(default=0.0, ge=0)  # 0: profiles from before it stay valid
+    # serving-engine time per request in the iteration (scheduling, sampling, detokenising),
+    # fitted to measured serving runs (sim/silicon.py); 0 where none were fitted
+    request_overhead_s: float = Field(default=0.0, ge=0)
     ops: dict[str, OpParams]
     energy: EnergyParams
     provenance: dict[str, Any] = Field(default_factory=dict)
