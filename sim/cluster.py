@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from policies.base import Policy
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
 from sim.metrics import DEFAULT_PERCENTILES, summarize
-from sim.records import Recorder
+from sim.records import Recorder, RequestGaps
 from sim.replica import Replica, kv_blocks
 from sim.router import make_router
 from traces.request import Request
@@ -48,6 +48,10 @@ class SimResult:
     metrics: dict[str, Any]
     requests: pd.DataFrame = field(repr=False)
     iterations: pd.DataFrame = field(repr=False)
+    # each finished request's inter-token gaps (None for a streamed run), and why each rejected
+    # request never ran (req_id -> a REJECTIONS text); for sim/vllm_result.py
+    itls: RequestGaps | None = field(default=None, repr=False, compare=False)
+    rejections: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def write(self, out_dir: str | Path, setup: dict[str, Any] | None = None) -> Path:
         """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically;
@@ -163,7 +167,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
            "slo_e2el_ms": slo_e2el_ms, "percentiles": tuple(metric_percentiles)}
     result = _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo)
     result.metrics.update(max_context=max_context, **rejected)
-    return result
+    return replace(result, rejections={r.req_id: REJECTIONS[why]
+                                       for r, why in zip(ordered, reasons, strict=True) if why})
 
 
 _SHARD_JOB: Callable[[int], _Shard] | None = None
@@ -249,7 +254,7 @@ def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[R
     name = shards[0].policy_name
     metrics = {"policy": name, "replicas": num_replicas,
                "gpus": num_replicas * cost_model.parallel.num_gpus, **metrics}
-    return SimResult(name, metrics, req_df, it_df)
+    return SimResult(name, metrics, req_df, it_df, rec.request_gaps())  # after summarize
 
 
 def _progress(total: int, recorder: Recorder, label: str) -> Any:

@@ -6,12 +6,17 @@ gaps go to a flat float array, 8 bytes per output token. With `stream_dir` set, 
 iteration rows spill to parquet parts every `flush_rows` rows and gaps are binned in batches
 into a log-spaced histogram, so memory stays bounded for huge runs; the metrics come from
 running totals, never from re-reading the iteration parts.
+
+Unstreamed runs also index each finished request's gaps in the flat array ((req_id, start,
+count), 24 bytes a request), so `request_gaps` gives every request its own inter-token gaps
+without copying them (vLLM's per-request `itls`, sim/vllm_result.py); streamed runs keep none.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +83,23 @@ class Table:
         return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
+@dataclass(frozen=True, eq=False)
+class RequestGaps:
+    """Each finished request's inter-token gaps, in seconds: slices of one array."""
+
+    values: np.ndarray  # every gap, one request's after another's
+    index: np.ndarray  # (req_id, start, count) rows, int64
+
+    def per_request(self, req_ids: Sequence[int]) -> list[np.ndarray]:
+        """The gaps of each request in `req_ids` (empty for one that never finished)."""
+        spans = {int(r): (int(a), int(n)) for r, a, n in self.index}
+        out = []
+        for rid in req_ids:
+            start, count = spans.get(int(rid), (0, 0))
+            out.append(self.values[start:start + count])
+        return out
+
+
 class Recorder:
     def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000):
         self.num_layers = num_layers
@@ -91,6 +113,7 @@ class Recorder:
         self.preemptions = 0
         self.stream_dir = stream_dir
         self.itl_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64) if stream_dir else None
+        self.itl_index = None if stream_dir else array("q")  # (req_id, start, count) per request
         self.num_requests_recorded = 0
         self.recorded_ids: set[int] = set()
         self.on_record: Callable[[], object] | None = None
@@ -130,6 +153,8 @@ class Recorder:
 
     def finished(self, req: RequestState, replica: int = -1) -> None:
         gaps = req.itl_s
+        if self.itl_index is not None:
+            self.itl_index.extend((req.req_id, len(self.itl), len(gaps)))
         self.itl.extend(gaps)
         if self.itl_hist is not None and len(self.itl) >= 1 << 20:
             self._bin_gaps()
@@ -170,6 +195,10 @@ class Recorder:
         for mine, theirs in ((self.requests, other.requests), (self.iterations, other.iterations)):
             mine.parts.extend(theirs.parts)
             mine.rows.extend(theirs.rows)
+        if self.itl_index is not None and other.itl_index is not None:
+            index = np.frombuffer(other.itl_index, dtype=np.int64).reshape(-1, 3).copy()
+            index[:, 1] += len(self.itl)  # their gaps land after mine
+            self.itl_index.frombytes(index.tobytes())
         self.itl.extend(other.itl)
         if self.itl_hist is not None and other.itl_hist is not None:
             self.itl_hist += other.itl_hist
@@ -198,6 +227,14 @@ class Recorder:
             idx = np.searchsorted(_HIST_EDGES, np.frombuffer(self.itl, dtype=np.float64))
             self.itl_hist += np.bincount(idx, minlength=len(self.itl_hist))
             self.itl = array("d")
+
+    def request_gaps(self) -> RequestGaps | None:
+        """Every finished request's gaps (None for a streamed run). The result views this
+        recorder's array, which then cannot grow: call it once recording is over."""
+        if self.itl_index is None:
+            return None
+        return RequestGaps(self.itl_values_s(),
+                           np.frombuffer(self.itl_index, dtype=np.int64).reshape(-1, 3))
 
     def itl_values_s(self) -> np.ndarray:
         return np.frombuffer(self.itl, dtype=np.float64) if len(self.itl) else np.zeros(0)

@@ -88,6 +88,15 @@ class Study(BaseModel):
             raise ValueError(f"listed twice: {', '.join(dupes)}")
         return policies
 
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate_inf(cls, value: Any) -> Any:
+        """'inf' (YAML's `inf` is a string; `.inf` is the number) means all at once, as vLLM's
+        --request-rate inf; the workload then needs num_requests."""
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity", ".inf"):
+            return float("inf")
+        return value
+
     @field_validator("metric_percentiles")
     @classmethod
     def _percentiles(cls, values: list[float]) -> list[float]:

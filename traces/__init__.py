@@ -1,10 +1,11 @@
 """Request traces and synthetic workloads for layersim (stdlib + numpy + pandas, no torch).
 
-Public API: trace loaders (Azure, BurstGPT, Mooncake, length statistics), arrival processes
-(Poisson, Gamma, fixed), length samplers (table, fixed, arxiv-long) and ``build_workload``.
+Public API: trace loaders (Azure, BurstGPT, Mooncake, length statistics, vLLM's ShareGPT JSON),
+arrival processes (Poisson, Gamma, fixed; rate inf is all at once), length samplers (table,
+fixed, arxiv-long, vLLM's random) and ``build_workload``.
 """
 
-from traces.arrivals import fixed, gamma, generate_arrivals, poisson
+from traces.arrivals import all_at_once, fixed, gamma, generate_arrivals, poisson
 from traces.errors import TraceError
 from traces.lengths import (
     FixedLengths,
@@ -25,6 +26,7 @@ from traces.loaders import (
     sniff_format,
 )
 from traces.request import Request
+from traces.vllm_datasets import RandomLengths, ShareGPTLengths, load_sharegpt, parse_random
 from traces.workload import (
     Workload,
     WorkloadSpec,
@@ -40,11 +42,14 @@ __all__ = [
     "LengthTable",
     "LoadedTrace",
     "LogNormalLengths",
+    "RandomLengths",
     "Request",
+    "ShareGPTLengths",
     "TableLengths",
     "TraceError",
     "Workload",
     "WorkloadSpec",
+    "all_at_once",
     "arxiv_long",
     "build_workload",
     "data_dir",
@@ -56,8 +61,10 @@ __all__ = [
     "load_burstgpt",
     "load_length_stats",
     "load_mooncake",
+    "load_sharegpt",
     "load_trace",
     "parse_fixed",
+    "parse_random",
     "poisson",
     "resolve_workload",
     "sniff_format",

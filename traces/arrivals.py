@@ -9,6 +9,8 @@ Each returns a float64 numpy array of arrival times in seconds, non-decreasing.
   burstier); the first arrival is the first inter-arrival. ``cv == 1`` delegates to ``poisson``
   and yields exactly the same times for the same generator state.
 * ``fixed``: deterministic times ``i / rate`` for i = 0, 1, ...; the first arrival is at 0.
+* ``rate = inf`` (vLLM's ``--request-rate inf``), whatever the process: every arrival at 0, all
+  at once; it needs ``n``, since no duration caps an instant.
 
 Caps: ``n`` (number of arrivals) and/or ``duration_s`` (keep arrivals with ``t < duration_s``);
 at least one is required, both means whichever is reached first. Randomness comes only from the
@@ -110,11 +112,22 @@ def fixed(
     return times
 
 
+def all_at_once(n: int | None, duration_s: float | None = None) -> np.ndarray:
+    """``n`` arrivals at time 0: vLLM's ``--request-rate inf``."""
+    if n is None:
+        raise TraceError("rate inf sends every request at once: give num_requests "
+                         "(a duration caps nothing at one instant)")
+    _check_caps(n, duration_s)
+    return np.zeros(n, dtype=np.float64)
+
+
 def generate_arrivals(
     kind: str, rate: float, rng: np.random.Generator, *, cv: float = 1.0,
     n: int | None = None, duration_s: float | None = None,
 ) -> np.ndarray:
-    """Dispatch on ``kind`` ('poisson' | 'gamma' | 'fixed')."""
+    """Dispatch on ``kind`` ('poisson' | 'gamma' | 'fixed'); ``rate = inf`` is all at once."""
+    if kind in ARRIVAL_KINDS and isinstance(rate, (int, float)) and rate == math.inf:
+        return all_at_once(n, duration_s)
     if kind == "poisson":
         return poisson(rate, rng, n=n, duration_s=duration_s)
     if kind == "gamma":
@@ -125,7 +138,10 @@ def generate_arrivals(
 
 
 def describe_arrivals(kind: str, rate: float, cv: float = 1.0) -> str:
-    """One phrase such as 'Poisson 1.3 req/s' or 'Gamma (CV 2) 4 req/s'."""
+    """One phrase such as 'Poisson 1.3 req/s', 'Gamma (CV 2) 4 req/s' or, for rate inf,
+    'all at once (rate inf)'."""
+    if rate == math.inf:
+        return "all at once (rate inf)"
     if kind == "gamma" and cv != 1.0:
         return f"Gamma (CV {cv:g}) {rate:g} req/s"
     if kind == "fixed":

@@ -9,6 +9,8 @@ Formats (one loader each, ``load_trace`` sniffs the header / extension and dispa
 * Mooncake JSONL: one object per line, ``timestamp`` (ms), ``input_length``, ``output_length``,
   optional ``hash_ids`` (list of ints, validated but not kept).
 * Length-statistics CSV: ``num_prefill_tokens,num_decode_tokens,...`` with no arrival times.
+* vLLM's ShareGPT JSON (a list of conversations): sniffed here, read by
+  ``traces.vllm_datasets.load_sharegpt`` (``resolve_workload`` dispatches).
 
 Traces with arrival times become ``LoadedTrace``: arrivals in seconds relative to the first kept
 request, sorted, ``req_id`` 0..n-1 in arrival order. Rows with zero prompt or zero output tokens
@@ -36,6 +38,7 @@ from traces._table import (
 )
 from traces.errors import TraceError
 from traces.request import Request
+from traces.vllm_datasets import ShareGPTLengths, load_sharegpt
 
 PathLike = str | os.PathLike[str]
 
@@ -210,19 +213,29 @@ def load_length_stats(path: PathLike) -> LengthTable:
     )
 
 
+def _mooncake_line(line: str) -> bool:
+    """Whether `line` is a whole JSON object with a timestamp (a Mooncake row)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "timestamp" in obj
+
+
 def sniff_format(path: PathLike) -> str:
-    """Return 'azure', 'burstgpt', 'mooncake' or 'length-stats' from the extension / header."""
+    """Return 'azure', 'burstgpt', 'mooncake', 'length-stats' or 'sharegpt-json' (a JSON list,
+    or a .json file not made of Mooncake rows; traces/vllm_datasets.py reads it) from the
+    extension / header."""
     p = Path(path)
     check_exists(p)
     try:
         with p.open(encoding="utf-8-sig") as fh:
-            first = ""
-            for line in fh:
-                if line.strip():
-                    first = line.strip()
-                    break
+            head = fh.read(1 << 16)  # not the whole first line: a JSON file may be one line
     except UnicodeDecodeError as exc:
         raise TraceError(f"{p.name}: not UTF-8 text ({exc.reason})") from None
+    first = next((line.strip() for line in head.splitlines() if line.strip()), "")
+    if first.startswith("[") or (p.suffix.lower() == ".json" and not _mooncake_line(first)):
+        return "sharegpt-json"
     if p.suffix.lower() == ".jsonl" or first.startswith("{"):
         return "mooncake"
     header = {c.strip() for c in first.split(",")}
@@ -234,13 +247,15 @@ def sniff_format(path: PathLike) -> str:
         return "length-stats"
     raise TraceError(
         f"{p.name}: unknown trace format (first line {first[:80]!r}); expected an Azure or "
-        "BurstGPT CSV, a Mooncake JSONL or a length-statistics CSV"
+        "BurstGPT CSV, a Mooncake JSONL, a length-statistics CSV or a ShareGPT JSON list"
     )
 
 
-def load_trace(path: PathLike) -> LoadedTrace | LengthTable:
+def load_trace(path: PathLike) -> LoadedTrace | LengthTable | ShareGPTLengths:
     """Sniff the format of ``path`` and load it with the matching loader."""
     fmt = sniff_format(path)
+    if fmt == "sharegpt-json":
+        return load_sharegpt(path)
     if fmt == "azure":
         return load_azure(path)
     if fmt == "burstgpt":

@@ -6,8 +6,13 @@ rate, cv, caps) and never on the length source, and vice versa; comparing polici
 with the same seed therefore uses identical arrivals.
 
 * Length sources without arrivals ('sharegpt', 'arxiv', a length-statistics CSV, 'arxiv-long',
-  'fixed:P:O'): arrival times come from the arrival process at ``rate`` (required) until the
-  cap(s) ``num_requests`` / ``duration_s`` (at least one required); lengths are sampled.
+  'fixed:P:O', vLLM's 'random:IN:OUT[:RATIO]' and a ShareGPT JSON file): arrival times come
+  from the arrival process at ``rate`` (required) until the cap(s) ``num_requests`` /
+  ``duration_s`` (at least one required); lengths are sampled. ``rate = inf`` (vLLM's
+  ``--request-rate inf``) puts every arrival at 0 and needs ``num_requests``.
+* vLLM's datasets (traces/vllm_datasets.py) draw their lengths as vLLM does from ``seed`` itself
+  (not from the length generator below), so the same seed picks vLLM's lengths / conversations;
+  they stay independent of the arrivals.
 * Real traces ('azure-conv', 'mooncake', an Azure / BurstGPT / Mooncake file): with ``rate=None``
   the trace's own arrival times are replayed divided by ``speed``; with a ``rate`` the arrivals
   are redrawn from the arrival process and the trace's lengths are used in order. Then the caps
@@ -37,6 +42,7 @@ from traces.errors import TraceError
 from traces.lengths import LengthSampler, LogNormalLengths, TableLengths, arxiv_long, parse_fixed
 from traces.loaders import LengthTable, LoadedTrace, load_trace, requests_from_arrays, sniff_format
 from traces.request import Request
+from traces.vllm_datasets import RandomLengths, ShareGPTLengths, parse_random
 
 NAMED_FILES = {
     "sharegpt": "sharegpt_8k_stats_llama2.csv",
@@ -44,7 +50,8 @@ NAMED_FILES = {
     "azure-conv": "azure2023_conv.csv",
     "mooncake": "mooncake_synthetic.jsonl",
 }
-VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT")
+VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT",
+               "random:INPUT:OUTPUT[:RATIO]")
 
 
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
@@ -96,7 +103,8 @@ class WorkloadSpec:
             raise TraceError(
                 f"unknown arrival process {self.arrival!r}; valid: {', '.join(ARRIVAL_KINDS)}"
             )
-        _positive(self.rate, "rate")
+        if self.rate != math.inf:  # inf: all at once, as vLLM's --request-rate inf
+            _positive(self.rate, "rate")
         _positive(self.cv, "cv")
         _positive(self.duration_s, "duration_s")
         _positive(self.speed, "speed")
@@ -121,12 +129,15 @@ class Workload:
 
 def resolve_workload(
     name: str, max_context: int = 16384
-) -> LoadedTrace | LengthTable | LengthSampler:
-    """Map a workload name or path to a loaded trace, a length table or a length sampler."""
+) -> LoadedTrace | LengthTable | LengthSampler | RandomLengths | ShareGPTLengths:
+    """Map a workload name or path to a loaded trace, a length table, a length sampler or one
+    of vLLM's datasets."""
     if name == "arxiv-long":
         return arxiv_long(max_context)
     if name.startswith("fixed:"):
         return parse_fixed(name)
+    if name.startswith("random:"):
+        return parse_random(name)
     if name in NAMED_FILES:
         path = data_dir() / NAMED_FILES[name]
         if not path.is_file():
@@ -139,7 +150,7 @@ def resolve_workload(
         return load_trace(path)
     raise TraceError(
         f"unknown workload {name!r} (and no such file); valid: {', '.join(VALID_NAMES)}, "
-        "or a path to an Azure/BurstGPT/Mooncake trace or a length-statistics CSV"
+        "or a path to an Azure/BurstGPT/Mooncake trace, a length-statistics CSV or a ShareGPT JSON"
     )
 
 
@@ -148,11 +159,11 @@ def has_arrival_times(name: str) -> bool:
     length statistics, presets, and names that are neither (``build_workload`` says why)."""
     if name in ("azure-conv", "mooncake"):
         return True
-    if name in NAMED_FILES or name == "arxiv-long" or name.startswith("fixed:"):
+    if name in NAMED_FILES or name == "arxiv-long" or name.startswith(("fixed:", "random:")):
         return False
     path = Path(name).expanduser()
     try:
-        return path.is_file() and sniff_format(path) != "length-stats"
+        return path.is_file() and sniff_format(path) not in ("length-stats", "sharegpt-json")
     except TraceError:
         return False
 
@@ -168,11 +179,13 @@ def _span_text(span: float) -> str:
 
 def _assemble(
     times: np.ndarray, prompt: np.ndarray, output: np.ndarray, skipped: int, head: str,
-    duration_s: float | None, clipped: int = 0, replay: bool = False,
+    duration_s: float | None, clipped: int = 0, replay: bool = False, at_once: bool = False,
 ) -> Workload:
     requests = requests_from_arrays(times, prompt, output)
     span = duration_s if duration_s is not None else (float(times[-1]) if len(times) else 0.0)
-    if replay:  # the rate the replay actually offers: requests over the window they arrive in
+    if at_once:
+        text = f"{head}, {len(requests)} requests at t = 0"
+    elif replay:  # the rate the replay actually offers: requests over the window they arrive in
         rate = len(requests) / span if span > 0 else 0.0
         rate_text = f"{rate:.1f}" if rate >= 0.95 else f"{rate:.2g}"
         text = f"{head}, {rate_text} req/s over {_span_text(span)}, {len(requests)} requests"
@@ -212,7 +225,7 @@ def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Gener
     if spec.num_requests is not None:
         keep = min(keep, spec.num_requests)
     return _assemble(times[:keep], prompt[:keep], output[:keep], trace.skipped_zero, head,
-                     spec.duration_s, replay=spec.rate is None)
+                     spec.duration_s, replay=spec.rate is None, at_once=spec.rate == math.inf)
 
 
 def build_workload(spec: WorkloadSpec) -> Workload:
@@ -222,7 +235,7 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     if isinstance(source, LoadedTrace):
         return _from_trace(spec, source, arr_rng)
     skipped = 0
-    sampler: LengthSampler
+    sampler: LengthSampler | RandomLengths | ShareGPTLengths
     if isinstance(source, LengthTable):
         sampler = TableLengths(source)
         skipped = source.skipped_zero
@@ -248,13 +261,17 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=spec.num_requests,
         duration_s=spec.duration_s,
     )
-    prompt, output = sampler.sample(len(times), len_rng)
+    if isinstance(sampler, (RandomLengths, ShareGPTLengths)):
+        prompt, output = sampler.sample_seeded(len(times), spec.seed)
+    else:
+        prompt, output = sampler.sample(len(times), len_rng)
     clipped = 0
     if isinstance(sampler, LogNormalLengths) and spec.model_context is not None:
         # the same as drawing with the smaller bound (same draws), but counted
         prompt, output, clipped = _clip_to_context(prompt, output, spec.model_context)
     head = f"{head}, {describe_arrivals(spec.arrival, spec.rate, spec.cv)}"
-    return _assemble(times, prompt, output, skipped, head, spec.duration_s, clipped)
+    return _assemble(times, prompt, output, skipped, head, spec.duration_s, clipped,
+                     at_once=spec.rate == math.inf)
 
 
 def _clip_to_context(prompt: np.ndarray, output: np.ndarray, context: int
