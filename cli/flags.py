@@ -26,9 +26,10 @@ HELP = {
     "policies": "comma-separated: chunked[:BUDGET], layered[:MAX_G], prefill-first, "
                 "hybrid[:BUDGET], adaptive[:TBT_MS], file.py:Class, module:Class",
     "workload": "arxiv-long | sharegpt | arxiv | azure-conv | mooncake | fixed:PROMPT:OUTPUT | "
-                "a trace file",
-    "rate": "arrivals per second, drawn by --arrival (null: a trace with timestamps replays its "
-            "own, other workloads 1.3)",
+                "random:IN:OUT[:RANGE_RATIO] (vLLM's random dataset) | a trace file (Azure, "
+                "BurstGPT, Mooncake, length statistics, vLLM's ShareGPT JSON)",
+    "rate": "arrivals per second, drawn by --arrival; inf: all at once, as vLLM's --request-rate "
+            "inf (null: a trace with timestamps replays its own, other workloads 1.3)",
     "arrival": "poisson | gamma | fixed",
     "cv": "coefficient of variation of gamma arrivals",
     "duration_s": "seconds of arrivals (null: a replayed trace's own span, else 120 unless "
@@ -51,6 +52,11 @@ HELP = {
     "block_size": "KV cache block size in tokens, as vLLM's",
     "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",
     "workers": "processes to split the replicas over (round-robin router; results are the same)",
+    "max_concurrency": "closed loop, as vllm bench serve --max-concurrency: N clients, each sending "
+                       "its next request when its previous one finishes; with --rate, requests "
+                       "generated at that rate wait for a free client (null: open loop)",
+    "warmup_requests": "first requests simulated but left out of every metric (null: closed loop "
+                       "min(N, 10%% of the requests), open loop 0)",
     "target": "capacity: SLO attainment to meet",
     "price_per_gpu_hour": "capacity: dollars per GPU-hour, for the cost per million tokens",
     "start_rate": "capacity: first rate tried per replica (req/s)",
@@ -94,6 +100,9 @@ def add_study_flags(p: argparse.ArgumentParser, capacity: bool = False) -> None:
     p.add_argument("--out", type=Path, help="write tables, metrics, study.yaml and report.html "
                    "into this folder (not a study setting)")
     p.add_argument("--json", action="store_true", help="print one JSON object per policy")
+    p.add_argument("--save-result", type=Path, metavar="FILE", help="also write vLLM "
+                   "benchmark_serving's result JSON (metrics and per-request arrays); with several "
+                   "policies one file each, FILE's name plus -POLICY (not a study setting)")
     p.add_argument("--check", action="store_true", help="check every plan's legality (slower)")
 
 

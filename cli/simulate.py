@@ -9,9 +9,12 @@ from pathlib import Path
 
 from cli.flags import add_study_flags, study_values
 from costmodel import ConfigError
+from sim.cluster import SimResult
 from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study, load_study, make_study, run_study
 from sim.table import format_comparison
+from sim.vllm_result import vllm_result, write_vllm_result
+from traces import Workload
 
 
 def _add_dtypes(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,11 @@ def study_from_args(ns: argparse.Namespace) -> Study:
 def run(ns: argparse.Namespace) -> int:
     check_out(ns.out)
     study = study_from_args(ns)
+    if ns.save_result is not None and not ns.save_result.parent.is_dir():  # before, not after
+        raise ConfigError(f"--save-result {ns.save_result}: folder {ns.save_result.parent} does not exist")
     workload, cm, results = run_study(study, progress=not ns.json, check=ns.check)
+    if ns.save_result is not None:
+        _save_results(ns.save_result, study, results, workload)
     if ns.out is not None:
         setup = setup_record(study, cm)
         with results_folder(ns.out) as folder:
@@ -71,6 +78,13 @@ def run(ns: argparse.Namespace) -> int:
     if ns.out is not None:
         print(f"\nwrote {ns.out}/")
     return 0
+
+
+def _save_results(path: Path, study: Study, results: list[SimResult], workload: Workload) -> None:
+    for r in results:
+        name = path if len(results) == 1 else path.with_name(
+            f"{path.stem}-{r.policy.replace(':', '_').replace('/', '_')}{path.suffix or '.json'}")
+        write_vllm_result(name, vllm_result(study, r, workload))
 
 
 def _write_report(out: Path) -> None:

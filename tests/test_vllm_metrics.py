@@ -30,3 +30,19 @@ def test_std_and_percentiles_match_hand_computed_values() -> None:
     assert m["std_ttft_ms"] == pytest.approx(0.0, abs=1e-9)
     assert m["p99_tpot_ms"] == pytest.approx(D * 1e3)
     assert m["request_goodput"] == m["goodput"]
+
+
+def test_save_result_writes_vllm_json_per_policy(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cli.main import main
+
+    path = tmp_path / "result.json"
+    assert main(["compare", "--duration", "6", "--policies", "chunked:512,layered",
+                 "--save-result", str(path)]) == 0
+    docs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("result-*.json")}
+    assert sorted(docs) == ["result-chunked_512.json", "result-layered.json"]
+    doc = docs["result-layered.json"]
+    assert len(doc["ttfts"]) == len(doc["input_lens"]) == doc["num_prompts"]
+    assert doc["completed"] == doc["num_prompts"] and doc["backend"] == "layersim"
+    assert main(["compare", "--duration", "6", "--save-result", str(tmp_path / "no" / "x.json")]) == 2
