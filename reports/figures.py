@@ -171,6 +171,8 @@ def latency_cdfs(runs: Sequence[Run]) -> go.Figure | None:
         if df is None or "finished" not in df:
             continue
         done = df[df["finished"].astype(bool)]
+        if "warmup" in done:  # warm-up requests are in no metric
+            done = done[~done["warmup"].astype(bool)]
         for col, (key, title) in enumerate(panels, start=1):
             if key not in done:
                 continue

@@ -5,12 +5,15 @@ arrival time, and one process per replica (sim/replica.py), runs to the last com
 returns the per-request and per-iteration tables with the summary metrics. Requests that cannot
 fit are rejected up front, as vLLM rejects them, and counted by reason in the metrics (see
 REJECTIONS); when none of them fits, simulating is a ConfigError. With a round-robin router the
-replicas can be split over worker processes with identical results.
+replicas can be split over worker processes with identical results. With `max_concurrency`
+the requests come from closed-loop clients instead (sim/clients.py), and the first
+`warmup_requests` are simulated but left out of the metrics.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +28,7 @@ from costmodel.price import CostModel
 from policies.base import Policy
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
+from sim.clients import Clients, warmup_split
 from sim.metrics import DEFAULT_PERCENTILES, summarize
 from sim.records import Recorder, RequestGaps
 from sim.replica import Replica, kv_blocks
@@ -93,12 +97,14 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              slo_tpot_ms: float | None = None, slo_e2el_ms: float | None = None,
              metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
-             progress: bool = False, workers: int = 1) -> SimResult:
+             progress: bool = False, workers: int = 1, max_concurrency: int | None = None,
+             warmup_requests: int = 0) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
 
     `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
     (round-robin) allows it: each process then sees exactly the requests the single-process run
-    would route to its replicas, so the results are the same, byte for byte.
+    would route to its replicas, so the results are the same, byte for byte. Closed-loop clients
+    (`max_concurrency`) cannot be split so: each one waits on whichever replica finishes first.
     """
     if num_replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {num_replicas}")
@@ -109,6 +115,11 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     if workers > 1 and router != "round-robin":
         raise ConfigError(f"--workers {workers} needs the round-robin router (got {router}): other "
                           "routers look at every replica's load")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    if workers > 1 and max_concurrency is not None:
+        raise ConfigError(f"--workers {workers} cannot split closed-loop clients (--max-concurrency): "
+                          "each client's next request waits on whichever replica finishes first")
     reserve = (0.05 * cost_model.hw.hbm_bytes if activation_reserve_bytes is None
                else activation_reserve_bytes)
     num_blocks, hidden_blocks = kv_blocks(cost_model, block_size, gpu_memory_utilization, reserve)
@@ -139,10 +150,15 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
         raise ConfigError(f"nothing can be served: all {len(ordered)} requests are rejected ({why}); "
                           f"{cost_model.model.name}'s context is {max_context} tokens, one replica's "
                           f"KV cache {num_blocks * block_size} tokens")
+    if not 0 <= warmup_requests < max(len(ordered), 1):
+        raise ConfigError(f"--warmup-requests {warmup_requests} must be >= 0 and leave some of the "
+                          f"{len(ordered)} requests to measure")
+    warm_ids, first_measured = warmup_split(ordered, warmup_requests)
+    closed = max_concurrency is not None
 
     def run_shard(shard: int) -> _Shard:
         ids = list(range(shard, num_replicas, workers))
-        mine = servable if workers == 1 else [
+        mine = ordered if closed else servable if workers == 1 else [
             r for i, r in enumerate(servable) if i % num_replicas % workers == shard]
         sub_dir = None
         if stream_dir is not None:
@@ -150,7 +166,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
             sub_dir.mkdir(parents=True, exist_ok=True)
         return _run_replicas(mine, cost_model, policy, ids, router, seed, num_blocks, block_size,
                              hidden_blocks, check, fast_forward, sub_dir,
-                             progress and shard == 0, len(mine))
+                             progress and shard == 0, len(mine), max_concurrency, warm_ids,
+                             first_measured, frozenset(r.req_id for r in too_long) if closed
+                             else frozenset())
 
     if workers == 1:
         shards = [run_shard(0)]
@@ -165,7 +183,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
             _SHARD_JOB = None
     slo = {"slo_ttft_ms": slo_ttft_ms, "slo_itl_ms": slo_itl_ms, "slo_tpot_ms": slo_tpot_ms,
            "slo_e2el_ms": slo_e2el_ms, "percentiles": tuple(metric_percentiles)}
-    result = _merge(shards, too_long, ordered[:1], cost_model, num_replicas, slo)
+    result = _merge(shards, [] if closed else too_long, ordered[:1], cost_model, num_replicas,
+                    slo)
     result.metrics.update(max_context=max_context, **rejected)
     return replace(result, rejections={r.req_id: REJECTIONS[why]
                                        for r, why in zip(ordered, reasons, strict=True) if why})
@@ -183,33 +202,40 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   policy: str | Callable[[], Policy], replica_ids: list[int], router: str,
                   seed: int, num_blocks: int, block_size: int, hidden_blocks: float, check: bool,
                   fast_forward: bool, stream_dir: Path | None, progress: bool,
-                  total: int) -> _Shard:
+                  total: int, max_concurrency: int | None = None,
+                  warmup_ids: set[int] | None = None, first_measured: Request | None = None,
+                  rejected: frozenset[int] = frozenset()) -> _Shard:
     def new_policy() -> Policy:
         return _mark_builtin(make_policy(policy) if isinstance(policy, str) else policy(), policy)
 
     env = simpy.Environment()
     recorder = Recorder(cost_model.model.num_layers, stream_dir)
+    recorder.warmup_ids = warmup_ids or set()
+    closed = max_concurrency is not None
+    if first_measured is not None:  # the window opens at its arrival; closed loop: when sent
+        recorder.count_from_s = math.inf if closed else first_measured.arrival_s
     done = env.event()
-    pending = [len(requests)]
+    pending = [len(requests)]  # closed loop: rejected ones too, done when their turn comes
 
     def on_finish() -> None:
         pending[0] -= 1
+        if closed:
+            clients.release()
         if pending[0] == 0 and not done.triggered:
             done.succeed()
+
+    clients = Clients(env, max_concurrency, recorder, on_finish,
+                      first_measured.req_id if first_measured is not None else None, rejected)
 
     replicas = [Replica(env, rid, new_policy(), cost_model, num_blocks, block_size, hidden_blocks,
                         recorder, check=check, fast_forward=fast_forward, on_finish=on_finish)
                 for rid in replica_ids]
     picker = make_router(router, seed)
 
-    def arrivals():  # type: ignore[no-untyped-def]
-        for r in requests:
-            if r.arrival_s > env.now:
-                yield env.timeout(r.arrival_s - env.now)
-            state = RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens)
-            replicas[picker.pick(replicas)].submit(state)
+    def submit(state: RequestState) -> None:
+        replicas[picker.pick(replicas)].submit(state)
 
-    env.process(arrivals())
+    env.process(clients.run(requests, submit))
     bar = _progress(total, recorder, str(policy)) if progress else None
     try:
         while not done.triggered and requests:
@@ -230,7 +256,7 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
     recorder.on_record = None
     if stream_dir is not None:
         recorder.flush()
-    return _Shard(recorder, [rep.busy_s for rep in replicas], replica_ids, end_s,
+    return _Shard(recorder, [recorder.busy_s.get(rep.idx, 0.0) for rep in replicas], replica_ids, end_s,
                   replicas[0].policy.name)
 
 
@@ -244,6 +270,8 @@ def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[R
         rec.rejected(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens), r.arrival_s)
     end_s = max(s.end_s for s in shards)
     start_s = min((r.arrival_s for r in first_arrivals), default=0.0)
+    if rec.count_from_s is not None and math.isfinite(rec.count_from_s):  # after a warm-up
+        start_s = rec.count_from_s
     idle_w = cost_model.idle_power_w()
     # idle power over the same window the metrics' duration covers: first arrival to last finish
     idle_energy = sum(max(0.0, end_s - start_s - b) for s in shards for b in s.busy_s) * idle_w

@@ -1,6 +1,9 @@
 """Summary metrics with vLLM `benchmark_serving`'s names, plus SLO, goodput, energy and traffic.
 
 Duration is from the first arrival to the last completion (benchmark_serving's wall time).
+Warm-up requests (the `warmup` column, sim/clients.py) are left out of every metric: the
+duration then starts at the first measured request's arrival (for closed-loop clients, when it
+is sent), and `warmup_requests` says how many were left out.
 TPOT is per request (E2E - TTFT) / (output tokens - 1); ITL pools every gap between tokens.
 A request meets the SLO when its TTFT and its own P99 ITL are both within target (and its TPOT
 and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them);
@@ -43,6 +46,8 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
               slo_tpot_ms: float | None = None, slo_e2el_ms: float | None = None,
               percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> dict[str, Any]:
     pcts = tuple(sorted({*percentiles, 99.0}))  # p99 always: the SLO and the tables use it
+    warm = req["warmup"].to_numpy(dtype=bool) if "warmup" in req else np.zeros(len(req), bool)
+    req = req[~warm]
     done = req[req["finished"]]
     start_s = float(req["arrival_s"].min()) if len(req) else 0.0
     duration = max(end_s - start_s, 1e-12)
@@ -60,6 +65,7 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
         "completed": n,
         "num_requests": len(req),
         "unfinished": int(len(req) - n),
+        "warmup_requests": int(warm.sum()),
         "duration_s": duration,
         "total_input_tokens": prompt_tokens,
         "total_output_tokens": output_tokens,

@@ -10,6 +10,11 @@ running totals, never from re-reading the iteration parts.
 Unstreamed runs also index each finished request's gaps in the flat array ((req_id, start,
 count), 24 bytes a request), so `request_gaps` gives every request its own inter-token gaps
 without copying them (vLLM's per-request `itls`, sim/vllm_result.py); streamed runs keep none.
+
+Warm-up (sim/clients.py): requests in `warmup_ids` get their row, marked `warmup`, but their
+gaps and preemptions are not pooled; the running totals (energy, bytes, iterations, busy time)
+count only iterations that start at or after `count_from_s`, when the measured window opens
+(None: every iteration).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 
 REQUEST_COLUMNS = ("req_id", "replica", "arrival_s", "prompt_tokens", "output_tokens",
                    "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms", "p99_itl_ms",
-                   "max_itl_ms", "preemptions", "finished")
+                   "max_itl_ms", "preemptions", "finished", "warmup")
 ITERATION_COLUMNS = ("replica", "start_s", "latency_s", "iterations", "prefill_tokens",
                      "decode_tokens", "num_tiles", "prefill_layer_tokens", "energy_j", "flops",
                      "expert_bytes", "hbm_bytes", "kv_read_bytes")
@@ -117,6 +122,9 @@ class Recorder:
         self.num_requests_recorded = 0
         self.recorded_ids: set[int] = set()
         self.on_record: Callable[[], object] | None = None
+        self.warmup_ids: set[int] = set()
+        self.count_from_s: float | None = None
+        self.busy_s: dict[int, float] = {}  # replica -> busy seconds in the measured window
         # running totals, so metrics never need the (possibly streamed) iteration table
         self.energy_j = self.expert_bytes = self.hbm_bytes = 0.0
         self.num_iterations = 0
@@ -143,21 +151,27 @@ class Recorder:
 
     def _it_row(self, *values: float) -> None:
         self.iterations.append(values)
+        if self.count_from_s is not None and values[1] < self.count_from_s:
+            return  # before the measured window (warm-up)
+        replica = int(values[0])
+        self.busy_s[replica] = self.busy_s.get(replica, 0.0) + values[2]
         self.num_iterations += int(values[3])
         self.energy_j += values[8]
         self.expert_bytes += values[10]
         self.hbm_bytes += values[11]
 
     def preempted(self, req: RequestState) -> None:
-        self.preemptions += 1
+        if req.req_id not in self.warmup_ids:
+            self.preemptions += 1
 
     def finished(self, req: RequestState, replica: int = -1) -> None:
         gaps = req.itl_s
-        if self.itl_index is not None:
-            self.itl_index.extend((req.req_id, len(self.itl), len(gaps)))
-        self.itl.extend(gaps)
-        if self.itl_hist is not None and len(self.itl) >= 1 << 20:
-            self._bin_gaps()
+        if req.req_id not in self.warmup_ids:  # a warm-up request's gaps are not pooled
+            if self.itl_index is not None:
+                self.itl_index.extend((req.req_id, len(self.itl), len(gaps)))
+            self.itl.extend(gaps)
+            if self.itl_hist is not None and len(self.itl) >= 1 << 20:
+                self._bin_gaps()
         if gaps:
             p99 = _percentile(gaps, 99.0) * 1e3
             max_itl = max(gaps) * 1e3
@@ -170,13 +184,15 @@ class Recorder:
         e2e = (finish - req.arrival_s) * 1e3
         tpot = (e2e - ttft) / (out - 1) if out > 1 else 0.0
         self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, out, first, finish,
-                      ttft, tpot, e2e, p99, max_itl, req.num_preemptions, req.is_finished)
+                      ttft, tpot, e2e, p99, max_itl, req.num_preemptions, req.is_finished,
+                      req.req_id in self.warmup_ids)
         req.itl_s = array("d")
 
     def rejected(self, req: RequestState, now_s: float, replica: int = -1) -> None:
         nan = float("nan")
         self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len, nan, nan,
-                      nan, nan, nan, nan, nan, req.num_preemptions, False)
+                      nan, nan, nan, nan, nan, req.num_preemptions, False,
+                      req.req_id in self.warmup_ids)
 
     def _req_row(self, *values: float) -> None:
         self.requests.append(values)
@@ -210,11 +226,13 @@ class Recorder:
         self.expert_bytes += other.expert_bytes
         self.hbm_bytes += other.hbm_bytes
         self.num_iterations += other.num_iterations
+        self.busy_s.update(other.busy_s)  # replicas are disjoint
 
     # ---- results ----------------------------------------------------------------------------
     def requests_frame(self) -> pd.DataFrame:
         df = self.requests.read_all()
         df["finished"] = df["finished"].astype(bool)
+        df["warmup"] = df["warmup"].astype(bool)
         return df.sort_values("req_id", kind="stable").reset_index(drop=True)
 
     def iterations_frame(self) -> pd.DataFrame:

@@ -86,6 +86,7 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
         # the arrivals as built: rate None and replay True when a trace replays its own
         "workload": study.workload, "rate": rate, "replay": study.replays_trace(),
         "arrival": study.arrival, "duration_s": duration_s, "num_requests": study.num_requests,
+        "max_concurrency": study.max_concurrency, "warmup_requests": study.warmup_requests,
         "seed": study.seed,
         "slo_ttft_ms": study.slo_ttft_ms, "slo_itl_ms": study.slo_itl_ms,
         **extra,

@@ -17,8 +17,13 @@ from costmodel.errors import ConfigError
 
 
 class Loaded(Protocol):
-    outstanding: int
-    pending_tokens: int
+    """What a router reads of a replica (read-only: a replica computes pending_tokens)."""
+
+    @property
+    def outstanding(self) -> int: ...
+
+    @property
+    def pending_tokens(self) -> int: ...
 
 
 class Router:

@@ -9,10 +9,21 @@ Mooncake file) replays its own arrivals, the whole trace unless capped, unless `
 a length-statistics workload (sharegpt, arxiv, arxiv-long, fixed:P:O, a statistics CSV) draws
 arrivals at `rate` (default 1.3 req/s) for `duration_s` (default 120 s unless `num_requests`
 caps it). A run with no requests, or none the model can serve, is a ConfigError.
+
+Closed loop (`max_concurrency` N, vLLM's `--max-concurrency`; sim/clients.py): N clients each
+send their next request when their previous one finishes. A trace's own arrivals are then not
+replayed, only its lengths in order. Without a rate (or with rate inf, vLLM's default) the run
+is `num_requests` requests (default 1000, vLLM's --num-prompts); with a rate, requests are
+generated at it as above and at most N are in flight. The first `warmup_requests` are simulated
+but left out of every metric; the default is min(N, 10% of the requests): one per client, the
+first wave, sent together into an idle server (vLLM's own --num-warmups, default 0, runs before
+its measured phase, so its figures include that wave: warmup_requests 0 matches them).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,9 +47,13 @@ from policies.registry import make_policy
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
 from sim.metrics import DEFAULT_PERCENTILES
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
+from traces.arrivals import describe_arrivals
+from traces.request import Request
 
 DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
 DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
+DEFAULT_CLOSED_LOOP_REQUESTS = 1000  # vLLM's --num-prompts default
+WARMUP_SHARE = 0.1  # closed loop: warm-up is min(clients, this share of the requests)
 
 
 class Study(BaseModel):
@@ -75,6 +90,8 @@ class Study(BaseModel):
     block_size: int = Field(default=16, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: each policy's own (256)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
+    max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop
+    warmup_requests: int | None = Field(default=None, ge=0)  # None: see `warmup`
     # capacity searches (sim/capacity.py)
     target: float = Field(default=0.9, gt=0, le=1)
     price_per_gpu_hour: float | None = Field(default=None, ge=0)
@@ -125,15 +142,20 @@ class Study(BaseModel):
 
     def replays_trace(self) -> bool:
         """Whether the workload's own arrival times are replayed (see the module note)."""
-        # Hook for a closed-loop `max_concurrency` (vLLM's --max-concurrency), not implemented:
-        # like `rate`, it will stop the replay (`and self.max_concurrency is None`), and
-        # `arrivals`/`build_workload` will then build the arrivals it implies.
-        return self.rate is None and has_arrival_times(self.workload)
+        return (self.rate is None and self.max_concurrency is None
+                and has_arrival_times(self.workload))
+
+    def closed_loop_rate(self) -> float | None:
+        """Closed loop: the rate requests are generated at (None: all at once)."""
+        return None if self.rate is None or math.isinf(self.rate) else self.rate
 
     def arrivals(self) -> tuple[float | None, float | None]:
-        """The (rate, duration_s) the workload is built with: (None, cap or None) for a replay."""
+        """The (rate, duration_s) the workload is built with: (None, cap or None) for a replay,
+        (None, None) for closed-loop clients without a rate."""
         if self.replays_trace():
             return None, self.duration_s
+        if self.max_concurrency is not None and self.closed_loop_rate() is None:
+            return None, None
         duration = self.duration_s
         if duration is None and self.num_requests is None:
             duration = DEFAULT_DURATION_S
@@ -142,9 +164,21 @@ class Study(BaseModel):
     def build_workload(self, max_context: int) -> Workload:
         """The requests; arxiv-long prompts are clipped to fit `max_context`, the model's."""
         rate, duration_s = self.arrivals()
-        spec = WorkloadSpec(workload=self.workload, rate=rate, arrival=self.arrival,
-                            cv=self.cv, duration_s=duration_s,
-                            num_requests=self.num_requests, speed=self.speed, seed=self.seed,
+        at_once = self.max_concurrency is not None and rate is None
+        if at_once:  # closed loop, no rate: lengths only (nominal arrivals, set to 0 below)
+            if self.duration_s is not None:
+                raise ConfigError("--duration needs --rate with --max-concurrency: without a rate "
+                                  "closed-loop clients send --num-requests requests")
+            if self.speed != 1.0:
+                raise ConfigError("--speed replays a trace's own arrivals; closed-loop clients "
+                                  "(--max-concurrency) do not replay them")
+        num_requests = self.num_requests
+        if at_once and num_requests is None:
+            num_requests = DEFAULT_CLOSED_LOOP_REQUESTS
+        spec = WorkloadSpec(workload=self.workload, rate=1.0 if at_once else rate,
+                            arrival="fixed" if at_once else self.arrival,
+                            cv=1.0 if at_once else self.cv, duration_s=duration_s,
+                            num_requests=num_requests, speed=self.speed, seed=self.seed,
                             max_context=self.max_context or 16384, model_context=max_context)
         try:
             workload = build_workload(spec)
@@ -153,7 +187,42 @@ class Study(BaseModel):
         if not workload.requests:
             raise ConfigError(f"the workload has no requests ({workload.description}); "
                               "raise the rate, the duration or the number of requests")
+        if self.max_concurrency is not None:
+            workload = self._closed_loop(workload, spec, at_once)
+        warm = self.warmup(len(workload.requests))
+        if warm:
+            workload = replace(workload, description=f"{workload.description}; the first {warm} "
+                               "are warm-up, in no metric")
         return workload
+
+    def _closed_loop(self, workload: Workload, spec: WorkloadSpec, at_once: bool) -> Workload:
+        """The workload as closed-loop clients send it: every request generated at 0 when there
+        is no rate, and a description that says so ("closed loop: N clients[, rate R]")."""
+        assert spec.rate is not None and self.max_concurrency is not None
+        phrase = describe_arrivals(spec.arrival, spec.rate, spec.cv)
+        loop = f"closed loop: {self.max_concurrency} clients"
+        text = workload.description
+        requests = workload.requests
+        if at_once:
+            requests = tuple(Request(r.req_id, 0.0, r.prompt_tokens, r.output_tokens)
+                             for r in requests)
+            text = re.sub(r", (\d+) requests over [^,;(]+", r", \1 requests", text, count=1)
+        else:
+            loop += f", rate {phrase}"
+        for old, new in ((f"{phrase} (rate given: own arrivals not replayed)",
+                          f"{loop} (own arrivals not replayed)"), (phrase, loop)):
+            if old in text:
+                return replace(workload, requests=requests, description=text.replace(old, new, 1))
+        return replace(workload, requests=requests, description=f"{text}; {loop}")
+
+    def warmup(self, num_requests: int) -> int:
+        """Requests left out of the metrics: as given, else min(clients, 10% of the requests)
+        for closed-loop clients and none for open-loop arrivals."""
+        if self.warmup_requests is not None:
+            return self.warmup_requests
+        if self.max_concurrency is None:
+            return 0
+        return min(self.max_concurrency, int(num_requests * WARMUP_SHARE))
 
     def policy_factory(self, spec: str) -> str | Callable[[], Policy]:
         """The policy as simulate takes it: its spec, or a factory when max_num_seqs is set."""
@@ -220,7 +289,9 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
                         slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
                         slo_tpot_ms=study.slo_tpot_ms, slo_e2el_ms=study.slo_e2el_ms,
                         metric_percentiles=study.metric_percentiles,
-                        check=check, progress=progress, workers=study.workers)
+                        check=check, progress=progress, workers=study.workers,
+                        max_concurrency=study.max_concurrency,
+                        warmup_requests=study.warmup(len(workload.requests)))
                for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
     results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
