@@ -39,6 +39,9 @@ def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
                    "(the kernels/ folder of shared/gpu-data) instead of timing this machine")
     p.add_argument("--framework-version", metavar="V", help="with --from-tables: the vLLM "
                    "version whose tables to read (default: the newest there)")
+    p.add_argument("--silicon", metavar="CSV", help="with --from-tables: fit the serving engine's "
+                   "overhead to these measured vLLM runs (AIConfigurator silicon format) and hold "
+                   "out every model but Llama-3.1-70B to report its error")
     return p
 
 
@@ -56,6 +59,10 @@ def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
         return fail(f"--out {out}: folder {out.parent} does not exist")
     try:
         profile = profile_from_tables(Path(args.from_tables), args.gpu, args.framework_version)
+        if args.silicon:
+            from calibrate.tables import with_engine_overhead
+
+            profile = with_engine_overhead(profile, Path(args.silicon))
     except ConfigError as e:
         return fail(str(e))
     except (OSError, ValueError, KeyError) as e:  # a damaged or foreign table
@@ -68,6 +75,17 @@ def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
     err = (f"; held-out power error median {held['median_rel_err']:.0%}, p90 {held['p90_rel_err']:.0%}"
            if held else "")
     print(f"energy: {energy.get('source', 'datasheet guess')}{err}")
+    engine = profile.fit_errors.get("engine_overhead")
+    if engine:
+        held = engine["held_out"]
+        print(f"engine overhead: {profile.iteration_overhead_s * 1e6:.1f} us per iteration + "
+              f"{profile.request_overhead_s * 1e6:.2f} us per request, fitted on "
+              f"{engine['fit']['rows']} vLLM runs ({', '.join(engine['fit'].get('models', []))}); "
+              f"held out {held['rows']} runs: |error| TTFT median "
+              f"{held.get('ttft_median_abs_err', float('nan')):.0%} p90 "
+              f"{held.get('ttft_p90_abs_err', float('nan')):.0%}, TPOT median "
+              f"{held.get('tpot_median_abs_err', float('nan')):.0%} p90 "
+              f"{held.get('tpot_p90_abs_err', float('nan')):.0%}")
     print(f"wrote {out}")
     return 0
 

@@ -243,4 +243,50 @@ def summary(profile: Profile) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["profile_from_tables", "read_tables", "summary", "np"]
+
+
+# Models whose vLLM runs fit the engine overhead (split by model, not at random): the dense one,
+# whose kernels carry no routing assumption; every other model's runs are held out.
+OVERHEAD_FIT_MODELS = ("meta-llama/Llama-3.1-70B",)
+
+
+def with_engine_overhead(profile: Profile, silicon_csv: Path,
+                         fit_models: tuple[str, ...] = OVERHEAD_FIT_MODELS) -> Profile:
+    """Fit iteration and per-request engine overhead to measured vLLM serving runs
+    (sim/silicon.py), and record the error on the runs of the other models."""
+    import tempfile
+
+    from costmodel import save_profile
+    from sim.silicon import errors, fit_overhead, read_rows, replay
+
+    frame = read_rows(silicon_csv)
+    frame = frame[frame.backend == "vllm"]
+    fit_rows = frame[frame.model_path.isin(fit_models)]
+    held_rows = frame[~frame.model_path.isin(fit_models)]
+    bare = profile.model_copy(update={"iteration_overhead_s": 0.0, "request_overhead_s": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bare.json.gz"
+        save_profile(bare, path)
+        fitted = replay(fit_rows, profile.gpu, "vllm", str(path))
+        iteration_s, request_s = fit_overhead(fitted)
+        tuned = profile.model_copy(update={"iteration_overhead_s": round(iteration_s, 7),
+                                           "request_overhead_s": round(request_s, 8)})
+        save_profile(tuned, path)
+        held = errors(replay(held_rows, profile.gpu, "vllm", str(path)))
+        fit_err = errors(replay(fit_rows, profile.gpu, "vllm", str(path)))
+
+    def stats(t: pd.DataFrame) -> dict[str, Any]:
+        if not len(t):
+            return {"rows": 0}
+        return {"rows": len(t), "models": sorted(set(t.model)),
+                "ttft_median_abs_err": float(t.ttft_err.abs().median()),
+                "ttft_p90_abs_err": float(t.ttft_err.abs().quantile(0.9)),
+                "tpot_median_abs_err": float(t.tpot_err.abs().median()),
+                "tpot_p90_abs_err": float(t.tpot_err.abs().quantile(0.9))}
+
+    provenance = {**profile.provenance, "iteration_overhead_s": (
+        f"fitted with request_overhead_s (2 parameters) to the mean TPOT of {len(fit_err)} vLLM "
+        f"serving runs of {', '.join(fit_models)} in {silicon_csv.name}")}
+    return tuned.model_copy(update={"provenance": provenance, "fit_errors": {
+        **profile.fit_errors, "engine_overhead": {"fit": stats(fit_err), "held_out": stats(held),
+                                                  "file": silicon_csv.name}}})

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:
             return _fail(f"layersim {args[0]}", f"needs an optional dependency: {e.name or e} "
                          "(pip install -e '.[cpu]' or '.[gpu]')")
-    from cli import capacity, explain, simulate
+    from cli import capacity, explain, silicon, simulate
 
     parser = _Parser(prog="layersim", allow_abbrev=False, description=(
         "Capacity planning and scheduling-policy design for MoE LLM serving."))
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     simulate.add_parsers(sub)
     explain.add_parser(sub)
     capacity.add_parser(sub)
+    silicon.add_parser(sub)
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     ns = parser.parse_args(args)

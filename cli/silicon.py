@@ -1,0 +1,57 @@
+"""`layersim replay-silicon FILE`: measured serving runs against the simulator's predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sim.results import check_out, results_folder
+from sim.silicon import errors, read_rows, replay, summary
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("replay-silicon", allow_abbrev=False,
+                       help="simulate measured serving runs and print the error of each",
+                       description="Simulate every supported row of a serving-benchmark CSV "
+                       "(AIConfigurator's silicon format) with the shipped profile of its GPU and "
+                       "compare mean TTFT and TPOT with what was measured.")
+    p.add_argument("file", type=Path, help="the CSV (e.g. ../shared/gpu-data/silicon_h100.csv)")
+    p.add_argument("--backend", default=None, help="only this backend's rows: vllm, sglang, "
+                   "trtllm (default: all)")
+    p.add_argument("--gpu", default="h100", help="the GPU the runs used (default: h100)")
+    p.add_argument("--profile", default=None, help="a profile file, or 'datasheet' (default: the "
+                   "one shipped for --gpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per row")
+    p.add_argument("--out", type=Path, help="write replay.csv here (a results folder)")
+    p.set_defaults(handler=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    check_out(ns.out)
+    replays = replay(read_rows(ns.file), ns.gpu, ns.backend, ns.profile)
+    table = errors(replays)
+    if ns.out is not None:
+        with results_folder(ns.out) as folder:
+            table.to_csv(folder / "replay.csv", index=False)
+            (folder / "run.json").write_text(json.dumps(
+                {"command": ["layersim", *getattr(ns, "argv", [])], "file": str(ns.file)}) + "\n")
+    if ns.json:
+        for r in table.to_dict("records"):
+            print(json.dumps(r, sort_keys=True))
+        return 0
+    cols = ["row", "backend", "model", "isl", "osl", "clients", "tp", "measured_ttft_ms",
+            "predicted_ttft_ms", "ttft_err", "measured_tpot_ms", "predicted_tpot_ms", "tpot_err"]
+    if len(table):
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        for by in ("backend", "model"):
+            print(f"\n|error| by {by}:")
+            print(summary(table, by).to_string(float_format=lambda v: f"{v:.1%}"))
+    skipped: dict[str, int] = {}
+    for r in replays:
+        if r.skipped is not None:
+            skipped[r.skipped] = skipped.get(r.skipped, 0) + 1
+    print(f"\nsimulated {len(table)} rows; skipped {sum(skipped.values())}:")
+    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:>4}  {reason}")
+    return 0

@@ -1,0 +1,172 @@
+"""Measured serving runs replayed through the simulator, and the engine overhead fitted to them.
+
+Input: a CSV of serving benchmarks in AIConfigurator's `silicon_*.csv` format, one row per run:
+`backend`, `model_path` (a Hugging Face id), `precision`, `mode`, `isl`, `osl` (fixed lengths),
+`batch_size` (closed-loop clients), `tp_size`, `pp_size`, `attention_dp_size`, `moe_tp_size`,
+`moe_ep_size`, and the measured means `silicon_ttft_ms`, `silicon_tpot_ms`.
+
+A supported row becomes a study: the model's preset at the row's precision, tp GPUs, a
+closed loop of `batch_size` clients sending `fixed:isl:osl` requests (CLIENT_ROUNDS requests per
+client, every one measured as vllm bench serve measures them: its warm-ups run apart), chunked
+prefill at vLLM's default token budget, the shipped profile of the GPU. Rows are skipped, each
+with its reason, when layersim cannot price them honestly: disaggregated prefill/decode,
+pipeline or attention data parallelism, expert parallelism inside the tensor-parallel group, or
+an architecture with no preset. Nothing here is keyed to particular rows.
+
+Engine overhead (what a serving engine adds to its kernels per iteration): two parameters,
+`iteration_overhead_s` (scheduler, launches) and `request_overhead_s` (per running request:
+sampling, detokenising, bookkeeping), fitted by non-negative least squares to the mean TPOT
+residual of the rows given for fitting, simulated with no overhead: in steady decoding every
+iteration serves about `batch_size` requests, so residual = a + b * batch_size.
+
+Known gap: simulated clients with identical lengths stay in lockstep, so every round's prompts
+are prefilled together; the measured runs' TTFT shows staggered clients. Mean TTFT is therefore
+over-predicted until a client start model (vLLM's --ramp-up-strategy, or jitter) exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from costmodel import ConfigError
+from costmodel.model import hf_preset
+from sim.study import Study, make_study, run_study
+
+COLUMNS = ("backend", "model_path", "precision", "mode", "isl", "osl", "batch_size", "tp_size",
+           "silicon_ttft_ms", "silicon_tpot_ms")
+CLIENT_ROUNDS = 3  # requests per client, all measured, as vllm bench serve measures them
+# vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB
+VLLM_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Replay:
+    row: int  # index in the file
+    backend: str
+    model: str
+    isl: int
+    osl: int
+    clients: int
+    tp: int
+    measured_ttft_ms: float
+    measured_tpot_ms: float
+    predicted_ttft_ms: float | None
+    predicted_tpot_ms: float | None
+    skipped: str | None  # the reason, for rows not simulated
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a CSV file: {str(e).splitlines()[0]}") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{path}: missing columns {missing} (AIConfigurator silicon format)")
+    return frame
+
+
+def _num(row: Any, key: str, default: float = 1.0) -> float:
+    value = row.get(key, default)
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
+
+
+def skip_reason(row: Any) -> str | None:
+    if str(row["mode"]) != "agg":
+        return "disaggregated prefill/decode (not modelled yet)"
+    if _num(row, "pp_size") > 1:
+        return "pipeline parallelism (not modelled)"
+    if _num(row, "attention_dp_size") > 1:
+        return "attention data parallelism (not modelled)"
+    if _num(row, "moe_ep_size") > 1:
+        return "expert parallelism inside the TP group (not modelled)"
+    preset, _ = hf_preset(str(row["model_path"]))
+    if preset is None:
+        return "architecture without a preset"
+    return None
+
+
+def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
+    preset, dtype = hf_preset(str(row["model_path"]))
+    precision = str(row["precision"]).lower()
+    values: dict[str, Any] = {
+        "model": preset, "gpu": gpu, "tp": int(row["tp_size"]), "profile": profile,
+        "policies": [f"chunked:{VLLM_CHUNK}"],
+        "workload": f"fixed:{int(row['isl'])}:{int(row['osl'])}",
+        "max_concurrency": int(row["batch_size"]),
+        "num_requests": CLIENT_ROUNDS * int(row["batch_size"]),
+        "warmup_requests": 0,  # vLLM counts the first wave too (its warm-ups run apart)
+        "slo_ttft_ms": 1e9, "slo_itl_ms": 1e9, **extra,
+    }
+    if precision == "fp8" or dtype == "fp8":
+        values["dtype"] = "fp8"
+    return make_study(values)
+
+
+def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
+           profile: str | None = None) -> list[Replay]:
+    """Simulate every supported row (of `backend`, if given); skipped rows keep their reason."""
+    out = []
+    for idx, row in frame.iterrows():
+        if backend is not None and str(row["backend"]) != backend:
+            continue
+        reason = skip_reason(row)
+        ttft = tpot = None
+        if reason is None:
+            try:
+                _, _, (result,) = run_study(row_study(row, gpu, profile))
+                ttft, tpot = result.metrics["mean_ttft_ms"], result.metrics["mean_tpot_ms"]
+            except ConfigError as e:  # e.g. the model does not fit this many GPUs
+                reason = str(e)
+        out.append(Replay(int(str(idx)), str(row["backend"]), str(row["model_path"]),
+                          int(_num(row, "isl", 0)), int(_num(row, "osl", 0)),
+                          int(_num(row, "batch_size", 0)), int(_num(row, "tp_size", 0)),
+                          _num(row, "silicon_ttft_ms", float("nan")),
+                          _num(row, "silicon_tpot_ms", float("nan")), ttft, tpot, reason))
+    return out
+
+
+def fit_overhead(replays: Sequence[Replay]) -> tuple[float, float]:
+    """(iteration_overhead_s, request_overhead_s) from rows simulated with no overhead."""
+    from scipy.optimize import nnls
+
+    rows = [r for r in replays if r.predicted_tpot_ms is not None]
+    if len(rows) < 3:
+        raise ConfigError(f"fitting the engine overhead needs at least 3 replayed rows, got {len(rows)}")
+    design = np.array([[1.0, r.clients] for r in rows])
+    residual_s = np.array([(r.measured_tpot_ms - (r.predicted_tpot_ms or 0.0)) / 1e3 for r in rows])
+    (a, b), _ = nnls(design, residual_s)
+    return float(a), float(b)
+
+
+def errors(replays: Sequence[Replay]) -> pd.DataFrame:
+    """Signed relative errors of the simulated rows."""
+    rows = [{"row": r.row, "backend": r.backend, "model": r.model, "isl": r.isl, "osl": r.osl,
+             "clients": r.clients, "tp": r.tp, "measured_ttft_ms": r.measured_ttft_ms,
+             "predicted_ttft_ms": r.predicted_ttft_ms, "measured_tpot_ms": r.measured_tpot_ms,
+             "predicted_tpot_ms": r.predicted_tpot_ms}
+            for r in replays if r.skipped is None]
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["ttft_err"] = frame.predicted_ttft_ms / frame.measured_ttft_ms - 1
+        frame["tpot_err"] = frame.predicted_tpot_ms / frame.measured_tpot_ms - 1
+    return frame
+
+
+def summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Median and p90 of |error| per group."""
+    if not len(frame):
+        return pd.DataFrame()
+    g = frame.assign(ttft_abs=frame.ttft_err.abs(), tpot_abs=frame.tpot_err.abs()).groupby(by)
+    return pd.DataFrame({
+        "rows": g.size(),
+        "ttft_median": g.ttft_abs.median(), "ttft_p90": g.ttft_abs.quantile(0.9),
+        "tpot_median": g.tpot_abs.median(), "tpot_p90": g.tpot_abs.quantile(0.9)})

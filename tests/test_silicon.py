@@ -1,0 +1,48 @@
+"""Replaying measured serving runs: which rows run, how a row becomes a study, the overhead fit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from costmodel import ConfigError
+from sim.silicon import Replay, fit_overhead, row_study, skip_reason
+
+ROW = {"backend": "vllm", "model_path": "meta-llama/Llama-3.1-70B", "precision": "fp8",
+       "mode": "agg", "isl": 1024, "osl": 128, "batch_size": 8, "tp_size": 4, "pp_size": 1,
+       "attention_dp_size": 1, "moe_tp_size": 4, "moe_ep_size": 1,
+       "silicon_ttft_ms": 100.0, "silicon_tpot_ms": 10.0}
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({}, None),
+    ({"mode": "disagg"}, "disaggregated"),
+    ({"pp_size": 2}, "pipeline"),
+    ({"attention_dp_size": 4}, "attention data parallelism"),
+    ({"moe_ep_size": 4}, "expert parallelism"),
+    ({"model_path": "MiniMaxAI/MiniMax-M2.5"}, "without a preset"),
+])
+def test_rows_are_skipped_with_their_reason(change: dict, reason: str | None) -> None:
+    got = skip_reason(pd.Series({**ROW, **change}))
+    assert got == reason if reason is None else reason in str(got)
+
+
+def test_a_row_becomes_a_closed_loop_study() -> None:
+    study = row_study(pd.Series(ROW), "h100", None)
+    assert study.model == "llama-3.1-70b" and study.dtype == "fp8" and study.tp == 4
+    assert study.workload == "fixed:1024:128" and study.max_concurrency == 8
+    assert study.num_requests == 24 and study.warmup_requests == 0
+
+
+def replay_row(clients: int, predicted_ms: float, measured_ms: float) -> Replay:
+    return Replay(0, "vllm", "m", 1, 2, clients, 1, 1.0, measured_ms, 1.0, predicted_ms, None)
+
+
+def test_overhead_fit_recovers_a_known_line() -> None:
+    # residual = 0.8 ms + 0.02 ms per client, exactly
+    rows = [replay_row(n, 5.0, 5.0 + 0.8 + 0.02 * n) for n in (1, 4, 16, 64)]
+    iteration_s, request_s = fit_overhead(rows)
+    assert iteration_s == pytest.approx(0.8e-3, rel=1e-6)
+    assert request_s == pytest.approx(0.02e-3, rel=1e-6)
+    with pytest.raises(ConfigError, match="at least 3"):
+        fit_overhead(rows[:2])
