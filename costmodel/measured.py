@@ -44,6 +44,8 @@ def _parsed(tables: dict[str, Any]) -> dict[str, KernelTable]:
     """Tables parsed once per profile object: a study builds a cost model per policy."""
     hit = _PARSED.get(id(tables))
     if hit is None or hit[0] is not tables:
+        if len(_PARSED) >= 4:  # bounded: profiles loaded from files come and go
+            del _PARSED[next(iter(_PARSED))]
         hit = _PARSED[id(tables)] = (tables, {c: KernelTable.from_json(c, raw) for c, raw in tables.items()})
     return hit[1]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,13 @@ def save_profile(profile: Profile, path: str | Path) -> None:
 DATASHEET = "datasheet"  # --profile datasheet: today's guesses, for comparison
 
 
+@lru_cache(maxsize=8)
+def _shipped(path: Path) -> Profile:
+    """Shipped profiles are read once per process: each holds ~10^5 table values, and a study or
+    a replay of many runs resolves the same one again and again (a Profile is immutable)."""
+    return load_profile(path)
+
+
 def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile:
     """An explicit file (or 'datasheet'), else the profile shipped for this GPU (fitted to
     measured kernel tables for h100, h200 and a100), else the datasheet."""
@@ -202,5 +210,5 @@ def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile
         return load_profile(profile_path)
     for name in (f"{gpu.lower()}.json", f"{gpu.lower()}.json.gz"):
         if (SHIPPED_DIR / name).is_file():
-            return load_profile(SHIPPED_DIR / name)
+            return _shipped(SHIPPED_DIR / name)
     return default_profile(load_gpu(gpu))
