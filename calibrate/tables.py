@@ -9,11 +9,13 @@ from the NVML power columns where a table has them (calibrate/power_fit.py).
 
 Choices the data forces, stated once:
 - latency is in ms in the tables, seconds in the profile;
-- GEMMs: bf16 and per-tensor fp8 (`fp8`); MoE: bf16, fp8 and GPT-OSS's MXFP4 (`w4a16_mxfp4`);
-  block-scaled fp8 and int4 rows are left out (no model preset uses them yet);
-- attention: full-attention rows only (a sliding window is priced through the attention pairs
-  it computes, see costmodel/measured.py); FA4 rows are left out on Hopper where FA3 is what
-  vLLM runs; decode context is `step + 1` keys;
+- GEMMs: bf16 and per-tensor fp8 (`fp8`, as fp8 Llama checkpoints run); MoE: bf16,
+  block-scaled fp8 (`fp8_block`, as fp8 Qwen3 and DeepSeek checkpoints run) and GPT-OSS's MXFP4
+  (`w4a16_mxfp4`); other recipes (per-tensor fp8 MoE, int4) are left out;
+- attention: full-attention and sliding-window rows (`window` a key); FA4 rows are left out on
+  Hopper where FA3 is what vLLM runs; decode context is `step + 1` keys;
+- collectives: `message_size` counts 2-byte (half / bf16) elements, not bytes as the data's
+  README says (NCCL's half row at X elements matches its int8 row at 2X);
 - all-reduce: per message size the faster of vLLM's custom all-reduce (CUDA-graph variant) and
   NCCL, since vLLM picks between them by size;
 - collectives: a message can always be padded to a larger one, so latency cannot fall as the
@@ -45,7 +47,9 @@ from costmodel.kernel_tables import (
 GPU_FOLDERS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100": "a100_sxm"}
 LICENSE = ("Apache-2.0; measured by NVIDIA's AIConfigurator collector (github.com/ai-dynamo/"
            "aiconfigurator, snapshot 2026-08-21); see costmodel/presets/profiles/NOTICE")
-MOE_DTYPES = {"bfloat16": "bfloat16", "fp8": "fp8", "w4a16_mxfp4": "mxfp4"}
+# layersim's fp8 experts are the block-scaled kind (Qwen3-FP8, DeepSeek checkpoints, which vLLM
+# runs with its block-scaled fused MoE); the per-tensor ModelOpt rows are another recipe
+MOE_DTYPES = {"bfloat16": "bfloat16", "fp8_block": "fp8", "w4a16_mxfp4": "mxfp4"}
 TARGET_MEDIAN, TARGET_P90 = 0.05, 0.15
 
 
@@ -61,6 +65,13 @@ def _version_dir(root: Path, gpu_dir: str, op: str, framework: str, version: str
                               f"{', '.join(versions)}")
         return base / version
     return base / versions[-1]
+
+
+def _comm_version(root: Path, gdir: str, version: str | None) -> str | None:
+    """vLLM's all-reduce tables exist for fewer versions than its kernels: the asked one, else
+    the newest there."""
+    base = root / gdir / "comm" / "vllm"
+    return version if version is not None and (base / version).is_dir() else None
 
 
 def _source(root: Path, path: Path, rows: int) -> dict[str, Any]:
@@ -100,9 +111,8 @@ def read_tables(root: Path, gpu: str, version: str | None = None) -> dict[str, K
     for name, cls, x in (("context", "prefill_attn", "isl"), ("generation", "decode_attn", "step")):
         path = vdir / f"{name}_attention_perf.parquet"
         a = pd.read_parquet(path)
-        if "window_size" in a:
-            a = a[a.window_size == 0]
-        a = a[a.kernel_source != "vllm_flash_attn_fa4"]
+        a = a if "window_size" in a else a.assign(window_size=0)
+        a = a[a.kernel_source != "vllm_flash_attn_fa4"].rename(columns={"window_size": "window"})
         a = a.rename(columns={"kv_cache_dtype": "kv_dtype", "batch_size": "batch",
                               "num_key_value_heads": "num_kv_heads"})
         if x == "step":
@@ -111,10 +121,12 @@ def read_tables(root: Path, gpu: str, version: str | None = None) -> dict[str, K
 
     ndir = _version_dir(root, gdir, "comm", "nccl", None)
     nccl = pd.read_parquet(ndir / "nccl_perf.parquet")
-    nccl = nccl[nccl.nccl_dtype == "half"].rename(columns={"message_size": "message_bytes"})
-    cdir = _version_dir(root, gdir, "comm", "vllm", version)
+    nccl = nccl[nccl.nccl_dtype == "half"]
+    nccl = nccl.assign(message_bytes=nccl.message_size * 2)  # message_size counts 2-byte elements
+    cdir = _version_dir(root, gdir, "comm", "vllm", _comm_version(root, gdir, version))
     custom = pd.read_parquet(cdir / "custom_allreduce_perf.parquet")
-    custom = custom[custom.backend == "vllm_graph"].rename(columns={"message_size": "message_bytes"})
+    custom = custom[custom.backend == "vllm_graph"]
+    custom = custom.assign(message_bytes=custom.message_size * 2)  # bf16 elements
     ar = pd.concat([nccl[nccl.op_name == "all_reduce"][["num_gpus", "message_bytes", "latency"]],
                     custom[["num_gpus", "message_bytes", "latency"]]])
     ar = _monotone(ar.groupby(["num_gpus", "message_bytes"], as_index=False).latency.min())

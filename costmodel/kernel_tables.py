@@ -98,14 +98,26 @@ def _moe_work(c: Columns) -> Work:
     return _work(2 * 3 * h * inter * routed, hbm, 0.0, _fp8_scale(c["dtype"]))
 
 
+def _causal_pairs(s: Any, w: Any) -> Any:
+    """Query-key pairs of a causal prompt of s tokens, through a window of w keys (0: none)."""
+    if isinstance(s, int | float) and isinstance(w, int | float):
+        return s * (s + 1) / 2 if not w or s <= w else w * (w + 1) / 2 + w * (s - w)
+    return np.where((w == 0) | (s <= w), s * (s + 1) / 2, w * (w + 1) / 2 + w * (s - w))
+
+
 def _prefill_work(c: Columns) -> Work:
     b, s, heads, kv, d = c["batch"], c["isl"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
     hbm = b * s * d * (2 * heads * 2 + 2 * kv * _bytes_per(c["kv_dtype"]))
-    return _work(4 * b * heads * d * s * (s + 1) / 2, hbm)
+    return _work(4 * b * heads * d * _causal_pairs(s, c["window"]), hbm)
 
 
 def _decode_work(c: Columns) -> Work:
-    b, ctx, heads, kv, d = c["batch"], c["context"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
+    b, heads, kv, d, w = c["batch"], c["num_heads"], c["num_kv_heads"], c["head_dim"], c["window"]
+    ctx = c["context"]
+    if isinstance(ctx, int | float) and isinstance(w, int | float):
+        ctx = min(ctx, w) if w else ctx
+    else:
+        ctx = np.where(w > 0, np.minimum(ctx, np.where(w > 0, w, 1)), ctx)
     hbm = b * ctx * 2 * kv * d * _bytes_per(c["kv_dtype"]) + 2 * 2 * b * heads * d
     return _work(4 * b * heads * d * ctx, hbm)
 
@@ -134,10 +146,10 @@ SPECS: dict[str, TableSpec] = {s.op_class: s for s in (
     TableSpec("dense_gemm", ("dtype",), ("n", "k"), "m", "n", _gemm_work),
     TableSpec("expert_gemm", ("dtype", "distribution", "hidden", "inter", "num_experts", "topk"),
               ("inter_per_gpu", "experts_per_gpu"), "num_tokens", "inter_per_gpu", _moe_work),
-    TableSpec("prefill_attn", ("kv_dtype", "head_dim", "num_kv_heads"), ("num_heads", "batch"),
-              "isl", "num_heads", _prefill_work),
-    TableSpec("decode_attn", ("kv_dtype", "head_dim", "num_kv_heads"), ("num_heads", "batch"),
-              "context", "num_heads", _decode_work),
+    TableSpec("prefill_attn", ("kv_dtype", "window", "head_dim", "num_kv_heads"),
+              ("num_heads", "batch"), "isl", "num_heads", _prefill_work),
+    TableSpec("decode_attn", ("kv_dtype", "window", "head_dim", "num_kv_heads"),
+              ("num_heads", "batch"), "context", "num_heads", _decode_work),
     TableSpec("allreduce", ("num_gpus",), (), "message_bytes", "message_bytes", _allreduce_work),
     TableSpec("alltoall", ("num_gpus",), (), "message_bytes", "message_bytes", _alltoall_work),
 )}
@@ -216,15 +228,36 @@ class KernelTable:
         return KernelTable(self.spec, self.columns, self.latency_s, self.source, roofline)
 
     def curve(self, target: Mapping[str, Any], hw: Hardware) -> Curve | None:
-        """The curve along x for one shape, or None when no row has its keys."""
+        """The curve along x for one shape. A shape whose keys no row has takes the measured
+        ratio of the nearest measured shape with the same categorical keys (nearest in the log of
+        its numeric keys; source "nearest measured shape ..."), or None when there is none."""
         mask = np.ones(len(self), dtype=bool)
         for key in self.spec.keys:
             mask &= self.columns[key] == target[key]
         idx = np.nonzero(mask)[0]
+        nearest = ""
         if not len(idx):
-            return None
+            idx, nearest = self._nearest_shape(target)
+            if not len(idx):
+                return None
         log_x, e, source = self._along_axes(idx, self.spec.axes, target, self.log_ratio(hw))
-        return Curve(log_x, e, source)
+        return Curve(log_x, e, f"nearest measured shape ({nearest})" if nearest else source)
+
+    def _nearest_shape(self, target: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+        numeric = [k for k in self.spec.keys if not isinstance(target[k], str)]
+        mask = np.ones(len(self), dtype=bool)
+        for key in self.spec.keys:
+            if key not in numeric:
+                mask &= self.columns[key] == target[key]
+        idx = np.nonzero(mask)[0]
+        if not len(idx) or not numeric:
+            return np.zeros(0, dtype=int), ""
+        shapes = np.stack([self.columns[k][idx].astype(float) for k in numeric], axis=1)
+        want = np.array([max(float(target[k]), 1e-9) for k in numeric])
+        distance = np.abs(np.log(np.maximum(shapes, 1e-9) / want)).sum(axis=1)
+        best = shapes[int(np.argmin(distance))]
+        keep = np.all(shapes == best, axis=1)
+        return idx[keep], ", ".join(f"{k} {v:g}" for k, v in zip(numeric, best, strict=True))
 
     def _along_axes(self, idx: np.ndarray, axes: tuple[str, ...], target: Mapping[str, Any],
                     e_all: np.ndarray) -> tuple[list[float], list[float], str]:

@@ -67,8 +67,11 @@ def moe_distribution(routing_skew: float, num_experts: int, top_k: int) -> str:
     return min(sigma, key=lambda d: abs(sigma[d] - routing_skew))
 
 
-def _dense_dtype(dtype: str) -> str:
-    return "fp8" if dtype == "fp8" else "bfloat16"
+FP8_TENSOR_CORES = frozenset({"h100", "h200", "b200"})  # Ampere runs fp8 weights in bf16
+
+
+def _dense_dtype(dtype: str, gpu: str) -> str:
+    return "fp8" if dtype == "fp8" and gpu in FP8_TENSOR_CORES else "bfloat16"
 
 
 def _seq_len_for_pairs(pairs: float) -> float:
@@ -99,7 +102,10 @@ class MeasuredKernels:
         self.q_pg = m.q_dim // tp
         self.kv_heads_pg = max(1, m.num_kv_heads // tp)
         self.heads_pg = m.num_q_heads // tp
-        wdt = _dense_dtype(m.weight_dtype)
+        wdt = _dense_dtype(m.weight_dtype, profile.gpu)
+        self._expert_dtype = m.expert_dtype
+        if m.expert_dtype == "fp8" and profile.gpu not in FP8_TENSOR_CORES:
+            self._expert_dtype = "bfloat16"  # weight-only fp8: bf16 arithmetic
         gemms: dict[str, list[tuple[int, int, str]]] = {
             "qkv_proj": [(self.q_pg + 2 * self.kv_heads_pg * m.head_dim, h, wdt)],
             "o_proj": [(h, self.q_pg, wdt)],
@@ -119,9 +125,17 @@ class MeasuredKernels:
         self._experts = self._moe(moe_distribution) if m.is_moe else None
         self._allreduce = self._comm("allreduce", tp) if tp > 1 else None
         self._alltoall = self._comm("alltoall", ep) if ep > 1 and m.is_moe else None
-        self._prefill = self._attention("prefill_attn")
-        self._decode = self._attention("decode_attn")
-        self._last_decode: tuple[tuple[int, float], float] = ((0, 0.0), 0.0)
+        self._prefill = self._attention("prefill_attn", 0)
+        self._decode = self._attention("decode_attn", 0)
+        # sliding-window layers: the windowed rows when the tables measure this window
+        w = m.sliding_window
+        self._prefill_win = self._attention("prefill_attn", w) if w else None
+        self._decode_win = self._attention("decode_attn", w) if w else None
+        if self._prefill_win is not None and self._prefill_win[2] is None:
+            self._prefill_win = None  # not measured: the equivalent full-attention prompt
+        if self._decode_win is not None and self._decode_win[2] is None:
+            self._decode_win = None
+        self._last_decode: tuple[tuple[int, float, float | None], float] = ((0, 0.0, None), 0.0)
         self.layer_ops = lru_cache(maxsize=65536)(self._layer_ops)
         self.layer_time_s = lru_cache(maxsize=65536)(self._layer_time_s)
 
@@ -144,7 +158,7 @@ class MeasuredKernels:
     def _moe(self, distribution: str) -> Any:
         m = self.model
         cols, roof, curve = self._priced("experts", "expert_gemm", {
-            "dtype": m.expert_dtype, "distribution": distribution, "hidden": m.hidden,
+            "dtype": self._expert_dtype, "distribution": distribution, "hidden": m.hidden,
             "inter": m.expert_intermediate, "num_experts": m.num_experts, "topk": m.top_k,
             "inter_per_gpu": m.expert_intermediate / self.tp,
             "experts_per_gpu": m.num_experts / self.ep})
@@ -156,16 +170,17 @@ class MeasuredKernels:
         work = SPECS[op].work
         return lambda nbytes: self._time(work, {**cols, "message_bytes": nbytes}, roof, curve, nbytes)
 
-    def _attention(self, cls: str) -> tuple[dict[str, Any], Roofline, Surface | None]:
+    def _attention(self, cls: str, window: int) -> tuple[dict[str, Any], Roofline, Surface | None]:
         m = self.model
-        target = {"kv_dtype": m.kv_cache_dtype, "head_dim": m.head_dim,
+        target = {"kv_dtype": m.kv_cache_dtype, "window": window, "head_dim": m.head_dim,
                   "num_kv_heads": self.kv_heads_pg, "num_heads": self.heads_pg}
         table = self.tables.get(cls)
         if table is None:
             self.sources[cls] = DATASHEET
             return target, self._datasheet[cls], None
         surface = Surface(table, target, "batch", self.hw)
-        self.sources[cls] = surface.source if surface else "fitted roofline"
+        if not window:
+            self.sources[cls] = surface.source if surface else "fitted roofline"
         return target, table.roofline, surface if surface else None
 
     def _time(self, work: Any, cols: dict[str, Any], roof: Roofline, curve: Curve | None,
@@ -196,24 +211,40 @@ class MeasuredKernels:
     def lm_head_s(self, num_logits: int) -> float:
         return self._lm_head(math.ceil(num_logits / self.ep)) if num_logits else 0.0
 
-    def prefill_attn_s(self, num_seqs: int, pairs: float) -> float:
-        """One layer's prefill attention for `num_seqs` sequences computing `pairs` in all."""
+    def prefill_attn_s(self, num_seqs: int, pairs: float, window_pairs: float | None = None) -> float:
+        """One layer's prefill attention for `num_seqs` sequences computing `pairs` causal pairs
+        in all; for a sliding-window layer also `window_pairs`, the pairs its window keeps."""
         if not num_seqs:
             return 0.0
         b = math.ceil(num_seqs / self.ep)
+        priced = self._prefill
+        if window_pairs is not None:
+            if self._prefill_win is not None:  # the window's own rows, at the prompts' length
+                priced = self._prefill_win
+            else:  # the full-attention prompt that computes as many pairs
+                pairs = window_pairs
         s = _seq_len_for_pairs(pairs / num_seqs)
-        return self._attn(self._prefill, "prefill_attn", {"batch": b, "isl": s}, b, s)
+        return self._attn(priced, "prefill_attn", {"batch": b, "isl": s}, b, s)
 
-    def decode_attn_s(self, num_decodes: int, kv_tokens: float) -> float:
-        """One layer's decode attention: `num_decodes` queries over `kv_tokens` keys in all."""
+    def decode_attn_s(self, num_decodes: int, kv_tokens: float, window_kv_tokens: float | None = None
+                      ) -> float:
+        """One layer's decode attention: `num_decodes` queries over `kv_tokens` keys in all (for a
+        sliding-window layer also `window_kv_tokens`, those its window keeps)."""
         if not num_decodes:
             return 0.0
-        if (num_decodes, kv_tokens) == self._last_decode[0]:  # the same decodes pass every segment
+        key = (num_decodes, kv_tokens, window_kv_tokens)
+        if key == self._last_decode[0]:  # the same decodes pass every segment
             return self._last_decode[1]
         b = math.ceil(num_decodes / self.ep)
+        priced = self._decode
+        if window_kv_tokens is not None:
+            if self._decode_win is not None:
+                priced = self._decode_win  # its rows take the position, the kernel caps it
+            else:
+                kv_tokens = window_kv_tokens
         ctx = kv_tokens / num_decodes
-        t = self._attn(self._decode, "decode_attn", {"batch": b, "context": ctx}, b, ctx)
-        self._last_decode = ((num_decodes, kv_tokens), t)
+        t = self._attn(priced, "decode_attn", {"batch": b, "context": ctx}, b, ctx)
+        self._last_decode = (key, t)
         return t
 
     def _attn(self, priced: tuple[dict[str, Any], Roofline, Surface | None], cls: str,
@@ -239,12 +270,12 @@ class MeasuredKernels:
                 if n_full:
                     lat += n_full * mk.prefill_attn_s(s[9], s[2])
                 if n_slide:
-                    lat += n_slide * mk.prefill_attn_s(s[9], s[3])
+                    lat += n_slide * mk.prefill_attn_s(s[9], s[2], s[3])
             if s[6]:
                 if n_full:
                     lat += n_full * mk.decode_attn_s(s[6], s[7])
                 if n_slide:
-                    lat += n_slide * mk.decode_attn_s(s[6], s[8])
+                    lat += n_slide * mk.decode_attn_s(s[6], s[7], s[8])
         return lat
 
     def op_times_s(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
@@ -261,8 +292,10 @@ class MeasuredKernels:
                 times[name] = times.get(name, 0.0) + nl * t
             if s[1]:
                 times["prefill_attn"] = times.get("prefill_attn", 0.0) + (
-                    (nl - n_slide) * mk.prefill_attn_s(s[9], s[2]) + n_slide * mk.prefill_attn_s(s[9], s[3]))
+                    (nl - n_slide) * mk.prefill_attn_s(s[9], s[2])
+                    + n_slide * mk.prefill_attn_s(s[9], s[2], s[3]))
             if s[6]:
                 times["decode_attn"] = times.get("decode_attn", 0.0) + (
-                    (nl - n_slide) * mk.decode_attn_s(s[6], s[7]) + n_slide * mk.decode_attn_s(s[6], s[8]))
+                    (nl - n_slide) * mk.decode_attn_s(s[6], s[7])
+                    + n_slide * mk.decode_attn_s(s[6], s[7], s[8]))
         return times

@@ -123,11 +123,11 @@ class CostModel:
             moe_distribution(self.model.routing_skew, self.model.num_experts, self.model.top_k),
             tuple(self._sliding_prefix),
             elementwise_s=lambda tokens: self._datasheet_op("norms_elementwise", tokens),
-            embedding_s=lambda tokens: self._datasheet_op("embedding", tokens))
+            embedding_s=lambda tokens: self._datasheet_op("embedding", tokens, "embed"))
 
-    def _datasheet_op(self, op: str, tokens: float) -> float:
+    def _datasheet_op(self, op: str, tokens: float, feature: str = "tm") -> float:
         """One launch of a token-proportional op by the profile's roofline (no table has it)."""
-        i, f = _OP_INDEX[op], FEATURES.index("tm")
+        i, f = _OP_INDEX[op], FEATURES.index(feature)
         flops = self._K[_QUANTITIES.index("flops"), i, f] * tokens
         hbm = sum(self._K[_QUANTITIES.index(q), i, f] for q in ("wbytes", "xbytes", "kvr", "kvw", "act"))
         t_c, t_m = flops * self._inv_compute[i], hbm * tokens * self._inv_memory[i]

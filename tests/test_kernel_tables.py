@@ -70,13 +70,13 @@ def test_unmeasured_shape_interpolates_between_neighbours() -> None:
 def test_surface_interpolates_across_batch() -> None:
     spec = SPECS["decode_attn"]
     rows = [(b, c) for b in (1.0, 4.0) for c in (128.0, 1024.0)]
-    cols = {"kv_dtype": np.array(["bfloat16"] * 4), "head_dim": np.full(4, 128.0),
+    cols = {"kv_dtype": np.array(["bfloat16"] * 4), "window": np.zeros(4), "head_dim": np.full(4, 128.0),
             "num_kv_heads": np.full(4, 2.0), "num_heads": np.full(4, 16.0),
             "batch": np.array([b for b, _ in rows]), "context": np.array([c for _, c in rows])}
     roof = Roofline().time_s(spec.work(cols), HW)
     ratio = np.array([1.0 if b == 1 else 4.0 for b, _ in rows])
     surface = Surface(KernelTable(spec, cols, roof * ratio, {}),
-                      {"kv_dtype": "bfloat16", "head_dim": 128.0, "num_kv_heads": 2.0,
+                      {"kv_dtype": "bfloat16", "window": 0.0, "head_dim": 128.0, "num_kv_heads": 2.0,
                        "num_heads": 16.0}, "batch", HW)
     assert surface.ratio(2.0, 300.0) == pytest.approx(2.0)
     assert surface.ratio(4.0, 128.0) == pytest.approx(4.0)
@@ -101,3 +101,20 @@ def test_json_round_trip_keeps_every_value() -> None:
     assert list(back.columns["dtype"]) == list(t.columns["dtype"])
     with pytest.raises(ValueError, match="lacks columns"):
         KernelTable.from_json("dense_gemm", {"columns": {"m": [1]}, "latency_s": [1.0]})
+
+
+def test_unmeasured_shape_takes_the_nearest_measured_shape() -> None:
+    spec = SPECS["decode_attn"]
+    rows = [(kv, c) for kv in (2.0, 8.0) for c in (128.0, 1024.0)]
+    cols = {"kv_dtype": np.array(["bfloat16"] * 4), "window": np.zeros(4),
+            "head_dim": np.full(4, 128.0), "num_kv_heads": np.array([k for k, _ in rows]),
+            "num_heads": np.full(4, 16.0), "batch": np.ones(4), "context": np.array([c for _, c in rows])}
+    roof = Roofline().time_s(spec.work(cols), HW)
+    table = KernelTable(spec, cols, roof * np.array([2.0 if k == 2 else 5.0 for k, _ in rows]), {})
+    curve = table.curve({"kv_dtype": "bfloat16", "window": 0.0, "head_dim": 128.0,
+                         "num_kv_heads": 3.0, "num_heads": 16.0, "batch": 1.0}, HW)
+    assert curve is not None
+    assert curve.source == "nearest measured shape (window 0, head_dim 128, num_kv_heads 2)"
+    assert curve.ratio(500.0) == pytest.approx(2.0)  # log 3 is nearer log 2 than log 8
+    assert table.curve({"kv_dtype": "fp8", "window": 0.0, "head_dim": 128.0, "num_kv_heads": 2.0,
+                        "num_heads": 16.0, "batch": 1.0}, HW) is None
