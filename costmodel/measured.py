@@ -119,6 +119,7 @@ class MeasuredKernels:
             di = m.dense_intermediate // tp
             gemms["dense_mlp"] = [(2 * di, h, wdt), (h, di, wdt)]
         self.sources: dict[str, str] = {}
+        self._x_range: dict[str, tuple[float, float]] = {}  # measured sizes, for `op_sources`
         self._gemms = {name: [self._gemm(name, n, k, dt) for n, k, dt in shapes]
                        for name, shapes in gemms.items()}
         self._lm_head = self._gemm("lm_head", m.vocab // tp, h, "bfloat16")
@@ -148,6 +149,8 @@ class MeasuredKernels:
             return target, self._datasheet[cls], None
         curve = table.curve(target, self.hw)
         self.sources[op] = curve.source if curve is not None else "fitted roofline"
+        if curve is not None and op not in self._x_range:
+            self._x_range[op] = curve.x_range
         return target, table.roofline, curve
 
     def _gemm(self, op: str, n: int, k: int, dtype: str) -> Any:
@@ -181,6 +184,11 @@ class MeasuredKernels:
         surface = Surface(table, target, "batch", self.hw)
         if not window:
             self.sources[cls] = surface.source if surface else "fitted roofline"
+            if surface:
+                self._x_range[cls] = (min(c.x_range[0] for c in surface.curves),
+                                      max(c.x_range[1] for c in surface.curves))
+                self._x_range[cls + "_batch"] = (math.exp(surface.log_b[0]),
+                                                 math.exp(surface.log_b[-1]))
         return target, table.roofline, surface if surface else None
 
     def _time(self, work: Any, cols: dict[str, Any], roof: Roofline, curve: Curve | None,
@@ -299,3 +307,34 @@ class MeasuredKernels:
                     (nl - n_slide) * mk.decode_attn_s(s[6], s[7])
                     + n_slide * mk.decode_attn_s(s[6], s[7], s[8]))
         return times
+
+    def op_sources(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+                   num_logits: int) -> dict[str, str]:
+        """What priced each operation of this plan: `sources`, with "extrapolated" where this
+        plan's size lies beyond the sizes the tables measured (the fitted roofline scales it)."""
+        sizes: dict[str, list[float]] = {}
+
+        def add(op: str, x: float) -> None:
+            sizes.setdefault(op, []).append(x)
+        for _, _, s in segments:
+            per_group = math.ceil(s[0] / self.ep)
+            for op in (*self._gemms, "norms_elementwise"):
+                add(op, per_group)
+            add("experts", s[0])
+            add("allreduce", per_group * self.model.hidden * ACT_BYTES)
+            add("alltoall", per_group * self.model.top_k * self.model.hidden * ACT_BYTES)
+            if s[1]:
+                add("prefill_attn", _seq_len_for_pairs(s[2] / s[9]))
+                add("prefill_attn_batch", math.ceil(s[9] / self.ep))
+            if s[6]:
+                add("decode_attn", s[7] / s[6])
+                add("decode_attn_batch", math.ceil(s[6] / self.ep))
+        if num_logits:
+            add("lm_head", math.ceil(num_logits / self.ep))
+        out = dict(self.sources)
+        for op, xs in sizes.items():
+            lo, hi = self._x_range.get(op, (0.0, math.inf))
+            base = op.removesuffix("_batch")
+            if base in out and out[base] == "table" and any(x < lo or x > hi for x in xs):
+                out[base] = "extrapolated"
+        return out

@@ -437,7 +437,7 @@ class CostModel:
                 continue
             hbm = wbytes[i] + xbytes[i] + kvr[i] + kvw[i] + act[i]
             if self.measured is not None and measured is not None:
-                sources = self.measured.sources
+                sources = self.measured.op_sources(measured[0], measured[1])
                 source = sources.get(name, sources.get(cls, "datasheet roofline"))
                 out.append(OpCost(name, cls, flops[i], hbm, link[i], times.get(name, 0.0), source))
                 continue

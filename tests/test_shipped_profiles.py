@@ -160,3 +160,17 @@ def test_routing_skew_picks_the_nearest_measured_popularity() -> None:
     assert moe_distribution(1.0, 128, 8) == "power_law_1.01"
     assert moe_distribution(1.2, 128, 8) == "power_law_1.2"
     assert moe_distribution(1.2, 0, 0) == "balanced"  # dense: nothing to route
+
+
+def test_explain_marks_sizes_beyond_the_tables_as_extrapolated(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    def sources(*args: str) -> dict[str, str]:
+        assert main(["explain", "--tp", "2", *args]) == 0
+        return {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+                if len(line.split()) > 2 and line.split()[1] in ("dense_gemm", "expert_gemm")}
+
+    assert "table" in sources("--prefill", "512")["qkv_proj"]
+    # 40,000 tokens: past the GEMM tables' largest m (32,768) and the MoE tables' (16,384)
+    wide = sources("--prefill", "40000")
+    assert "extrapolated" in wide["qkv_proj"] and "extrapolated" in wide["experts"]
