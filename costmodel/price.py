@@ -79,6 +79,12 @@ def _window_pairs(c: int, n: int, w: int) -> int:
     return (lo + w) * (w - lo + 1) // 2 + w * (hi - w)
 
 
+def _kept_bytes(weight_bytes: float) -> float:
+    """Bytes per parameter of the router, embeddings and LM head: quantised checkpoints keep
+    them in bf16 (and the measured path prices them from the bf16 tables)."""
+    return max(weight_bytes, ACT_BYTES)
+
+
 class CostModel:
     """Prices plans for one model on one replica of `parallel.num_gpus` GPUs."""
 
@@ -155,9 +161,10 @@ class CostModel:
         m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
         kv_dim_pg = max(1, m.num_kv_heads // tp) * m.head_dim
         attn = m.hidden * (2 * m.q_dim // tp + 2 * kv_dim_pg)
-        dense = m.num_layers * (attn + m.dense_mlp_params_per_layer // tp) + m.embedding_params // tp
+        dense = m.num_layers * (attn + m.dense_mlp_params_per_layer // tp)
         experts = m.num_layers * (m.num_experts // ep) * m.expert_params // tp
-        return dense * m.weight_bytes + experts * m.expert_weight_bytes
+        return (dense * m.weight_bytes + experts * m.expert_weight_bytes
+                + m.embedding_params // tp * _kept_bytes(m.weight_bytes))
 
     @property
     def kv_bytes_per_token_per_gpu(self) -> float:
@@ -330,7 +337,7 @@ class CostModel:
         if m.is_moe:
             E, k = m.num_experts, m.top_k
             put("flops", "router", "tm", 2 * h * E)
-            put("wbytes", "router", "nl", h * E * wb)
+            put("wbytes", "router", "nl", h * E * _kept_bytes(wb))
             put("act", "router", "tm", (h + E) * A)
             put("launches", "router", "nl", 1)
             put("flops", "experts", "tm", 2 * k * 3 * h * inter_pg * imb)
@@ -362,7 +369,7 @@ class CostModel:
             put("launches", "allreduce", "nl", 2)
         vocab_pg = m.vocab // tp
         put("flops", "lm_head", "logits", 2 * h * vocab_pg)
-        put("wbytes", "lm_head", "has_logits", h * vocab_pg * wb)
+        put("wbytes", "lm_head", "has_logits", h * vocab_pg * _kept_bytes(wb))
         put("act", "lm_head", "logits", (h + vocab_pg) * A)
         put("launches", "lm_head", "has_logits", 1)
         put("act", "embedding", "embed", 2 * h * A)
