@@ -39,6 +39,9 @@ def build_parser(prog: str = "calibrate") -> argparse.ArgumentParser:
                    "(the kernels/ folder of shared/gpu-data) instead of timing this machine")
     p.add_argument("--framework-version", metavar="V", help="with --from-tables: the vLLM "
                    "version whose tables to read (default: the newest there)")
+    p.add_argument("--engine-overhead-from", metavar="PROFILE", help="with --from-tables: take "
+                   "the serving engine's overhead fitted in another GPU's profile (the engine's "
+                   "host time does not depend on the GPU's kernels)")
     p.add_argument("--silicon", metavar="CSV", help="with --from-tables: fit the serving engine's "
                    "overhead to these measured vLLM runs (AIConfigurator silicon format) and hold "
                    "out every model but Llama-3.1-70B to report its error")
@@ -63,6 +66,11 @@ def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
             from calibrate.tables import with_engine_overhead
 
             profile = with_engine_overhead(profile, Path(args.silicon))
+        if args.engine_overhead_from:
+            from calibrate.tables import engine_overhead_from
+            from costmodel import load_profile
+
+            profile = engine_overhead_from(profile, load_profile(args.engine_overhead_from))
     except ConfigError as e:
         return fail(str(e))
     except (OSError, ValueError, KeyError) as e:  # a damaged or foreign table

@@ -302,3 +302,18 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
     return tuned.model_copy(update={"provenance": provenance, "fit_errors": {
         **profile.fit_errors, "engine_overhead": {"fit": stats(fit_err), "held_out": stats(held),
                                                   "file": silicon_csv.name}}})
+
+
+def engine_overhead_from(profile: Profile, donor: Profile) -> Profile:
+    """The donor's fitted engine overhead, said to be transferred (not fitted on this GPU)."""
+    fitted = donor.fit_errors.get("engine_overhead")
+    if not fitted:
+        raise ConfigError("--engine-overhead-from: that profile has no fitted engine overhead")
+    how = donor.provenance.get("iteration_overhead_s", "")
+    return profile.model_copy(update={
+        "iteration_overhead_s": donor.iteration_overhead_s,
+        "request_overhead_s": donor.request_overhead_s,
+        "provenance": {**profile.provenance, "iteration_overhead_s":
+                       f"transferred from the {donor.gpu} profile, where it was {how}"},
+        "fit_errors": {**profile.fit_errors, "engine_overhead": {
+            **fitted, "transferred_from": donor.gpu}}})

@@ -27,8 +27,10 @@ def run(ns: argparse.Namespace) -> int:
     cm = study.cost_model()
     if not ns.json:
         print(study.setup_line(cm))
+        extra = "".join(f", {name} <= {v:g} ms" for name, v in (
+            ("TPOT", study.slo_tpot_ms), ("E2E", study.slo_e2el_ms)) if v is not None)
         print(f"policy {study.policies[0]}, workload {study.workload}, SLO: TTFT <= "
-              f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms, "
+              f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms{extra}, "
               f"target attainment {study.target:.0%}")
         print(f"{'rate':>9} {'replicas':>9} {'GPUs':>6} {'attain':>8} {'TTFT ms':>9} {'P99 ITL':>8}  verdict")
 

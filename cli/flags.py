@@ -55,6 +55,8 @@ HELP = {
     "max_concurrency": "closed loop, as vllm bench serve --max-concurrency: N clients, each sending "
                        "its next request when its previous one finishes; with --rate, requests "
                        "generated at that rate wait for a free client (null: open loop)",
+    "stagger_s": "closed loop without a rate: client i sends its first request at i x STAGGER_S / N "
+                 "seconds, so that clients do not run in lockstep (null: all at once)",
     "warmup_requests": "first requests simulated but left out of every metric (null: closed loop "
                        "min(N, 10%% of the requests), open loop 0)",
     "target": "capacity: SLO attainment to meet",
@@ -109,7 +111,10 @@ def add_study_flags(p: argparse.ArgumentParser, capacity: bool = False) -> None:
 def study_values(ns: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags, with --goodput unfolded."""
     values = {k: getattr(ns, k) for k in Study.model_fields if getattr(ns, k, None) is not None}
-    for item in getattr(ns, "goodput", None) or []:
+    goodput = list(getattr(ns, "goodput", None) or [])
+    if goodput and ":" not in goodput[-1] and getattr(ns, "study", "") is None:
+        ns.study = goodput.pop()  # `--goodput ttft:300 study.yaml`: the file is the study
+    for item in goodput:
         kind, _, ms = item.partition(":")
         key = {"ttft": "slo_ttft_ms", "tpot": "slo_tpot_ms", "e2el": "slo_e2el_ms"}.get(kind)
         try:

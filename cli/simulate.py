@@ -53,8 +53,12 @@ def study_from_args(ns: argparse.Namespace) -> Study:
 def run(ns: argparse.Namespace) -> int:
     check_out(ns.out)
     study = study_from_args(ns)
-    if ns.save_result is not None and not ns.save_result.parent.is_dir():  # before, not after
-        raise ConfigError(f"--save-result {ns.save_result}: folder {ns.save_result.parent} does not exist")
+    if ns.save_result is not None:  # checked before the run, not after it
+        if ns.save_result.is_dir():
+            raise ConfigError(f"--save-result {ns.save_result}: a folder; give a file name")
+        if not ns.save_result.parent.is_dir():
+            raise ConfigError(f"--save-result {ns.save_result}: folder {ns.save_result.parent} "
+                              "does not exist")
     workload, cm, results = run_study(study, progress=not ns.json, check=ns.check)
     if ns.save_result is not None:
         _save_results(ns.save_result, study, results, workload)
@@ -73,7 +77,7 @@ def run(ns: argparse.Namespace) -> int:
     print(f"workload: {workload.description}")
     if workload.skipped_zero:
         print(f"skipped {workload.skipped_zero} zero-token rows of the trace")
-    print(f"SLO: TTFT <= {study.slo_ttft_ms:g} ms and per-request P99 ITL <= {study.slo_itl_ms:g} ms\n")
+    print(f"SLO: {study.slo_text()}\n")
     print(format_comparison([r.metrics for r in results]))
     if ns.out is not None:
         print(f"\nwrote {ns.out}/")

@@ -26,7 +26,7 @@ DEFAULT_PERCENTILES = (90.0, 95.0, 99.0)
 
 
 def _name(p: float) -> str:
-    return f"p{p:g}".replace(".", "_")  # benchmark_serving's p99, p99_9
+    return f"p{p:g}"  # benchmark_serving's p99, p99.9
 
 
 def _stats(prefix: str, values: np.ndarray, percentiles: tuple[float, ...]) -> dict[str, float]:

@@ -53,17 +53,18 @@ def check_out(out: Path | None) -> None:
 
 @contextmanager
 def results_folder(out: Path) -> Iterator[Path]:
-    """Yield a hidden sibling to write into; on success it replaces `out` whole."""
+    """Yield a folder of `out`'s own name inside a hidden sibling (so that what is written there,
+    the report's title included, names `out`); on success it replaces `out` whole."""
     check_out(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    (tmp / out.name).mkdir(parents=True)
     try:
-        yield tmp
+        yield tmp / out.name
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
-        tmp.rename(out)
+        (tmp / out.name).rename(out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,6 +90,7 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
         "max_concurrency": study.max_concurrency, "warmup_requests": study.warmup_requests,
         "seed": study.seed,
         "slo_ttft_ms": study.slo_ttft_ms, "slo_itl_ms": study.slo_itl_ms,
+        "slo_tpot_ms": study.slo_tpot_ms, "slo_e2el_ms": study.slo_e2el_ms,
         **extra,
     }
 

@@ -95,6 +95,8 @@ def skip_reason(row: Any) -> str | None:
 
 
 def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
+    """The row as a study; its clients start staggered over one request's expected duration
+    (STAGGER), as a long benchmark's clients end up: the measured TTFTs show no lockstep."""
     preset, dtype = hf_preset(str(row["model_path"]))
     precision = str(row["precision"]).lower()
     values: dict[str, Any] = {
@@ -108,7 +110,18 @@ def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
     }
     if precision == "fp8" or dtype == "fp8":
         values["dtype"] = "fp8"
-    return make_study(values)
+    study = make_study(values)
+    if "stagger_s" in extra:
+        return study
+    return make_study({**values, "stagger_s": _request_duration_s(study, row)})
+
+
+def _request_duration_s(study: Study, row: Any) -> float:
+    """One request's decoding time with every client decoding: its output tokens times the
+    priced decode iteration of `batch_size` requests at the mean context."""
+    clients, isl, osl = int(row["batch_size"]), int(row["isl"]), int(row["osl"])
+    iteration = study.cost_model().price_decodes(clients, clients * (isl + osl // 2 + 1))
+    return max(osl * iteration.latency_s, 1e-3)
 
 
 def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,

@@ -37,6 +37,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
@@ -92,6 +93,7 @@ class Study(BaseModel):
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop
     warmup_requests: int | None = Field(default=None, ge=0)  # None: see `warmup`
+    stagger_s: float | None = Field(default=None, gt=0)  # None: closed-loop clients start together
     # capacity searches (sim/capacity.py)
     target: float = Field(default=0.9, gt=0, le=1)
     price_per_gpu_hour: float | None = Field(default=None, ge=0)
@@ -161,6 +163,13 @@ class Study(BaseModel):
             duration = DEFAULT_DURATION_S
         return (DEFAULT_RATE if self.rate is None else self.rate), duration
 
+    @model_validator(mode="after")
+    def _stagger_needs_clients(self) -> Study:
+        if self.stagger_s is not None and (self.max_concurrency is None or self.closed_loop_rate()):
+            raise ValueError("stagger_s spreads the first requests of closed-loop clients: it needs "
+                             "max_concurrency and no rate")
+        return self
+
     def build_workload(self, max_context: int) -> Workload:
         """The requests; arxiv-long prompts are clipped to fit `max_context`, the model's."""
         rate, duration_s = self.arrivals()
@@ -179,7 +188,10 @@ class Study(BaseModel):
                             arrival="fixed" if at_once else self.arrival,
                             cv=1.0 if at_once else self.cv, duration_s=duration_s,
                             num_requests=num_requests, speed=self.speed, seed=self.seed,
-                            max_context=self.max_context or 16384, model_context=max_context)
+                            # a max_context below the preset's 16,384 clips like a model's context
+                            # would (counted and described); above it, it widens the preset
+                            max_context=max(self.max_context or 0, 16384),
+                            model_context=min(max_context, self.max_context or max_context))
         try:
             workload = build_workload(spec)
         except TraceError as e:
@@ -204,9 +216,16 @@ class Study(BaseModel):
         text = workload.description
         requests = workload.requests
         if at_once:
-            requests = tuple(Request(r.req_id, 0.0, r.prompt_tokens, r.output_tokens)
-                             for r in requests)
+            # client i's first request at i * stagger / N: the offsets a long run's clients drift
+            # to (the measured runs' TTFT shows no lockstep); the rest wait for a free client
+            step = (self.stagger_s or 0.0) / self.max_concurrency
+            # (later requests are generated with the last client: sending order stays request order)
+            last = self.max_concurrency - 1
+            requests = tuple(Request(r.req_id, step * min(i, last), r.prompt_tokens, r.output_tokens)
+                             for i, r in enumerate(requests))
             text = re.sub(r", (\d+) requests over [^,;(]+", r", \1 requests", text, count=1)
+            if self.stagger_s:
+                loop += f", first requests spread over {self.stagger_s:g} s"
         else:
             loop += f", rate {phrase}"
         for old, new in ((f"{phrase} (rate given: own arrivals not replayed)",
@@ -230,6 +249,15 @@ class Study(BaseModel):
             return spec
         n = self.max_num_seqs
         return lambda: make_policy(spec, max_num_seqs=n)
+
+    def slo_text(self) -> str:
+        """'TTFT <= 2000 ms and per-request P99 ITL <= 100 ms', with TPOT and E2E when set."""
+        parts = [f"TTFT <= {self.slo_ttft_ms:g} ms"]
+        if self.slo_tpot_ms is not None:
+            parts.append(f"TPOT <= {self.slo_tpot_ms:g} ms")
+        if self.slo_e2el_ms is not None:
+            parts.append(f"E2E <= {self.slo_e2el_ms:g} ms")
+        return ", ".join(parts) + f" and per-request P99 ITL <= {self.slo_itl_ms:g} ms"
 
     def setup_line(self, cm: CostModel) -> str:
         par = cm.parallel

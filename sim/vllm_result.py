@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from traces import Workload
 
 UNFINISHED = "not finished when the simulation stopped"
-_LATENCY_KEY = re.compile(r"^(mean|median|std|p[0-9_]+)_(ttft|tpot|itl|e2el)_ms$")
+_LATENCY_KEY = re.compile(r"^(mean|median|std|p[0-9_.]+)_(ttft|tpot|itl|e2el)_ms$")
 
 
 def _vllm_key(key: str) -> str:

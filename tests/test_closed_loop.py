@@ -196,3 +196,17 @@ def test_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     metrics = [line for line in out.splitlines() if line.startswith("{")]
     assert '"warmup_requests": 3' in metrics[0] and '"num_requests": 37' in metrics[0]
+
+
+def test_stagger_spreads_the_first_requests_and_keeps_clients_apart() -> None:
+    from sim.study import make_study, run_study
+
+    study = make_study({"model": "tiny-moe", "gpu": "cpu", "tp": 1, "policies": ["chunked:512"],
+                        "workload": "fixed:64:8", "max_concurrency": 4, "num_requests": 12,
+                        "warmup_requests": 0, "stagger_s": 2.0})
+    workload, _, (result,) = run_study(study)
+    assert [r.arrival_s for r in workload.requests[:5]] == [0.0, 0.5, 1.0, 1.5, 1.5]
+    sent = sorted(result.requests["arrival_s"])
+    assert sent[:4] == [0.0, 0.5, 1.0, 1.5]  # client i's first request at i x 2 s / 4
+    with pytest.raises(ConfigError, match="stagger_s"):
+        make_study({"stagger_s": 1.0})  # open loop: nothing to stagger

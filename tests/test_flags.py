@@ -74,7 +74,7 @@ def test_goodput_and_percentiles_reach_the_metrics(capsys: pytest.CaptureFixture
     assert code == 0
     m = json.loads(out.splitlines()[0])
     assert m["slo_e2el_ms"] == 1 and m["slo_attainment"] == 0  # nobody finishes within 1 ms
-    assert "p50_ttft_ms" in m and "p99_9_ttft_ms" in m and "p99_ttft_ms" in m
+    assert "p50_ttft_ms" in m and "p99.9_ttft_ms" in m and "p99_ttft_ms" in m  # vLLM's names
     code, _, err = run(capsys, "compare", "--goodput", "ttft:5", "--slo-ttft-ms", "6")
     assert code == 2 and "disagree" in err
     code, _, err = run(capsys, "compare", "--goodput", "tbt:5")
@@ -88,3 +88,12 @@ def test_max_num_seqs_limits_running_requests(capsys: pytest.CaptureFixture[str]
     _, one, _ = run(capsys, *args, "--max-num-seqs", "1")
     # one request at a time: the others wait, so TTFT grows and throughput falls
     assert json.loads(one)["mean_ttft_ms"] > 5 * json.loads(out)["mean_ttft_ms"]
+
+
+def test_goodput_targets_are_in_the_header_and_before_a_study_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "s.yaml"
+    study.write_text("policies: [chunked:512]\nduration_s: 5\n")
+    code, out, _ = run(capsys, "compare", "--goodput", "ttft:300", "tpot:6", str(study))
+    assert code == 0
+    assert "SLO: TTFT <= 300 ms, TPOT <= 6 ms and per-request P99 ITL <= 100 ms" in out

@@ -65,3 +65,10 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("layersim ")
+
+
+def test_report_in_a_results_folder_is_titled_with_its_name(tmp_path: Path) -> None:
+    out = tmp_path / "myrun"
+    assert main([*RUN, "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "myrun" in html and ".tmp-" not in html  # written in place of a temporary name

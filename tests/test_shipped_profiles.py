@@ -174,3 +174,14 @@ def test_explain_marks_sizes_beyond_the_tables_as_extrapolated(capsys: pytest.Ca
     # 40,000 tokens: past the GEMM tables' largest m (32,768) and the MoE tables' (16,384)
     wide = sources("--prefill", "40000")
     assert "extrapolated" in wide["qkv_proj"] and "extrapolated" in wide["experts"]
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_engine_overhead_is_fitted_and_says_on_what(gpu: str) -> None:
+    prof = resolve_profile(gpu)
+    fitted = prof.fit_errors["engine_overhead"]
+    assert prof.iteration_overhead_s > 0 and prof.request_overhead_s > 0
+    assert fitted["fit"]["models"] == ["meta-llama/Llama-3.1-70B"] and fitted["fit"]["rows"] > 20
+    assert "meta-llama/Llama-3.1-70B" not in fitted["held_out"]["models"]  # split by model
+    assert "fitted" in prof.provenance["iteration_overhead_s"]
+    assert (gpu == "h100") == ("transferred_from" not in fitted)
