@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from costmodel.errors import ConfigError
+from sim.results import MARKER, check_out, layersim_version, results_folder
 from traces.errors import TraceError
 from traces.workload import WorkloadSpec
 
@@ -70,6 +72,7 @@ def validate_main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return _error(prog, f"--device {args.device}: no CUDA GPU visible to torch {torch.__version__}")
     try:
+        check_out(Path(args.out) if args.out else None)  # before any engine work
         from costmodel.model import load_model
         from engine.validate import format_table, validate
 
@@ -82,9 +85,21 @@ def validate_main(argv: list[str] | None = None) -> int:
                           num_requests=args.num_requests, duration_s=args.duration, seed=args.seed,
                           max_context=max_context)
         log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
-        report = validate(args.model, args.device, args.profile, policies, wl, args.out,
-                          seed=args.seed, time_limit_s=args.time_limit, log=log,
-                          routing_skew=args.routing_skew)
+
+        def run(out_dir: Path | None) -> dict:  # type: ignore[type-arg]
+            return validate(args.model, args.device, args.profile, policies, wl, out_dir,
+                            seed=args.seed, time_limit_s=args.time_limit, log=log,
+                            routing_skew=args.routing_skew)
+        if args.out is None:
+            report = run(None)
+        else:  # a results folder like every other: whole or nothing, and what produced it
+            with results_folder(Path(args.out)) as folder:
+                report = run(folder)
+                (folder / MARKER).write_text(json.dumps({
+                    "layersim_version": layersim_version(),
+                    "command": ["layersim", "validate", *(argv or sys.argv[1:])],
+                    "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                }, indent=2, sort_keys=True, default=str) + "\n")
     except (ConfigError, TraceError) as e:
         return _error(prog, str(e))
     if args.json:

@@ -65,3 +65,13 @@ def test_module_policy_loads_from_the_current_folder(tmp_path: Path) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "big" in done.stdout
+
+
+def test_validate_out_is_a_results_folder_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["validate", "--num-requests", "2", "--out", str(foreign)]) == 2
+    assert "not a layersim results folder" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
