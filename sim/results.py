@@ -95,11 +95,23 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _absolute(name: str) -> str:
+    return str(Path(name).resolve()) if Path(name).is_file() else name
+
+
+def _absolute_policy(spec: str) -> str:
+    target, sep, cls = spec.rpartition(":")
+    return f"{_absolute(target)}:{cls}" if sep and target.endswith(".py") else spec
+
+
 def write_provenance(folder: Path, study: Any, setup: dict[str, Any], command: list[str]) -> None:
     # defaults resolved (GPU, data types, skew); the profile stays as given: null is the one
     # shipped for the GPU (run.json names it), a path stays a path
-    resolved = study.model_copy(update={k: setup[k] for k in (
-        "gpu", "dtype", "expert_dtype", "kv_cache_dtype", "routing_skew")})
+    resolved = study.model_copy(update={**{k: setup[k] for k in (
+        "gpu", "dtype", "expert_dtype", "kv_cache_dtype", "routing_skew")},
+        # files named relative to where the run started: absolute, to re-run from anywhere
+        "workload": _absolute(study.workload),
+        "policies": [_absolute_policy(p) for p in study.policies]})
     (folder / "study.yaml").write_text(
         "# the fully resolved study that produced this folder: layersim compare study.yaml\n"
         + yaml.safe_dump(resolved.model_dump(), sort_keys=False))

@@ -72,3 +72,15 @@ def test_report_in_a_results_folder_is_titled_with_its_name(tmp_path: Path) -> N
     assert main([*RUN, "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "myrun" in html and ".tmp-" not in html  # written in place of a temporary name
+
+
+def test_study_yaml_names_files_absolutely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    out = tmp_path / "r"
+    assert main(["compare", "--duration", "5", "--policies",
+                 "examples/shortest_prompt_first.py:ShortestPromptFirst", "--out", str(out)]) == 0
+    study = yaml.safe_load((out / "study.yaml").read_text())
+    assert study["policies"] == [f"{repo}/examples/shortest_prompt_first.py:ShortestPromptFirst"]
+    monkeypatch.chdir(tmp_path)  # re-runs from anywhere
+    assert main(["compare", str(out / "study.yaml"), "--out", str(tmp_path / "again")]) == 0
