@@ -1,7 +1,8 @@
 """A fleet-sized run: 1,000 replicas and 1,000,000 requests (issue target: <= 5 min, <= 4 GB).
 
-Compares against that target. Qwen3-30B-A3B on 2 x H100 (TP 2) per replica, ShareGPT lengths,
-Poisson arrivals at 1 req/s per replica (1,000 req/s in all, about 17 simulated minutes),
+Compares against that target. Qwen3-30B-A3B on 2 x H100 (TP 2, the shipped measured-kernel
+profile) per replica, ShareGPT lengths, Poisson arrivals at 1 req/s per replica (1,000 req/s in
+all, about 17 simulated minutes),
 chunked:512 behind a round-robin router. Per-request rows stream to parquet parts and gaps
 between tokens go to a histogram, so memory stays bounded. Prints wall time and peak RSS (of
 this process and its workers).
@@ -19,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from costmodel import CostModel, Parallelism, load_model
+from costmodel import CostModel, Parallelism, load_model, resolve_profile
 from sim import simulate
 from traces import WorkloadSpec, build_workload
 
@@ -35,7 +36,7 @@ def main() -> None:
     t0 = time.perf_counter()
     w = build_workload(WorkloadSpec("sharegpt", rate=float(replicas), num_requests=n, seed=0))
     t1 = time.perf_counter()
-    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", resolve_profile("h100"), Parallelism(tp=2))
     with tempfile.TemporaryDirectory() as d:
         res = simulate(w.requests, cm, policy, num_replicas=replicas, stream_dir=Path(d),
                        workers=workers)
