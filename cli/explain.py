@@ -10,18 +10,26 @@ from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, lo
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("explain", help="price one iteration and show where its time goes",
-                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="qwen3-30b-a3b")
-    p.add_argument("--gpu", default=None, help="a100 | h100 | h200 | b200 | cpu (default h100)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--decode", type=int, default=0, help="running decodes in the batch")
-    p.add_argument("--context", type=int, default=1024, help="context tokens of each decode")
-    p.add_argument("--prefill", type=int, default=0, help="prompt tokens in one prefill tile")
-    p.add_argument("--prefill-context", type=int, default=0, help="tokens of that prompt already cached")
-    p.add_argument("--prefill-layers", default=None, metavar="L0:L1", help="layer range of the prefill tile")
-    p.add_argument("--profile", default=None)
-    p.add_argument("--routing-skew", type=float, default=None)
+                       allow_abbrev=False)
+    p.add_argument("--model", default="qwen3-30b-a3b", help="preset, Hugging Face id or config.json "
+                   "path (default: qwen3-30b-a3b)")
+    p.add_argument("--gpu", default=None, help="a100 | h100 | h200 | b200 | cpu (default: the "
+                   "profile's GPU, else h100)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default: 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel groups (default: 1)")
+    p.add_argument("--decode", type=int, default=0, help="running decodes in the batch (default: 0)")
+    p.add_argument("--context", type=int, default=1024, help="context tokens of each decode "
+                   "(default: 1024)")
+    p.add_argument("--prefill", type=int, default=0, help="prompt tokens in one prefill tile "
+                   "(default: 0)")
+    p.add_argument("--prefill-context", type=int, default=0, help="tokens of that prompt already "
+                   "cached (default: 0)")
+    p.add_argument("--prefill-layers", default=None, metavar="L0:L1", help="layer range of the "
+                   "prefill tile (default: all layers)")
+    p.add_argument("--profile", default=None, help="a profile file, or 'datasheet' (default: the "
+                   "one shipped for the GPU)")
+    p.add_argument("--routing-skew", type=float, default=None, help="sigma of expert popularity "
+                   "(default: 1.2 for MoE models)")
     _add_dtypes(p)
     p.add_argument("--json", action="store_true", help="print the IterationCost as one JSON object")
     p.set_defaults(handler=run)

@@ -79,8 +79,18 @@ def _default(key: str) -> Any:
     return "null" if value is None else value
 
 
+NULL = object()  # `--rate null`: unset what a study file sets
+
+
 def _type(key: str) -> Any:
     text = str(Study.model_fields[key].annotation)
+    base = _base_type(key, text)
+    if "None" not in text:
+        return base
+    return lambda s: NULL if s.lower() in ("null", "none") else base(s)
+
+
+def _base_type(key: str, text: str) -> Any:
     if key == "metric_percentiles":
         return lambda s: [float(x) for x in s.replace(" ", ",").split(",") if x]
     if key == "policies" or "str" in text:
@@ -110,7 +120,8 @@ def add_study_flags(p: argparse.ArgumentParser, capacity: bool = False) -> None:
 
 def study_values(ns: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags, with --goodput unfolded."""
-    values = {k: getattr(ns, k) for k in Study.model_fields if getattr(ns, k, None) is not None}
+    values = {k: (None if getattr(ns, k) is NULL else getattr(ns, k))
+              for k in Study.model_fields if getattr(ns, k, None) is not None}
     goodput = list(getattr(ns, "goodput", None) or [])
     if goodput and ":" not in goodput[-1] and getattr(ns, "study", "") is None:
         ns.study = goodput.pop()  # `--goodput ttft:300 study.yaml`: the file is the study

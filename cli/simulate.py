@@ -22,7 +22,7 @@ def _add_dtypes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="bf16 | fp8: weights (default: the model's config.json)")
     p.add_argument("--expert-dtype", help="bf16 | fp8 | mxfp4: expert weights (default: the "
                    "checkpoint's expert format, mxfp4 for gpt-oss, else --dtype)")
-    p.add_argument("--kv-cache-dtype", help="bf16 | fp8 (default bf16)")
+    p.add_argument("--kv-cache-dtype", help="bf16 | fp8 (default: bf16)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -282,7 +282,9 @@ def load_study(path: str | Path, **overrides: Any) -> Study:
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a mapping of keys to values")
-    return make_study({**raw, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+    # an override of None is a flag given as `null`: it unsets the file's key (e.g. --rate null
+    # replays a trace the file gave a rate)
+    return make_study({**raw, **overrides}, source=str(path))
 
 
 def make_study(values: dict[str, Any], source: str = "flags") -> Study:

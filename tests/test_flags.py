@@ -97,3 +97,12 @@ def test_goodput_targets_are_in_the_header_and_before_a_study_file(
     code, out, _ = run(capsys, "compare", "--goodput", "ttft:300", "tpot:6", str(study))
     assert code == 0
     assert "SLO: TTFT <= 300 ms, TPOT <= 6 ms and per-request P99 ITL <= 100 ms" in out
+
+
+def test_null_flag_unsets_a_study_file_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "s.yaml"
+    study.write_text("workload: azure-conv\nrate: 2\nnum_requests: 20\npolicies: [chunked:512]\n")
+    code, out, _ = run(capsys, "compare", str(study))
+    assert code == 0 and "own arrivals not replayed" in out
+    code, out, _ = run(capsys, "compare", str(study), "--rate", "null")
+    assert code == 0 and "real arrivals replayed" in out
