@@ -26,6 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from costmodel.coefficients import (
+    _EXPERTS,
+    _LINK_OPS,
+    _OP_INDEX,
+    _QUANTITIES,
+    FEATURES,
+    OPS,
+    _kept_bytes,
+    coefficients,
+)
 from costmodel.cost import HbmBytes, IterationCost, OpCost, Parallelism
 from costmodel.errors import ConfigError
 from costmodel.experts import ExpertActivation
@@ -36,36 +46,9 @@ from costmodel.model import ModelSpec
 from costmodel.plan import Tile
 from costmodel.profile import Profile, default_profile
 
-ACT_BYTES = 2.0  # activations stay bf16 whatever the weight format
 WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
 
 
-# Operation rows: (name, class). Row order is the order kernels run in a layer.
-OPS = (
-    ("qkv_proj", "dense_gemm"),
-    ("prefill_attn", "prefill_attn"),
-    ("decode_attn", "decode_attn"),
-    ("o_proj", "dense_gemm"),
-    ("router", "dense_gemm"),
-    ("experts", "expert_gemm"),
-    ("shared_experts", "dense_gemm"),
-    ("dense_mlp", "dense_gemm"),
-    ("norms_elementwise", "elementwise"),
-    ("allreduce", "allreduce"),
-    ("alltoall", "alltoall"),
-    ("lm_head", "dense_gemm"),
-    ("embedding", "elementwise"),
-)
-_LINK_OPS = frozenset({"allreduce", "alltoall"})
-_OP_INDEX = {name: i for i, (name, _) in enumerate(OPS)}
-_EXPERTS = _OP_INDEX["experts"]
-_QUANTITIES = ("flops", "wbytes", "xbytes", "kvr", "kvw", "act", "link", "launches")
-# Features of a plan, summed over layers: token-layers, layers, causal attention pairs of
-# prefills, KV tokens read by prefills, prefill query-layers, KV tokens read by decodes, decode
-# query-layers, experts read per GPU (summed over layers), layers with prefill / decode work,
-# tokens needing logits, whether any does, embedded tokens, whether any are.
-FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert_units",
-             "nl_pf", "nl_dec", "logits", "has_logits", "embed", "has_embed")
 _PER_GROUP = (0, 2, 3, 4, 5, 6)  # token work that ep attention groups split between them
 
 
@@ -77,12 +60,6 @@ def _window_pairs(c: int, n: int, w: int) -> int:
     if lo > w:
         return w * n
     return (lo + w) * (w - lo + 1) // 2 + w * (hi - w)
-
-
-def _kept_bytes(weight_bytes: float) -> float:
-    """Bytes per parameter of the router, embeddings and LM head: quantised checkpoints keep
-    them in bf16 (and the measured path prices them from the bf16 tables)."""
-    return max(weight_bytes, ACT_BYTES)
 
 
 class CostModel:
@@ -99,7 +76,7 @@ class CostModel:
         self.activation = ExpertActivation(model.num_experts, model.top_k, model.routing_skew)
         self.ep_imbalance = self.activation.ep_imbalance(self.parallel.ep, placement="random")
         self._check_memory()
-        self._K = self._coefficients()
+        self._K = coefficients(self.model, self.parallel.tp, self.parallel.ep, self.ep_imbalance)
         params = [self.profile.ops[c] for _, c in OPS]
         is_link = np.array([c in _LINK_OPS for _, c in OPS])
         link_bw = self.hw.link_bytes_per_s / 2  # one direction
@@ -300,81 +277,6 @@ class CostModel:
             if s is not None:
                 out.append((lo, hi, s))
         return out
-
-    # Every per-GPU quantity of every op is linear in a few per-iteration features, so the
-    # model is a fixed coefficient tensor [quantity, op, feature] built once; pricing a plan
-    # sums the features over segments and does one tensor-vector product.
-    def _coefficients(self) -> np.ndarray:
-        m, tp, ep, imb = self.model, self.parallel.tp, self.parallel.ep, self.ep_imbalance
-        h, hd, wb, ewb, kvb, A = (m.hidden, m.head_dim, m.weight_bytes, m.expert_weight_bytes,
-                                  m.kv_bytes, ACT_BYTES)
-        q_pg = m.q_dim // tp
-        kv_pg = max(1, m.num_kv_heads // tp) * hd
-        heads_pg = m.num_q_heads // tp
-        inter_pg = m.expert_intermediate // tp
-        K = np.zeros((len(_QUANTITIES), len(OPS), len(FEATURES)))
-
-        def put(q: str, op: str, f: str, v: float) -> None:
-            K[_QUANTITIES.index(q), _OP_INDEX[op], FEATURES.index(f)] += v
-
-        put("flops", "qkv_proj", "tm", 2 * h * (q_pg + 2 * kv_pg))
-        put("wbytes", "qkv_proj", "nl", h * (q_pg + 2 * kv_pg) * wb)
-        put("act", "qkv_proj", "tm", (h + q_pg) * A)
-        put("kvw", "qkv_proj", "tm", 2 * kv_pg * kvb)
-        put("launches", "qkv_proj", "nl", 1)
-        put("flops", "prefill_attn", "pf_pairs", 4 * heads_pg * hd)
-        put("kvr", "prefill_attn", "pf_kv", 2 * kv_pg * kvb)
-        put("act", "prefill_attn", "pf_q", 2 * q_pg * A)
-        put("launches", "prefill_attn", "nl_pf", 1)
-        put("flops", "decode_attn", "dec_kv", 4 * heads_pg * hd)
-        put("kvr", "decode_attn", "dec_kv", 2 * kv_pg * kvb)
-        put("act", "decode_attn", "dec_q", 2 * q_pg * A)
-        put("launches", "decode_attn", "nl_dec", 1)
-        put("flops", "o_proj", "tm", 2 * q_pg * h)
-        put("wbytes", "o_proj", "nl", q_pg * h * wb)
-        put("act", "o_proj", "tm", (q_pg + h) * A)
-        put("launches", "o_proj", "nl", 1)
-        if m.is_moe:
-            E, k = m.num_experts, m.top_k
-            put("flops", "router", "tm", 2 * h * E)
-            put("wbytes", "router", "nl", h * E * _kept_bytes(wb))
-            put("act", "router", "tm", (h + E) * A)
-            put("launches", "router", "nl", 1)
-            put("flops", "experts", "tm", 2 * k * 3 * h * inter_pg * imb)
-            put("xbytes", "experts", "expert_units", 3 * h * inter_pg * ewb)
-            put("act", "experts", "tm", k * imb * (2 * h + 3 * inter_pg) * A)
-            put("launches", "experts", "nl", 1)
-            put("act", "norms_elementwise", "tm", k * 3 * inter_pg * A)
-            if m.shared_expert_intermediate:
-                si = m.shared_expert_intermediate // tp
-                put("flops", "shared_experts", "tm", 2 * 3 * h * si)
-                put("wbytes", "shared_experts", "nl", 3 * h * si * wb)
-                put("act", "shared_experts", "tm", (2 * h + 3 * si) * A)
-                put("launches", "shared_experts", "nl", 1)
-            if ep > 1:
-                put("link", "alltoall", "tm", 2 * k * h * A * (ep - 1) / ep)
-                put("launches", "alltoall", "nl", 2)
-        else:
-            di = m.dense_intermediate // tp
-            put("flops", "dense_mlp", "tm", 2 * 3 * h * di)
-            put("wbytes", "dense_mlp", "nl", 3 * h * di * wb)
-            put("act", "dense_mlp", "tm", (2 * h + 3 * di) * A)
-            put("launches", "dense_mlp", "nl", 1)
-            put("act", "norms_elementwise", "tm", 3 * di * A)
-        put("flops", "norms_elementwise", "tm", 10 * h)
-        put("act", "norms_elementwise", "tm", 8 * h * A)
-        put("launches", "norms_elementwise", "nl", 1)
-        if tp > 1:
-            put("link", "allreduce", "tm", 2 * 2 * (tp - 1) / tp * h * A)
-            put("launches", "allreduce", "nl", 2)
-        vocab_pg = m.vocab // tp
-        put("flops", "lm_head", "logits", 2 * h * vocab_pg)
-        put("wbytes", "lm_head", "has_logits", h * vocab_pg * _kept_bytes(wb))
-        put("act", "lm_head", "logits", (h + vocab_pg) * A)
-        put("launches", "lm_head", "has_logits", 1)
-        put("act", "embedding", "embed", 2 * h * A)
-        put("launches", "embedding", "has_embed", 1)
-        return K
 
     def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
                         embed_tokens: int, decode_tokens: int, prefill_tokens: int,
