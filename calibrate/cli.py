@@ -82,7 +82,10 @@ def _from_tables(args: argparse.Namespace, fail: Callable[[str], int]) -> int:
     held = energy.get("held_out")
     err = (f"; held-out power error median {held['median_rel_err']:.0%}, p90 {held['p90_rel_err']:.0%}"
            if held else "")
-    print(f"energy: {energy.get('source', 'datasheet guess')}{err}")
+    e = profile.energy
+    busy = f"{e.busy_w:.0f} W busy, " if e.busy_w is not None else ""
+    print(f"energy: {energy.get('source', 'datasheet guess')}{err}\n        {busy}{e.idle_w:.0f} W "
+          f"idle, {e.j_per_flop * 1e12:.2f} pJ/FLOP, {e.j_per_hbm_byte * 1e12:.0f} pJ/HBM byte")
     engine = profile.fit_errors.get("engine_overhead")
     if engine:
         held = engine["held_out"]

@@ -10,8 +10,9 @@ e, the log of the measured-to-roofline ratio, is interpolated linearly in the lo
 axis between the nearest measured values on either side (shape axes in the table's order, the
 size axis last). A value inside the measured range is therefore a table lookup; only outside it
 is e held at the nearest measured value, so that the roofline alone carries the scaling there
-(and the profile says so). The roofline is a datasheet one (peak FLOP/s, HBM or link bandwidth,
-a 5 us launch): its job is to make e smooth, so interpolation between measured shapes is good.
+(and the profile says so). The roofline has the datasheet peaks (FLOP/s, HBM or link bandwidth)
+with efficiencies and a launch cost fitted per class (`calibrate`): its job is to make e smooth,
+so that interpolation between measured shapes is good.
 
 No pandas and no torch here: the simulator imports this.
 """
@@ -26,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-LAUNCH_S = 5e-6  # the roofline's fixed cost; only shapes e, see above
-DTYPE_BYTES = {"bfloat16": 2.0, "fp8": 1.0, "mxfp4": 4.25 / 8}
+from costmodel.model import DTYPE_BYTES
+
+LAUNCH_S = 5e-6  # the unfitted roofline's fixed cost
 Columns = Mapping[str, Any]  # arrays over rows, or scalars for one shape
 
 
@@ -219,10 +221,6 @@ class KernelTable:
             raise ValueError(f"table '{op_class}' lacks columns {missing}")
         return cls(spec, cols, np.asarray(raw["latency_s"], dtype=float), dict(raw.get("source", {})),
                    Roofline(**raw.get("roofline", {})))
-
-    def subset(self, mask: np.ndarray) -> KernelTable:
-        return KernelTable(self.spec, {k: v[mask] for k, v in self.columns.items()},
-                           self.latency_s[mask], self.source, self.roofline)
 
     def with_roofline(self, roofline: Roofline) -> KernelTable:
         return KernelTable(self.spec, self.columns, self.latency_s, self.source, roofline)

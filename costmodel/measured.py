@@ -23,7 +23,7 @@ has no table at all (elementwise: norms, activation, rotary; no table measures t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -261,7 +261,7 @@ class MeasuredKernels:
         t = float(roof.time_s(SPECS[cls].work({**target, **shape}), self.hw))
         return t * surface.ratio(b, x) if surface is not None else t
 
-    def latency_s(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+    def latency_s(self, segments: Sequence[tuple[int, int, Sequence[int]]],
                           num_logits: int, embed_tokens: int) -> float:
         """An iteration: its kernels back to back plus host overhead, from per-segment stats
         (layers l0..l1 and the folded tile sums of CostModel.price)."""
@@ -286,7 +286,7 @@ class MeasuredKernels:
                     lat += n_slide * mk.decode_attn_s(s[6], s[7], s[8])
         return lat
 
-    def op_times_s(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+    def op_times_s(self, segments: Sequence[tuple[int, int, Sequence[int]]],
                            num_logits: int, embed_tokens: int) -> dict[str, float]:
         """latency_s's kernel terms by operation, for the breakdown."""
         mk, prefix = self, self._sliding_prefix
@@ -308,7 +308,7 @@ class MeasuredKernels:
                     + n_slide * mk.decode_attn_s(s[6], s[7], s[8]))
         return times
 
-    def op_sources(self, segments: tuple[tuple[int, int, tuple[int, ...]], ...],
+    def op_sources(self, segments: Sequence[tuple[int, int, Sequence[int]]],
                    num_logits: int) -> dict[str, str]:
         """What priced each operation of this plan: `sources`, with "extrapolated" where this
         plan's size lies beyond the sizes the tables measured (the fitted roofline scales it)."""

@@ -317,7 +317,7 @@ class CostModel:
         latency, flops, wbytes, _, kvr, kvw, act, link = self._kernel(*x)
         measured = None
         if self.measured is not None:
-            measured = (tuple((l0, l1, tuple(s)) for l0, l1, s in segments), num_logits, embed_tokens)
+            measured = (segments, num_logits, embed_tokens)  # kept for the breakdown, not copied
             latency = self.measured.latency_s(*measured)
         latency += self.profile.request_overhead_s * num_tiles  # engine time per running request
         gpus = self.parallel.num_gpus

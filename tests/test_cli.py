@@ -47,6 +47,9 @@ def test_simulate_table_and_out_dir(capsys, tmp_path):
     ("model: no-such-model\n", "unknown model 'no-such-model'"),
     ("workload: nowhere.csv\n", "nowhere.csv"),
     ("rate: [1\n", "not valid YAML"),
+    ("dtype: int8\n", "key 'dtype': unsupported dtype 'int8' (valid: bf16, fp8"),
+    ("expert_dtype: 4\n", "key 'expert_dtype'"),
+    ("mxfp4_experts: true\n", "key 'mxfp4_experts': replaced by expert_dtype"),
 ])
 def test_study_file_errors_are_one_line(capsys, tmp_path, content, needle):
     study = tmp_path / "study.yaml"

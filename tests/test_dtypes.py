@@ -152,17 +152,6 @@ def test_bad_dtype_flag_is_one_line(capsys, args, needle):
     assert_one_line_error(capsys, args, needle)
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("dtype: int8\n", "key 'dtype': unsupported dtype 'int8' (valid: bf16, fp8"),
-    ("expert_dtype: 4\n", "key 'expert_dtype'"),
-    ("mxfp4_experts: true\n", "key 'mxfp4_experts': replaced by expert_dtype"),
-])
-def test_bad_dtype_key_is_one_line(capsys, tmp_path, content, needle):
-    study = tmp_path / "study.yaml"
-    study.write_text(content)
-    assert_one_line_error(capsys, ["compare", str(study)], needle)
-
-
 def test_hugging_face_ids_resolve_to_presets() -> None:
     from costmodel import load_model
 
