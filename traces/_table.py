@@ -1,20 +1,27 @@
 """CSV reading and vectorised column validation shared by the loaders.
 
-Format: a comma-separated file with a header row. The whole file is read as strings with pandas
-(blank lines kept, so data row ``i`` sits on file line ``i + 2``), fully blank rows are dropped,
-then each needed column is converted in one vectorised pass; the first bad cell is reported as
-``file:line: message``.
+Format: a comma-separated file with a header row (cells may be quoted, as Azure's are; a UTF-8
+BOM, CRLF line ends and blank lines before the header, between rows or at the end are fine).
+The whole file is read as strings with pandas, header included as row 0 so that pandas never
+guesses an index from a wide first row and never renames duplicate columns; blank lines are
+kept while reading, so data row ``i`` sits on file line ``lead + i + 2`` (``lead`` blank lines
+before the header), then dropped. Each needed column is converted in one vectorised pass; the
+first bad cell is reported as ``file:line: message``, the bound stated where one applies.
 """
 
 from __future__ import annotations
 
-import csv
+import math
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from traces._checks import MAX_TIME_S, MAX_TOKENS, TOKENS_BOUND, is_blank, shown
 from traces.errors import TraceError
 
 
@@ -31,8 +38,21 @@ class CsvTable:
 
 
 def check_exists(path: Path) -> None:
-    if not path.is_file():
+    if not path.exists():
         raise TraceError(f"trace file not found: {path}")
+    if not path.is_file():
+        raise TraceError(f"trace path is not a file: {path}")
+
+
+def _leading_blank_lines(path: Path) -> int:
+    """How many blank lines come before the header (pandas cannot take a blank first row)."""
+    count = 0
+    with path.open(encoding="utf-8-sig") as fh:
+        for line in fh:
+            if not is_blank(line):
+                break
+            count += 1
+    return count
 
 
 def read_csv_table(path: Path, required: tuple[str, ...]) -> CsvTable:
@@ -40,12 +60,14 @@ def read_csv_table(path: Path, required: tuple[str, ...]) -> CsvTable:
     check_exists(path)
     name = path.name
     try:
-        _check_first_row_width(path)
-        frame = pd.read_csv(
+        lead = _leading_blank_lines(path)
+        raw = pd.read_csv(
             path,
+            header=None,
             dtype=str,
             keep_default_na=False,
             skip_blank_lines=False,
+            skiprows=lead,
             index_col=False,
             encoding="utf-8-sig",
         )
@@ -55,13 +77,17 @@ def read_csv_table(path: Path, required: tuple[str, ...]) -> CsvTable:
         raise TraceError(f"{name}:{_parser_message(exc)}") from None
     except UnicodeDecodeError as exc:
         raise TraceError(f"{name}: not UTF-8 text ({exc.reason})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise TraceError(f"{name}:1: missing column(s) {', '.join(missing)}")
-    lines = np.arange(len(frame), dtype=np.int64) + 2
+    except OSError as exc:
+        raise TraceError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    header = [str(c).strip() for c in raw.iloc[0]]
+    _check_header(name, lead + 1, header, required)
+    frame = raw.iloc[1:].reset_index(drop=True)
+    frame.columns = header
+    lines = np.arange(len(frame), dtype=np.int64) + lead + 2
     if len(frame):
-        blank = (frame == "").all(axis=1).to_numpy()
+        blank = np.logical_and.reduce(
+            [frame.iloc[:, j].str.strip().eq("").to_numpy() for j in range(frame.shape[1])]
+        )
         if blank.any():
             frame = frame.loc[~blank].reset_index(drop=True)
             lines = lines[~blank]
@@ -70,22 +96,14 @@ def read_csv_table(path: Path, required: tuple[str, ...]) -> CsvTable:
     return CsvTable(name=name, frame=frame, lines=lines)
 
 
-def _check_first_row_width(path: Path) -> None:
-    """pandas silently treats extra fields in the first data row as an index; refuse them."""
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) > len(header):
-                raise TraceError(
-                    f"{path.name}:{reader.line_num}: expected {len(header)} fields, "
-                    f"saw {len(row)}"
-                )
-            return
+def _check_header(name: str, line: int, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise TraceError(f"{name}:{line}: missing column(s) {', '.join(missing)}")
+    twice = [c for c in required if header.count(c) > 1]
+    if twice:
+        raise TraceError(f"{name}:{line}: column {twice[0]} appears {header.count(twice[0])} "
+                         "times; which one is meant is ambiguous")
 
 
 def _parser_message(exc: Exception) -> str:
@@ -100,39 +118,67 @@ def _parser_message(exc: Exception) -> str:
         fields, rest = detail[len(marker):].split(" in line ", 1)
         line, _, saw = rest.partition(",")
         return f"{line.strip()}: expected {fields}, {saw.strip()}"
+    unclosed = re.search(r"EOF inside string starting at row (\d+)", text)
+    if unclosed:  # pandas counts rows from 0, skipped ones included
+        return f"{int(unclosed.group(1)) + 1}: a quoted field is never closed"
     return f" {text}"
 
 
+def _numbers(table: CsvTable, column: str) -> np.ndarray:
+    """Column ``column`` as float64, NaN where a cell is not a number."""
+    cells = table.frame[column].str.strip()
+    return pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _refuse_first(table: CsvTable, column: str, values: np.ndarray, ok: np.ndarray,
+                  why: Callable[[float], str]) -> None:
+    """Raise for the first row (in file order) not ``ok``, with ``why(value)`` as the reason."""
+    if ok.all():
+        return
+    row = int(np.flatnonzero(~ok)[0])
+    cell = str(table.frame[column].iloc[row])
+    line = table.line_of(row)
+    if not cell.strip():
+        raise TraceError(f"{table.name}:{line}: missing {column}")
+    value = float(values[row])
+    # a number too long for float64 ('1e400', 400 digits) is out of range, not malformed
+    digits = cell.strip().lstrip("+")
+    if math.isnan(value) and digits.isascii() and digits.isdigit():
+        value = sys.float_info.max
+    elif math.isinf(value) and "inf" not in cell.lower():
+        value = math.copysign(sys.float_info.max, value)
+    raise TraceError(f"{table.name}:{line}: {column} {why(value)}: {shown(cell)}")
+
+
+def _token_problem(value: float) -> str:
+    if not math.isfinite(value) or (0 <= value <= MAX_TOKENS and not value.is_integer()):
+        return "is not an integer"
+    return "is negative" if value < 0 else f"is out of range ({TOKENS_BOUND})"
+
+
+def _time_problem(value: float) -> str:
+    if not math.isfinite(value):
+        return "is not a finite number"
+    return "is negative" if value < 0 else f"is out of range (0 to {MAX_TIME_S:g} s)"
+
+
 def int_column(table: CsvTable, column: str) -> np.ndarray:
-    """Column ``column`` as int64; empty, non-integer or negative cells raise TraceError."""
-    raw = table.frame[column]
-    values = pd.to_numeric(raw.str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    """Token-count column ``column`` as int64 in [0, MAX_TOKENS]; empty, non-integer, negative
+    or larger cells raise TraceError."""
+    values = _numbers(table, column)
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        cell = str(raw.iloc[row])
-        line = table.line_of(row)
-        if cell.strip() == "":
-            raise TraceError(f"{table.name}:{line}: missing {column}")
-        if np.isfinite(values[row]) and values[row] < 0:
-            raise TraceError(f"{table.name}:{line}: {column} is negative: {cell!r}")
-        raise TraceError(f"{table.name}:{line}: {column} is not an integer: {cell!r}")
+        ok = (values >= 0) & (values <= MAX_TOKENS) & (values == np.floor(values))
+    _refuse_first(table, column, values, ok, _token_problem)
     return values.astype(np.int64)
 
 
 def float_column(table: CsvTable, column: str) -> np.ndarray:
-    """Column ``column`` as finite float64; empty or non-numeric cells raise TraceError."""
-    raw = table.frame[column]
-    values = pd.to_numeric(raw.str.strip(), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        cell = str(raw.iloc[row])
-        line = table.line_of(row)
-        if cell.strip() == "":
-            raise TraceError(f"{table.name}:{line}: missing {column}")
-        raise TraceError(f"{table.name}:{line}: {column} is not a finite number: {cell!r}")
+    """Time column ``column`` (seconds) as float64 in [0, MAX_TIME_S]; empty, non-numeric,
+    infinite, negative or larger cells raise TraceError."""
+    values = _numbers(table, column)
+    with np.errstate(invalid="ignore"):
+        ok = (values >= 0) & (values <= MAX_TIME_S)
+    _refuse_first(table, column, values, ok, _time_problem)
     return values
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from traces._checks import MAX_TOKENS, shown
 from traces.errors import TraceError
 from traces.loaders import LengthTable
 
@@ -70,7 +71,11 @@ class FixedLengths:
     def __post_init__(self) -> None:
         for label, value in (("prompt", self.prompt), ("output", self.output)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TraceError(f"fixed {label} length must be a positive integer: {value!r}")
+                raise TraceError(f"fixed {label} length must be a positive integer: "
+                                 f"{shown(value)}")
+            if value > MAX_TOKENS:
+                raise TraceError(f"fixed {label} length must be at most {MAX_TOKENS:,} tokens: "
+                                 f"{shown(value)}")
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         _check_n(n)
@@ -84,11 +89,12 @@ def parse_fixed(spec: str) -> FixedLengths:
     """Parse ``'fixed:PROMPT:OUTPUT'`` (e.g. ``'fixed:1024:128'``)."""
     parts = spec.split(":")
     if len(parts) != 3 or parts[0] != "fixed":
-        raise TraceError(f"fixed workload must look like 'fixed:PROMPT:OUTPUT', got {spec!r}")
+        raise TraceError(f"fixed workload must look like 'fixed:PROMPT:OUTPUT', "
+                         f"got {shown(spec)}")
     try:
         prompt, output = int(parts[1]), int(parts[2])
     except ValueError:
-        raise TraceError(f"fixed workload lengths must be integers, got {spec!r}") from None
+        raise TraceError(f"fixed workload lengths must be integers, got {shown(spec)}") from None
     return FixedLengths(prompt, output)
 
 

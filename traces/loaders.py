@@ -2,24 +2,32 @@
 
 Formats (one loader each, ``load_trace`` sniffs the header / extension and dispatches):
 
-* Azure LLM inference 2023/2024 CSV: ``TIMESTAMP,ContextTokens,GeneratedTokens``; absolute
-  ISO timestamps with up to 7 fractional digits (2024 adds a ``+00:00`` offset), parsed in one
-  vectorised pandas call; rows may be slightly out of order and are sorted (stable).
-* BurstGPT CSV: ``Timestamp`` (s), ``Request tokens``, ``Response tokens`` (other columns ignored).
-* Mooncake JSONL: one object per line, ``timestamp`` (ms), ``input_length``, ``output_length``,
-  optional ``hash_ids`` (list of ints, validated but not kept).
+* Azure LLM inference 2023/2024 CSV: ``TIMESTAMP,ContextTokens,GeneratedTokens`` (header and
+  cells may be quoted); absolute ISO timestamps with up to 7 fractional digits (2024 adds a
+  ``+00:00`` offset), parsed in one vectorised pandas call; rows may be slightly out of order
+  and are sorted (stable); years 1678 to 2261 (pandas' nanosecond range), spanning at most
+  ``MAX_TIME_S``.
+* BurstGPT CSV: ``Timestamp`` (s, 0 to ``MAX_TIME_S``), ``Request tokens``, ``Response tokens``
+  (other columns ignored).
+* Mooncake JSONL: one object per line, ``timestamp`` (ms, 0 to ``MAX_TIME_S`` in ms),
+  ``input_length``, ``output_length``, optional ``hash_ids`` (list of integers in [0, 2^63),
+  validated but not kept).
 * Length-statistics CSV: ``num_prefill_tokens,num_decode_tokens,...`` with no arrival times.
 * vLLM's ShareGPT JSON (a list of conversations): sniffed here, read by
   ``traces.vllm_datasets.load_sharegpt`` (``resolve_workload`` dispatches).
 
 Traces with arrival times become ``LoadedTrace``: arrivals in seconds relative to the first kept
-request, sorted, ``req_id`` 0..n-1 in arrival order. Rows with zero prompt or zero output tokens
-are skipped and counted; any malformed row raises ``TraceError`` naming ``file:line``. BurstGPT
-and Mooncake timestamps must be non-decreasing.
+request, finite, sorted, ``req_id`` 0..n-1 in arrival order. Token counts are integers from 0
+to ``MAX_TOKENS`` (traces/_checks.py); rows with zero prompt or zero output tokens are skipped
+and counted, so every request has positive counts. Any malformed row (not a number, not an
+integer, negative, out of range, bad JSON) raises ``TraceError`` naming ``file:line`` and the
+column or key. BurstGPT and Mooncake timestamps must be non-decreasing. A UTF-8 BOM, CRLF line
+ends and blank lines anywhere are accepted in every format.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -29,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from traces._checks import MAX_TIME_S, MAX_TOKENS, TOKENS_BOUND, is_blank, json_problem, shown
 from traces._table import (
+    CsvTable,
     check_exists,
     check_monotone,
     float_column,
@@ -96,23 +106,48 @@ def _build_trace(
     return LoadedTrace(requests=requests, skipped_zero=skipped, source=source)
 
 
+# pandas' nanosecond range, whole years: beyond it pandas reads a timestamp or not depending on
+# the other rows' precision, so it is refused whatever they are
+STAMP_YEARS = (1678, 2261)
+
+
+def _azure_stamps(table: CsvTable) -> pd.Series:
+    """The TIMESTAMP column parsed (ISO 8601, UTC); a missing, malformed or out-of-range cell
+    raises TraceError naming its line."""
+    raw = table.frame["TIMESTAMP"].str.strip()
+    stamps = pd.to_datetime(raw, format="ISO8601", utc=True, errors="coerce")
+    low = pd.Timestamp(f"{STAMP_YEARS[0]}-01-01", tz="UTC")
+    high = pd.Timestamp(f"{STAMP_YEARS[1] + 1}-01-01", tz="UTC")
+    bad = (stamps.isna() | (stamps < low) | (stamps >= high)).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        cell = str(table.frame["TIMESTAMP"].iloc[row])
+        alone = pd.to_datetime(pd.Series([cell.strip()]), format="ISO8601", utc=True,
+                               errors="coerce")  # its own precision: a date, only out of range?
+        if not cell.strip():
+            what = "missing TIMESTAMP"
+        elif alone.isna().iloc[0]:
+            what = f"TIMESTAMP is not a timestamp: {shown(cell)} (expected ISO 8601 date and time)"
+        else:
+            what = (f"TIMESTAMP is out of range (years {STAMP_YEARS[0]} to {STAMP_YEARS[1]}): "
+                    f"{shown(cell)}")
+        raise TraceError(f"{table.name}:{table.line_of(row)}: {what}")
+    return stamps
+
+
 def load_azure(path: PathLike) -> LoadedTrace:
     """Load an Azure 2023/2024 LLM inference trace (CSV with absolute timestamps)."""
     p = Path(path)
     table = read_csv_table(p, AZURE_COLUMNS)
-    raw = table.frame["TIMESTAMP"].str.strip()
-    stamps = pd.to_datetime(raw, format="ISO8601", utc=True, errors="coerce")
-    bad = stamps.isna().to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        cell = str(table.frame["TIMESTAMP"].iloc[row])
-        what = (
-            "missing TIMESTAMP" if not cell.strip() else f"TIMESTAMP is not a timestamp: {cell!r}"
-        )
-        raise TraceError(f"{table.name}:{table.line_of(row)}: {what}")
+    stamps = _azure_stamps(table)
     prompt = int_column(table, "ContextTokens")
     output = int_column(table, "GeneratedTokens")
     seconds = (stamps - stamps.min()).dt.total_seconds().to_numpy(dtype=np.float64)
+    far = np.flatnonzero(seconds > MAX_TIME_S)
+    if len(far):
+        cell = str(table.frame["TIMESTAMP"].iloc[int(far[0])])
+        raise TraceError(f"{table.name}:{table.line_of(int(far[0]))}: TIMESTAMP {shown(cell)} is "
+                         f"more than {MAX_TIME_S:g} s after the earliest one")
     return _build_trace(table.name, seconds, prompt, output, f"Azure trace {table.name}")
 
 
@@ -127,17 +162,58 @@ def load_burstgpt(path: PathLike) -> LoadedTrace:
     return _build_trace(table.name, times, prompt, output, f"BurstGPT trace {table.name}")
 
 
+MAX_STAMP_MS = MAX_TIME_S * 1000.0
+HASH_ID_LIMIT = 2**63  # Mooncake's block hashes are int64 ids
+
+
 def _json_count(name: str, line: int, obj: dict[str, object], key: str) -> int:
+    """A token count: a JSON integer (or integral number) from 0 to MAX_TOKENS."""
     value = obj.get(key)
     if value is None:
         raise TraceError(f"{name}:{line}: missing {key}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TraceError(f"{name}:{line}: {key} is not an integer: {value!r}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise TraceError(f"{name}:{line}: {key} is not an integer: {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))):
+        raise TraceError(f"{name}:{line}: {key} is not an integer: {shown(value)}")
     if value < 0:
-        raise TraceError(f"{name}:{line}: {key} is negative: {value!r}")
+        raise TraceError(f"{name}:{line}: {key} is negative: {shown(value)}")
+    if value > MAX_TOKENS:
+        raise TraceError(f"{name}:{line}: {key} is out of range ({TOKENS_BOUND}): {shown(value)}")
     return int(value)
+
+
+def _json_stamp_ms(name: str, line: int, obj: dict[str, object]) -> float:
+    """The row's timestamp: a finite JSON number of milliseconds from 0 to MAX_STAMP_MS."""
+    stamp = obj.get("timestamp")
+    if stamp is None:
+        raise TraceError(f"{name}:{line}: missing timestamp")
+    if (isinstance(stamp, bool) or not isinstance(stamp, (int, float))
+            or (isinstance(stamp, float) and not math.isfinite(stamp))):
+        raise TraceError(f"{name}:{line}: timestamp is not a finite number: {shown(stamp)}")
+    if stamp < 0:
+        raise TraceError(f"{name}:{line}: timestamp is negative: {shown(stamp)}")
+    if stamp > MAX_STAMP_MS:
+        raise TraceError(f"{name}:{line}: timestamp is out of range (0 to {MAX_STAMP_MS:g} ms): "
+                         f"{shown(stamp)}")
+    return float(stamp)
+
+
+def _check_hash_ids(name: str, line: int, obj: dict[str, object]) -> None:
+    hash_ids = obj.get("hash_ids", [])
+    if not isinstance(hash_ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and 0 <= h < HASH_ID_LIMIT
+        for h in hash_ids
+    ):
+        raise TraceError(f"{name}:{line}: hash_ids is not a list of integers in [0, 2^63)")
+
+
+def _mooncake_row(name: str, line_no: int, line: str) -> dict[str, object]:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"{name}:{line_no}: invalid JSON ({json_problem(exc)})") from None
+    if not isinstance(obj, dict):
+        raise TraceError(f"{name}:{line_no}: expected a JSON object")
+    return obj
 
 
 def load_mooncake(path: PathLike) -> LoadedTrace:
@@ -152,35 +228,22 @@ def load_mooncake(path: PathLike) -> LoadedTrace:
     try:
         with p.open(encoding="utf-8-sig") as fh:
             for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
+                if is_blank(line):
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TraceError(f"{name}:{line_no}: invalid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise TraceError(f"{name}:{line_no}: expected a JSON object")
-                stamp = obj.get("timestamp")
-                if stamp is None:
-                    raise TraceError(f"{name}:{line_no}: missing timestamp")
-                if (isinstance(stamp, bool) or not isinstance(stamp, (int, float))
-                        or not math.isfinite(stamp)):
-                    raise TraceError(f"{name}:{line_no}: timestamp is not a number: {stamp!r}")
+                obj = _mooncake_row(name, line_no, line)
+                stamp = _json_stamp_ms(name, line_no, obj)
                 if stamp < last:
-                    raise TraceError(
-                        f"{name}:{line_no}: timestamp goes backwards ({stamp} after {last})"
-                    )
+                    raise TraceError(f"{name}:{line_no}: timestamp goes backwards "
+                                     f"({stamp:g} after {last:g})")
                 last = stamp
-                hash_ids = obj.get("hash_ids", [])
-                if not isinstance(hash_ids, list) or not all(
-                    isinstance(h, int) and not isinstance(h, bool) for h in hash_ids
-                ):
-                    raise TraceError(f"{name}:{line_no}: hash_ids is not a list of integers")
+                _check_hash_ids(name, line_no, obj)
                 prompt.append(_json_count(name, line_no, obj, "input_length"))
                 output.append(_json_count(name, line_no, obj, "output_length"))
-                times.append(float(stamp) / 1000.0)
+                times.append(stamp / 1000.0)
     except UnicodeDecodeError as exc:
         raise TraceError(f"{name}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise TraceError(f"{name}: cannot read ({exc.strerror or exc})") from None
     if not times:
         raise TraceError(f"{name}: no data rows")
     return _build_trace(
@@ -217,28 +280,53 @@ def _mooncake_line(line: str) -> bool:
     """Whether `line` is a whole JSON object with a timestamp (a Mooncake row)."""
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(obj, dict) and "timestamp" in obj
+
+
+def _header_cells(line: str) -> set[str]:
+    """The cells of a CSV header line, quotes removed (Azure quotes its header)."""
+    try:
+        cells = next(csv.reader([line]), [])
+    except csv.Error:  # a field over the csv module's limit: no header we know anyway
+        cells = line.split(",")
+    return {c.strip() for c in cells}
+
+
+def _first_line(path: Path) -> str:
+    """The first non-blank line of ``path``, stripped, at most 64 KiB of it (a JSON file may be
+    a single line); '' for a blank file. Lines end where the readers' text mode ends them (LF,
+    CRLF, CR), not where str.splitlines would (form feeds and other separators too)."""
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            while chunk := fh.readline(1 << 16):
+                if not is_blank(chunk):
+                    return chunk.strip()
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise TraceError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    return ""
 
 
 def sniff_format(path: PathLike) -> str:
     """Return 'azure', 'burstgpt', 'mooncake', 'length-stats' or 'sharegpt-json' (a JSON list,
     or a .json file not made of Mooncake rows; traces/vllm_datasets.py reads it) from the
-    extension / header."""
+    extension / header (the first non-blank line)."""
     p = Path(path)
     check_exists(p)
-    try:
-        with p.open(encoding="utf-8-sig") as fh:
-            head = fh.read(1 << 16)  # not the whole first line: a JSON file may be one line
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"{p.name}: not UTF-8 text ({exc.reason})") from None
-    first = next((line.strip() for line in head.splitlines() if line.strip()), "")
-    if first.startswith("[") or (p.suffix.lower() == ".json" and not _mooncake_line(first)):
-        return "sharegpt-json"
-    if p.suffix.lower() == ".jsonl" or first.startswith("{"):
+    first = _first_line(p)
+    if not first:
+        raise TraceError(f"{p.name}: empty file (nothing but blank lines)")
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":  # JSON Lines is Mooncake's layout whatever the first row holds
         return "mooncake"
-    header = {c.strip() for c in first.split(",")}
+    if first.startswith("[") or (suffix == ".json" and not _mooncake_line(first)):
+        return "sharegpt-json"
+    if first.startswith("{"):
+        return "mooncake"
+    header = _header_cells(first)
     if set(AZURE_COLUMNS) <= header:
         return "azure"
     if set(BURSTGPT_COLUMNS) <= header:
@@ -246,7 +334,7 @@ def sniff_format(path: PathLike) -> str:
     if set(LENGTH_COLUMNS) <= header:
         return "length-stats"
     raise TraceError(
-        f"{p.name}: unknown trace format (first line {first[:80]!r}); expected an Azure or "
+        f"{p.name}: unknown trace format (first line {shown(first)}); expected an Azure or "
         "BurstGPT CSV, a Mooncake JSONL, a length-statistics CSV or a ShareGPT JSON list"
     )
 

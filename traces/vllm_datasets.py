@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from traces._checks import MAX_TOKENS, json_problem, shown
 from traces._table import check_exists
 from traces.errors import TraceError
 
@@ -67,13 +68,22 @@ class RandomLengths:
     def __post_init__(self) -> None:
         for label, value in (("input", self.input_len), ("output", self.output_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TraceError(f"random {label} length must be a positive integer: {value!r}")
+                raise TraceError(f"random {label} length must be a positive integer: "
+                                 f"{shown(value)}")
+            if value > MAX_TOKENS:
+                raise TraceError(f"random {label} length must be at most {MAX_TOKENS:,} "
+                                 f"tokens: {shown(value)}")
         r = self.range_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise TraceError(f"random range ratio must be in [0, 1), as vLLM's: {r!r}")
-        if self.bounds()[0] < 1:
+        in_lo, in_hi, _, out_hi = self.bounds()
+        if in_lo < 1:
             raise TraceError(f"random input length {self.input_len} with range ratio {r:g} can "
                              "draw empty prompts: raise the length or lower the ratio")
+        if max(in_hi, out_hi) > MAX_TOKENS:
+            raise TraceError(f"random lengths {self.input_len}:{self.output_len} with range "
+                             f"ratio {r:g} can draw {max(in_hi, out_hi):,} tokens, over the "
+                             f"{MAX_TOKENS:,} limit: lower the length or the ratio")
 
     def bounds(self) -> tuple[int, int, int, int]:
         """(input low, input high, output low, output high), both ends included."""
@@ -102,13 +112,13 @@ def parse_random(spec: str) -> RandomLengths:
     parts = spec.split(":")
     if parts[0] != "random" or len(parts) not in (3, 4):
         raise TraceError(f"random workload must look like 'random:INPUT:OUTPUT[:RATIO]', "
-                         f"got {spec!r}")
-    try:
+                         f"got {shown(spec)}")
+    try:  # int() and float() as vLLM's argparse flags read them
         input_len, output_len = int(parts[1]), int(parts[2])
         ratio = float(parts[3]) if len(parts) == 4 else 0.0
     except ValueError:
         raise TraceError(f"random workload needs integer lengths and a number ratio, "
-                         f"got {spec!r}") from None
+                         f"got {shown(spec)}") from None
     return RandomLengths(input_len, output_len, ratio)
 
 
@@ -142,7 +152,9 @@ class ShareGPTLengths:
 
 def approx_tokens(text: str) -> int:
     """layersim's stand-in for a tokenizer: ``ceil(UTF-8 bytes / 4)`` (see the module note)."""
-    return -(-len(text.encode("utf-8")) // 4)
+    # surrogatepass: JSON's "\ud800" escapes decode to lone surrogates, which strict UTF-8
+    # refuses; they count as the 3 bytes an encoder that lets them through writes
+    return -(-len(text.encode("utf-8", "surrogatepass")) // 4)
 
 
 def is_valid_sequence(prompt_len: int, output_len: int) -> bool:
@@ -168,9 +180,13 @@ def load_sharegpt(path: str | os.PathLike[str]) -> ShareGPTLengths:
         with p.open(encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise TraceError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise TraceError(f"{name}:{exc.lineno}: invalid JSON ({json_problem(exc)})") from None
     except UnicodeDecodeError as exc:
         raise TraceError(f"{name}: not UTF-8 text ({exc.reason})") from None
+    except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
+        raise TraceError(f"{name}: invalid JSON ({json_problem(exc)})") from None
+    except OSError as exc:
+        raise TraceError(f"{name}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(data, list):
         raise TraceError(f"{name}: expected a JSON list of conversations (vLLM's ShareGPT "
                          "layout), got a JSON " + type(data).__name__)
