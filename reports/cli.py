@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from reports.html import write_report
+from reports.load import check_complete
+from sim.results import clean_leftovers, record_rewritten
 
 
 def build_parser(prog: str = "layersim report") -> argparse.ArgumentParser:
@@ -21,7 +24,12 @@ def build_parser(prog: str = "layersim report") -> argparse.ArgumentParser:
 def report_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_complete(args.dir)  # an interrupted or mixed run is refused, not rendered
+        target = Path(args.out) if args.out is not None else Path(args.dir) / "report.html"
+        clean_leftovers(target.parent)  # what an earlier, killed report left
         out = write_report(args.dir, args.out, title=args.title)
+        if out.resolve() == (Path(args.dir) / "report.html").resolve():
+            record_rewritten(Path(args.dir))  # the folder's COMPLETE lists the new report
     except ValueError as e:
         # One line, no traceback: the usual cause is a wrong or empty folder.
         print(f"layersim report: error: {e}", file=sys.stderr)

@@ -2,7 +2,11 @@
 requests/iterations parquet when present), and the optional sweep, capacity and validation files.
 
 Anything absent is None so the report can skip the plots it feeds; a folder with nothing
-loadable is a ValueError naming the path, which the CLI prints as its one-line error.
+loadable is a ValueError naming the path, which the CLI prints as its one-line error. So is a
+run that is visibly not whole: a table without its metrics.json, or a requests table whose
+finished requests and token totals disagree with its metrics.json (another run's file).
+`check_complete` (for `layersim report`) also refuses a folder a layersim run left incomplete
+(sim/results.py).
 Runs come in study order: the order of the study's `policies` when the folder records it, else
 the order they were written (a recorded index, else metrics.json's modification time), never
 alphabetical.
@@ -20,9 +24,11 @@ from typing import Any
 import pandas as pd
 
 from reports.setup import Setup, load_setup
+from sim.results import check_complete as _check_whole
 
 # Subfolders the engine's validate command writes under DIR/<policy>/; shown as a suffix.
 _SOURCES = ("engine", "sim")
+_TABLES = ("requests.parquet", "iterations.parquet")
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +73,14 @@ def as_float(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def check_complete(root: str | Path) -> None:
+    """ValueError naming what is missing when `root` is a results folder a layersim run left
+    incomplete (interrupted, or files changed or added since); other folders pass."""
+    root = Path(root)
+    if root.is_dir():
+        _check_whole(root)
 
 
 def load_results(root: str | Path) -> Results:
@@ -122,7 +136,28 @@ def _metrics_dirs(root: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if "metrics.json" in files:
             found.append(Path(here))
+        elif table := next((t for t in _TABLES if t in files), None):
+            raise ValueError(f"{Path(here) / table}: a run's table without its metrics.json "
+                             "(an incomplete run); write the run again")
     return found
+
+
+def _check_same_run(d: Path, metrics: dict[str, Any], requests: pd.DataFrame | None) -> None:
+    """A requests table and metrics.json from different runs (a re-run that overwrote only one)
+    disagree on the finished requests or their tokens; sim/metrics.py counts both alike."""
+    if requests is None or not {"finished", "prompt_tokens", "output_tokens"} <= set(requests):
+        return
+    done = requests["finished"].astype(bool)
+    if "warmup" in requests:
+        done &= ~requests["warmup"].astype(bool)
+    counted = {"completed": int(done.sum()),
+               "total_input_tokens": int(requests.loc[done, "prompt_tokens"].sum()),
+               "total_output_tokens": int(requests.loc[done, "output_tokens"].sum())}
+    for key, n in counted.items():
+        want = as_float(metrics.get(key))
+        if want is not None and want != n:
+            raise ValueError(f"{d / 'requests.parquet'}: {n} for {key}, {d / 'metrics.json'} says "
+                             f"{want:g}: the two files are from different runs; write the run again")
 
 
 def _written(d: Path, metrics: dict[str, Any]) -> tuple[int | None, int]:
@@ -145,8 +180,9 @@ def _load_runs(root: Path, notes: list[str]) -> list[tuple[Run, int | None, int]
             continue
         rel = d.relative_to(root)
         policy = str(metrics.get("policy") or (rel.as_posix() if rel.parts else root.name))
-        raw.append((policy, rel, metrics, _read_parquet(d / "requests.parquet", root, notes),
-                    _read_parquet(d / "iterations.parquet", root, notes)))
+        requests = _read_parquet(d / "requests.parquet", root, notes)
+        _check_same_run(d, metrics, requests)
+        raw.append((policy, rel, metrics, requests, _read_parquet(d / "iterations.parquet", root, notes)))
     labels = _labels([(policy, rel) for policy, rel, *_ in raw])
     return [(Run(lab, policy, rel, metrics, req, it), *_written(root / rel, metrics))
             for lab, (policy, rel, metrics, req, it) in zip(labels, raw, strict=True)]
