@@ -5,6 +5,8 @@ Warm-up requests (the `warmup` column, sim/clients.py) are left out of every met
 duration then starts at the first measured request's arrival (for closed-loop clients, when it
 is sent), and `warmup_requests` says how many were left out.
 TPOT is per request (E2E - TTFT) / (output tokens - 1); ITL pools every gap between tokens.
+Token totals count what finished requests were given: their prompts and the output tokens emitted
+(the requests table's `output_tokens`, sim/records.py), never the lengths they asked for.
 A request meets the SLO when its TTFT and its own P99 ITL are both within target (and its TPOT
 and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them);
 requests that never finished count as misses. Each latency has mean, median, std and the

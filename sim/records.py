@@ -11,6 +11,13 @@ Unstreamed runs also index each finished request's gaps in the flat array ((req_
 count), 24 bytes a request), so `request_gaps` gives every request its own inter-token gaps
 without copying them (vLLM's per-request `itls`, sim/vllm_result.py); streamed runs keep none.
 
+What the columns count: `prompt_tokens` is the prompt as it arrived and `max_tokens` the output
+length it asked for; `output_tokens` is what was emitted (a policy that ends a request early
+shows here, and the request is not `finished`). In the iteration table `prefill_tokens` counts
+each prompt token once, when it enters the stack at layer 0 (a layered prefill passes a prompt
+through several iterations; a recomputed prompt counts again), and `prefill_layer_tokens` the
+prompt work done: tokens times the layers they passed.
+
 Warm-up (sim/clients.py): requests in `warmup_ids` get their row, marked `warmup`, but their
 gaps and preemptions are not pooled; the running totals (energy, bytes, iterations, busy time)
 count only iterations that start at or after `count_from_s`, when the measured window opens
@@ -28,18 +35,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from costmodel.coefficients import FEATURES
 from costmodel.files import atomic_write
 from policies.state import RequestState
 
 if TYPE_CHECKING:
     from costmodel.price import IterationCost
 
-REQUEST_COLUMNS = ("req_id", "replica", "arrival_s", "prompt_tokens", "output_tokens",
-                   "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms", "p99_itl_ms",
-                   "max_itl_ms", "preemptions", "finished", "warmup")
+REQUEST_COLUMNS = ("req_id", "replica", "arrival_s", "prompt_tokens", "max_tokens",
+                   "output_tokens", "first_token_s", "finish_s", "ttft_ms", "tpot_ms", "e2el_ms",
+                   "p99_itl_ms", "max_itl_ms", "preemptions", "finished", "warmup")
 ITERATION_COLUMNS = ("replica", "start_s", "latency_s", "iterations", "prefill_tokens",
                      "decode_tokens", "num_tiles", "prefill_layer_tokens", "energy_j", "flops",
                      "expert_bytes", "hbm_bytes", "kv_read_bytes")
+_EMBED = FEATURES.index("embed")  # tokens through the embedding, per expert-parallel group
 # Histogram of gaps for streamed runs: 1 us .. 1000 s, 0.5% wide bins.
 _HIST_EDGES = np.geomspace(1e-6, 1e3, int(np.log(1e9) / np.log(1.005)) + 1)
 
@@ -109,7 +118,8 @@ class Recorder:
     def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000):
         self.num_layers = num_layers
         self.requests = Table("requests", REQUEST_COLUMNS,
-                              ("req_id", "replica", "prompt_tokens", "output_tokens", "preemptions"),
+                              ("req_id", "replica", "prompt_tokens", "max_tokens", "output_tokens",
+                               "preemptions"),
                               stream_dir, flush_rows)
         self.iterations = Table("iterations", ITERATION_COLUMNS,
                                 ("replica", "iterations", "prefill_tokens", "decode_tokens",
@@ -133,7 +143,7 @@ class Recorder:
     def iteration(self, replica: int, start_s: float, cost: IterationCost, num_tiles: int,
                   iterations: int) -> None:
         hb = cost.hbm_bytes
-        self._it_row(replica, start_s, cost.latency_s, iterations, cost.prefill_tokens,
+        self._it_row(replica, start_s, cost.latency_s, iterations, prefill_tokens_once(cost),
                      cost.decode_tokens, num_tiles, cost.prefill_layer_tokens, cost.energy_j,
                      cost.flops, hb.expert_weights, hb.total, hb.kv_read)
 
@@ -179,19 +189,19 @@ class Recorder:
             p99 = max_itl = 0.0
         first = req.first_token_s if req.first_token_s is not None else float("nan")
         finish = req.finish_s if req.finish_s is not None else float("nan")
-        out = req.output_len
+        out = _emitted(req)
         ttft = (first - req.arrival_s) * 1e3
         e2e = (finish - req.arrival_s) * 1e3
         tpot = (e2e - ttft) / (out - 1) if out > 1 else 0.0
-        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, out, first, finish,
-                      ttft, tpot, e2e, p99, max_itl, req.num_preemptions, req.is_finished,
-                      req.req_id in self.warmup_ids)
+        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len, out,
+                      first, finish, ttft, tpot, e2e, p99, max_itl, req.num_preemptions,
+                      req.is_finished and out >= req.output_len, req.req_id in self.warmup_ids)
         req.itl_s = array("d")
 
     def rejected(self, req: RequestState, now_s: float, replica: int = -1) -> None:
         nan = float("nan")
-        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len, nan, nan,
-                      nan, nan, nan, nan, nan, req.num_preemptions, False,
+        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len,
+                      _emitted(req), nan, nan, nan, nan, nan, nan, nan, req.num_preemptions, False,
                       req.req_id in self.warmup_ids)
 
     def _req_row(self, *values: float) -> None:
@@ -276,6 +286,21 @@ class Recorder:
             out.append(float(centers[min(i, len(centers) - 1)]) * 1e3)
         return tuple(out)
 
+
+
+def _emitted(req: RequestState) -> int:
+    """Output tokens emitted: the first, then one gap before each later one (preemption keeps
+    them); counted from the token times, not from fields a policy could have changed."""
+    return (req.first_token_s is not None) + len(req.itl_s)
+
+
+def prefill_tokens_once(cost: IterationCost) -> int:
+    """Prompt tokens entering the stack in this iteration: the cost model's embedded tokens less
+    its decodes. A cost without the feature vector (a test double) gives its own count."""
+    model, x, *_ = cost.detail
+    if model is None or len(x) <= _EMBED:
+        return int(cost.prefill_tokens)
+    return round(x[_EMBED] * model.parallel.ep) - int(cost.decode_tokens)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

@@ -18,7 +18,8 @@ commit 009e6d4a: `result_json` in `main_async`, `result` in `benchmark`), in its
   as vLLM counts it), "ttfts" and "latencies" (s; 0 when failed), "itls" (each request's gaps
   between tokens, s; [] when failed), "start_times" (arrival, s from the run's start),
   "queue_times" (vLLM's client-side wait for a --max-concurrency slot: written as 0),
-  "generated_texts" (empty strings) and "errors" ("" or why the request never finished);
+  "generated_texts" (empty strings) and "errors" ("" or why the request never finished:
+  rejected, still running when the simulation stopped, or ended short of its max_tokens);
 * "max_output_tokens_per_s" (most tokens in one whole second from the first arrival) and
   "max_concurrent_requests" (peak of requests in flight), computed as vLLM computes them,
   "rtfx" (0: no audio);
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from traces import Workload
 
 UNFINISHED = "not finished when the simulation stopped"
+SHORT = "ended before its last token"  # the policy stopped it short (sim/records.py)
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p[0-9_.]+)_(ttft|tpot|itl|e2el)_ms$")
 
 
@@ -68,9 +70,13 @@ def _burstiness(study: Study) -> float | str:
     return 1.0
 
 
-def _error(result: SimResult, req_id: int) -> str:
-    why = result.rejections.get(req_id)
-    return UNFINISHED if why is None else f"rejected: {why}"
+def _error(result: SimResult, row: Any) -> str:
+    why = result.rejections.get(int(row.req_id))
+    if why is not None:
+        return f"rejected: {why}"
+    if "max_tokens" in row._fields and math.isfinite(row.finish_s):  # done, but short
+        return f"{SHORT}: {row.output_tokens} of {row.max_tokens} tokens"
+    return UNFINISHED
 
 
 def _peaks(start: np.ndarray, ttft: np.ndarray, latency: np.ndarray,
@@ -110,8 +116,8 @@ def vllm_result(study: Study, result: SimResult, workload: Workload) -> dict[str
     output = np.where(done, req["output_tokens"].to_numpy(dtype=np.int64), 0)
     gaps = result.itls.per_request(ids.tolist())
     gaps = [g if ok else g[:0] for g, ok in zip(gaps, done, strict=True)]
-    errors = [_error(result, rid) if not ok else ""
-              for rid, ok in zip(ids.tolist(), done.tolist(), strict=True)]
+    errors = [_error(result, row) if not ok else ""
+              for row, ok in zip(req.itertuples(index=False), done.tolist(), strict=True)]
     peak_tokens, peak_requests = _peaks(arrival[done], ttft[done], latency[done],
                                         [g for g, ok in zip(gaps, done, strict=True) if ok])
     rate, _ = study.arrivals()
