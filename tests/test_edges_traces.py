@@ -182,6 +182,10 @@ def test_other_formats_accept_quotes_bom_crlf_and_blank_lines(tmp_path: Path) ->
     rows = "\ufeff\r\n" + _moon() + "\r\n\r\n" + _moon(timestamp=500) + "\r\n \r\n"
     moon = load_trace(_write(tmp_path, "m.jsonl", rows))
     assert isinstance(moon, LoadedTrace) and [r.arrival_s for r in moon.requests] == [0.0, 0.5]
+    # a .json of Mooncake rows whose first row is longer than 64 KiB is still Mooncake
+    ids = ",".join(["123456"] * 20_000)
+    long_row = load_trace(_write(tmp_path, "long.json", _moon()[:-1] + f', "hash_ids": [{ids}]}}\n'))
+    assert isinstance(long_row, LoadedTrace) and long_row.requests[0].prompt_tokens == 5
     # bounds are inclusive: MAX_TOKENS tokens and 10^10 s are accepted
     edge = load_trace(_write(tmp_path, "e.csv", f"{BURST}\n0,M,{MAX_TOKENS},1\n1e10,M,1,1\n"))
     assert isinstance(edge, LoadedTrace) and edge.requests[0].prompt_tokens == MAX_TOKENS

@@ -295,12 +295,13 @@ def _header_cells(line: str) -> set[str]:
 
 
 def _first_line(path: Path) -> str:
-    """The first non-blank line of ``path``, stripped, at most 64 KiB of it (a JSON file may be
-    a single line); '' for a blank file. Lines end where the readers' text mode ends them (LF,
-    CRLF, CR), not where str.splitlines would (form feeds and other separators too)."""
+    """The first non-blank line of ``path``, stripped, at most 16 Mi characters of it (a JSON
+    file may be one line; a Mooncake row with a long hash_ids list must stay whole); '' for a
+    blank file. Lines end where the readers' text mode ends them (LF, CRLF, CR), not where
+    str.splitlines would (form feeds and other separators too)."""
     try:
         with path.open(encoding="utf-8-sig") as fh:
-            while chunk := fh.readline(1 << 16):
+            while chunk := fh.readline(1 << 24):
                 if not is_blank(chunk):
                     return chunk.strip()
     except UnicodeDecodeError as exc:
