@@ -276,10 +276,14 @@ def test_kill_9_during_simulate_out(tmp_path: Path) -> None:
     for i, trigger in enumerate([*triggers, *([None] * 3)]):
         proc = start(2 + i)
         end = time.monotonic() + (rng.uniform(0.5, 8.0) if trigger is None else 300)
-        while proc.poll() is None and time.monotonic() < end and not (trigger and trigger()):
+        fired = False
+        while proc.poll() is None and time.monotonic() < end and not fired:
+            fired = trigger is not None and trigger()
             time.sleep(0.005)
         proc.kill()
         proc.wait()
+        if fired:  # killed mid-write: its temp folder is left, and says so
+            assert any(tmp_path.glob(".r.tmp-*")), i
         _assert_whole_or_recognisably_not(tmp_path)
     assert start(9).wait(timeout=300) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # leftovers gone
