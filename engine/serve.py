@@ -35,7 +35,7 @@ from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
 from sim.metrics import summarize
-from sim.records import ITERATION_COLUMNS, Recorder
+from sim.records import ITERATION_COLUMNS, Recorder, prefill_tokens_once
 from sim.replica import kv_blocks
 from traces.request import Request
 
@@ -48,7 +48,7 @@ def iteration_row(counted: IterationCost, num_tiles: int, start_s: float, latenc
     counts and FLOPs from the cost model's count of the plan, time, energy and expert bytes
     measured."""
     return {"replica": 0, "start_s": start_s, "latency_s": latency_s, "iterations": 1,
-            "prefill_tokens": counted.prefill_tokens, "decode_tokens": counted.decode_tokens,
+            "prefill_tokens": prefill_tokens_once(counted), "decode_tokens": counted.decode_tokens,
             "num_tiles": num_tiles, "prefill_layer_tokens": counted.prefill_layer_tokens,
             "energy_j": energy_j, "flops": counted.flops, "expert_bytes": hbm.expert_weights,
             "hbm_bytes": hbm.total, "kv_read_bytes": hbm.kv_read}
@@ -184,8 +184,8 @@ def roofline_summary(it: Any) -> dict[str, float]:
     """Achieved rates of the executed iterations: decode-only ones against the bytes they must
     move (weights touched, KV read and written, activations), prefill-carrying ones against
     their FLOPs."""
-    dec = it[it["prefill_tokens"] == 0]
-    pre = it[it["prefill_tokens"] > 0]
+    dec = it[it["prefill_layer_tokens"] == 0]
+    pre = it[it["prefill_layer_tokens"] > 0]
     dec_t, pre_t = float(dec["latency_s"].sum()), float(pre["latency_s"].sum())
     return {"engine_decode_iterations": int(len(dec)),
             "engine_decode_achieved_gbps": float(dec["hbm_bytes"].sum()) / dec_t / 1e9 if dec_t else NAN,

@@ -237,8 +237,11 @@ def timeline(runs: Sequence[Run]) -> go.Figure | None:
         it = thin_timeline(it.reset_index(drop=True))
         prefill = it["prefill_tokens"] if "prefill_tokens" in it else pd.Series(0, index=it.index)
         decode = it["decode_tokens"] if "decode_tokens" in it else pd.Series(0, index=it.index)
-        for kind, mask, color in (("decode only", prefill <= 0, "#1f77b4"),
-                                  ("with prefill", prefill > 0, "#ff7f0e")):
+        # A layered pass through middle layers carries prompt work but embeds no new token:
+        # split on the prompt's layer-tokens, not on the tokens entering the stack.
+        prompt_work = (it["prefill_layer_tokens"] if "prefill_layer_tokens" in it else prefill) > 0
+        for kind, mask, color in (("decode only", ~prompt_work, "#1f77b4"),
+                                  ("with prefill", prompt_work, "#ff7f0e")):
             part = it[mask]
             if not len(part):
                 continue
