@@ -12,10 +12,13 @@ identical decode iterations in closed form. Leave it False if your policy might 
 
 from __future__ import annotations
 
-import traceback
-from typing import Protocol, runtime_checkable
+from dataclasses import fields
+from itertools import chain
+from operator import attrgetter, is_
+from typing import Protocol, cast, runtime_checkable
 
 from costmodel.plan import Plan, Tile, decode_tile
+from policies import guard
 from policies.state import PlanError, ReplicaState, RequestState
 
 
@@ -27,31 +30,97 @@ class Policy(Protocol):
     def schedule(self, state: ReplicaState) -> Plan: ...
 
 
-def schedule_checked(policy: Policy, state: ReplicaState) -> Plan:
-    """Run a policy the executor does not trust (a user's): its exceptions become a PlanError
-    naming the file and line, it must leave the state as it found it, and its plan must be legal
-    (ReplicaState.check)."""
-    def snapshot() -> tuple[object, ...]:
-        return (tuple(map(id, state.waiting)), tuple(map(id, state.running)), state.num_free_blocks,
-                tuple((r.num_computed_tokens, r.num_output_tokens, r.num_blocks) for r in state.running))
+# Every field of a request, read in one C call: a policy may change none of them. Objects are
+# compared by identity, so a write of anything new (even an equal-looking value) is seen.
+_FIELD_NAMES = ("__class__", *RequestState.__slots__)
+_REQUEST_FIELDS = attrgetter(*_FIELD_NAMES)
+_STATE_KEYS = tuple(f.name for f in fields(ReplicaState) if f.name != "_decodes")
+_ITL = attrgetter("itl_s")
+_LAYER_TOKENS = attrgetter("layer_tokens")
 
-    before = snapshot()
+
+def _snapshot(state: ReplicaState) -> tuple[list[object], list[object]]:
+    """What a policy must leave as it found it, in O(waiting + running): the state's fields, its
+    queues, every request's fields and per-layer progress, and the length and last value of each
+    request's token gaps (not all of them: that would cost O(tokens so far) per iteration)."""
+    same: list[object] = [x for kv in vars(state).items() if kv[0] != "_decodes" for x in kv]
+    if len(same) != 2 * len(_STATE_KEYS):
+        raise RuntimeError("the state's attributes were added to or deleted")
+    reqs = [*state.waiting, *state.running]
+    same += reqs
+    same += chain.from_iterable(map(_REQUEST_FIELDS, reqs))
+    same += chain.from_iterable(lt for lt in map(_LAYER_TOKENS, reqs) if lt is not None)
+    itls = list(map(_ITL, reqs))
+    equal: list[object] = [len(reqs), *map(len, itls), *(a[-1] for a in itls if a)]
+    return same, equal
+
+
+def _unchanged(state: ReplicaState, before: tuple[list[object], list[object]]) -> bool:
     try:
-        plan = policy.schedule(state)
-    except PlanError:
-        raise
-    except Exception as e:  # a user's code: say where, in one line
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        raise PlanError(f"policy {policy.name} raised {type(e).__name__}: {e} "
-                        f"({frame.filename}:{frame.lineno})") from None
-    if snapshot() != before:
-        raise PlanError(f"policy {policy.name} changed the replica state; a policy may only read it "
-                        "and return tiles")
+        same, equal = _snapshot(state)
+    except Exception:  # a field deleted or replaced by something unreadable
+        return False
+    return (len(same) == len(before[0]) and all(map(is_, same, before[0]))
+            and equal == before[1])
+
+
+def _what_changed(state: ReplicaState, before: tuple[list[object], list[object]]) -> str:
+    """Which part of the state a policy changed, for the message (the error path only). The
+    snapshot holds the state's (name, value) pairs, then its requests, then their fields."""
+    same, equal = before
+    k = 2 * len(_STATE_KEYS)
+    now = {key: v for key, v in vars(state).items() if key != "_decodes"}
+    added = sorted(set(now) - set(_STATE_KEYS))
+    if added:
+        return f"its new attribute {added[0]:.40}"
+    for name, value in zip(same[0:k:2], same[1:k:2], strict=True):
+        if now.get(str(name)) is not value:
+            return f"its {name}"
+    n = cast(int, equal[0])
+    reqs, f = same[k:k + n], len(_FIELD_NAMES)
+    if [*state.waiting, *state.running] != reqs:
+        return "its waiting or running queue"
+    for j, r in enumerate(reqs):
+        for name, value in zip(_FIELD_NAMES, same[k + n + j * f:k + n + (j + 1) * f], strict=True):
+            if getattr(r, name, None) is not value:
+                return f"request {same[k + n + j * f + _FIELD_NAMES.index('req_id')]}'s {name}"
+    return "a request's layer_tokens or itl_s"
+
+
+def schedule_checked(policy: Policy, state: ReplicaState,
+                     limit_s: float | None = None) -> Plan:
+    """Run a policy the executor does not trust (a user's): whatever it raises becomes a PlanError
+    naming the policy and the user's file:line; it has `limit_s` (default SCHEDULE_LIMIT_S) to
+    return; it must leave the state as it found it; its plan must be a tuple or list of Tiles with
+    int fields, and legal (ReplicaState.check)."""
+    limit = guard.SCHEDULE_LIMIT_S if limit_s is None else limit_s
+    before = _snapshot(state)
+    # `stall_free` is read in the same guarded call: a property is the user's code too
+    out, err, timed_out = guard.call_guarded(lambda: (policy.schedule(state), policy.stall_free), limit)
+    state.changed()  # the policy may have edited the cached list `decodes` hands out
+    if err is not None:
+        what = guard.describe(err, timed_out, limit, guard.source_file(policy))
+        raise PlanError(f"policy {guard.policy_label(policy)} {what}")
+    if not _unchanged(state, before):
+        try:
+            what = f" ({_what_changed(state, before)})"
+        except Exception:  # the state is too mangled to say more
+            what = ""
+        raise PlanError(f"policy {guard.policy_label(policy)} changed the replica state{what}; a "
+                        "policy may only read the state and return tiles")
+    plan, stall_free = out
     if not isinstance(plan, tuple | list):
-        raise PlanError(f"policy {policy.name} returned {type(plan).__name__}; a plan is a tuple of Tile")
-    plan = tuple(plan)
-    state.check(plan, policy.stall_free)
-    return plan
+        raise PlanError(f"policy {guard.policy_label(policy)} returned {type(plan).__name__}; a plan "
+                        "is a tuple of Tile")
+    if type(stall_free) is not bool:
+        raise PlanError(f"policy {guard.policy_label(policy)}: 'stall_free' is "
+                        f"{type(stall_free).__name__}, not a bool")
+    # the stored items, whatever a tuple or list subclass makes of iteration
+    items = tuple.__iter__(plan) if isinstance(plan, tuple) else list.__iter__(plan)
+    try:
+        return state.check(tuple(items), stall_free)
+    except PlanError as e:
+        raise PlanError(f"policy {guard.policy_label(policy)}: {e}") from None
 
 
 def decode_tiles(state: ReplicaState) -> list[Tile]:

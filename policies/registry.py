@@ -12,20 +12,31 @@ import importlib.util
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from costmodel.errors import ConfigError
+from policies import guard
 from policies.base import Policy
 from policies.chunked import ChunkedPrefill
 from policies.layered import LayeredPrefill
 from policies.prefill_first import PrefillFirst
 
 
+def _empty_arg(name: str, arg: str | None) -> bool:
+    """No parameter given; 'name:' with nothing after the colon is a mistake, not the default."""
+    if arg is not None and not arg.strip():
+        raise ConfigError(f"policy '{name}:{arg}': nothing after ':' (write '{name}' for the "
+                          f"default, or give the parameter: {_FORMS[name]})")
+    return arg is None
+
+
 def _int_arg(name: str, arg: str | None, default: int | None) -> int | None:
-    if arg is None or arg == "":
+    if _empty_arg(name, arg):
         return default
+    assert arg is not None
     try:
         value = int(arg)
     except ValueError:
@@ -36,8 +47,9 @@ def _int_arg(name: str, arg: str | None, default: int | None) -> int | None:
 
 
 def _float_arg(name: str, arg: str | None, default: float) -> float:
-    if arg is None or arg == "":
+    if _empty_arg(name, arg):
         return default
+    assert arg is not None
     try:
         value = float(arg)
     except ValueError:
@@ -47,11 +59,18 @@ def _float_arg(name: str, arg: str | None, default: float) -> float:
     return value
 
 
+def _prefill_first(arg: str | None) -> Policy:
+    if arg is not None:  # refused rather than silently dropped
+        raise ConfigError(f"policy 'prefill-first:{arg}': prefill-first takes no parameter "
+                          "(write 'prefill-first')")
+    return PrefillFirst()
+
+
 def _builtin(name: str, arg: str | None) -> Policy | None:
     makers: dict[str, Callable[[str | None], Policy]] = {
         "chunked": lambda a: ChunkedPrefill(_int_arg("chunked", a, 512) or 512),
         "layered": lambda a: LayeredPrefill(_int_arg("layered", a, None)),
-        "prefill-first": lambda a: PrefillFirst(),
+        "prefill-first": _prefill_first,
     }
     try:
         from policies.adaptive import AdaptiveLayered
@@ -66,23 +85,46 @@ def _builtin(name: str, arg: str | None) -> Policy | None:
 
 BUILTIN_NAMES = ("chunked[:BUDGET]", "layered[:MAX_G]", "prefill-first", "hybrid[:BUDGET]",
                  "adaptive[:TBT_MS]")
+_FORMS = {"chunked": "chunked:512 (an integer token budget >= 1)",
+          "layered": "layered:16 (an integer number of layer groups >= 1)",
+          "hybrid": "hybrid:512 (an integer token budget >= 1)",
+          "adaptive": "adaptive:100 (a positive TBT target in ms, e.g. 100, 12.5 or 1e2)"}
+
+# The policies this registry built from a built-in name: the only ones an executor may run
+# unchecked. Registry knowledge, not an attribute a user's class could set on itself.
+_TRUSTED: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def is_trusted(policy: object) -> bool:
+    """Whether `policy` is a built-in the registry made (and no one has since replaced its
+    `schedule` on the instance): executors skip the checks of `schedule_checked` for it."""
+    try:
+        return policy in _TRUSTED and "schedule" not in vars(policy)
+    except TypeError:  # unhashable, or no __dict__: not one of ours
+        return False
 
 
 def make_policy(spec: str, max_num_seqs: int | None = None) -> Policy:
     """A policy from its spec; `max_num_seqs` (vLLM's) replaces the policy's own limit."""
     policy = _make_policy(spec.strip())
     if max_num_seqs is not None:
-        if not hasattr(policy, "max_num_seqs"):
+        def set_limit() -> bool:
+            if not hasattr(policy, "max_num_seqs"):
+                return False
+            policy.max_num_seqs = max_num_seqs  # type: ignore[attr-defined]
+            return True
+
+        if not _guarded(spec, "setting max_num_seqs:", set_limit, guard.source_file(policy)):
             raise ConfigError(f"max_num_seqs: policy '{spec}' has no limit on running requests to set")
-        policy.max_num_seqs = max_num_seqs  # type: ignore[attr-defined]
     return policy
 
 
 def _make_policy(spec: str) -> Policy:
     name, _, arg = spec.partition(":")
     if "/" not in name and not name.endswith(".py") and "." not in name:
-        policy = _builtin(name, arg or None)
+        policy = _builtin(name, arg if ":" in spec else None)
         if policy is not None:
+            _TRUSTED.add(policy)
             return policy
         unknown = (f"unknown policy '{spec}' (built-in: {', '.join(BUILTIN_NAMES)}; "
                    "or path/to/file.py:ClassName, module:ClassName)")
@@ -106,6 +148,9 @@ def _module_exists(name: str) -> bool:
 
 
 def load_user_policy(spec: str) -> Policy:
+    """Import the user's file or module and construct the class, each step under guard
+    (policies/guard.py): whatever it raises, `SystemExit` and `KeyboardInterrupt` included, and
+    a step that runs past LOAD_LIMIT_S, is a one-line ConfigError naming the spec and file:line."""
     target, sep, cls_name = spec.rpartition(":")
     extra = None
     if target.count(":") == 1 and not target.endswith(".py"):  # module:Class:arg
@@ -113,6 +158,7 @@ def load_user_policy(spec: str) -> Policy:
         cls_name, extra = rest, cls_name
     if not sep or not target or not cls_name:
         raise ConfigError(f"policy '{spec}': write path/to/file.py:ClassName or module:ClassName")
+    user_file: str | None = None
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
@@ -123,36 +169,55 @@ def load_user_policy(spec: str) -> Policy:
             raise ConfigError(f"policy '{spec}': cannot load {path}")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[mod_name] = module
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:  # a user's file: report its error in one line
-            raise ConfigError(f"policy '{spec}': {path} failed to import: "
-                              f"{type(e).__name__}: {e}") from None
+        user_file = str(path)
+        loader = mod_spec.loader
+        _guarded(spec, f"{path} failed to import:", lambda: loader.exec_module(module), user_file)
     else:
         _with_cwd_on_path()
         try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ConfigError(f"policy '{spec}': cannot import module '{target}': {e}") from None
-    cls: Any = getattr(module, cls_name, None)
+            module = _guarded(spec, f"module '{target}' failed to import:",
+                              lambda: importlib.import_module(target), None)
+        except ConfigError as e:
+            if isinstance(e.__cause__, ImportError):
+                raise ConfigError(f"policy '{spec}': cannot import module '{target}': "
+                                  f"{e.__cause__}") from None
+            raise
+        user_file = getattr(module, "__file__", None)
+    cls: Any = _guarded(spec, f"reading {cls_name} from {target}:",
+                        lambda: getattr(module, cls_name, None), user_file)
     if not inspect.isclass(cls):
         raise ConfigError(f"policy '{spec}': no class '{cls_name}' in {target}")
-    try:
-        factory: Any = cls
-        policy: Any = factory(extra) if extra is not None else factory()
-    except Exception as e:
-        raise ConfigError(f"policy '{spec}': {cls_name}() failed: {type(e).__name__}: {e}") from None
+    factory: Any = cls
+    policy: Any = _guarded(spec, f"{cls_name}()",
+                           lambda: factory(extra) if extra is not None else factory(), user_file)
     check_interface(policy, spec)
     return cast(Policy, policy)
 
 
+def _guarded(spec: str, doing: str, fn: Callable[[], Any], user_file: str | None) -> Any:
+    """fn() under guard; what it raised becomes a ConfigError (caused by it, for ImportError)."""
+    value, err, timed_out = guard.call_guarded(fn, guard.LOAD_LIMIT_S)
+    if err is None:
+        return value
+    what = guard.describe(err, timed_out, guard.LOAD_LIMIT_S, user_file)
+    raise ConfigError(f"policy '{spec}': {doing} {what}") from (
+        err if isinstance(err, ImportError) and not timed_out else None)
+
+
 def check_interface(policy: object, spec: str) -> None:
-    """Name the first part of the Policy interface the object lacks."""
-    if not callable(getattr(policy, "schedule", None)):
+    """Name the first part of the Policy interface the object lacks (its attributes are read
+    under guard: a property that raises is the user's error, reported in one line)."""
+    def read(attr: str) -> Any:
+        value, why = guard.read_attr(policy, attr, guard.LOAD_LIMIT_S)
+        if why is not None:
+            raise ConfigError(f"policy '{spec}': reading its '{attr}' {why}")
+        return value
+
+    if not callable(read("schedule")):
         raise ConfigError(f"policy '{spec}' breaks the interface: it needs a method "
                           "schedule(self, state: ReplicaState) -> tuple[Tile, ...]")
-    if not isinstance(getattr(policy, "name", None), str):
+    if not isinstance(read("name"), str):
         raise ConfigError(f"policy '{spec}' breaks the interface: it needs a str attribute 'name'")
-    if not isinstance(getattr(policy, "stall_free", None), bool):
+    if not isinstance(read("stall_free"), bool):
         raise ConfigError(f"policy '{spec}' breaks the interface: it needs a bool attribute "
                           "'stall_free' (True if it never skips a running decode)")

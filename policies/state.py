@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from costmodel.plan import Tile
 
 if TYPE_CHECKING:
@@ -33,13 +35,43 @@ class PlanError(ValueError):
     """A policy returned an illegal plan; the message names the rule it broke."""
 
 
+_PLAIN = (int,) * 6 + (bool,)
+
+
+def as_tile(item: object, index: int) -> Tile:
+    """Plan item `index` as a Tile of plain ints (numpy integers converted) and a bool `logits`.
+
+    A tile field of any other type (511.5, None, '3', True) is a PlanError naming the field:
+    the simulator's arithmetic and the cost model count whole tokens and layers."""
+    if type(item) is Tile and tuple(map(type, item)) == _PLAIN:
+        return item  # the usual case, checked first because it is every tile of every plan
+    if not isinstance(item, Tile):
+        raise PlanError(f"plan item {index} is {type(item).__name__}; plan items must be costmodel.Tile")
+    values: list[object] = list(tuple.__iter__(item))  # the stored fields, whatever a subclass overrides
+    if len(values) != len(Tile._fields):
+        raise PlanError(f"plan item {index} has {len(values)} fields; a Tile has {len(Tile._fields)}")
+    for k, (field_name, v) in enumerate(zip(Tile._fields, values, strict=True)):
+        want = bool if field_name == "logits" else int
+        if type(v) is want:
+            continue
+        if want is int and isinstance(v, np.integer):
+            values[k] = int(v)
+        elif want is bool and isinstance(v, np.bool_):
+            values[k] = bool(v)
+        else:
+            shown = f" {repr(v)[:40]}" if type(v) in (int, float, str, bool, type(None)) else ""
+            raise PlanError(f"plan item {index}: tile field {field_name} is {type(v).__name__}"
+                            f"{shown}; it must be {'a bool' if want is bool else 'an int'}")
+    return Tile(*values)  # type: ignore[arg-type]
+
+
 class RequestState:
     """One request inside a replica. Executors mutate it through `ReplicaState.apply` only."""
 
     __slots__ = ("req_id", "arrival_s", "prompt_len", "output_len", "num_prompt_tokens",
                  "max_tokens", "num_output_tokens",
                  "num_computed_tokens", "layer_tokens", "num_blocks", "first_token_s",
-                 "last_token_s", "finish_s", "num_preemptions", "itl_s", "admitted_s")
+                 "last_token_s", "finish_s", "num_preemptions", "itl_s", "admitted_s", "peak_work")
 
     def __init__(self, req_id: int, arrival_s: float, num_prompt_tokens: int, max_tokens: int):
         self.req_id = req_id
@@ -59,6 +91,8 @@ class RequestState:
         # gaps between consecutive output tokens; a float array, copied in bulk by the simulator
         self.itl_s = array("d")
         self.admitted_s: float | None = None
+        # the most token-layers it ever had computed when preempted (livelock detection)
+        self.peak_work = 0
 
     # ---- what policies read -----------------------------------------------------------------
     @property
@@ -111,6 +145,8 @@ class ReplicaState:
     running: list[RequestState] = field(default_factory=list)  # admitted, in admission order
     num_free_blocks: int = -1
     num_preemptions: int = 0
+    # preemptions in a row that undid no new work while no token was emitted: a livelock grows it
+    futile_preemptions: int = 0
     _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,16 +184,19 @@ class ReplicaState:
         self._decodes = None
 
     # ---- executors call these ----------------------------------------------------------------
-    def check(self, plan: Sequence[Tile], stall_free: bool) -> None:
-        """Raise PlanError unless `plan` is legal from this state (see the module note)."""
+    def check(self, plan: Sequence[Tile], stall_free: bool) -> tuple[Tile, ...]:
+        """Raise PlanError unless `plan` is legal from this state (see the module note), fits the
+        free KV blocks, and marks `logits` exactly on the tiles that produce a token. Returns
+        the plan as plain Tiles (as_tile)."""
         L = self.num_layers
         by_id = {r.req_id: r for r in self.running}
         by_id.update({r.req_id: r for r in self.waiting})
         seen: dict[int, list[Tile]] = {}
-        for tile in plan:
-            if not isinstance(tile, Tile):
-                raise PlanError(f"plan items must be costmodel.Tile, got {type(tile).__name__}")
-            rid, t0, t1, l0, l1, cached, _ = tile
+        plain: list[Tile] = []
+        for i, item in enumerate(plan):
+            tile = as_tile(item, i)
+            plain.append(tile)
+            rid, t0, t1, l0, l1, cached, logits = tile
             req = by_id.get(rid)
             if req is None:
                 raise PlanError(f"tile for request {rid}, which is neither waiting nor running")
@@ -173,23 +212,32 @@ class ReplicaState:
                 raise PlanError(f"tile {tile}: a tile may not span the end of the prompt")
             if cached != t0:
                 raise PlanError(f"tile {tile}: num_cached must equal t0 (tokens before it)")
+            if logits != (t1 == end and l1 == L):  # the cost model prices the LM head by it
+                raise PlanError(f"tile {tile}: logits must be True exactly when the tile reaches "
+                                f"the request's last token ({end}) in the last layer")
             seen.setdefault(rid, []).append(tile)
+        free = self.num_free_blocks
         for rid, tiles in seen.items():
             req = by_id[rid]
             lt = list(req.layer_tokens) if req.layer_tokens is not None else [req.num_computed_tokens] * L
             for _, t0, t1, l0, l1, _, _ in sorted(tiles, key=lambda t: (t.l0, t.t0)):
-                if any(lt[l] != t0 for l in range(l0, l1)):
+                if lt[l0:l1].count(t0) != l1 - l0:
                     raise PlanError(f"request {rid}: tile tokens [{t0}, {t1}) layers [{l0}, {l1}) "
                                     f"does not start where those layers stand ({lt[l0]} tokens)")
                 if l0 > 0 and lt[l0 - 1] < t1:
                     raise PlanError(f"request {rid}: layers [{l0}, {l1}) run tokens up to {t1} "
                                     f"before layer {l0 - 1} has computed them")
-                for l in range(l0, l1):
-                    lt[l] = t1
+                lt[l0:l1] = [t1] * (l1 - l0)
+            # what apply's _resize will ask, request by request in the same order
+            grow = self.blocks_for(lt[0], partial=lt[0] != lt[-1]) - req.num_blocks
+            if grow > free:
+                raise PlanError(f"plan needs {grow} more KV blocks for request {rid}, only {free} free")
+            free -= grow
         if stall_free:
             for r in self.decodes:
                 if r.req_id not in seen:
                     raise PlanError(f"stall-free policy skipped the decode of running request {r.req_id}")
+        return tuple(plain)
 
     def apply(self, plan: Sequence[Tile], now_s: float) -> list[RequestState]:
         """Advance every tile's request; emit tokens at `now_s`; return requests that finished."""
@@ -237,6 +285,7 @@ class ReplicaState:
         return finished
 
     def _emit(self, req: RequestState, now_s: float) -> None:
+        self.futile_preemptions = 0
         if req.first_token_s is None:
             req.first_token_s = now_s
         else:
@@ -277,6 +326,13 @@ class ReplicaState:
         """Free the newest running request's KV; it redoes its prefill from the waiting head."""
         victim = self.running.pop()
         self._decodes = None
+        work = sum(victim.layer_tokens) if victim.layer_tokens is not None else (
+            victim.num_computed_tokens * self.num_layers)
+        if work > victim.peak_work:  # it got further than ever before: progress, not a livelock
+            victim.peak_work = work
+            self.futile_preemptions = 0
+        else:
+            self.futile_preemptions += 1
         self.num_free_blocks += victim.num_blocks
         victim.num_blocks = 0
         victim.num_computed_tokens = 0

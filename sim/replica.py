@@ -20,25 +20,33 @@ reaches a sliding window (past it that layer's KV read stops growing), so the fo
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import simpy
 
+from policies import guard
 from policies.base import Policy, schedule_checked
+from policies.registry import is_trusted
 from policies.state import PlanError, ReplicaState, RequestState
 from sim.records import Recorder
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel, IterationCost
 
+# preemptions in a row that undo no new work, with no token between them: a livelock (a real
+# run's worst thrash is a few per running request before a token comes out)
+LIVELOCK_PREEMPTIONS = 1000
+
 
 class Replica:
     def __init__(self, env: simpy.Environment, idx: int, policy: Policy, cost_model: CostModel,
                  num_blocks: int, block_size: int, hidden_blocks_per_token: float,
                  recorder: Recorder, check: bool = False, fast_forward: bool = True,
-                 on_finish: Callable[[], None] | None = None) -> None:
+                 on_finish: Callable[[], None] | None = None, trusted: bool | None = None) -> None:
+        """`trusted`: run the policy unchecked (default: only the registry's built-ins are)."""
         self.env = env
         self.idx = idx
         self.policy = policy
@@ -48,8 +56,16 @@ class Replica:
                                   hidden_blocks_per_token=hidden_blocks_per_token,
                                   cost_model=cost_model)
         self.recorder = recorder
-        self.check = check or not getattr(policy, "_layersim_builtin", False)
-        self.fast_forward = fast_forward and bool(getattr(policy, "steady_decode", False))
+        self.trusted = is_trusted(policy) if trusted is None else trusted
+        self.check = check or not self.trusted
+        # a user's promise, read once under guard: only a real True enables the fast-forward (a
+        # property that raises reads as no promise)
+        steady = getattr(policy, "steady_decode", False) if self.trusted else (
+            guard.read_attr(policy, "steady_decode")[0])
+        self.fast_forward = fast_forward and steady is True
+        self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
+        self.declined = False  # asleep after an empty plan although it holds runnable work
+        self.stall_note: str | None = None  # set when the run ended with work the policy declined
         self._wakeup = env.event()
         self._on_finish = on_finish
         self.busy_s = 0.0
@@ -88,6 +104,7 @@ class Replica:
             state.now_s = env.now
             for victim in state.preempt_for_decodes():
                 self.recorder.preempted(victim)
+            self._check_livelock()
             # every running request decoding (finished ones have left `running`)
             if self.fast_forward and not state.waiting and len(state.decodes) == len(state.running):
                 yield from self._steady_decode()
@@ -97,8 +114,14 @@ class Replica:
                 if state.running and not state.decodes:
                     # Part-way prompts filled the KV and none can grow: recompute the newest.
                     self.recorder.preempted(state.preempt_newest())
+                    self._check_livelock()
                     continue
-                yield self._sleep()  # nothing runnable: wait for an arrival (a policy may wait)
+                # The policy declines work that could run: wait for an arrival (a policy may
+                # wait), watched in case none ever comes (_StallMonitor).
+                self.declined = True
+                _StallMonitor.of(env).watch(self)
+                yield self._sleep()
+                self.declined = False
                 continue
             cost = self.cost.price(plan)
             start = env.now
@@ -113,22 +136,55 @@ class Replica:
                 self.recorder.finished(req, self.idx)
 
     def _check_invariants(self) -> None:
-        """Memory is conserved and within capacity; tokens never exceed what was asked."""
+        """Memory is conserved and within capacity; tokens never exceed what was asked; token
+        times never go backwards (the newest gap of each request: older ones were checked when
+        they were new, and a policy that rewrites them is caught by schedule_checked)."""
         st = self.state
         held = sum(r.num_blocks for r in st.running) + sum(r.num_blocks for r in st.waiting)
         if not (0 <= st.num_free_blocks <= st.num_total_blocks and held + st.num_free_blocks
                 == st.num_total_blocks):
-            raise AssertionError(f"replica {self.idx}: KV blocks not conserved "
-                                 f"(held {held}, free {st.num_free_blocks}, total {st.num_total_blocks})")
+            self._internal(f"KV blocks not conserved (held {held}, free {st.num_free_blocks}, "
+                           f"total {st.num_total_blocks})")
         for r in st.running:
             too_many = r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens
             if r.num_output_tokens > r.max_tokens or too_many:
-                raise AssertionError(f"request {r.req_id}: more tokens than asked")
-            if any(g < 0 for g in r.itl_s):
-                raise AssertionError(f"request {r.req_id}: token times go backwards")
+                self._internal(f"request {r.req_id}: more tokens than asked")
+            if r.itl_s and r.itl_s[-1] < 0:
+                self._internal(f"request {r.req_id}: token times go backwards")
+
+    def _internal(self, what: str) -> None:
+        """A broken invariant is the simulator's fault, not the user's: one line saying so."""
+        raise PlanError(f"internal error on replica {self.idx} with policy "
+                        f"{guard.policy_label(self.policy)}: {what}")
+
+    def _check_livelock(self) -> None:
+        """Preemption after preemption that undoes no new work, with no token emitted between
+        them, is a livelock: a policy that is not stall-free keeps restarting a part-way prompt
+        (e.g. by returning only decodes while it waits) and simulated time runs on for ever."""
+        if self.state.futile_preemptions >= LIVELOCK_PREEMPTIONS:
+            raise PlanError(f"policy {guard.policy_label(self.policy)} makes no progress: "
+                            f"{self.state.futile_preemptions} preemptions in a row on replica "
+                            f"{self.idx} restarted prompts that got no further and no token was "
+                            "emitted; a plan must eventually finish the prompts it starts")
+
+    def run_ended(self) -> None:
+        """Called when nothing else will ever happen while this replica's policy declines work
+        that could run (an empty plan waits for the next arrival, and none is left). A policy
+        that finished no request at all here is stuck: an error. One that served requests and
+        waits for a partner that never comes (a policy may wait) leaves the rest unfinished,
+        counted in the results, with `stall_note` saying why."""
+        held = len(self.state.waiting) + len(self.state.running)
+        label = guard.policy_label(self.policy)
+        if self.num_finished == 0:
+            raise PlanError(f"policy {label} finished none of the {held} requests on replica "
+                            f"{self.idx}: it returned an empty plan while they could run, until "
+                            "no arrival was left to wait for")
+        self.stall_note = (f"policy {label} returned an empty plan for the {held} requests left "
+                           f"on replica {self.idx} until the run ended")
 
     def _finish_accounting(self, req: RequestState) -> None:
         self.outstanding -= 1
+        self.num_finished += 1
         if self._on_finish is not None:
             self._on_finish()
 
@@ -221,6 +277,7 @@ class Replica:
     def _advance_decode(self, r: RequestState, first_end: float, gaps: bytes, end_s: float,
                         steps: int) -> None:
         state = self.state
+        state.futile_preemptions = 0  # tokens emitted: progress
         r.itl_s.append(first_end - (r.last_token_s if r.last_token_s is not None else first_end))
         r.itl_s.frombytes(gaps)
         r.last_token_s = end_s
@@ -234,6 +291,64 @@ class Replica:
             raise PlanError("internal: fast-forward overran the KV blocks")
         state.num_free_blocks -= grow
         r.num_blocks = need
+
+
+class _Probe(simpy.events.Event):
+    """An event that fires after every other event of its time step: SimPy runs events of equal
+    time by priority, URGENT (0) and NORMAL (1) first."""
+
+    def __init__(self, env: simpy.Environment, delay: float) -> None:
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        env.schedule(self, 2, delay)  # type: ignore[arg-type]
+
+
+class _StallMonitor:
+    """Notices the end of a run that leaves replicas holding work their policies declined.
+
+    A declining replica sleeps until an arrival; if none ever comes, SimPy simply runs out of
+    events. So while any replica declines, one probe follows the event queue, landing after the
+    last event of each time step; when it finds the queue empty, the run is over and each
+    declining replica hears of it (Replica.run_ended). One monitor per environment."""
+
+    _all: weakref.WeakKeyDictionary[simpy.Environment, _StallMonitor] = weakref.WeakKeyDictionary()
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self.watched: list[Replica] = []
+        self.armed = False
+
+    @classmethod
+    def of(cls, env: simpy.Environment) -> _StallMonitor:
+        mon = cls._all.get(env)
+        if mon is None:
+            mon = cls._all[env] = cls(env)
+        return mon
+
+    def watch(self, replica: Replica) -> None:
+        if replica not in self.watched:
+            self.watched.append(replica)
+        if not self.armed:
+            self._arm(0.0)
+
+    def _arm(self, delay: float) -> None:
+        self.armed = True
+        probe = _Probe(self.env, delay)
+        probe.callbacks.append(self._fire)  # type: ignore[union-attr]
+
+    def _fire(self, _: simpy.Event) -> None:
+        self.armed = False
+        self.watched = [r for r in self.watched if r.declined]
+        if not self.watched:
+            return
+        nxt = self.env.peek()
+        if nxt != math.inf:  # something may still wake them: look again after it
+            self._arm(nxt - self.env.now)
+            return
+        stalled, self.watched = self.watched, []
+        for r in stalled:
+            r.run_ended()
 
 
 def kv_blocks(cost_model: CostModel, block_size: int, gpu_memory_utilization: float,
