@@ -8,12 +8,17 @@ REJECTIONS); when none of them fits, simulating is a ConfigError. With a round-r
 replicas can be split over worker processes with identical results. With `max_concurrency`
 the requests come from closed-loop clients instead (sim/clients.py), and the first
 `warmup_requests` are simulated but left out of the metrics.
+
+`simulate` is also a Python API: its arguments are checked as the CLI checks a study (a
+ConfigError naming the argument, and for a request its position and id), so a zero, fractional
+or negative token count, a NaN or infinite arrival or a repeated id never reaches SimPy.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +37,11 @@ from sim.clients import Clients, warmup_split
 from sim.metrics import DEFAULT_PERCENTILES, summarize
 from sim.records import Recorder, RequestGaps
 from sim.replica import Replica, kv_blocks
+from sim.results import COMPLETE, INCOMPLETE, MARKER
 from sim.router import make_router
+from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.request import Request
+from traces.workload import MAX_REQUESTS
 
 DEFAULT_SLO_TTFT_MS = 2000.0
 DEFAULT_SLO_ITL_MS = 100.0
@@ -44,6 +52,25 @@ REJECTIONS = {
     "rejected_prompt_output_over_context": "prompt + output > context",
     "rejected_over_kv_cache": "KV cache too small",
 }
+# Each replica is simulated and held in memory (about 1.5 KB before it runs anything): far above
+# any fleet, and the largest count `layersim capacity` tries is 4,096.
+MAX_REPLICAS = 100_000
+MAX_WORKERS = 256  # processes forked at once; more than any machine's cores
+# Files a results folder holds beside the per-policy folders (sim/results.py, reports/)
+RESULTS_FILES = (MARKER, COMPLETE, INCOMPLETE, "study.yaml", "report.html", "capacity.json")
+POLICY_NAME_RULE = ("a policy's name names its results folder (':' and '/' become '_'): 1 to 100 "
+                    "printable characters, not '.' or '..' nor " + ", ".join(RESULTS_FILES))
+
+
+def policy_folder(name: object) -> str:
+    """The folder (and --save-result suffix) of a policy's results: its name with ':' and '/'
+    as '_'. A name that would escape the results folder, land in its root or clash with one of
+    its files is a ConfigError stating the rule."""
+    ok = isinstance(name, str) and 0 < len(name) <= 100 and name.isprintable()
+    folder = name.replace(":", "_").replace("/", "_") if isinstance(name, str) else ""
+    if not ok or not folder.strip() or folder in (".", "..", *RESULTS_FILES):
+        raise ConfigError(f"policy name {shown(name)}: {POLICY_NAME_RULE}")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -61,7 +88,7 @@ class SimResult:
         """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically;
         `setup` (what produced the run, sim/results.py) goes into metrics.json as "setup"."""
         metrics = self.metrics if setup is None else {**self.metrics, "setup": setup}
-        d = Path(out_dir) / self.policy.replace(":", "_").replace("/", "_")
+        d = Path(out_dir) / policy_folder(self.policy)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / "requests.parquet", lambda p: self.requests.to_parquet(p, index=False))
         atomic_write(d / "iterations.parquet", lambda p: self.iterations.to_parquet(p, index=False))
@@ -106,17 +133,31 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     would route to its replicas, so the results are the same, byte for byte. Closed-loop clients
     (`max_concurrency`) cannot be split so: each one waits on whichever replica finishes first.
     """
-    if num_replicas < 1:
-        raise ConfigError(f"--replicas must be >= 1, got {num_replicas}")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+    requests = _checked_requests(requests)
+    _check_args(num_replicas=(num_replicas, 1, MAX_REPLICAS), seed=(seed, 0, 2**63 - 1),
+                block_size=(block_size, 1, MAX_TOKENS), workers=(workers, 1, MAX_WORKERS),
+                max_concurrency=(max_concurrency, 1, None),
+                warmup_requests=(warmup_requests, 0, MAX_REQUESTS))
+    _check_numbers(slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms, slo_tpot_ms=slo_tpot_ms,
+                   slo_e2el_ms=slo_e2el_ms)
+    if not _real(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got "
+                          f"{shown(gpu_memory_utilization)}")
+    if activation_reserve_bytes is not None and not (
+            _real(activation_reserve_bytes) and 0 <= activation_reserve_bytes < math.inf):
+        raise ConfigError(f"activation_reserve_bytes must be a finite number >= 0, got "
+                          f"{shown(activation_reserve_bytes)}")
+    _check_percentiles(metric_percentiles)
+    if not isinstance(router, str):
+        raise ConfigError(f"router must be a router's name, got {shown(router)}")
+    if not (isinstance(policy, str) or callable(policy)):
+        raise ConfigError(f"policy must be a spec or a callable returning a Policy, got "
+                          f"{shown(policy)}")
     make_router(router, seed)  # validates the name
     workers = max(1, min(workers, num_replicas))
     if workers > 1 and router != "round-robin":
         raise ConfigError(f"--workers {workers} needs the round-robin router (got {router}): other "
                           "routers look at every replica's load")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     if workers > 1 and max_concurrency is not None:
         raise ConfigError(f"--workers {workers} cannot split closed-loop clients (--max-concurrency): "
                           "each client's next request waits on whichever replica finishes first")
@@ -188,6 +229,71 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     result.metrics.update(max_context=max_context, **rejected)
     return replace(result, rejections={r.req_id: REJECTIONS[why]
                                        for r, why in zip(ordered, reasons, strict=True) if why})
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked_requests(requests: object) -> list[Request]:
+    """The requests as a list, each checked as a trace loader would have checked it."""
+    if isinstance(requests, (str, bytes)) or not hasattr(requests, "__iter__"):
+        raise ConfigError(f"requests must be a sequence of traces.Request, got {shown(requests)}")
+    items = list(requests)  # type: ignore[call-overload]
+    if not items:  # an empty run has no metrics to report
+        raise ConfigError("requests is empty: a run needs at least one request")
+    if len(items) > MAX_REQUESTS:
+        raise ConfigError(f"requests: {len(items):,} is more than the {MAX_REQUESTS:,} a run may "
+                          "simulate")
+    seen: set[int] = set()
+    for i, r in enumerate(items):
+        if not isinstance(r, Request):
+            raise ConfigError(f"requests[{i}] is not a traces.Request: {shown(r)}")
+        if not _int(r.req_id) or not -(2**63) <= r.req_id < 2**63:  # type: ignore[operator]
+            raise ConfigError(f"requests[{i}]: req_id must be a 64-bit integer, got {shown(r.req_id)}")
+        where = f"requests[{i}] (req_id {r.req_id})"
+        if r.req_id in seen:
+            raise ConfigError(f"{where}: req_id repeats an earlier request's; ids must be distinct")
+        seen.add(int(r.req_id))
+        for name, tokens in (("prompt_tokens", r.prompt_tokens), ("output_tokens", r.output_tokens)):
+            if not _int(tokens) or not 1 <= tokens <= MAX_TOKENS:
+                raise ConfigError(f"{where}: {name} must be an integer from 1 to {MAX_TOKENS:,}, "
+                                  f"got {shown(tokens)}")
+        if not _real(r.arrival_s) or not 0 <= r.arrival_s <= MAX_TIME_S:
+            raise ConfigError(f"{where}: arrival_s must be a number of seconds from 0 to "
+                              f"{MAX_TIME_S:.0e}, got {shown(r.arrival_s)}")
+    return items
+
+
+def _check_args(**ranges: tuple[object, int, int | None]) -> None:
+    """Integer arguments: name=(value, lowest, highest or None); max_concurrency may be None."""
+    for name, (value, low, high) in ranges.items():
+        if value is None and name == "max_concurrency":
+            continue
+        if not _int(value) or value < low or (high is not None and value > high):  # type: ignore[operator]
+            span = f"from {low:,} to {high:,}" if high is not None else f">= {low}"
+            raise ConfigError(f"{name} must be an integer {span}, got {shown(value)}")
+
+
+def _check_numbers(**values: float | None) -> None:
+    """SLO targets: positive finite milliseconds (None: not part of the SLO, where allowed)."""
+    for name, value in values.items():
+        if value is None and name in ("slo_tpot_ms", "slo_e2el_ms"):
+            continue
+        if not _real(value) or not 0 < value < math.inf:  # type: ignore[operator]
+            raise ConfigError(f"{name} must be a positive finite number of ms, got {shown(value)}")
+
+
+def _check_percentiles(values: object) -> None:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"metric_percentiles must be a list of numbers, got {shown(values)}")
+    bad = [v for v in values if not _real(v) or not 0 < v < 100]  # type: ignore[attr-defined]
+    if bad:
+        raise ConfigError(f"metric_percentiles must be between 0 and 100, got {shown(bad)}")
 
 
 _SHARD_JOB: Callable[[int], _Shard] | None = None

@@ -8,12 +8,14 @@ Ties go to the lowest index, and the random draws come from the run's seed: dete
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from costmodel.errors import ConfigError
+from traces._checks import shown
 
 
 class Loaded(Protocol):
@@ -69,7 +71,8 @@ ROUTERS: dict[str, type[Router]] = {r.name: r for r in (Router, LeastOutstanding
 
 
 def make_router(name: str, seed: int = 0) -> Router:
-    try:
-        return ROUTERS[name](seed)
-    except KeyError:
-        raise ConfigError(f"unknown router '{name}' (choose from {', '.join(ROUTERS)})") from None
+    if not isinstance(name, str) or name not in ROUTERS:
+        raise ConfigError(f"unknown router {shown(name)} (choose from {', '.join(ROUTERS)})")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's own rule
+        raise ConfigError(f"seed must be a non-negative integer, got {shown(seed)}")
+    return ROUTERS[name](seed)

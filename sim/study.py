@@ -45,11 +45,21 @@ from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
 from policies.base import Policy
 from policies.registry import make_policy
-from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
+from sim.cluster import (
+    DEFAULT_SLO_ITL_MS,
+    DEFAULT_SLO_TTFT_MS,
+    MAX_REPLICAS,
+    MAX_WORKERS,
+    SimResult,
+    policy_folder,
+    simulate,
+)
 from sim.metrics import DEFAULT_PERCENTILES
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
+from traces._checks import MAX_TIME_S, MAX_TOKENS
 from traces.arrivals import describe_arrivals
 from traces.request import Request
+from traces.workload import MAX_RATE, MAX_REQUESTS, generation_problem
 
 DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
 DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
@@ -57,8 +67,38 @@ DEFAULT_CLOSED_LOOP_REQUESTS = 1000  # vLLM's --num-prompts default
 WARMUP_SHARE = 0.1  # closed loop: warm-up is min(clients, this share of the requests)
 
 
+class KeyProblem(ValueError):
+    """A check that spans several keys, with the key the message names (see make_study)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# Keys with an upper bound: (bound, what it is and why). The generated-request bound spans
+# rate, duration_s and num_requests and is checked in `_across_keys`.
+BOUNDS: dict[str, tuple[float, str]] = {
+    **dict.fromkeys(("rate", "start_rate"), (MAX_RATE, "req/s, beyond any fleet (rate inf sends "
+                                                       "every request at once)")),
+    **dict.fromkeys(("duration_s", "stagger_s"), (MAX_TIME_S, "s (about 317 years), the longest "
+                                                              "a run may span")),
+    "replicas": (MAX_REPLICAS, "replicas (each is simulated and held in memory)"),
+    "workers": (MAX_WORKERS, "processes, more than any machine's cores"),
+    "max_context": (MAX_TOKENS, "tokens, the most a request may hold"),
+    "block_size": (MAX_TOKENS, "tokens, the most a request may hold"),
+    "max_concurrency": (MAX_REQUESTS, "clients, one per request a run may generate"),
+    "warmup_requests": (MAX_REQUESTS, "requests, the most a run may generate"),
+    "max_num_seqs": (MAX_REQUESTS, "requests, the most a run may generate"),
+    "seed": (2**63 - 1, "(a 64-bit seed, as numpy and vLLM take)"),
+}
+# String keys where an empty value means nothing (a typo such as --gpu= must not become h100)
+NAMES = ("model", "gpu", "router", "workload", "arrival", "profile", "dtype", "expert_dtype",
+         "kv_cache_dtype")
+
+
 class Study(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # finite numbers only: rate inf is the one infinity with a meaning (all at once)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     model: str = "qwen3-30b-a3b"
     gpu: str | None = None  # default: the profile's GPU, else h100
@@ -68,19 +108,20 @@ class Study(BaseModel):
     router: str = "round-robin"
     policies: list[str] = Field(default_factory=lambda: ["chunked:512", "layered"], min_length=1)
     workload: str = "arxiv-long"
-    rate: float | None = Field(default=None, gt=0)  # None: see `arrivals`
+    rate: float | None = Field(default=None, gt=0, allow_inf_nan=True)  # None: see `arrivals`
     arrival: str = "poisson"
     cv: float = Field(default=1.0, gt=0)
     duration_s: float | None = Field(default=None, gt=0)  # None: see `arrivals`
     num_requests: int | None = Field(default=None, ge=1)
     speed: float = Field(default=1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     max_context: int | None = Field(default=None, ge=1)
     slo_ttft_ms: float = Field(default=DEFAULT_SLO_TTFT_MS, gt=0)
     slo_itl_ms: float = Field(default=DEFAULT_SLO_ITL_MS, gt=0)
     slo_tpot_ms: float | None = Field(default=None, gt=0)  # None: not part of the SLO
     slo_e2el_ms: float | None = Field(default=None, gt=0)
-    metric_percentiles: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    metric_percentiles: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES),
+                                            min_length=1)
     profile: str | None = None
     routing_skew: float | None = Field(default=None, ge=0, le=5)
     # None: what the model's config.json says (see costmodel.model.parse_config)
@@ -102,10 +143,29 @@ class Study(BaseModel):
     @field_validator("policies")
     @classmethod
     def _distinct(cls, policies: list[str]) -> list[str]:
+        if any(not p.strip() for p in policies):
+            raise ValueError("an empty policy name (give chunked:512, layered, ...)")
         dupes = sorted({p for p in policies if policies.count(p) > 1})
         if dupes:  # their results would land in the same folder
             raise ValueError(f"listed twice: {', '.join(dupes)}")
         return policies
+
+    @field_validator(*NAMES, mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a value, or null (leave the key out) for the default")
+        return value
+
+    @field_validator(*BOUNDS)
+    @classmethod
+    def _bounded(cls, value: float | None, info: ValidationInfo) -> float | None:
+        bound, why = BOUNDS[str(info.field_name)]
+        if value is not None and value > bound and not (info.field_name == "rate"
+                                                        and math.isinf(value)):
+            raise ValueError(f"at most {bound:,} {why}" if isinstance(bound, int)
+                             else f"at most {bound:g} {why}")
+        return value
 
     @field_validator("rate", mode="before")
     @classmethod
@@ -164,10 +224,25 @@ class Study(BaseModel):
         return (DEFAULT_RATE if self.rate is None else self.rate), duration
 
     @model_validator(mode="after")
-    def _stagger_needs_clients(self) -> Study:
+    def _across_keys(self) -> Study:
+        """Keys that only make sense together, and at most MAX_REQUESTS requests drawn, checked
+        before anything is drawn (a trace's own file bounds a replay, or its lengths in order)."""
+        if self.cv != 1.0 and self.arrival != "gamma":
+            raise KeyProblem("cv", f"cv applies only to arrival gamma (arrival is {self.arrival})")
         if self.stagger_s is not None and (self.max_concurrency is None or self.closed_loop_rate()):
-            raise ValueError("stagger_s spreads the first requests of closed-loop clients: it needs "
-                             "max_concurrency and no rate")
+            raise KeyProblem("stagger_s", "stagger_s spreads the first requests of closed-loop "
+                             "clients: it needs max_concurrency and no rate")
+        if has_arrival_times(self.workload):
+            return self
+        rate, duration_s = self.arrivals()
+        num = self.num_requests
+        if rate is None and num is None:  # closed-loop clients without a rate
+            num = DEFAULT_CLOSED_LOOP_REQUESTS
+        problem = generation_problem(rate, duration_s, num)
+        if problem:
+            key = ("num_requests" if self.num_requests is not None
+                   else "duration_s" if self.duration_s is not None else "rate")
+            raise KeyProblem(key, problem)
         return self
 
     def build_workload(self, max_context: int) -> Workload:
@@ -272,14 +347,7 @@ class Study(BaseModel):
 def load_study(path: str | Path, **overrides: Any) -> Study:
     """Read a YAML study file; flags given on the command line (`overrides`) win."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a mapping of keys to values")
     # an override of None is a flag given as `null`: it unsets the file's key (e.g. --rate null
@@ -287,15 +355,58 @@ def load_study(path: str | Path, **overrides: Any) -> Study:
     return make_study({**raw, **overrides}, source=str(path))
 
 
+MAX_DEPTH = 16  # a study's deepest value is a list in the mapping (depth 2)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML, or a one-line ConfigError naming the file (and the line when known)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        depth = 0  # the parser's events are flat: too deep is refused before PyYAML's recursive
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # composer would overflow
+            depth += isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+            depth -= isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent))
+            if depth > MAX_DEPTH:
+                break
+        else:
+            return yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # Python's int-from-string limit
+        why = "a number with more than 4300 digits" if "digits" in str(e) else str(e).split("\n")[0]
+        raise ConfigError(f"{path}: not a study file: {why}") from None
+    except OSError as e:  # a folder, a file we may not read
+        raise ConfigError(f"{path}: cannot read the study file ({e.strerror or e})") from None
+    raise ConfigError(f"{path}: nested too deeply (line {event.start_mark.line + 1}; a study file "
+                      "is a flat mapping of keys to values)")
+
+
 def make_study(values: dict[str, Any], source: str = "flags") -> Study:
-    if isinstance(values.get("policies"), str):
-        values = {**values, "policies": [p for p in values["policies"].split(",") if p.strip()]}
+    """A Study from keys and values (flags, a study file's mapping or a Python dict); any
+    mistake is a one-line ConfigError naming the flag, or the source and the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a study is a mapping of keys to values, got "
+                          f"{type(values).__name__}")
+    if isinstance(values.get("policies"), str):  # comma-separated; an empty entry is refused
+        values = {**values, "policies": [p.strip() for p in values["policies"].split(",")]}
     try:
         return Study.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "study"
+        loc = err["loc"]
+        key = str(loc[0])[:60] if loc else "study"  # a pasted 100 kB key stays one short line
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, KeyProblem):  # a check across keys names the one at fault
+            key = cause.key
         msg = err["msg"].removeprefix("Value error, ")
+        if len(loc) > 1 and isinstance(loc[1], int):  # a list's entry
+            msg += f" (item {loc[1] + 1})"
         if err["type"] == "extra_forbidden":
             msg = f"unknown key (valid keys: {', '.join(Study.model_fields)})"
             if key == "mxfp4_experts":  # the key before dtypes were keys of their own
@@ -308,8 +419,7 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
 
 def run_study(study: Study, *, progress: bool = False, check: bool = False
               ) -> tuple[Workload, CostModel, list[SimResult]]:
-    for spec in study.policies:  # every policy checked before the first one runs
-        make_policy(spec, max_num_seqs=study.max_num_seqs)
+    _check_policies(study)
     cm = study.cost_model()
     workload = study.build_workload(cm.model.max_context)
     results = [simulate(workload.requests, cm, study.policy_factory(spec),
@@ -327,3 +437,17 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
     results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
                for r in results]
     return workload, cm, results
+
+
+def _check_policies(study: Study) -> None:
+    """Every policy made before the first one runs: its name must be a safe folder name, and
+    two specs that make the same policy (chunked and chunked:512) would write one column name
+    and one results folder twice."""
+    folders: dict[str, str] = {}
+    for spec in study.policies:
+        name = make_policy(spec, max_num_seqs=study.max_num_seqs).name
+        folder = policy_folder(name)
+        if folder in folders:
+            raise ConfigError(f"policies: '{folders[folder]}' and '{spec}' both make the policy "
+                              f"'{name}' (results folder {folder}); list it once")
+        folders[folder] = spec

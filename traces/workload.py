@@ -24,6 +24,12 @@ preset's own ``max_context`` bound) and ``Workload.clipped`` counts the prompts 
 the description then gives the lengths actually simulated. Other sources are never clipped: a
 request that does not fit the model is the simulator's to reject (and report).
 
+Bounds, checked before anything is allocated (each message states its bound): at most
+``MAX_REQUESTS`` requests generated (``num_requests``, or ``rate`` x ``duration_s`` expected
+arrivals when no count caps them; a replayed trace is bounded by its own file), ``rate`` at most
+``MAX_RATE``, ``duration_s`` and every arrival time at most ``MAX_TIME_S`` (a tiny rate or speed
+that pushes arrivals past it, or to infinity, is refused rather than run with infinite times).
+
 Named files ship with the package in ``traces/data/`` (provenance and licences in its README);
 ``$LAYERSIM_TRACES_DIR``, when set, is searched instead.
 """
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.arrivals import ARRIVAL_KINDS, describe_arrivals, generate_arrivals
 from traces.errors import TraceError
 from traces.lengths import LengthSampler, LogNormalLengths, TableLengths, arxiv_long, parse_fixed
@@ -55,6 +62,13 @@ VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fix
 
 
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+# Each generated request is simulated one at a time and held in memory (about a kilobyte with
+# its records): ten times the 1,000,000 of the fleet benchmark (benchmarks/cluster_scale.py).
+MAX_REQUESTS = 10_000_000
+GENERATED = f"the {MAX_REQUESTS:,} requests a run may generate (each is simulated and kept in memory)"
+# Beyond any fleet's arrival rate; rate inf (all at once) is the way to say "faster than any".
+MAX_RATE = 1e9
+SPAN = f"{MAX_TIME_S:.0e} s (about 317 years), the longest a run may span"
 
 
 def data_dir() -> Path:
@@ -105,12 +119,20 @@ class WorkloadSpec:
             )
         if self.rate != math.inf:  # inf: all at once, as vLLM's --request-rate inf
             _positive(self.rate, "rate")
+            if self.rate is not None and self.rate > MAX_RATE:
+                raise TraceError(f"rate must be at most {MAX_RATE:g} req/s (beyond any fleet; "
+                                 "rate inf sends every request at once)")
         _positive(self.cv, "cv")
         _positive(self.duration_s, "duration_s")
         _positive(self.speed, "speed")
         _positive_int(self.num_requests, "num_requests")
         _positive_int(self.max_context, "max_context")
         _positive_int(self.model_context, "model_context")
+        if self.duration_s is not None and self.duration_s > MAX_TIME_S:
+            raise TraceError(f"duration_s must be at most {SPAN}")
+        for label, tokens in (("max_context", self.max_context), ("model_context", self.model_context)):
+            if tokens is not None and tokens > MAX_TOKENS:
+                raise TraceError(f"{label} must be at most {MAX_TOKENS:,} tokens")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TraceError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.cv != 1.0 and self.arrival != "gamma":
@@ -145,13 +167,23 @@ def resolve_workload(
                    else "the package's trace data was not installed")
             raise TraceError(f"workload {name!r} needs {path}, which is missing ({why})")
         return load_trace(path)
-    path = Path(name).expanduser()
-    if path.is_file():
-        return load_trace(path)
+    file = _file(name)
+    if file is not None:
+        return load_trace(file)
     raise TraceError(
-        f"unknown workload {name!r} (and no such file); valid: {', '.join(VALID_NAMES)}, "
+        f"unknown workload {shown(name)} (and no such file); valid: {', '.join(VALID_NAMES)}, "
         "or a path to an Azure/BurstGPT/Mooncake trace, a length-statistics CSV or a ShareGPT JSON"
     )
+
+
+def _file(name: str) -> Path | None:
+    """``name`` as an existing file, or None: also for a name no file can have (too long, a
+    NUL byte, ``~user`` of no user), which is then an unknown workload rather than a crash."""
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def has_arrival_times(name: str) -> bool:
@@ -161,11 +193,38 @@ def has_arrival_times(name: str) -> bool:
         return True
     if name in NAMED_FILES or name == "arxiv-long" or name.startswith(("fixed:", "random:")):
         return False
-    path = Path(name).expanduser()
+    path = _file(name)
     try:
-        return path.is_file() and sniff_format(path) not in ("length-stats", "sharegpt-json")
+        return path is not None and sniff_format(path) not in ("length-stats", "sharegpt-json")
     except TraceError:
         return False
+
+
+def generation_problem(rate: float | None, duration_s: float | None,
+                       num_requests: int | None) -> str | None:
+    """Why drawing arrivals with these caps would generate more than ``MAX_REQUESTS`` requests
+    (None when it would not): ``num_requests`` over it, or, without a count, ``rate`` x
+    ``duration_s`` expected arrivals over it."""
+    if num_requests is not None:
+        return f"more than {GENERATED}" if num_requests > MAX_REQUESTS else None
+    if rate is None or duration_s is None or math.isinf(rate):
+        return None
+    expected = rate * duration_s
+    if expected <= MAX_REQUESTS:
+        return None
+    return (f"rate {rate:g} req/s over {duration_s:g} s draws about {expected:.3g} requests, more "
+            f"than {GENERATED}; lower the rate or the duration, or cap with num_requests")
+
+
+def _check_span(times: np.ndarray, cause: str) -> None:
+    """Arrivals past ``MAX_TIME_S`` (or infinite, from a rate or speed too small) are refused:
+    the run would report infinite or meaningless durations."""
+    last = float(times.max()) if len(times) else 0.0
+    if last <= MAX_TIME_S:
+        return
+    reach = "never gives a finite arrival time" if not math.isfinite(last) else (
+        f"puts arrivals at {last:.3g} s, beyond the {SPAN}")
+    raise TraceError(f"{cause} {reach}")
 
 
 def _span_text(span: float) -> str:
@@ -208,6 +267,7 @@ def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Gener
     if spec.rate is None:
         times = np.fromiter((r.arrival_s for r in reqs), dtype=np.float64, count=len(reqs))
         times = times / spec.speed
+        _check_span(times, f"speed {spec.speed:g} (the trace's span divided by it)")
         head = f"{label}: real arrivals replayed (x{spec.speed:g})"
     else:
         if spec.speed != 1.0:
@@ -217,6 +277,7 @@ def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Gener
         times = generate_arrivals(
             spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=n, duration_s=spec.duration_s
         )
+        _check_span(times, f"rate {spec.rate:g} req/s is too small: it")
         arrivals = describe_arrivals(spec.arrival, spec.rate, spec.cv)
         head = f"{label}: the trace's lengths in order, {arrivals} (rate given: own arrivals not replayed)"
     keep = len(times)
@@ -257,10 +318,15 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     if spec.speed != 1.0:
         raise TraceError(f"speed applies only when a trace replays its own arrivals; workload "
                          f"{spec.workload!r} has none")
+    too_many = generation_problem(spec.rate, spec.duration_s, spec.num_requests)
+    if too_many:
+        raise TraceError(f"{'num_requests' if spec.num_requests else 'rate x duration_s'}: "
+                         f"{too_many}")
     times = generate_arrivals(
         spec.arrival, spec.rate, arr_rng, cv=spec.cv, n=spec.num_requests,
         duration_s=spec.duration_s,
     )
+    _check_span(times, f"rate {spec.rate:g} req/s is too small: it")
     if isinstance(sampler, (RandomLengths, ShareGPTLengths)):
         prompt, output = sampler.sample_seeded(len(times), spec.seed)
     else:
