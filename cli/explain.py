@@ -6,6 +6,11 @@ import argparse
 
 from cli.simulate import _add_dtypes
 from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, load_model, resolve_profile
+from traces._checks import MAX_TOKENS
+
+# One tile is priced per decode: more running decodes than any engine batches (vLLM's
+# max_num_seqs defaults to 256) would take minutes and gigabytes to price one iteration.
+MAX_DECODES = 65_536
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -47,18 +52,34 @@ def _layers(text: str | None, num_layers: int) -> tuple[int, int]:
     return l0, l1
 
 
+def _check_flags(ns: argparse.Namespace) -> None:
+    """Bounds and emptiness before anything is loaded or priced (see MAX_DECODES)."""
+    for flag in ("model", "gpu", "profile", "dtype", "expert_dtype", "kv_cache_dtype",
+                 "prefill_layers"):
+        value = getattr(ns, flag)
+        if value is not None and not value.strip():
+            raise ConfigError(f"--{flag.replace('_', '-')}: empty; give a value or leave the flag "
+                              "out for its default")
+    for flag, v, most in (("--decode", ns.decode, MAX_DECODES), ("--context", ns.context, MAX_TOKENS),
+                          ("--prefill", ns.prefill, MAX_TOKENS),
+                          ("--prefill-context", ns.prefill_context, MAX_TOKENS)):
+        if not 0 <= v <= most:
+            raise ConfigError(f"{flag} must be from 0 to {most:,}" + (
+                " (one tile is priced per decode)" if flag == "--decode" else " tokens"))
+    if ns.decode == 0 and ns.prefill == 0:
+        raise ConfigError("nothing to price: give --decode N and/or --prefill N")
+    if ns.prefill == 0 and (ns.prefill_context or ns.prefill_layers is not None):
+        raise ConfigError("--prefill-context and --prefill-layers describe a prefill tile: give "
+                          "--prefill N")
+
+
 def run(ns: argparse.Namespace) -> int:
+    _check_flags(ns)
     model = load_model(ns.model, dtype=ns.dtype, expert_dtype=ns.expert_dtype,
                        kv_cache_dtype=ns.kv_cache_dtype, routing_skew=ns.routing_skew)
     prof = resolve_profile(ns.gpu or "h100", ns.profile)
     if ns.gpu and ns.profile and prof.gpu != ns.gpu.lower():
         raise ConfigError(f"--gpu {ns.gpu} but the profile {ns.profile} is for '{prof.gpu}'")
-    for flag, v in (("--decode", ns.decode), ("--context", ns.context), ("--prefill", ns.prefill),
-                    ("--prefill-context", ns.prefill_context)):
-        if v < 0:
-            raise ConfigError(f"{flag} must be >= 0")
-    if ns.decode == 0 and ns.prefill == 0:
-        raise ConfigError("nothing to price: give --decode N and/or --prefill N")
     cm = CostModel(model, prof.gpu, prof, Parallelism(ns.tp, ns.ep))
     L = model.num_layers
     plan = [decode_tile(i, ns.context, L) for i in range(ns.decode)]

@@ -9,6 +9,7 @@ accepted as a way to set `slo_ttft_ms`, `slo_tpot_ms` and `slo_e2el_ms` together
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,22 @@ def _type(key: str) -> Any:
     base = _base_type(key, text)
     if "None" not in text:
         return base
-    return lambda s: NULL if s.lower() in ("null", "none") else base(s)
+
+    def or_null(s: str) -> Any:
+        return NULL if s.lower() in ("null", "none") else base(s)
+    or_null.__name__ = base.__name__  # argparse's message: "invalid int value: '1e3'"
+    return or_null
+
+
+def _numbers(text: str) -> list[float]:
+    """'50,99.9', '50, 99.9' or '50 99.9'; an empty entry (',,') is no number, so an error."""
+    return [float(x) for x in re.split(r"\s*,\s*|\s+", text.strip())]
 
 
 def _base_type(key: str, text: str) -> Any:
     if key == "metric_percentiles":
-        return lambda s: [float(x) for x in s.replace(" ", ",").split(",") if x]
+        _numbers.__name__ = "comma-separated numbers"
+        return _numbers
     if key == "policies" or "str" in text:
         return str
     if "int" in text:

@@ -16,11 +16,12 @@ class _Parser(argparse.ArgumentParser):
     """Flag mistakes as one line, like every other error (no usage block)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(_fail(self.prog, f"{message} (see {self.prog} --help)"))
 
 
 def _fail(prog: str, msg: str) -> int:
+    # one line whatever the message quotes (an argument typed with a newline in it, say)
+    msg = "\\n".join(msg.splitlines())
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2
 

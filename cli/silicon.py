@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from costmodel import ConfigError
 from sim.results import check_out, results_folder
 from sim.silicon import errors, read_rows, replay, summary
 
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(ns: argparse.Namespace) -> int:
+    for flag in ("backend", "gpu", "profile"):  # empty: a typo (--gpu=), never a choice
+        if getattr(ns, flag) is not None and not getattr(ns, flag).strip():
+            raise ConfigError(f"--{flag}: empty; give a value or leave the flag out for its default")
     check_out(ns.out)
     replays = replay(read_rows(ns.file), ns.gpu, ns.backend, ns.profile)
     table = errors(replays)

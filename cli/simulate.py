@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cli.flags import add_study_flags, study_values
 from costmodel import ConfigError
-from sim.cluster import SimResult
+from sim.cluster import SimResult, policy_folder
 from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study, load_study, make_study, run_study
 from sim.table import format_comparison
@@ -87,7 +87,7 @@ def run(ns: argparse.Namespace) -> int:
 def _save_results(path: Path, study: Study, results: list[SimResult], workload: Workload) -> None:
     for r in results:
         name = path if len(results) == 1 else path.with_name(
-            f"{path.stem}-{r.policy.replace(':', '_').replace('/', '_')}{path.suffix or '.json'}")
+            f"{path.stem}-{policy_folder(r.policy)}{path.suffix or '.json'}")
         write_vllm_result(name, vllm_result(study, r, workload))
 
 
