@@ -95,11 +95,13 @@ def schedule_checked(policy: Policy, state: ReplicaState,
     int fields, and legal (ReplicaState.check)."""
     limit = guard.SCHEDULE_LIMIT_S if limit_s is None else limit_s
     before = _snapshot(state)
-    # `stall_free` is read in the same guarded call: a property is the user's code too
-    out, err, timed_out = guard.call_guarded(lambda: (policy.schedule(state), policy.stall_free), limit)
+    # `stall_free` and `name` are read in the same guarded call: a property is the user's code too
+    out, err, timed_out = guard.call_guarded(
+        lambda: (policy.schedule(state), policy.stall_free, policy.name), limit)
     state.changed()  # the policy may have edited the cached list `decodes` hands out
     if err is not None:
-        what = guard.describe(err, timed_out, limit, guard.source_file(policy))
+        what = guard.describe(err, timed_out, limit, guard.source_file(policy),
+                              guard.defined_at(type(policy), "schedule"))
         raise PlanError(f"policy {guard.policy_label(policy)} {what}")
     if not _unchanged(state, before):
         try:
@@ -108,13 +110,14 @@ def schedule_checked(policy: Policy, state: ReplicaState,
             what = ""
         raise PlanError(f"policy {guard.policy_label(policy)} changed the replica state{what}; a "
                         "policy may only read the state and return tiles")
-    plan, stall_free = out
+    plan, stall_free, name = out
     if not isinstance(plan, tuple | list):
         raise PlanError(f"policy {guard.policy_label(policy)} returned {type(plan).__name__}; a plan "
                         "is a tuple of Tile")
-    if type(stall_free) is not bool:
-        raise PlanError(f"policy {guard.policy_label(policy)}: 'stall_free' is "
-                        f"{type(stall_free).__name__}, not a bool")
+    if type(stall_free) is not bool or not isinstance(name, str):
+        attr, value = ("stall_free", stall_free) if type(stall_free) is not bool else ("name", name)
+        raise PlanError(f"policy {guard.policy_label(policy)}: '{attr}' became "
+                        f"{type(value).__name__}; it must stay a {'bool' if attr == 'stall_free' else 'str'}")
     # the stored items, whatever a tuple or list subclass makes of iteration
     items = tuple.__iter__(plan) if isinstance(plan, tuple) else list.__iter__(plan)
     try:

@@ -23,6 +23,7 @@ beside a schedule call (measured: under 1% of a checked-mode run).
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -123,23 +124,37 @@ def call_guarded(fn: Callable[[], Any], limit_s: float) -> tuple[Any, BaseExcept
     return None, err, dog.timed_out or isinstance(err, PolicyTimeout)
 
 
-def where(err: BaseException, user_file: str | None) -> str:
-    """'file:line' of the deepest frame in the user's file (else the deepest frame)."""
+def where(err: BaseException, user_file: str | None, fallback: str | None = None) -> str:
+    """'file:line' of the deepest frame in the user's file; else `fallback` (where the user's
+    function is defined: a call with the wrong arguments fails before entering it); else the
+    deepest frame. A SyntaxError names its own file and line."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}"
     frames = list(traceback.walk_tb(err.__traceback__))
-    if not frames:
-        return user_file or "?"
     mine = [f for f in frames if user_file and _same_file(f[0].f_code.co_filename, user_file)]
-    frame, lineno = (mine or frames)[-1]
-    return f"{frame.f_code.co_filename}:{lineno}"
+    if mine or (frames and not fallback):
+        frame, lineno = (mine or frames)[-1]
+        return f"{frame.f_code.co_filename}:{lineno}"
+    return fallback or user_file or "?"
+
+
+def defined_at(cls: object, attr: str) -> str | None:
+    """'file:line' where `cls` defines the function `attr`, if it is a plain Python function."""
+    try:
+        code = getattr(inspect.getattr_static(cls, attr, None), "__code__", None)
+        return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None
+    except Exception:
+        return None
 
 
 def _same_file(a: str, b: str) -> bool:
     return a == b or os.path.abspath(a) == os.path.abspath(b)
 
 
-def describe(err: BaseException, timed_out: bool, limit_s: float, user_file: str | None) -> str:
-    """One line: what the user's code raised (or how long it ran) and where."""
-    at = where(err, user_file)
+def describe(err: BaseException, timed_out: bool, limit_s: float, user_file: str | None,
+             fallback: str | None = None) -> str:
+    """One line: what the user's code raised (or how long it ran) and where (see `where`)."""
+    at = where(err, user_file, fallback)
     if timed_out:
         return f"did not return within {limit_s:g} s (stopped at {at})"
     try:

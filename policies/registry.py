@@ -189,17 +189,19 @@ def load_user_policy(spec: str) -> Policy:
         raise ConfigError(f"policy '{spec}': no class '{cls_name}' in {target}")
     factory: Any = cls
     policy: Any = _guarded(spec, f"{cls_name}()",
-                           lambda: factory(extra) if extra is not None else factory(), user_file)
+                           lambda: factory(extra) if extra is not None else factory(), user_file,
+                           guard.defined_at(cls, "__init__"))
     check_interface(policy, spec)
     return cast(Policy, policy)
 
 
-def _guarded(spec: str, doing: str, fn: Callable[[], Any], user_file: str | None) -> Any:
+def _guarded(spec: str, doing: str, fn: Callable[[], Any], user_file: str | None,
+             fallback: str | None = None) -> Any:
     """fn() under guard; what it raised becomes a ConfigError (caused by it, for ImportError)."""
     value, err, timed_out = guard.call_guarded(fn, guard.LOAD_LIMIT_S)
     if err is None:
         return value
-    what = guard.describe(err, timed_out, guard.LOAD_LIMIT_S, user_file)
+    what = guard.describe(err, timed_out, guard.LOAD_LIMIT_S, user_file, fallback)
     raise ConfigError(f"policy '{spec}': {doing} {what}") from (
         err if isinstance(err, ImportError) and not timed_out else None)
 

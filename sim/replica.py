@@ -58,10 +58,11 @@ class Replica:
         self.recorder = recorder
         self.trusted = is_trusted(policy) if trusted is None else trusted
         self.check = check or not self.trusted
-        # a user's promise, read once under guard: only a real True enables the fast-forward (a
-        # property that raises reads as no promise)
-        steady = getattr(policy, "steady_decode", False) if self.trusted else (
-            guard.read_attr(policy, "steady_decode")[0])
+        # a user's promise, read once under guard: only a real True enables the fast-forward
+        steady, why = (getattr(policy, "steady_decode", False), None) if self.trusted else (
+            guard.read_attr(policy, "steady_decode"))
+        if why is not None:
+            raise PlanError(f"policy {guard.policy_label(policy)}: reading its 'steady_decode' {why}")
         self.fast_forward = fast_forward and steady is True
         self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
         self.declined = False  # asleep after an empty plan although it holds runnable work

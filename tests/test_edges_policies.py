@@ -119,6 +119,22 @@ def test_import_and_init_failures_are_config_errors_with_the_line(tmp_path, body
     _one_line_error(e, f"{src}:", "raised")
 
 
+def test_errors_before_the_users_first_line_point_at_the_users_definition(tmp_path):
+    src = tmp_path / "pol.py"
+    src.write_text("class P:\n    name = 'p'\n    stall_free = True\n    def __init__(self):\n"
+                   "        pass\n    def schedule(self):\n        return ()\nclass S:\n    x = (\n")
+    with pytest.raises(ConfigError) as e:  # the whole file fails to compile
+        make_policy(f"{src}:P")
+    _one_line_error(e, "raised SyntaxError", f"{src}:9")
+    src.write_text(src.read_text()[:-len("class S:\n    x = (\n")])
+    with pytest.raises(ConfigError) as e:  # P() given an argument it does not take
+        make_policy(f"{src}:P:extra")
+    _one_line_error(e, "P() raised TypeError", f"{src}:4")
+    with pytest.raises(PlanError) as e:  # schedule(self) without the state
+        simulate([Request(0, 0.0, 10, 2)], ConstantCost(0.01), make_policy(f"{src}:P").__class__)
+    _one_line_error(e, "policy p raised TypeError", f"{src}:6")
+
+
 def test_a_name_or_flag_property_that_raises_is_a_config_error(tmp_path):
     src = tmp_path / "pol.py"
     src.write_text("class P:\n    stall_free = True\n    @property\n    def name(self):\n"
@@ -131,6 +147,30 @@ def test_a_name_or_flag_property_that_raises_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         make_policy(f"{src}:Q")
     _one_line_error(e, "reading its 'stall_free' raised KeyError", f"{src}:12")
+
+
+@pytest.mark.parametrize(("attr", "value", "says"), [
+    ("name", None, "'name' became NoneType"), ("stall_free", "yes", "'stall_free' became str")])
+def test_a_policy_may_not_turn_its_name_or_flag_into_something_else(attr, value, says):
+    class Turns(User):
+        def twist(self, state, plan):  # type: ignore[no-untyped-def]
+            setattr(self, attr, value)
+            return plan
+
+    with pytest.raises(PlanError) as e:
+        _run(Turns)
+    _one_line_error(e, "policy ", says)
+
+
+def test_a_steady_decode_promise_that_raises_is_an_error():
+    class Steady(User):
+        @property
+        def steady_decode(self) -> bool:
+            raise SystemExit(1)
+
+    with pytest.raises(PlanError) as e:
+        _run(Steady)
+    _one_line_error(e, "policy user-Steady: reading its 'steady_decode' raised SystemExit", f"{HERE}:")
 
 
 # ---- state mutations -------------------------------------------------------------------------
@@ -389,6 +429,7 @@ ACTIONS = st.one_of(
     st.tuples(st.just("perturb"), st.integers(0, 3), st.sampled_from(Tile._fields), VALUES),
     st.tuples(st.just("mutate"), st.sampled_from(TARGETS), VALUES),
     st.tuples(st.just("raise"), st.sampled_from(EXCEPTIONS)),
+    st.tuples(st.just("attr"), st.sampled_from(["name", "stall_free"]), st.one_of(st.none(), st.integers())),
     st.tuples(st.just("return"), st.sampled_from([None, 3, "x", {}, [1], (None,), 2.5])),
 )
 
@@ -408,6 +449,8 @@ def _misbehaving(actions: list[tuple], stall_free: bool, steady: bool) -> type: 
                 reqs = [*state.waiting, *state.running]
                 setattr(state if owner == "state" else reqs[0], attr, args[1]) if (
                     owner == "state" or reqs) else None
+            elif kind == "attr":  # its name or flag turned into something else
+                setattr(self, *args)
             plan = super().schedule(state)
             if kind == "raise":
                 raise args[0]("fuzzed")
@@ -426,7 +469,7 @@ def test_misbehaving_policies_complete_or_fail_in_one_named_line(actions, stall_
     try:
         res = simulate(reqs, ConstantCost(0.01), _misbehaving(actions, stall_free, steady))
     except (PlanError, ConfigError) as e:
-        assert "\n" not in str(e) and "fuzzed" in str(e), str(e)
+        assert "\n" not in str(e) and "fuzzed" in str(e).lower(), str(e)
         return
     assert sorted(res.requests["req_id"]) == [0, 1, 2]  # every request accounted for
     assert res.metrics["completed"] + res.metrics["unfinished"] == 3
