@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -362,14 +362,8 @@ def _read_yaml(path: Path) -> Any:
     """The file's YAML, or a one-line ConfigError naming the file (and the line when known)."""
     try:
         text = path.read_text(encoding="utf-8")
-        depth = 0  # the parser's events are flat: too deep is refused before PyYAML's recursive
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # composer would overflow
-            depth += isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
-            depth -= isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent))
-            if depth > MAX_DEPTH:
-                break
-        else:
-            return yaml.safe_load(text)
+        _check_events(path, yaml.parse(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: study file not found") from None
     except yaml.YAMLError as e:
@@ -378,13 +372,37 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ConfigError:  # _check_events' own
+        raise
     except ValueError as e:  # Python's int-from-string limit
         why = "a number with more than 4300 digits" if "digits" in str(e) else str(e).split("\n")[0]
         raise ConfigError(f"{path}: not a study file: {why}") from None
     except OSError as e:  # a folder, a file we may not read
         raise ConfigError(f"{path}: cannot read the study file ({e.strerror or e})") from None
-    raise ConfigError(f"{path}: nested too deeply (line {event.start_mark.line + 1}; a study file "
-                      "is a flat mapping of keys to values)")
+
+
+def _check_events(path: Path, events: Iterator[yaml.Event]) -> None:
+    """From the parser's flat events, before PyYAML's recursive composer runs: nesting deeper
+    than MAX_DEPTH, and a key given twice (PyYAML would keep the last one without a word)."""
+    depth, top_mapping, is_key, keys = 0, False, True, dict[str, int]()
+    for event in events:
+        line = event.start_mark.line + 1
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+            continue
+        if depth == 1 and top_mapping and isinstance(event, yaml.NodeEvent):
+            if is_key and isinstance(event, yaml.ScalarEvent):
+                if event.value in keys:
+                    raise ConfigError(f"{path}: key '{event.value[:60]}' given twice (lines "
+                                      f"{keys[event.value]} and {line})")
+                keys[event.value] = line
+            is_key = not is_key
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            top_mapping = top_mapping or (depth == 0 and isinstance(event, yaml.MappingStartEvent))
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{path}: nested too deeply (line {line}; a study file is a "
+                                  "flat mapping of keys to values)")
 
 
 def make_study(values: dict[str, Any], source: str = "flags") -> Study:

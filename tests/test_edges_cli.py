@@ -129,6 +129,14 @@ def test_pathological_study_files_are_one_line_naming_the_file(tmp_path: Path, t
     assert str(study) in err and needle in err
 
 
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path: Path) -> None:
+    study = tmp_path / "twice.yaml"
+    study.write_text("rate: 1\nseed: 3\n'rate': 2\n")
+    assert f"{study}: key 'rate' given twice (lines 1 and 3)" in refused("compare", str(study))
+    study.write_text("- rate\n- rate\n")  # a list, not keys: the mapping rule speaks
+    assert f"{study}: a study file is a mapping of keys to values" in refused("compare", str(study))
+
+
 def test_a_study_file_that_is_not_text_names_the_file(tmp_path: Path) -> None:
     study = tmp_path / "bin.yaml"
     study.write_bytes(b"rate: 2\n\xff\xfe\n")
