@@ -59,7 +59,7 @@ from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arriv
 from traces._checks import MAX_TIME_S, MAX_TOKENS
 from traces.arrivals import describe_arrivals
 from traces.request import Request
-from traces.workload import MAX_RATE, MAX_REQUESTS, generation_problem
+from traces.workload import CV_RANGE, CV_RULE, MAX_RATE, MAX_REQUESTS, generation_problem
 
 DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
 DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
@@ -166,6 +166,13 @@ class Study(BaseModel):
             raise ValueError(f"at most {bound:,} {why}" if isinstance(bound, int)
                              else f"at most {bound:g} {why}")
         return value
+
+    @field_validator("cv")
+    @classmethod
+    def _cv(cls, cv: float) -> float:
+        if not CV_RANGE[0] <= cv <= CV_RANGE[1]:
+            raise ValueError(CV_RULE)
+        return cv
 
     @field_validator("rate", mode="before")
     @classmethod
@@ -467,5 +474,6 @@ def _check_policies(study: Study) -> None:
         folder = policy_folder(name)
         if folder in folders:
             raise ConfigError(f"policies: '{folders[folder]}' and '{spec}' both make the policy "
-                              f"'{name}' (results folder {folder}); list it once")
+                              f"'{name}' (results folder {folder}); list it once, or give "
+                              "a policy class a name of its own")
         folders[folder] = spec

@@ -23,6 +23,7 @@ from sim.study import make_study
 from tests.helpers import ConstantCost
 from traces.errors import TraceError
 from traces.request import Request
+from traces.workload import WorkloadSpec, build_workload
 
 COST = ConstantCost(0.01)
 OURS = (ConfigError, TraceError, PlanError)
@@ -123,6 +124,23 @@ def test_a_result_folder_name_is_checked_where_it_is_written(tmp_path: Path) -> 
 ])
 def test_make_study_bounds_its_keys(values: Any, needle: str) -> None:
     assert needle in one_line_error(lambda: make_study(values))
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"rate": 1e10, "num_requests": 3}, "rate must be at most 1e+09 req/s"),
+    ({"rate": 1.0, "duration_s": 1e11}, "duration_s must be at most 1e+10 s"),
+    ({"rate": 1.0, "num_requests": 10**8}, "num_requests: more than the 10,000,000 requests"),
+    ({"rate": 1e6, "duration_s": 1e3}, "rate x duration_s: rate 1e+06 req/s over 1000 s draws"),
+    ({"rate": 1.0, "num_requests": 3, "arrival": "gamma", "cv": 1e-300}, "cv must be from 0.001"),
+    ({"rate": 5e-324, "num_requests": 3}, "is too small: it never gives a finite arrival time"),
+    ({"workload": "azure-conv", "speed": 1e-300, "num_requests": 3}, "speed 1e-300 (the trace's"),
+    ({"workload": "x" * 5000, "rate": 1.0, "num_requests": 3}, "unknown workload 'xxxx"),
+    ({"workload": "~no-such-user-here/t.csv", "rate": 1.0, "num_requests": 3}, "unknown workload"),
+])
+def test_build_workload_bounds_what_it_generates(spec: dict[str, Any], needle: str) -> None:
+    with pytest.raises(TraceError) as info:
+        build_workload(WorkloadSpec(**{"workload": "fixed:8:2", **spec}))
+    assert needle in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
 # ------------------------------------------------------------------- property suite

@@ -27,7 +27,7 @@ from traces.errors import TraceError
 OURS = (ConfigError, TraceError, PlanError)  # what a user's mistake may raise
 TINY = ["--model", "tiny-moe", "--gpu", "cpu", "--workload", "fixed:64:4", "--num-requests", "3",
         "--rate", "5", "--policies", "chunked:512"]
-PROPERTY = settings(derandomize=True, database=None, deadline=None, max_examples=40)
+PROPERTY = settings(derandomize=True, database=None, deadline=None, max_examples=80)
 
 
 def run(*args: str) -> tuple[int, str, str, list[BaseException]]:
@@ -97,6 +97,8 @@ def refused(*args: str) -> str:
     (["--seed", "99999999999999999999"], "--seed: at most"),
     (["--warmup-requests", "99999999999999999999"], "--warmup-requests: at most 10,000,000"),
     (["--stagger-s", "1e300", "--max-concurrency", "2", "--rate", "null"], "--stagger-s: at most"),
+    (["--arrival", "gamma", "--cv", "1e-300"], "--cv: cv must be from 0.001 to 1000"),  # 1/cv^2
+    (["--arrival", "gamma", "--cv", "1e300"], "--cv: cv must be from 0.001 to 1000"),  # overflow
 ])
 def test_sizes_are_bounded_before_allocating(flags: list[str], needle: str) -> None:
     assert needle in refused("compare", *TINY, *flags)
@@ -270,16 +272,19 @@ VALID: dict[str, list[Any]] = {
                  ["chunked", "chunked:512"], ["adaptive:100", "adaptive:1e2"], ["hybrid:64"]],
     "workload": ["fixed:64:4", "fixed:100:1", "random:32:4:0.5", "fixed:5000:4", "sharegpt",
                  "tests/data/sharegpt_tiny.json", "TRACE"],  # TRACE: a small timed trace
-    "rate": [0.5, 5, 20.0, "inf", 1e9, 1e-3], "arrival": ["poisson", "gamma", "fixed"],
-    "cv": [0.5, 1.0, 2.0], "duration_s": [0.5, 2, 1e-9], "num_requests": [1, 3, 8],
+    "rate": [0.5, 5, 20.0, "inf", 1e9, 1e-3, 1e-300], "arrival": ["poisson", "gamma", "fixed"],
+    "cv": [0.5, 1.0, 2.0, 1e-3, 1e3, 1e-200, 1e200], "duration_s": [0.5, 2, 1e-9],
+    "num_requests": [1, 3, 8],
     "speed": [1.0, 2.0, 1e-300, 1e300], "seed": [0, 7, 2**63 - 1], "max_context": [128, 4096, 40000],
-    "slo_ttft_ms": [1, 2000.0], "slo_itl_ms": [0.1, 100], "slo_tpot_ms": [None, 5.0],
-    "slo_e2el_ms": [None, 1.0, 1e6], "metric_percentiles": [[50, 99.9], [1], [99, 99]],
-    "profile": [None, "datasheet"], "routing_skew": [None, 0, 5], "dtype": [None, "bf16", "fp8"],
+    "slo_ttft_ms": [1, 2000.0, 1e-300], "slo_itl_ms": [0.1, 100, 1e300],
+    "slo_tpot_ms": [None, 5.0, 5e-324], "slo_e2el_ms": [None, 1.0, 1e6],
+    "metric_percentiles": [[50, 99.9], [1], [99, 99], [1e-300, 99.99999999]],
+    "profile": [None, "datasheet"], "routing_skew": [None, 0, 5, 1e-300],
+    "dtype": [None, "bf16", "fp8"],
     "expert_dtype": [None, "fp8"], "kv_cache_dtype": [None, "fp8"],
-    "gpu_memory_utilization": [0.9, 0.3, 1], "block_size": [1, 16, 4096],
-    "max_num_seqs": [None, 1, 4], "workers": [1], "max_concurrency": [None, 1, 3],
-    "warmup_requests": [None, 0, 1, 2], "stagger_s": [None, 0.5],
+    "gpu_memory_utilization": [0.9, 0.3, 1, 1e-300], "block_size": [1, 16, 4096, 10**9],
+    "max_num_seqs": [None, 1, 4, 10**7], "workers": [1], "max_concurrency": [None, 1, 3, 10**7],
+    "warmup_requests": [None, 0, 1, 2, 10**7], "stagger_s": [None, 0.5, 1e-300, 1e9],
 }
 BASE = {"model": "tiny-moe", "gpu": "cpu", "workload": "fixed:64:4", "num_requests": 3,
         "rate": 5, "policies": ["chunked:512"]}
@@ -345,7 +350,7 @@ def flag_lists(draw: st.DrawFn) -> list[str]:
     return argv
 
 
-@settings(PROPERTY, max_examples=60)
+@PROPERTY
 @given(argv=flag_lists())
 def test_generated_flag_lists_run_or_fail_in_one_line(argv: list[str]) -> None:
     assert_sound(*run("compare", *TINY, "--json", *argv))

@@ -69,6 +69,10 @@ GENERATED = f"the {MAX_REQUESTS:,} requests a run may generate (each is simulate
 # Beyond any fleet's arrival rate; rate inf (all at once) is the way to say "faster than any".
 MAX_RATE = 1e9
 SPAN = f"{MAX_TIME_S:.0e} s (about 317 years), the longest a run may span"
+# Gamma arrivals draw with shape 1/cv^2: past these ends the shape leaves float range (a
+# division by zero), and long before them the arrivals are fixed-interval or one burst.
+CV_RANGE = (1e-3, 1e3)
+CV_RULE = f"cv must be from {CV_RANGE[0]:g} to {CV_RANGE[1]:g} (gamma's shape is 1/cv^2)"
 
 
 def data_dir() -> Path:
@@ -123,6 +127,8 @@ class WorkloadSpec:
                 raise TraceError(f"rate must be at most {MAX_RATE:g} req/s (beyond any fleet; "
                                  "rate inf sends every request at once)")
         _positive(self.cv, "cv")
+        if not CV_RANGE[0] <= self.cv <= CV_RANGE[1]:
+            raise TraceError(CV_RULE)
         _positive(self.duration_s, "duration_s")
         _positive(self.speed, "speed")
         _positive_int(self.num_requests, "num_requests")
