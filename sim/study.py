@@ -59,7 +59,15 @@ from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arriv
 from traces._checks import MAX_TIME_S, MAX_TOKENS
 from traces.arrivals import describe_arrivals
 from traces.request import Request
-from traces.workload import CV_RANGE, CV_RULE, MAX_RATE, MAX_REQUESTS, generation_problem
+from traces.workload import (
+    CV_RANGE,
+    CV_RULE,
+    MAX_RATE,
+    MAX_REQUESTS,
+    MIN_RATE,
+    RATE_RULE,
+    generation_problem,
+)
 
 DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without arrival times
 DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
@@ -78,8 +86,6 @@ class KeyProblem(ValueError):
 # Keys with an upper bound: (bound, what it is and why). The generated-request bound spans
 # rate, duration_s and num_requests and is checked in `_across_keys`.
 BOUNDS: dict[str, tuple[float, str]] = {
-    **dict.fromkeys(("rate", "start_rate"), (MAX_RATE, "req/s, beyond any fleet (rate inf sends "
-                                                       "every request at once)")),
     **dict.fromkeys(("duration_s", "stagger_s"), (MAX_TIME_S, "s (about 317 years), the longest "
                                                               "a run may span")),
     "replicas": (MAX_REPLICAS, "replicas (each is simulated and held in memory)"),
@@ -161,18 +167,19 @@ class Study(BaseModel):
     @classmethod
     def _bounded(cls, value: float | None, info: ValidationInfo) -> float | None:
         bound, why = BOUNDS[str(info.field_name)]
-        if value is not None and value > bound and not (info.field_name == "rate"
-                                                        and math.isinf(value)):
+        if value is not None and value > bound:
             raise ValueError(f"at most {bound:,} {why}" if isinstance(bound, int)
                              else f"at most {bound:g} {why}")
         return value
 
-    @field_validator("cv")
+    @field_validator("cv", "rate", "start_rate")
     @classmethod
-    def _cv(cls, cv: float) -> float:
-        if not CV_RANGE[0] <= cv <= CV_RANGE[1]:
-            raise ValueError(CV_RULE)
-        return cv
+    def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        (low, high), rule = ((CV_RANGE, CV_RULE) if info.field_name == "cv"
+                             else ((MIN_RATE, MAX_RATE), RATE_RULE))
+        if value is not None and not low <= value <= high and value != math.inf:
+            raise ValueError(rule)
+        return value
 
     @field_validator("rate", mode="before")
     @classmethod

@@ -89,7 +89,7 @@ def refused(*args: str) -> str:
     (["--workload", "fixed:99999999999999999999:5"], "at most 1,000,000,000 tokens"),
     (["--replicas", "1000000000"], "--replicas: at most 100,000 replicas"),
     (["--rate", "1e6", "--num-requests", "null"], "--rate: rate 1e+06 req/s over 120 s draws about"),
-    (["--rate", "1e300", "--duration", "1e10"], "--rate: at most 1e+09 req/s"),
+    (["--rate", "1e300", "--duration", "1e10"], "--rate: rate must be from 1e-10 req/s (one"),
     (["--rate", "100", "--duration", "1e9", "--num-requests", "null"], "--duration: rate 100"),
     (["--max-concurrency", "3", "--rate", "null", "--num-requests", "10000001"], "10,000,000"),
     (["--max-context", "100000000000000000000"], "--max-context: at most 1,000,000,000 tokens"),
@@ -185,7 +185,11 @@ def test_non_finite_and_malformed_numbers_are_refused(flags: list[str], needle: 
 
 def test_runs_without_a_finite_arrival_are_refused() -> None:
     err = refused("compare", *TINY, "--rate", "5e-324")
-    assert "rate 4.94066e-324 req/s is too small: it never gives a finite arrival time" in err
+    assert "--rate: rate must be from 1e-10 req/s (one request per 1e+10 s, the longest" in err
+    err = refused("compare", *TINY, "--arrival", "gamma", "--cv", "2", "--rate", "1e-11")
+    assert "--rate: rate must be from 1e-10 req/s" in err  # 1/(rate x shape) overflowed
+    err = refused("compare", *TINY, "--rate", "1e-10")
+    assert "rate 1e-10 req/s is too small: it puts arrivals at 5.31e+10 s, beyond the 1e+10 s" in err
     err = refused("compare", *TINY, "--num-requests", "null", "--duration", "1e-9")
     assert "the workload has no requests" in err
     err = refused("compare", *TINY, "--rate", "null", "--workload", "azure-conv", "--speed", "1e-300")

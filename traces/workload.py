@@ -26,9 +26,10 @@ request that does not fit the model is the simulator's to reject (and report).
 
 Bounds, checked before anything is allocated (each message states its bound): at most
 ``MAX_REQUESTS`` requests generated (``num_requests``, or ``rate`` x ``duration_s`` expected
-arrivals when no count caps them; a replayed trace is bounded by its own file), ``rate`` at most
-``MAX_RATE``, ``duration_s`` and every arrival time at most ``MAX_TIME_S`` (a tiny rate or speed
-that pushes arrivals past it, or to infinity, is refused rather than run with infinite times).
+arrivals when no count caps them; a replayed trace is bounded by its own file), ``rate`` from
+``MIN_RATE`` to ``MAX_RATE``, gamma's ``cv`` in ``CV_RANGE``, ``duration_s`` and every arrival
+time at most ``MAX_TIME_S`` (a rate or speed that pushes arrivals past it, or to infinity, is
+refused rather than run with infinite times).
 
 Named files ship with the package in ``traces/data/`` (provenance and licences in its README);
 ``$LAYERSIM_TRACES_DIR``, when set, is searched instead.
@@ -67,7 +68,13 @@ PACKAGED_DATA = Path(__file__).resolve().parent / "data"
 MAX_REQUESTS = 10_000_000
 GENERATED = f"the {MAX_REQUESTS:,} requests a run may generate (each is simulated and kept in memory)"
 # Beyond any fleet's arrival rate; rate inf (all at once) is the way to say "faster than any".
+# Below MIN_RATE the mean gap exceeds the longest span a run may have (and a gamma draw's scale
+# 1/(rate x shape) leaves float range).
 MAX_RATE = 1e9
+MIN_RATE = 1 / MAX_TIME_S
+RATE_RULE = (f"rate must be from {MIN_RATE:g} req/s (one request per {MAX_TIME_S:.0e} s, the "
+             f"longest a run may span) to {MAX_RATE:g} req/s (beyond any fleet; rate inf sends "
+             "every request at once)")
 SPAN = f"{MAX_TIME_S:.0e} s (about 317 years), the longest a run may span"
 # Gamma arrivals draw with shape 1/cv^2: past these ends the shape leaves float range (a
 # division by zero), and long before them the arrivals are fixed-interval or one burst.
@@ -123,9 +130,8 @@ class WorkloadSpec:
             )
         if self.rate != math.inf:  # inf: all at once, as vLLM's --request-rate inf
             _positive(self.rate, "rate")
-            if self.rate is not None and self.rate > MAX_RATE:
-                raise TraceError(f"rate must be at most {MAX_RATE:g} req/s (beyond any fleet; "
-                                 "rate inf sends every request at once)")
+            if self.rate is not None and not MIN_RATE <= self.rate <= MAX_RATE:
+                raise TraceError(RATE_RULE)
         _positive(self.cv, "cv")
         if not CV_RANGE[0] <= self.cv <= CV_RANGE[1]:
             raise TraceError(CV_RULE)
