@@ -1,0 +1,382 @@
+"""KV memory as identified blocks: reference counts and vLLM-style automatic prefix caching.
+
+The pool owns `num_blocks` blocks of `block_size` token slots, ids 0..num_blocks-1. Every block
+is in exactly one state: free (never used, or released with no known content), evictable
+(reference count 0 but its content cached under a block hash) or referenced (held by one or
+more block tables). A request owns a `BlockTable`: its KV block ids in token order, anonymous
+extra blocks (a layered prefill's hidden states at the layer frontier) and its chained hashes
+of full blocks, known ahead.
+
+Block hash i chains hash i-1 with block i's content, so equal hashes mean equal prefixes.
+When a block is full and computed through every layer, `mark_computed` registers hash -> block.
+Admitting a request walks its hashes from the start while they are cached, stopping one token
+short of the prompt's end (a full hit recomputes the last token to get its logits), and takes
+references on those blocks; the rest grows with fresh blocks. Freeing drops references tail
+first; a block reaching 0 with a hash becomes evictable (most recently used at the back, so a
+request's tail is evicted before its head), any other goes back to the free list. Allocation
+takes a free block first, else evicts the least recently used evictable block and forgets its
+hash. Free + evictable is what can still be allocated (`num_free_blocks`).
+
+Hashes are Python hashes of tuples of ints: unlike str/bytes they are not salted, so every
+process computes the same values. Three families, kept apart by a tag: token ids (the engine),
+trace hash ids at the trace's own block size (Mooncake), a shared system prompt (synthetic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+BlockHash = int
+ROOT_HASH: BlockHash = 0x5EED  # the parent of block 0
+_TOKENS, _TRACE, _TRACE_BLOCK, _SHARED, _UNIQUE = 1, 2, 3, 4, 5  # hash family tags
+
+
+# ---- block arithmetic ---------------------------------------------------------------------------
+def blocks_needed(num_tokens: int, block_size: int, hidden_blocks_per_token: float = 0.0) -> int:
+    """KV blocks for `num_tokens`, plus their hidden states where a prompt is part-way."""
+    return -(-num_tokens // block_size) + hidden_state_blocks(num_tokens, hidden_blocks_per_token)
+
+
+def hidden_state_blocks(num_tokens: int, hidden_blocks_per_token: float) -> int:
+    """Anonymous blocks holding a part-way prompt's hidden states at the layer frontier."""
+    return math.ceil(num_tokens * hidden_blocks_per_token)
+
+
+def peak_blocks(num_prompt_tokens: int, max_tokens: int, block_size: int,
+                hidden_blocks_per_token: float = 0.0) -> int:
+    """The most blocks a request ever holds: hidden states part-way through the prompt, or the
+    whole KV cache at its last token. Prefix hits do not lower it: shared blocks are held too."""
+    return max(blocks_needed(num_prompt_tokens, block_size, hidden_blocks_per_token),
+               blocks_needed(num_prompt_tokens + max_tokens, block_size))
+
+
+# ---- block hashes -------------------------------------------------------------------------------
+def token_block_hashes(token_ids: Sequence[int], block_size: int,
+                       parent: BlockHash = ROOT_HASH) -> list[BlockHash]:
+    """vLLM's chain: hash(parent hash, the block's token ids) for every full block. To extend a
+    request's hashes with later tokens, pass them from a block boundary with the last hash."""
+    hashes: list[BlockHash] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash((_TOKENS, parent, tuple(int(t) for t in token_ids[start:start + block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+def trace_block_hashes(hash_ids: Sequence[int], trace_block_size: int, num_tokens: int,
+                       block_size: int) -> list[BlockHash]:
+    """Pool block hashes from a trace's per-block ids (Mooncake: one per 512 tokens).
+
+    Pool block i covers tokens [i*bs, (i+1)*bs); its identity is the chain of trace ids up to the
+    one holding token (i+1)*bs - 1, plus i, so two requests share it iff they share every trace
+    block up to that one. Blocks past the trace's ids get no hash (they are never shared)."""
+    if trace_block_size < 1 or block_size < 1:
+        raise ValueError("block sizes must be >= 1")
+    chain: list[BlockHash] = []
+    parent = ROOT_HASH
+    for trace_id in hash_ids:
+        parent = hash((_TRACE, parent, int(trace_id)))
+        chain.append(parent)
+    hashes: list[BlockHash] = []
+    for i in range(num_tokens // block_size):
+        k = ((i + 1) * block_size - 1) // trace_block_size
+        if k >= len(chain):
+            break
+        hashes.append(hash((_TRACE_BLOCK, chain[k], i)))
+    return hashes
+
+
+def unique_block_hashes(request_key: int, first_block: int, end_block: int) -> list[BlockHash]:
+    """Hashes of blocks [first_block, end_block) that only this request has (a question, or
+    output tokens): its own recompute after preemption can still hit them."""
+    return [hash((_UNIQUE, request_key, i)) for i in range(first_block, end_block)]
+
+
+def shared_prefix_block_hashes(num_tokens: int, block_size: int, system_prompt_id: int,
+                               system_prompt_len: int, request_key: int) -> list[BlockHash]:
+    """A synthetic shared-prefix prompt: blocks wholly inside system prompt `system_prompt_id`
+    are shared by every request with that prompt, the rest are the request's own."""
+    num_shared = min(system_prompt_len, num_tokens) // block_size
+    return ([hash((_SHARED, system_prompt_id, i)) for i in range(num_shared)]
+            + unique_block_hashes(request_key, num_shared, num_tokens // block_size))
+
+
+# ---- the pool -----------------------------------------------------------------------------------
+class NoFreeBlocksError(RuntimeError):
+    """The pool cannot give a request the blocks asked for; nothing was changed."""
+
+
+@dataclass(eq=False, slots=True)
+class BlockTable:
+    """One request's blocks. The request owns it; only the pool changes the block fields."""
+
+    block_hashes: list[BlockHash] = field(default_factory=list)  # full blocks, token order
+    num_prompt_tokens: int = 0  # prefix hits stop one token short of it; update on preemption
+    block_ids: list[int] = field(default_factory=list)  # KV blocks, token order
+    extra_block_ids: list[int] = field(default_factory=list)  # anonymous, never hashed
+    num_tokens: int = 0  # token slots the KV blocks were allocated for
+    num_hashed: int = 0  # leading block_ids already offered to the cache (or hits)
+    num_cached_tokens: int = -1  # the prefix hit at admission; -1 while not admitted
+
+    @property
+    def is_admitted(self) -> bool:
+        return self.num_cached_tokens >= 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids) + len(self.extra_block_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheStats:
+    """Counted once per admission (a preempted request's recompute counts again), as vLLM does."""
+
+    num_queries: int
+    queried_tokens: int
+    hit_tokens: int
+    queried_blocks: int
+    hit_blocks: int
+    num_evictions: int
+
+    @property
+    def hit_rate(self) -> float:
+        """vLLM's prefix cache hit rate: hit tokens / queried tokens."""
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class BlockPool:
+    """Blocks with reference counts, a free list and (with prefix caching) an LRU block cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 0 or block_size < 1:
+            raise ValueError(f"BlockPool needs num_blocks >= 0 and block_size >= 1, got "
+                             f"{num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest id first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._cached: dict[BlockHash, int] = {}  # block hash -> the block holding that content
+        self._stats = [0] * 6  # PrefixCacheStats fields, in order
+
+    # ---- what callers read ----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def free_block_ids(self) -> tuple[int, ...]:
+        """Free blocks, next taken first (O(pool): for tests and debugging)."""
+        return tuple(reversed(self._free))
+
+    def evictable_block_ids(self) -> tuple[int, ...]:
+        """Evictable blocks, least recently used (next evicted) first (O(pool))."""
+        return tuple(self._evictable)
+
+    def cached_block(self, block_hash: BlockHash) -> int | None:
+        return self._cached.get(block_hash)
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(*self._stats)
+
+    def match_prefix(self, table: BlockTable) -> int:
+        """Tokens of the table's prompt already in the cache (a peek: no references taken)."""
+        if table.is_admitted:
+            return table.num_cached_tokens
+        return len(self._match(table)) * self.block_size
+
+    # ---- what executors call --------------------------------------------------------------------
+    def admit(self, table: BlockTable) -> int:
+        """Take references on the table's cached prefix (once); return its cached tokens.
+
+        An executor applying a plan admits all its new requests before growing any table, so
+        that growth cannot evict a prefix the policy counted on (see `Admission`)."""
+        if not table.is_admitted:
+            self._admit(table, self._match(table))
+        return table.num_cached_tokens
+
+    def allocate(self, table: BlockTable, num_tokens: int, num_extra_blocks: int = 0) -> None:
+        """Admit if need be, grow the KV blocks to cover `num_tokens` and hold exactly
+        `num_extra_blocks` anonymous blocks (surplus ones are released first). All or nothing:
+        raises NoFreeBlocksError, changing nothing, when the pool cannot."""
+        if (table.is_admitted and num_tokens <= len(table.block_ids) * self.block_size
+                and num_extra_blocks == len(table.extra_block_ids)):  # most decode steps
+            table.num_tokens = max(table.num_tokens, num_tokens)
+            return
+        hits = [] if table.is_admitted else self._match(table)
+        num_new = max(0, -(-num_tokens // self.block_size) - len(table.block_ids) - len(hits))
+        extra_delta = num_extra_blocks - len(table.extra_block_ids)
+        refs = self.ref_counts
+        num_taken = sum(1 for b in hits if refs[b] == 0) + num_new + max(0, extra_delta)
+        if num_taken > self.num_free_blocks + max(0, -extra_delta):
+            raise NoFreeBlocksError(
+                f"{num_taken} blocks needed to hold {num_tokens} tokens and {num_extra_blocks} "
+                f"extra blocks, {self.num_free_blocks} free of {self.num_blocks}")
+        if not table.is_admitted:
+            self._admit(table, hits)
+        extra = table.extra_block_ids
+        while len(extra) > num_extra_blocks:
+            self._release(extra.pop())
+        take = self._take
+        table.block_ids.extend(take() for _ in range(num_new))
+        extra.extend(take() for _ in range(num_extra_blocks - len(extra)))
+        table.num_tokens = max(table.num_tokens, num_tokens)
+
+    def mark_computed(self, table: BlockTable, num_computed_tokens: int) -> None:
+        """Tokens through every layer: cache the blocks that became full (others may hit them).
+        Where another block already holds the same content, this one stays uncached."""
+        end = min(num_computed_tokens // self.block_size, len(table.block_ids), len(table.block_hashes))
+        if self.enable_prefix_caching:
+            cached, hashes, ids = self._cached, table.block_hashes, table.block_ids
+            for i in range(table.num_hashed, end):
+                h = hashes[i]
+                if h not in cached:
+                    cached[h] = ids[i]
+                    self.block_hash[ids[i]] = h
+        table.num_hashed = max(table.num_hashed, end)
+
+    def free(self, table: BlockTable) -> None:
+        """Release the table's blocks, tail first (so its tail is evicted before its prefix), and
+        reset it: a preempted request is admitted afresh and may hit its own blocks."""
+        release = self._release
+        for b in reversed(table.extra_block_ids):
+            release(b)
+        for b in reversed(table.block_ids):
+            release(b)
+        table.block_ids = []
+        table.extra_block_ids = []
+        table.num_tokens = table.num_hashed = 0
+        table.num_cached_tokens = -1
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _match(self, table: BlockTable) -> list[int]:
+        if not self.enable_prefix_caching:
+            return []
+        hashes = table.block_hashes
+        limit = min(len(hashes), max(0, table.num_prompt_tokens - 1) // self.block_size)
+        cached = self._cached
+        hits: list[int] = []
+        for i in range(limit):
+            b = cached.get(hashes[i])
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _admit(self, table: BlockTable, hits: list[int]) -> None:
+        refs, evictable = self.ref_counts, self._evictable
+        for b in hits:
+            if refs[b] == 0:  # a cached block nobody holds: it stops being evictable
+                del evictable[b]
+            refs[b] += 1
+        table.block_ids.extend(hits)
+        table.num_hashed = len(hits)
+        table.num_cached_tokens = table.num_tokens = len(hits) * self.block_size
+        if self.enable_prefix_caching:
+            s = self._stats
+            s[0] += 1
+            s[1] += table.num_prompt_tokens
+            s[2] += table.num_cached_tokens
+            s[3] += -(-table.num_prompt_tokens // self.block_size)
+            s[4] += len(hits)
+
+    def _take(self) -> int:
+        if self._free:
+            b = self._free.pop()
+        else:
+            b = self._evictable.popitem(last=False)[0]
+            del self._cached[self.block_hash[b]]  # type: ignore[arg-type]  # evictable: hashed
+            self.block_hash[b] = None
+            self._stats[5] += 1
+        self.ref_counts[b] = 1
+        return b
+
+    def _release(self, block_id: int) -> None:
+        left = self.ref_counts[block_id] - 1
+        self.ref_counts[block_id] = left
+        if left == 0:
+            if self.block_hash[block_id] is None:
+                self._free.append(block_id)
+            else:
+                self._evictable[block_id] = None
+
+
+class Admission:
+    """One schedule call's view of the pool: prices admissions and growth without changing it.
+
+    Created once per schedule call; it first reserves the running decodes' growth (a decode
+    writes its next token at slot `num_tokens`, needing a block when the last one is full).
+    A table's cost in blocks taken from `num_free_blocks`: cached prefix blocks held by running
+    requests cost 0 (already resident), evictable ones 1 (they stop being free; 0 for a later
+    request in the same call that hits the same block), fresh KV and extra blocks 1 each, less
+    extra blocks the table gives back. Valid while the executor admits every new table of the
+    plan (`BlockPool.admit`) before it allocates any, and allocates in plan order."""
+
+    __slots__ = ("pool", "hidden_blocks_per_token", "num_reserved_blocks", "_claimed")
+
+    def __init__(self, pool: BlockPool, decodes: Iterable[BlockTable] = (),
+                 hidden_blocks_per_token: float = 0.0) -> None:
+        self.pool = pool
+        self.hidden_blocks_per_token = hidden_blocks_per_token
+        bs = pool.block_size
+        self.num_reserved_blocks = sum(1 for t in decodes if t.num_tokens >= len(t.block_ids) * bs)
+        self._claimed: set[int] = set()  # evictable blocks a reserved admission will reference
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks still free after what this call reserved."""
+        return self.pool.num_free_blocks - self.num_reserved_blocks
+
+    def num_cached_tokens(self, table: BlockTable) -> int:
+        """Where the table's prefill starts: its prefix hit (waiting) or what it has (admitted)."""
+        return self.pool.match_prefix(table)
+
+    def cost(self, table: BlockTable, num_tokens: int, partial: bool = False) -> int:
+        return self._price(table, num_tokens, partial)[0]
+
+    def can_admit(self, table: BlockTable, num_tokens: int, partial: bool = False) -> bool:
+        """Whether `table` can hold `num_tokens` (plus hidden states if `partial`) beside what
+        this call reserved already."""
+        return self._price(table, num_tokens, partial)[0] <= self.num_free_blocks
+
+    def reserve(self, table: BlockTable, num_tokens: int, partial: bool = False) -> None:
+        if not self.try_admit(table, num_tokens, partial):
+            raise NoFreeBlocksError(f"{self.cost(table, num_tokens, partial)} blocks needed for "
+                                    f"{num_tokens} tokens, {self.num_free_blocks} left")
+
+    def try_admit(self, table: BlockTable, num_tokens: int, partial: bool = False) -> bool:
+        """Reserve the table's blocks if they fit; say whether they did."""
+        cost, claim = self._price(table, num_tokens, partial)
+        if cost > self.num_free_blocks:
+            return False
+        self.num_reserved_blocks += cost
+        self._claimed.update(claim)
+        return True
+
+    def _price(self, table: BlockTable, num_tokens: int, partial: bool) -> tuple[int, list[int]]:
+        pool = self.pool
+        num_kv_held = len(table.block_ids)
+        claim: list[int] = []
+        if not table.is_admitted:
+            hits = pool._match(table)
+            num_kv_held = len(hits)
+            refs, claimed = pool.ref_counts, self._claimed
+            claim = [b for b in hits if refs[b] == 0 and b not in claimed]
+        num_extra = hidden_state_blocks(num_tokens, self.hidden_blocks_per_token) if partial else 0
+        # A table's surplus extras are released before it grows (BlockPool.allocate), so they
+        # offset its own growth; never credited to other tables, which may be allocated first.
+        cost = (len(claim) + max(0, -(-num_tokens // pool.block_size) - num_kv_held)
+                + num_extra - len(table.extra_block_ids))
+        return max(0, cost), claim
