@@ -6,6 +6,8 @@ tensor-vector product (costmodel/price.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from costmodel.model import ModelSpec
@@ -31,13 +33,57 @@ OPS = (
 _LINK_OPS = frozenset({"allreduce", "alltoall"})
 _OP_INDEX = {name: i for i, (name, _) in enumerate(OPS)}
 _EXPERTS = _OP_INDEX["experts"]
+# The tensor's quantity axis, per GPU: FLOPs, bytes of dense weights, of expert weights, of KV
+# read, of KV written, of activations, over the link, and kernel launches.
 _QUANTITIES = ("flops", "wbytes", "xbytes", "kvr", "kvw", "act", "link", "launches")
-# Features of a plan, summed over layers: token-layers, layers, causal attention pairs of
-# prefills, KV tokens read by prefills, prefill query-layers, KV tokens read by decodes, decode
-# query-layers, experts read per GPU (summed over layers), layers with prefill / decode work,
-# tokens needing logits, whether any does, embedded tokens, whether any are.
-FEATURES = ("tm", "nl", "pf_pairs", "pf_kv", "pf_q", "dec_kv", "dec_q", "expert_units",
-             "nl_pf", "nl_dec", "logits", "has_logits", "embed", "has_embed")
+_HBM = ("wbytes", "xbytes", "kvr", "kvw", "act")  # the quantities that are HBM traffic
+
+
+class Features(NamedTuple):
+    """A plan's features, summed over the layers it runs: the tensor's feature axis.
+
+    Token work (tm, pf_pairs, pf_kv, pf_q, dec_kv, dec_q, logits, embed) is per expert-parallel
+    attention group. Adding one: a field here, its coefficients in `coefficients`, its sum in
+    CostModel._price_segments (at its position, named _X_* there)."""
+
+    tm: float  # token-layers: tokens times the layers they pass
+    nl: float  # layers that run any tile
+    pf_pairs: float  # causal attention pairs of prefills (through the window on sliding layers)
+    pf_kv: float  # KV tokens read by prefills
+    pf_q: float  # prefill query-layers
+    dec_kv: float  # KV tokens read by decodes
+    dec_q: float  # decode query-layers
+    expert_units: float  # experts read per GPU, summed over layers
+    nl_pf: float  # layers with prefill work
+    nl_dec: float  # layers with decode work
+    logits: float  # tokens needing logits
+    has_logits: float  # 1.0 when any token does, else 0.0
+    embed: float  # embedded tokens
+    has_embed: float  # 1.0 when any token is, else 0.0
+
+
+FEATURES = Features._fields
+
+# A plan's tiles summed over one range of layers: CostModel.price folds its tiles into lists of
+# these fields per layer range, then sums the ranges over each segment of layers that run the
+# same work; the features are sums of these over segments. SUM_* name the list positions.
+LAYER_SUMS = (
+    "tokens",  # every tile's tokens
+    "pf_tokens",  # tokens of prefill tiles (more than one token)
+    "pf_pairs",  # their causal attention pairs
+    "pf_pairs_win",  # the same through the sliding window (0 without one)
+    "pf_kv",  # KV tokens their attention reads
+    "pf_kv_win",  # the same through the window
+    "dec_tokens",  # single-token tiles
+    "dec_kv",  # KV tokens they read: context + 1 each
+    "dec_kv_win",  # the same, each capped at the window
+    "pf_seqs",  # prefill tiles
+)
+SUM_TOKENS, SUM_PF_TOKENS, SUM_PF_SEQS = (LAYER_SUMS.index(f) for f in ("tokens", "pf_tokens", "pf_seqs"))
+SUM_PF_PAIRS, SUM_PF_PAIRS_WIN = (LAYER_SUMS.index(f) for f in ("pf_pairs", "pf_pairs_win"))
+SUM_PF_KV, SUM_PF_KV_WIN = (LAYER_SUMS.index(f) for f in ("pf_kv", "pf_kv_win"))
+SUM_DEC_TOKENS, SUM_DEC_KV, SUM_DEC_KV_WIN = (LAYER_SUMS.index(f) for f in ("dec_tokens", "dec_kv",
+                                                                           "dec_kv_win"))
 
 
 def _kept_bytes(weight_bytes: float) -> float:

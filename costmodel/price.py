@@ -8,7 +8,10 @@ the roofline max(FLOPs / (peak * compute_eff), bytes / (bandwidth * memory_eff))
 launch overhead, with per-class efficiencies from the profile; the iteration's latency is the
 sum over operations (kernels run back to back) plus host overhead: the profile's
 iteration_overhead_s once and layer_overhead_s per layer that runs any tile (feature `nl`),
-shown in `ops` as a `host_overhead` row (class "host") when non-zero.
+shown in `ops` as a `host_overhead` row (class "host") when non-zero. Every figure but the max
+is linear in a few features of the plan (coefficients.Features, summed over segments), and
+max(c, m) = (c + m)/2 + |c - m|/2, so one matrix-vector product prices a plan
+(CostModel._linear_forms).
 
 Parallelism: `tp` GPUs split heads, MLP and expert widths and all-reduce twice per layer.
 `ep` > 1 adds ep groups of tp GPUs: attention runs data-parallel across groups (tokens split
@@ -21,18 +24,30 @@ tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from costmodel.coefficients import (
     _EXPERTS,
+    _HBM,
     _LINK_OPS,
     _OP_INDEX,
     _QUANTITIES,
     FEATURES,
+    LAYER_SUMS,
     OPS,
+    SUM_DEC_KV,
+    SUM_DEC_KV_WIN,
+    SUM_DEC_TOKENS,
+    SUM_PF_KV,
+    SUM_PF_KV_WIN,
+    SUM_PF_PAIRS,
+    SUM_PF_PAIRS_WIN,
+    SUM_PF_SEQS,
+    SUM_PF_TOKENS,
+    SUM_TOKENS,
+    Features,
     _kept_bytes,
     coefficients,
 )
@@ -49,7 +64,21 @@ from costmodel.profile import Profile, default_profile
 WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
 
 
-_PER_GROUP = (0, 2, 3, 4, 5, 6)  # token work that ep attention groups split between them
+# Where each Features field sits in the list CostModel._price_segments sums the features in.
+_X_TM, _X_NL, _X_EXPERT_UNITS = (FEATURES.index(f) for f in ("tm", "nl", "expert_units"))
+_X_PF_PAIRS, _X_PF_KV, _X_PF_Q = (FEATURES.index(f) for f in ("pf_pairs", "pf_kv", "pf_q"))
+_X_DEC_KV, _X_DEC_Q = (FEATURES.index(f) for f in ("dec_kv", "dec_q"))
+_X_NL_PF, _X_NL_DEC = (FEATURES.index(f) for f in ("nl_pf", "nl_dec"))
+_X_LOGITS, _X_HAS_LOGITS = (FEATURES.index(f) for f in ("logits", "has_logits"))
+_X_EMBED, _X_HAS_EMBED = (FEATURES.index(f) for f in ("embed", "has_embed"))
+# token work that the ep attention groups split between them
+_X_PER_GROUP = (_X_TM, _X_PF_PAIRS, _X_PF_KV, _X_PF_Q, _X_DEC_KV, _X_DEC_Q)
+
+# The figures linear in the features, the first rows of CostModel._forms: the linear part of
+# the kernels' time (see CostModel._linear_forms), then per-GPU totals of these _QUANTITIES.
+_LINEAR = ("seconds", "flops", "wbytes", "kvr", "kvw", "act", "link")
+_L_SECONDS, _L_FLOPS, _L_WBYTES = (_LINEAR.index(f) for f in ("seconds", "flops", "wbytes"))
+_L_KVR, _L_KVW, _L_ACT, _L_LINK = (_LINEAR.index(f) for f in ("kvr", "kvw", "act", "link"))
 
 
 def _window_pairs(c: int, n: int, w: int) -> int:
@@ -85,7 +114,8 @@ class CostModel:
                                                    for p in params])
         self._inv_link = np.where(is_link, [1 / (link_bw * p.memory_eff) for p in params], 0.0)
         self._overhead = np.array([p.overhead_s for p in params])
-        self._kernel = self._compile(is_link)
+        self._forms = self._linear_forms(is_link)
+        self._linear = self._forms[:len(_LINEAR)]  # all that plans priced by tables need
         self._is_moe = model.is_moe
         self._experts_per_group = model.num_experts / self.parallel.ep
         self._bytes_per_expert = model.expert_params * model.expert_weight_bytes
@@ -112,7 +142,7 @@ class CostModel:
         """One launch of a token-proportional op by the profile's roofline (no table has it)."""
         i, f = _OP_INDEX[op], FEATURES.index(feature)
         flops = self._K[_QUANTITIES.index("flops"), i, f] * tokens
-        hbm = sum(self._K[_QUANTITIES.index(q), i, f] for q in ("wbytes", "xbytes", "kvr", "kvw", "act"))
+        hbm = sum(self._K[_QUANTITIES.index(q), i, f] for q in _HBM)
         t_c, t_m = flops * self._inv_compute[i], hbm * tokens * self._inv_memory[i]
         return float(self._overhead[i] + max(t_c, t_m))
 
@@ -162,43 +192,43 @@ class CostModel:
     def price(self, plan: tuple[Tile, ...] | list[Tile]) -> IterationCost:
         m = self.model
         w = m.sliding_window
-        # Fold tiles per layer range: [tokens, pf_tokens, pf_pairs, pf_pairs_win, pf_kv,
-        # pf_kv_win, dec_tokens, dec_kv, dec_kv_win, pf_sequences].
+        # Fold tiles per layer range into lists of LAYER_SUMS (at SUM_TOKENS, ...).
         L = m.num_layers
         agg: dict[tuple[int, int], list[int]] = {}
         num_logits = embed_tokens = 0
         # Fast path for whole-stack decodes, the bulk of every plan: plain local sums.
-        dn = dkv = dkv_win = prefill = prefill_layer_tokens = 0
+        others = dkv = dkv_win = prefill = prefill_layer_tokens = 0
         for _rid, t0, t1, l0, l1, c, logits in plan:
-            n = t1 - t0
-            if n == 1 and logits and l0 == 0 and l1 == L:
-                dn += 1
+            if t1 - t0 == 1 and l1 == L and logits and not l0:  # this test order runs fastest
                 dkv += c
                 if w:
                     dkv_win += c + 1 if c < w else w
                 continue
+            others += 1
+            n = t1 - t0
             prefill += n
             prefill_layer_tokens += n * (l1 - l0)
             a = agg.get((l0, l1))
             if a is None:
-                a = agg[(l0, l1)] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-            a[0] += n
+                a = agg[(l0, l1)] = [0] * len(LAYER_SUMS)
+            a[SUM_TOKENS] += n
             if n == 1:
-                a[6] += 1
-                a[7] += c + 1
-                a[8] += (c + 1 if c < w else w) if w else c + 1
+                a[SUM_DEC_TOKENS] += 1
+                a[SUM_DEC_KV] += c + 1
+                a[SUM_DEC_KV_WIN] += (c + 1 if c < w else w) if w else c + 1
             else:
-                a[1] += n
-                a[9] += 1
-                a[2] += (2 * c + n + 1) * n // 2
-                a[4] += c + n
+                a[SUM_PF_TOKENS] += n
+                a[SUM_PF_SEQS] += 1
+                a[SUM_PF_PAIRS] += (2 * c + n + 1) * n // 2
+                a[SUM_PF_KV] += c + n
                 if w:
-                    a[3] += _window_pairs(c, n, w)
-                    a[5] += c + n - max(0, c - w + 1)
+                    a[SUM_PF_PAIRS_WIN] += _window_pairs(c, n, w)
+                    a[SUM_PF_KV_WIN] += c + n - max(0, c - w + 1)
             if logits:
                 num_logits += 1
             if l0 == 0:
                 embed_tokens += n
+        dn = len(plan) - others
         if dn:
             self._add_decodes(agg, dn, dkv + dn, dkv_win)
         return self._price_segments(agg, num_logits + dn, embed_tokens + dn, dn, prefill,
@@ -209,11 +239,11 @@ class CostModel:
         key = (0, self.model.num_layers)
         a = agg.get(key)
         if a is None:
-            a = agg[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        a[0] += num
-        a[6] += num
-        a[7] += kv_tokens
-        a[8] += kv_tokens_window if self.model.sliding_window else kv_tokens
+            a = agg[key] = [0] * len(LAYER_SUMS)
+        a[SUM_TOKENS] += num
+        a[SUM_DEC_TOKENS] += num
+        a[SUM_DEC_KV] += kv_tokens
+        a[SUM_DEC_KV_WIN] += kv_tokens_window if self.model.sliding_window else kv_tokens
 
     def price_decodes(self, num: int, kv_tokens: int, kv_tokens_window: int = 0) -> IterationCost:
         """A plan of `num` whole-stack decodes, from its totals alone: the fast-forward's path.
@@ -224,41 +254,29 @@ class CostModel:
         self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
         return self._price_segments(agg, num, num, num, 0, 0, num)
 
-    def _compile(self, is_link: np.ndarray) -> Callable[..., tuple[float, ...]]:
-        """Turn the coefficient tensor into one straight-line function of the features.
+    def _linear_forms(self, is_link: np.ndarray) -> np.ndarray:
+        """The roofline pricing as one matrix over the features: one product prices a plan.
 
-        The simulator prices millions of plans; with the constants inlined, an iteration's
-        latency and totals cost a few dozen float operations instead of loops over sparse
-        terms. Returns (latency, then the replica-total quantities per GPU)."""
+        An op's time is max(c, m) + launches * overhead_s, with c its compute seconds and m its
+        memory (or link) seconds, each linear in the features. As max(c, m) = (c + m)/2 + |c - m|/2,
+        the iteration's kernel time is the `seconds` row (launch overheads, host time per layer
+        with work, and (c + m)/2 of every op) plus the sum of |row| over the rows after the
+        _LINEAR ones, one per op: (c - m)/2. Totals count expert FLOPs and activations without the
+        busiest-group inflation."""
         K = self._K
         q = {name: i for i, name in enumerate(_QUANTITIES)}
-        args = ", ".join(f"x{j}" for j in range(len(FEATURES)))
-
-        def dot(row: np.ndarray) -> str:
-            terms = [f"{float(c)!r} * x{j}" for j, c in enumerate(row) if c]
-            return " + ".join(terms) if terms else "0.0"
-
-        lines = [f"def kernel({args}):", f"    lat = {self.profile.iteration_overhead_s!r}"]
-        if self.profile.layer_overhead_s:  # host time per layer with work: x1 is `nl`
-            lines.append(f"    lat += {self.profile.layer_overhead_s!r} * x{FEATURES.index('nl')}")
-        for i in range(len(OPS)):
-            launches = dot(K[q["launches"], i])
-            if launches == "0.0":
-                continue
-            hbm = sum(K[q[k], i] for k in ("wbytes", "xbytes", "kvr", "kvw", "act"))
-            traffic = dot(K[q["link"], i] if is_link[i] else hbm)
-            inv_m = float(self._inv_link[i] if is_link[i] else self._inv_memory[i])
-            lines += [f"    c = ({dot(K[q['flops'], i])}) * {float(self._inv_compute[i])!r}",
-                      f"    m = ({traffic}) * {inv_m!r}",
-                      f"    lat += (c if c > m else m) + ({launches}) * {float(self._overhead[i])!r}"]
-        # Replica totals: expert FLOPs and activations without the busiest-group inflation.
         balanced = K.copy()
         balanced[:, _EXPERTS, :] /= self.ep_imbalance
-        totals = [dot(balanced[k].sum(axis=0)) for k in range(len(_QUANTITIES) - 1)]
-        lines.append(f"    return (lat, {', '.join(totals)})")
-        namespace: dict[str, Any] = {}
-        exec(compile("\n".join(lines), f"<costmodel kernel {self.model.name}>", "exec"), namespace)
-        return namespace["kernel"]  # type: ignore[no-any-return]
+        totals = [balanced[q[name]].sum(axis=0) for name in _LINEAR if name != "seconds"]
+        launches = K[q["launches"]]
+        runs = launches.any(axis=1)  # the ops this model launches
+        traffic = np.where(is_link[:, None], K[q["link"]], sum(K[q[name]] for name in _HBM))
+        inv_traffic = np.where(is_link, self._inv_link, self._inv_memory)
+        compute_s = (K[q["flops"]] * self._inv_compute[:, None])[runs]
+        memory_s = (traffic * inv_traffic[:, None])[runs]
+        seconds = self._overhead @ launches + (compute_s + memory_s).sum(axis=0) / 2
+        seconds[FEATURES.index("nl")] += self.profile.layer_overhead_s
+        return np.vstack([seconds, *totals, (compute_s - memory_s) / 2])
 
     @staticmethod
     def _segments(agg: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, list[int]]]:
@@ -288,55 +306,61 @@ class CostModel:
         distinct_layers = 0.0
         segments = self._segments(agg)
         for l0, l1, s in segments:
-            nl = l1 - l0
+            layers = l1 - l0
             n_slide = prefix[l1] - prefix[l0]
-            n_full = nl - n_slide
-            x[0] += s[0] * nl
-            x[1] += nl
-            if s[1]:
-                x[2] += n_full * s[2] + n_slide * s[3]
-                x[3] += n_full * s[4] + n_slide * s[5]
-                x[4] += s[1] * nl
-                x[8] += nl
-            if s[6]:
-                x[5] += n_full * s[7] + n_slide * s[8]
-                x[6] += s[6] * nl
-                x[9] += nl
+            n_full = layers - n_slide
+            x[_X_TM] += s[SUM_TOKENS] * layers
+            x[_X_NL] += layers
+            if s[SUM_PF_TOKENS]:
+                x[_X_PF_PAIRS] += n_full * s[SUM_PF_PAIRS] + n_slide * s[SUM_PF_PAIRS_WIN]
+                x[_X_PF_KV] += n_full * s[SUM_PF_KV] + n_slide * s[SUM_PF_KV_WIN]
+                x[_X_PF_Q] += s[SUM_PF_TOKENS] * layers
+                x[_X_NL_PF] += layers
+            if s[SUM_DEC_TOKENS]:
+                x[_X_DEC_KV] += n_full * s[SUM_DEC_KV] + n_slide * s[SUM_DEC_KV_WIN]
+                x[_X_DEC_Q] += s[SUM_DEC_TOKENS] * layers
+                x[_X_NL_DEC] += layers
             if is_moe:
-                distinct = self.activation.distinct(s[0])
+                distinct = self.activation.distinct(s[SUM_TOKENS])
                 expert_segments.append((l0, l1, distinct))
-                distinct_layers += distinct * nl
-                x[7] += nl * min(self._experts_per_group, distinct / ep * imb)
+                distinct_layers += distinct * layers
+                x[_X_EXPERT_UNITS] += layers * min(self._experts_per_group, distinct / ep * imb)
         if ep > 1:
-            for i in _PER_GROUP:
+            for i in _X_PER_GROUP:
                 x[i] /= ep
-        x[10] = num_logits / ep
-        x[11] = 1.0 if num_logits else 0.0
-        x[12] = embed_tokens / ep
-        x[13] = 1.0 if embed_tokens else 0.0
-        latency, flops, wbytes, _, kvr, kvw, act, link = self._kernel(*x)
+        x[_X_LOGITS] = num_logits / ep
+        x[_X_HAS_LOGITS] = 1.0 if num_logits else 0.0
+        x[_X_EMBED] = embed_tokens / ep
+        x[_X_HAS_EMBED] = 1.0 if embed_tokens else 0.0
         measured = None
         if self.measured is not None:
+            r = self._linear.dot(x).tolist()
             measured = (segments, num_logits, embed_tokens)  # kept for the breakdown, not copied
             latency = self.measured.latency_s(*measured)
+        else:
+            r = self._forms.dot(x).tolist()
+            latency = (self.profile.iteration_overhead_s + r[_L_SECONDS]
+                       + sum(map(abs, r[len(_LINEAR):])))  # see _linear_forms
         latency += self.profile.request_overhead_s * num_tiles  # engine time per running request
         gpus = self.parallel.num_gpus
-        hbm = HbmBytes(wbytes * gpus, distinct_layers * self._bytes_per_expert, kvr * gpus,
-                       kvw * gpus, act * gpus)
-        flops *= gpus
-        link *= gpus
+        dense_w, expert_w = r[_L_WBYTES] * gpus, distinct_layers * self._bytes_per_expert
+        kv_read, kv_write, act = r[_L_KVR] * gpus, r[_L_KVW] * gpus, r[_L_ACT] * gpus
+        flops, link = r[_L_FLOPS] * gpus, r[_L_LINK] * gpus
         e_idle, e_flop, e_byte, e_link = self._energy
-        energy = (e_idle * latency + e_flop * flops + e_byte * (hbm[0] + hbm[1] + hbm[2] + hbm[3] + hbm[4])
-                  + e_link * link)
-        return IterationCost(latency, energy, flops, hbm, link, gpus, decode_tokens, prefill_tokens,
-                             prefill_layer_tokens,
-                             (self, tuple(x), tuple(expert_segments), self.model.num_layers, measured))
+        energy = (e_idle * latency + e_flop * flops
+                  + e_byte * (dense_w + expert_w + kv_read + kv_write + act) + e_link * link)
+        return IterationCost(latency, energy, flops, HbmBytes(dense_w, expert_w, kv_read, kv_write, act),
+                             link, gpus, decode_tokens, prefill_tokens, prefill_layer_tokens,
+                             (self, Features._make(x), tuple(expert_segments), self.model.num_layers,
+                              measured))
 
     def op_table(self, x: tuple[float, ...], measured: Any = None) -> tuple[OpCost, ...]:
-        """The per-operation breakdown for a feature vector (see IterationCost.ops).
+        """The per-operation breakdown for a feature vector (Features, or a tuple in its order).
 
         With measured tables, `time_s` is the tables' and `bound` says what priced the op."""
-        flops, wbytes, xbytes, kvr, kvw, act, link, launches = (self._K @ np.array(x)).tolist()
+        per_op = dict(zip(_QUANTITIES, (self._K @ np.array(x)).tolist(), strict=True))
+        flops, link, launches = per_op["flops"], per_op["link"], per_op["launches"]
+        hbm_bytes = [sum(by_quantity) for by_quantity in zip(*(per_op[q] for q in _HBM), strict=True)]
         inv_compute, inv_memory = self._inv_compute.tolist(), self._inv_memory.tolist()
         inv_link, overhead = self._inv_link.tolist(), self._overhead.tolist()
         times = self.measured.op_times_s(*measured) if self.measured and measured is not None else {}
@@ -344,9 +368,10 @@ class CostModel:
         for i, (name, cls) in enumerate(OPS):
             if not launches[i]:
                 continue
-            hbm = wbytes[i] + xbytes[i] + kvr[i] + kvw[i] + act[i]
+            hbm = hbm_bytes[i]
             if self.measured is not None and measured is not None:
-                sources = self.measured.op_sources(measured[0], measured[1])
+                segments, num_logits, _ = measured
+                sources = self.measured.op_sources(segments, num_logits)
                 source = sources.get(name, sources.get(cls, "datasheet roofline"))
                 out.append(OpCost(name, cls, flops[i], hbm, link[i], times.get(name, 0.0), source))
                 continue
