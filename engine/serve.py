@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from core.metrics import summarize
+from core.records import ITERATION_COLUMNS, Recorder, prefill_tokens_once
 from costmodel.cost import HbmBytes, IterationCost
 from costmodel.price import CostModel
 from engine.energy import open_meter
@@ -34,8 +36,6 @@ from policies.base import Policy, schedule_checked
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
 from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
-from sim.metrics import summarize
-from sim.records import ITERATION_COLUMNS, Recorder, prefill_tokens_once
 from sim.replica import kv_blocks
 from traces.request import Request
 

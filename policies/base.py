@@ -17,9 +17,10 @@ from itertools import chain
 from operator import attrgetter, is_
 from typing import Protocol, cast, runtime_checkable
 
+from core.request import RequestState
+from core.state import PlanError, ReplicaState
 from costmodel.plan import Plan, Tile, decode_tile
 from policies import guard
-from policies.state import PlanError, ReplicaState, RequestState
 
 
 @runtime_checkable
@@ -134,8 +135,7 @@ def decode_tiles(state: ReplicaState) -> list[Tile]:
 
 def decode_block_growth(state: ReplicaState) -> int:
     """KV blocks the decodes of this iteration will take: admission must leave them free."""
-    return sum(max(0, state.blocks_for(r.num_computed_tokens + 1) - r.num_blocks)
-               for r in state.decodes)
+    return state.decode_growth(state.decodes)
 
 
 def prompt_tile(req: RequestState, t1: int, l0: int, l1: int, num_layers: int) -> Tile:

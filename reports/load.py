@@ -144,7 +144,7 @@ def _metrics_dirs(root: Path) -> list[Path]:
 
 def _check_same_run(d: Path, metrics: dict[str, Any], requests: pd.DataFrame | None) -> None:
     """A requests table and metrics.json from different runs (a re-run that overwrote only one)
-    disagree on the finished requests or their tokens; sim/metrics.py counts both alike."""
+    disagree on the finished requests or their tokens; core/metrics.py counts both alike."""
     if requests is None or not {"finished", "prompt_tokens", "output_tokens"} <= set(requests):
         return
     done = requests["finished"].astype(bool)

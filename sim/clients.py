@@ -15,7 +15,7 @@ A request the simulator rejects (too long) takes its turn and fails at once, fre
 as a request the server refuses does in vLLM.
 
 Warm-up: the first W requests in sending order are simulated but marked, and left out of every
-metric (sim/records.py, sim/metrics.py); the measured window opens when the first measured
+metric (core/records.py, core/metrics.py); the measured window opens when the first measured
 request is sent.
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Callable, Generator, Sequence
 
 import simpy
 
-from policies.state import RequestState
-from sim.records import Recorder
+from core.records import Recorder
+from core.request import RequestState
 from traces.request import Request
 
 

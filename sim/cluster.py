@@ -27,6 +27,8 @@ from typing import Any
 import pandas as pd
 import simpy
 
+from core.metrics import DEFAULT_PERCENTILES, summarize
+from core.records import Recorder, RequestGaps
 from costmodel.errors import ConfigError
 from costmodel.files import atomic_write
 from costmodel.price import CostModel
@@ -34,8 +36,6 @@ from policies.base import Policy
 from policies.registry import make_policy
 from policies.state import ReplicaState, RequestState
 from sim.clients import Clients, warmup_split
-from sim.metrics import DEFAULT_PERCENTILES, summarize
-from sim.records import Recorder, RequestGaps
 from sim.replica import Replica, kv_blocks
 from sim.results import COMPLETE, INCOMPLETE, MARKER
 from sim.router import make_router

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
+from core.records import Recorder
 from policies import guard
 from policies.base import Policy, schedule_checked
 from policies.registry import is_trusted
 from policies.state import PlanError, ReplicaState, RequestState
-from sim.records import Recorder
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel, IterationCost
@@ -141,11 +141,9 @@ class Replica:
         times never go backwards (the newest gap of each request: older ones were checked when
         they were new, and a policy that rewrites them is caught by schedule_checked)."""
         st = self.state
-        held = sum(r.num_blocks for r in st.running) + sum(r.num_blocks for r in st.waiting)
-        if not (0 <= st.num_free_blocks <= st.num_total_blocks and held + st.num_free_blocks
-                == st.num_total_blocks):
-            self._internal(f"KV blocks not conserved (held {held}, free {st.num_free_blocks}, "
-                           f"total {st.num_total_blocks})")
+        memory = st.memory_error()
+        if memory is not None:
+            self._internal(memory)
         for r in st.running:
             too_many = r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens
             if r.num_output_tokens > r.max_tokens or too_many:
@@ -194,7 +192,7 @@ class Replica:
         env, state = self.env, self.state
         running = list(state.running)
         k = min(r.max_tokens - r.num_output_tokens for r in running)
-        k = min(k, self._kv_steps(running, k))
+        k = state.decode_steps_that_fit(running, k)
         w = self.cost.model.sliding_window
         if w:  # a window's KV read stops growing at w: stop there so every step stays affine
             below = [w - r.num_computed_tokens for r in running if r.num_computed_tokens + 1 < w]
@@ -230,15 +228,7 @@ class Replica:
         first_end = end(0)
         # step j's latency is the gap before its token; the same for every request in the batch
         gaps = (np.arange(1, done) * slope + l0).tobytes()
-        for r in running:
-            self._advance_decode(r, first_end, gaps, end_s, done)
-        finished = [r for r in running if r.is_finished]
-        for r in finished:
-            state.running.remove(r)
-            state.num_free_blocks += r.num_blocks
-            r.num_blocks = 0
-        state.now_s = env.now
-        state.changed()
+        finished = state.apply_steady(done, first_end, gaps, end_s)
         if self.check:
             self._check_invariants()
         self.busy_s += end_s - start
@@ -255,43 +245,6 @@ class Replica:
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
         return self.cost.price_decodes(n, kv, kv_win)
-
-    def _kv_steps(self, running: list[RequestState], k: int) -> int:
-        """Largest j <= k such that every request can grow by j tokens in the free blocks."""
-        state = self.state
-
-        def need(j: int) -> int:
-            return sum(max(0, state.blocks_for(r.num_computed_tokens + j) - r.num_blocks)
-                       for r in running)
-
-        if need(k) <= state.num_free_blocks:
-            return k
-        lo, hi = 0, k
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if need(mid) <= state.num_free_blocks:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _advance_decode(self, r: RequestState, first_end: float, gaps: bytes, end_s: float,
-                        steps: int) -> None:
-        state = self.state
-        state.futile_preemptions = 0  # tokens emitted: progress
-        r.itl_s.append(first_end - (r.last_token_s if r.last_token_s is not None else first_end))
-        r.itl_s.frombytes(gaps)
-        r.last_token_s = end_s
-        r.num_output_tokens += steps
-        r.num_computed_tokens += steps
-        if r.is_finished:
-            r.finish_s = end_s
-        need = state.blocks_for(r.num_computed_tokens)
-        grow = need - r.num_blocks
-        if grow > state.num_free_blocks:
-            raise PlanError("internal: fast-forward overran the KV blocks")
-        state.num_free_blocks -= grow
-        r.num_blocks = need
 
 
 class _Probe(simpy.events.Event):

@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from core.metrics import DEFAULT_PERCENTILES
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
@@ -54,7 +55,6 @@ from sim.cluster import (
     policy_folder,
     simulate,
 )
-from sim.metrics import DEFAULT_PERCENTILES
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
 from traces._checks import MAX_TIME_S, MAX_TOKENS
 from traces.arrivals import describe_arrivals

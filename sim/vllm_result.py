@@ -27,7 +27,7 @@ commit 009e6d4a: `result_json` in `main_async`, `result` in `benchmark`), in its
   fractional percentile is named as vLLM names it ("p99.9_ttft_ms").
 
 Plus "layersim_version" and "workload" (its description), as vLLM's --metadata adds keys.
-Per-request ITLs exist only for unstreamed runs (sim/records.py); a streamed run is refused.
+Per-request ITLs exist only for unstreamed runs (core/records.py); a streamed run is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from traces import Workload
 
 UNFINISHED = "not finished when the simulation stopped"
-SHORT = "ended before its last token"  # the policy stopped it short (sim/records.py)
+SHORT = "ended before its last token"  # the policy stopped it short (core/records.py)
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p[0-9_.]+)_(ttft|tpot|itl|e2el)_ms$")
 
 

@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 
 from cli.main import main
+from core.records import Recorder
 from costmodel import ConfigError, CostModel, Parallelism, load_model
 from policies import ChunkedPrefill
 from policies.state import PlanError, ReplicaState
 from reports import load_results
 from reports.cli import report_main
 from sim import simulate
-from sim.records import Recorder
 from sim.results import COMPLETE, INCOMPLETE, check_complete, clean_leftovers, results_folder
 from traces import Request, WorkloadSpec, build_workload
 

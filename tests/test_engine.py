@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from core.records import ITERATION_COLUMNS, REQUEST_COLUMNS  # noqa: E402
 from costmodel import CostModel, Tile, default_profile, load_gpu, load_model  # noqa: E402
 from engine.executor import Engine, EngineError  # noqa: E402
 from engine.reference import reference_forward  # noqa: E402
 from engine.serve import serve  # noqa: E402
-from sim.records import ITERATION_COLUMNS, REQUEST_COLUMNS  # noqa: E402
 from traces import Request  # noqa: E402
 
 ATOL = 1e-4  # fp32: different summation orders (SDPA, grouped GEMM, batching) differ ~1e-6

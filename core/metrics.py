@@ -6,7 +6,7 @@ duration then starts at the first measured request's arrival (for closed-loop cl
 is sent), and `warmup_requests` says how many were left out.
 TPOT is per request (E2E - TTFT) / (output tokens - 1); ITL pools every gap between tokens.
 Token totals count what finished requests were given: their prompts and the output tokens emitted
-(the requests table's `output_tokens`, sim/records.py), never the lengths they asked for.
+(the requests table's `output_tokens`, core/records.py), never the lengths they asked for.
 A request meets the SLO when its TTFT and its own P99 ITL are both within target (and its TPOT
 and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them);
 requests that never finished count as misses. Each latency has mean, median, std and the
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.records import Recorder
+from core.records import Recorder
 
 DEFAULT_PERCENTILES = (90.0, 95.0, 99.0)
 

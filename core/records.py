@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from core.request import RequestState
 from costmodel.coefficients import FEATURES
 from costmodel.files import atomic_write
-from policies.state import RequestState
 
 if TYPE_CHECKING:
     from costmodel.price import IterationCost

@@ -1,0 +1,79 @@
+"""A request inside a replica: its prompt, its output so far, and its progress through the layers.
+
+Progress is a staircase over layers: `layer_tokens[l]` tokens have passed layer l, never more in
+a later layer than in an earlier one; while every layer stands at the same token (the usual
+case) `layer_tokens` is None and `num_computed_tokens` says where. Preemption (recompute) folds
+the output so far into the prompt to redo, so `num_prompt_tokens` and `max_tokens` may change;
+`prompt_len` and `output_len` keep what arrived. Executors change a request only through
+`core.state.ReplicaState`; policies only read it.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+
+class RequestState:
+    """One request inside a replica (see the module note)."""
+
+    __slots__ = ("req_id", "arrival_s", "prompt_len", "output_len", "num_prompt_tokens",
+                 "max_tokens", "num_output_tokens",
+                 "num_computed_tokens", "layer_tokens", "num_blocks", "first_token_s",
+                 "last_token_s", "finish_s", "num_preemptions", "itl_s", "admitted_s", "peak_work")
+
+    def __init__(self, req_id: int, arrival_s: float, num_prompt_tokens: int, max_tokens: int):
+        self.req_id = req_id
+        self.arrival_s = arrival_s
+        self.prompt_len = num_prompt_tokens  # as it arrived; preemption changes the fields below
+        self.output_len = max_tokens
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens  # output tokens to generate
+        self.num_output_tokens = 0
+        self.num_computed_tokens = 0  # tokens through every layer
+        self.layer_tokens: list[int] | None = None  # per layer, only while the stack is uneven
+        self.num_blocks = 0
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.num_preemptions = 0
+        # gaps between consecutive output tokens; a float array, copied in bulk by the simulator
+        self.itl_s = array("d")
+        self.admitted_s: float | None = None
+        # the most token-layers it ever had computed when preempted (livelock detection)
+        self.peak_work = 0
+
+    # ---- what policies read -----------------------------------------------------------------
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens and self.layer_tokens is None
+
+    @property
+    def is_partial(self) -> bool:
+        """Some layers are ahead of others (a layered or hybrid prefill in flight)."""
+        return self.layer_tokens is not None
+
+    @property
+    def num_prefill_remaining(self) -> int:
+        return max(0, self.num_prompt_tokens - self.num_computed_tokens)
+
+    def tokens_at(self, layer: int) -> int:
+        lt = self.layer_tokens
+        return self.num_computed_tokens if lt is None else lt[layer]
+
+    def layers_done_at(self, num_tokens: int, num_layers: int) -> int:
+        """How many leading layers have reached `num_tokens`."""
+        lt = self.layer_tokens
+        if lt is None:
+            return num_layers if self.num_computed_tokens >= num_tokens else 0
+        n = 0
+        while n < num_layers and lt[n] >= num_tokens:
+            n += 1
+        return n
+
+    @property
+    def is_finished(self) -> bool:
+        return self.num_output_tokens >= self.max_tokens
+
+    def __repr__(self) -> str:
+        return (f"RequestState(id={self.req_id}, prompt={self.num_prompt_tokens}, "
+                f"computed={self.num_computed_tokens}, out={self.num_output_tokens}/{self.max_tokens})")

@@ -1,0 +1,349 @@
+"""A replica's state as policies see it, and the one place executors change it.
+
+Progress: a tile (t0, t1, l0, l1) is legal when every layer in [l0, l1) of its request stands
+at t0 and layer l0 - 1 (if any) has reached t1; applying it lifts those layers to t1 (see
+core/request.py for the staircase). Chunked prefill moves every layer at once, layered prefill
+one layer group at a time, hybrids any rectangle. When the last layer reaches every known token
+(the prompt's end, or a decode's one new token) the LM head produced the next one: the request
+emits it, and finishes with its last. `apply` does this for one plan, `apply_steady` for K
+identical decode iterations in closed form; `check` proves a plan legal beforehand.
+
+Memory: KV blocks of `block_size` tokens for every token any layer has computed, plus, while a
+prompt is part-way through the stack, its hidden states at the layer frontier (layered
+prefill's memory cost), counted in blocks. The state keeps integer counters (free blocks, each
+request's blocks); every piece of block arithmetic is in the memory section of ReplicaState.
+
+Preemption is vLLM's recompute: the newest running request frees its KV and goes back to the
+head of the waiting queue to redo its prefill, its output so far folded into the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from core.blocks import blocks_needed, peak_blocks
+from core.request import RequestState
+from costmodel.plan import Tile
+
+if TYPE_CHECKING:
+    from costmodel.price import CostModel
+
+
+class PlanError(ValueError):
+    """A policy returned an illegal plan; the message names the rule it broke."""
+
+
+_PLAIN = (int,) * 6 + (bool,)
+
+
+def as_tile(item: object, index: int) -> Tile:
+    """Plan item `index` as a Tile of plain ints (numpy integers converted) and a bool `logits`.
+
+    A tile field of any other type (511.5, None, '3', True) is a PlanError naming the field:
+    the simulator's arithmetic and the cost model count whole tokens and layers."""
+    if type(item) is Tile and tuple(map(type, item)) == _PLAIN:
+        return item  # the usual case, checked first because it is every tile of every plan
+    if not isinstance(item, Tile):
+        raise PlanError(f"plan item {index} is {type(item).__name__}; plan items must be costmodel.Tile")
+    values: list[object] = list(tuple.__iter__(item))  # the stored fields, whatever a subclass overrides
+    if len(values) != len(Tile._fields):
+        raise PlanError(f"plan item {index} has {len(values)} fields; a Tile has {len(Tile._fields)}")
+    for k, (field_name, v) in enumerate(zip(Tile._fields, values, strict=True)):
+        want = bool if field_name == "logits" else int
+        if type(v) is want:
+            continue
+        if want is int and isinstance(v, np.integer):
+            values[k] = int(v)
+        elif want is bool and isinstance(v, np.bool_):
+            values[k] = bool(v)
+        else:
+            shown = f" {repr(v)[:40]}" if type(v) in (int, float, str, bool, type(None)) else ""
+            raise PlanError(f"plan item {index}: tile field {field_name} is {type(v).__name__}"
+                            f"{shown}; it must be {'a bool' if want is bool else 'an int'}")
+    return Tile(*values)  # type: ignore[arg-type]
+
+
+@dataclass
+class ReplicaState:
+    """What a policy sees: requests waiting and running, KV memory, the clock and a cost model."""
+
+    num_layers: int
+    num_total_blocks: int
+    block_size: int = 16
+    hidden_blocks_per_token: float = 0.0  # blocks one token's hidden state takes at a frontier
+    cost_model: CostModel | None = None
+    now_s: float = 0.0
+    waiting: list[RequestState] = field(default_factory=list)  # arrived, no KV yet, FCFS
+    running: list[RequestState] = field(default_factory=list)  # admitted, in admission order
+    num_free_blocks: int = -1
+    num_preemptions: int = 0
+    # preemptions in a row that undid no new work while no token was emitted: a livelock grows it
+    futile_preemptions: int = 0
+    _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_free_blocks < 0:
+            self.num_free_blocks = self.num_total_blocks
+
+    # ---- memory: every piece of block arithmetic (policies may use the public ones) ----------
+    def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
+        """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
+        return blocks_needed(num_tokens, self.block_size,
+                             self.hidden_blocks_per_token if partial else 0.0)
+
+    def peak_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """The most blocks a request ever holds: hidden states part-way through the prompt, or
+        the whole KV cache at its last token."""
+        return peak_blocks(num_prompt_tokens, max_tokens, self.block_size,
+                           self.hidden_blocks_per_token)
+
+    def can_admit(self, req: RequestState, num_tokens: int, partial: bool = False,
+                  reserved: int = 0) -> bool:
+        return self.blocks_for(num_tokens, partial) - req.num_blocks + reserved <= self.num_free_blocks
+
+    def decode_growth(self, requests: Sequence[RequestState], steps: int = 1) -> int:
+        """Blocks `requests` take to decode `steps` more tokens each."""
+        return sum(max(0, self.blocks_for(r.num_computed_tokens + steps) - r.num_blocks)
+                   for r in requests)
+
+    def decode_steps_that_fit(self, requests: Sequence[RequestState], most: int) -> int:
+        """The largest j <= `most` such that every one of `requests` can decode j more tokens in
+        the free blocks (a binary search: growth only rises with j)."""
+        if self.decode_growth(requests, most) <= self.num_free_blocks:
+            return most
+        lo, hi = 0, most
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.decode_growth(requests, mid) <= self.num_free_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _hold(self, req: RequestState) -> None:
+        """Give `req` the blocks its progress needs now (a PlanError if they are not free)."""
+        lt = req.layer_tokens
+        top = lt[0] if lt is not None else req.num_computed_tokens
+        need = self.blocks_for(top, partial=lt is not None)
+        grow = need - req.num_blocks
+        if grow > self.num_free_blocks:
+            raise PlanError(f"plan needs {grow} more KV blocks for request {req.req_id}, "
+                            f"only {self.num_free_blocks} free")
+        self.num_free_blocks -= grow
+        req.num_blocks = need
+
+    def _release(self, req: RequestState) -> None:
+        self.num_free_blocks += req.num_blocks
+        req.num_blocks = 0
+
+    def memory_error(self) -> str | None:
+        """What is wrong with the block counters, if anything: blocks held plus free must be the
+        total, and free within [0, total]."""
+        held = sum(r.num_blocks for r in self.running) + sum(r.num_blocks for r in self.waiting)
+        if 0 <= self.num_free_blocks <= self.num_total_blocks and (
+                held + self.num_free_blocks == self.num_total_blocks):
+            return None
+        return (f"KV blocks not conserved (held {held}, free {self.num_free_blocks}, "
+                f"total {self.num_total_blocks})")
+
+    # ---- what policies read -------------------------------------------------------------------
+    @property
+    def decodes(self) -> list[RequestState]:
+        """Running requests whose prompt is done: each owes one decode step per iteration.
+
+        Cached between changes (policies and executors ask several times per iteration);
+        `apply` and preemption drop the cache, and an executor that changes requests any other
+        way must call `changed()`. Treat the list as read-only."""
+        if self._decodes is None:
+            self._decodes = [r for r in self.running if r.is_prefill_done and not r.is_finished]
+        return self._decodes
+
+    def changed(self) -> None:
+        self._decodes = None
+
+    # ---- executors call these ----------------------------------------------------------------
+    def check(self, plan: Sequence[Tile], stall_free: bool) -> tuple[Tile, ...]:
+        """Raise PlanError unless `plan` is legal from this state (see the module note), fits the
+        free KV blocks, and marks `logits` exactly on the tiles that produce a token. Returns
+        the plan as plain Tiles (as_tile)."""
+        L = self.num_layers
+        by_id = {r.req_id: r for r in self.running}
+        by_id.update({r.req_id: r for r in self.waiting})
+        seen: dict[int, list[Tile]] = {}
+        plain: list[Tile] = []
+        for i, item in enumerate(plan):
+            tile = as_tile(item, i)
+            plain.append(tile)
+            rid, t0, t1, l0, l1, cached, logits = tile
+            req = by_id.get(rid)
+            if req is None:
+                raise PlanError(f"tile for request {rid}, which is neither waiting nor running")
+            if req.is_finished:
+                raise PlanError(f"tile for request {rid}, which has already finished")
+            if not (0 <= l0 < l1 <= L):
+                raise PlanError(f"tile {tile}: layer range [{l0}, {l1}) outside [0, {L})")
+            end = req.num_prompt_tokens + req.num_output_tokens
+            if not (0 <= t0 < t1 <= end):
+                raise PlanError(f"tile {tile}: token range [{t0}, {t1}) outside the request's "
+                                f"{end} tokens so far")
+            if t0 < req.num_prompt_tokens < t1:
+                raise PlanError(f"tile {tile}: a tile may not span the end of the prompt")
+            if cached != t0:
+                raise PlanError(f"tile {tile}: num_cached must equal t0 (tokens before it)")
+            if logits != (t1 == end and l1 == L):  # the cost model prices the LM head by it
+                raise PlanError(f"tile {tile}: logits must be True exactly when the tile reaches "
+                                f"the request's last token ({end}) in the last layer")
+            seen.setdefault(rid, []).append(tile)
+        free = self.num_free_blocks
+        for rid, tiles in seen.items():
+            req = by_id[rid]
+            lt = list(req.layer_tokens) if req.layer_tokens is not None else [req.num_computed_tokens] * L
+            for _, t0, t1, l0, l1, _, _ in sorted(tiles, key=lambda t: (t.l0, t.t0)):
+                if lt[l0:l1].count(t0) != l1 - l0:
+                    raise PlanError(f"request {rid}: tile tokens [{t0}, {t1}) layers [{l0}, {l1}) "
+                                    f"does not start where those layers stand ({lt[l0]} tokens)")
+                if l0 > 0 and lt[l0 - 1] < t1:
+                    raise PlanError(f"request {rid}: layers [{l0}, {l1}) run tokens up to {t1} "
+                                    f"before layer {l0 - 1} has computed them")
+                lt[l0:l1] = [t1] * (l1 - l0)
+            # what apply's _hold will ask, request by request in the same order
+            grow = self.blocks_for(lt[0], partial=lt[0] != lt[-1]) - req.num_blocks
+            if grow > free:
+                raise PlanError(f"plan needs {grow} more KV blocks for request {rid}, only {free} free")
+            free -= grow
+        if stall_free:
+            for r in self.decodes:
+                if r.req_id not in seen:
+                    raise PlanError(f"stall-free policy skipped the decode of running request {r.req_id}")
+        return tuple(plain)
+
+
+    def apply(self, plan: Sequence[Tile], now_s: float,
+              emitted: list[RequestState] | None = None) -> list[RequestState]:
+        """Advance every tile's request; emit tokens at `now_s` (appending each request that
+        emitted to `emitted`, when given); return the requests that finished, KV freed.
+
+        Only the requests the tiles name are read, found by id now: a request is admitted from
+        wherever it stands in the waiting queue."""
+        L = self.num_layers
+        finished: list[RequestState] = []
+        running = {r.req_id: r for r in self.running}
+        touched: dict[int, RequestState] = {}
+        for rid, _t0, t1, l0, l1, _cached, _logits in plan:
+            req = touched.get(rid)
+            if req is None:
+                req = running.get(rid)
+                if req is None:  # admitted now; found near the head of a FCFS queue
+                    req = next(r for r in self.waiting if r.req_id == rid)
+                    self.waiting.remove(req)
+                    self.running.append(req)
+                    req.admitted_s = now_s
+                touched[rid] = req
+            if l0 == 0 and l1 == L and req.layer_tokens is None:
+                req.num_computed_tokens = t1
+            else:
+                lt = req.layer_tokens
+                if lt is None:
+                    lt = req.layer_tokens = [req.num_computed_tokens] * L
+                for l in range(l0, l1):
+                    lt[l] = t1
+                low = lt[L - 1]
+                if lt[0] == low:
+                    req.layer_tokens = None
+                req.num_computed_tokens = low
+        for req in touched.values():
+            self._hold(req)
+            # Every known token (prompt and outputs so far) is through the stack: the LM head
+            # produced the next one.
+            if (req.layer_tokens is None
+                    and req.num_computed_tokens == req.num_prompt_tokens + req.num_output_tokens):
+                self._emit(req, now_s)
+                if emitted is not None:
+                    emitted.append(req)
+                if req.is_finished:
+                    finished.append(req)
+        self._retire(finished)
+        self.now_s = now_s
+        self._decodes = None
+        return finished
+
+    def apply_steady(self, steps: int, first_end_s: float, gaps: bytes,
+                     end_s: float) -> list[RequestState]:
+        """`steps` decode iterations of every running request (all decoding), in closed form:
+        each emits `steps` tokens, the first at `first_end_s`, the last at `end_s`, the gaps
+        between them `gaps` (steps - 1 float64s, the same for every request). Returns the
+        requests that finished (at `end_s`), KV freed. As many `apply`s of one decode tile per
+        request would do, at the cost of one."""
+        running = self.running
+        if len(self.decodes) != len(running):
+            raise PlanError("internal: a steady stretch with a prompt still running")
+        for r in running:
+            self.futile_preemptions = 0  # tokens emitted: progress
+            r.itl_s.append(first_end_s - (r.last_token_s if r.last_token_s is not None else first_end_s))
+            r.itl_s.frombytes(gaps)
+            r.last_token_s = end_s
+            r.num_output_tokens += steps
+            r.num_computed_tokens += steps
+            if r.is_finished:
+                r.finish_s = end_s
+            self._hold(r)
+        finished = [r for r in running if r.is_finished]
+        self._retire(finished)
+        self.now_s = end_s
+        self._decodes = None
+        return finished
+
+    def _emit(self, req: RequestState, now_s: float) -> None:
+        self.futile_preemptions = 0
+        if req.first_token_s is None:
+            req.first_token_s = now_s
+        else:
+            req.itl_s.append(now_s - (req.last_token_s or now_s))
+        req.last_token_s = now_s
+        req.num_output_tokens += 1
+        if req.is_finished:
+            req.finish_s = now_s
+
+    def _retire(self, finished: list[RequestState]) -> None:
+        for req in finished:
+            self.running.remove(req)
+            self._release(req)
+
+    # ---- preemption -----------------------------------------------------------------------------
+    def preempt_for_decodes(self) -> list[RequestState]:
+        """Recompute-preempt the newest running requests until every decode has its next block.
+        Returns the victims."""
+        victims: list[RequestState] = []
+        if len(self.decodes) <= self.num_free_blocks:  # a decode needs at most one new block
+            return victims
+        while True:
+            if self.decode_growth(self.decodes) <= self.num_free_blocks or not self.running:
+                return victims
+            victims.append(self.preempt_newest())
+
+    def preempt_newest(self) -> RequestState:
+        """Free the newest running request's KV; it redoes its prefill from the waiting head."""
+        victim = self.running.pop()
+        self._decodes = None
+        work = sum(victim.layer_tokens) if victim.layer_tokens is not None else (
+            victim.num_computed_tokens * self.num_layers)
+        if work > victim.peak_work:  # it got further than ever before: progress, not a livelock
+            victim.peak_work = work
+            self.futile_preemptions = 0
+        else:
+            self.futile_preemptions += 1
+        self._release(victim)
+        victim.num_computed_tokens = 0
+        victim.layer_tokens = None
+        # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
+        victim.num_prompt_tokens += victim.num_output_tokens
+        victim.max_tokens -= victim.num_output_tokens
+        victim.num_output_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, victim)
+        return victim
