@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,17 @@ def run(*args: str) -> tuple[int, str, str, list[BaseException]]:
     out, err = io.StringIO(), io.StringIO()
     cli.main._guard = recording
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")  # a user would see each one on stderr
             try:
                 code = cli.main.main(list(args))
             except SystemExit as e:  # argparse's mistakes
                 code = int(e.code or 0)
     finally:
         cli.main._guard = guard
-    return code, out.getvalue(), err.getvalue(), caught
+    noise = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in warned)
+    return code, out.getvalue(), noise + err.getvalue(), caught
 
 
 def assert_sound(code: int, out: str, err: str, caught: list[BaseException]) -> None:
@@ -64,6 +68,7 @@ def assert_sound(code: int, out: str, err: str, caught: list[BaseException]) -> 
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert all(isinstance(e, OURS) for e in caught), repr(caught)
         return
+    assert err == "", err  # --json: nothing but the metrics, no warning
     for line in out.splitlines():
         metrics = json.loads(line)
         for key, value in metrics.items():
@@ -195,6 +200,8 @@ def test_runs_without_a_finite_arrival_are_refused() -> None:
     assert "the workload has no requests" in err
     err = refused("compare", *TINY, "--rate", "null", "--workload", "azure-conv", "--speed", "1e-300")
     assert "speed 1e-300 (the trace's span divided by it) puts arrivals at" in err
+    err = refused("compare", *TINY, "--rate", "null", "--workload", "azure-conv", "--speed", "5e-324")
+    assert "speed 4.94066e-324 (the trace's span divided by it) never gives a finite" in err
 
 
 # ------------------------------------------------------------------- policies and their folders
