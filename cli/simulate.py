@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from cli.flags import add_study_flags, study_values
+from core.result import SimResult, policy_folder
 from costmodel import ConfigError
-from sim.cluster import SimResult, policy_folder
 from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study, load_study, make_study, run_study
 from sim.table import format_comparison

@@ -48,6 +48,9 @@ REQUEST_COLUMNS = ("req_id", "replica", "arrival_s", "prompt_tokens", "max_token
 ITERATION_COLUMNS = ("replica", "start_s", "latency_s", "iterations", "prefill_tokens",
                      "decode_tokens", "num_tiles", "prefill_layer_tokens", "energy_j", "flops",
                      "expert_bytes", "hbm_bytes", "kv_read_bytes")
+# a request that never ran: first_token_s .. max_itl_ms
+_NO_TIMES = (float("nan"),) * (REQUEST_COLUMNS.index("max_itl_ms") + 1
+                               - REQUEST_COLUMNS.index("first_token_s"))
 _EMBED = FEATURES.index("embed")  # tokens through the embedding, per expert-parallel group
 # Histogram of gaps for streamed runs: 1 us .. 1000 s, 0.5% wide bins.
 _HIST_EDGES = np.geomspace(1e-6, 1e3, int(np.log(1e9) / np.log(1.005)) + 1)
@@ -142,10 +145,14 @@ class Recorder:
     # ---- events -----------------------------------------------------------------------------
     def iteration(self, replica: int, start_s: float, cost: IterationCost, num_tiles: int,
                   iterations: int) -> None:
+        """A priced iteration (the simulator's): every figure from its cost."""
         hb = cost.hbm_bytes
-        self._it_row(replica, start_s, cost.latency_s, iterations, prefill_tokens_once(cost),
-                     cost.decode_tokens, num_tiles, cost.prefill_layer_tokens, cost.energy_j,
-                     cost.flops, hb.expert_weights, hb.total, hb.kv_read)
+        self.iteration_row(replica=replica, start_s=start_s, latency_s=cost.latency_s,
+                           iterations=iterations, prefill_tokens=prefill_tokens_once(cost),
+                           decode_tokens=cost.decode_tokens, num_tiles=num_tiles,
+                           prefill_layer_tokens=cost.prefill_layer_tokens, energy_j=cost.energy_j,
+                           flops=cost.flops, expert_bytes=hb.expert_weights, hbm_bytes=hb.total,
+                           kv_read_bytes=hb.kv_read)
 
     def steady(self, replica: int, start_s: float, latency_s: float, steps: int, batch: int,
                first: IterationCost, last: IterationCost, frac: float) -> None:
@@ -153,22 +160,30 @@ class Recorder:
         def total(a: float, b: float) -> float:
             return steps * (a + (a + frac * (b - a))) / 2
 
-        self._it_row(replica, start_s, latency_s, steps, 0, steps * batch, batch, 0,
-                     total(first.energy_j, last.energy_j), total(first.flops, last.flops),
-                     total(first.hbm_bytes.expert_weights, last.hbm_bytes.expert_weights),
-                     total(first.hbm_bytes.total, last.hbm_bytes.total),
-                     total(first.hbm_bytes.kv_read, last.hbm_bytes.kv_read))
+        self.iteration_row(
+            replica=replica, start_s=start_s, latency_s=latency_s, iterations=steps,
+            prefill_tokens=0, decode_tokens=steps * batch, num_tiles=batch, prefill_layer_tokens=0,
+            energy_j=total(first.energy_j, last.energy_j), flops=total(first.flops, last.flops),
+            expert_bytes=total(first.hbm_bytes.expert_weights, last.hbm_bytes.expert_weights),
+            hbm_bytes=total(first.hbm_bytes.total, last.hbm_bytes.total),
+            kv_read_bytes=total(first.hbm_bytes.kv_read, last.hbm_bytes.kv_read))
 
-    def _it_row(self, *values: float) -> None:
-        self.iterations.append(values)
-        if self.count_from_s is not None and values[1] < self.count_from_s:
+    def iteration_row(self, *, replica: int, start_s: float, latency_s: float, iterations: int,
+                      prefill_tokens: int, decode_tokens: int, num_tiles: int,
+                      prefill_layer_tokens: int, energy_j: float, flops: float,
+                      expert_bytes: float, hbm_bytes: float, kv_read_bytes: float) -> None:
+        """One row of ITERATION_COLUMNS (the parameters, in that order): an executed iteration
+        (the engine's, measured), a priced one or a fast-forwarded run of `iterations`."""
+        self.iterations.append((replica, start_s, latency_s, iterations, prefill_tokens,
+                                decode_tokens, num_tiles, prefill_layer_tokens, energy_j, flops,
+                                expert_bytes, hbm_bytes, kv_read_bytes))
+        if self.count_from_s is not None and start_s < self.count_from_s:
             return  # before the measured window (warm-up)
-        replica = int(values[0])
-        self.busy_s[replica] = self.busy_s.get(replica, 0.0) + values[2]
-        self.num_iterations += int(values[3])
-        self.energy_j += values[8]
-        self.expert_bytes += values[10]
-        self.hbm_bytes += values[11]
+        self.busy_s[replica] = self.busy_s.get(replica, 0.0) + latency_s
+        self.num_iterations += iterations
+        self.energy_j += energy_j
+        self.expert_bytes += expert_bytes
+        self.hbm_bytes += hbm_bytes
 
     def preempted(self, req: RequestState) -> None:
         if req.req_id not in self.warmup_ids:
@@ -193,20 +208,20 @@ class Recorder:
         ttft = (first - req.arrival_s) * 1e3
         e2e = (finish - req.arrival_s) * 1e3
         tpot = (e2e - ttft) / (out - 1) if out > 1 else 0.0
-        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len, out,
-                      first, finish, ttft, tpot, e2e, p99, max_itl, req.num_preemptions,
-                      req.is_finished and out >= req.output_len, req.req_id in self.warmup_ids)
+        self._req_row(req, replica, (first, finish, ttft, tpot, e2e, p99, max_itl),
+                      req.is_finished and out >= req.output_len)
         req.itl_s = array("d")
 
     def rejected(self, req: RequestState, now_s: float, replica: int = -1) -> None:
-        nan = float("nan")
-        self._req_row(req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len,
-                      _emitted(req), nan, nan, nan, nan, nan, nan, nan, req.num_preemptions, False,
-                      req.req_id in self.warmup_ids)
+        self._req_row(req, replica, _NO_TIMES, False)
 
-    def _req_row(self, *values: float) -> None:
-        self.requests.append(values)
-        self.recorded_ids.add(int(values[0]))
+    def _req_row(self, req: RequestState, replica: int, times: tuple[float, ...],
+                 finished: bool) -> None:
+        """A row of REQUEST_COLUMNS; `times` from first_token_s to max_itl_ms."""
+        self.requests.append((req.req_id, replica, req.arrival_s, req.prompt_len, req.output_len,
+                              _emitted(req), *times, req.num_preemptions, finished,
+                              req.req_id in self.warmup_ids))
+        self.recorded_ids.add(int(req.req_id))
         self.num_requests_recorded += 1
         if self.on_record is not None:
             self.on_record()

@@ -19,13 +19,14 @@ from typing import Any
 
 import pandas as pd
 
+from core.result import SimResult
 from costmodel.errors import ConfigError
 from costmodel.files import atomic_write
 from costmodel.gpu import load_gpu
 from costmodel.model import load_model
 from costmodel.price import CostModel
 from costmodel.profile import Profile, default_profile, load_profile, resolve_profile
-from sim.cluster import SimResult, simulate
+from sim.cluster import simulate
 from traces.workload import WorkloadSpec, build_workload
 
 COMPARED = tuple(f"{s}_{m}" for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")

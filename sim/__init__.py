@@ -1,7 +1,23 @@
-"""The discrete-event simulator (SimPy): replicas, routers, records and metrics. No torch."""
+"""The discrete-event simulator (SimPy): replicas, routers, clusters, studies. No torch.
 
-from sim.cluster import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, simulate
-from sim.router import ROUTERS, make_router
+The names below load on first use, so that importing a leaf module does not import SimPy:
+core/result.py reads the results folder's file names from sim.results, and the engine, which
+uses core, imports no SimPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["simulate", "SimResult", "DEFAULT_SLO_TTFT_MS", "DEFAULT_SLO_ITL_MS", "ROUTERS",
            "make_router"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("simulate", "SimResult", "DEFAULT_SLO_TTFT_MS", "DEFAULT_SLO_ITL_MS"):
+        from sim import cluster
+        return getattr(cluster, name)
+    if name in ("ROUTERS", "make_router"):
+        from sim import router
+        return getattr(router, name)
+    raise AttributeError(f"module 'sim' has no attribute {name!r}")

@@ -3,8 +3,9 @@
 `simulate` builds the SimPy environment, one arrival process that routes each request at its
 arrival time, and one process per replica (sim/replica.py), runs to the last completion and
 returns the per-request and per-iteration tables with the summary metrics. Requests that cannot
-fit are rejected up front, as vLLM rejects them, and counted by reason in the metrics (see
-REJECTIONS); when none of them fits, simulating is a ConfigError. With a round-robin router the
+fit are rejected up front, as vLLM rejects them (core/admission.py, the engine's rule too), and
+counted by reason in the metrics (REJECTIONS); when none of them fits, simulating is a
+ConfigError. With a round-robin router the
 replicas can be split over worker processes with identical results. With `max_concurrency`
 the requests come from closed-loop clients instead (sim/clients.py), and the first
 `warmup_requests` are simulated but left out of the metrics.
@@ -16,93 +17,40 @@ or negative token count, a NaN or infinite arrival or a repeated id never reache
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import simpy
 
+# REJECTIONS, SimResult, the SLO defaults and policy_folder live in core/ (the engine's too)
+from core.admission import REJECTIONS as REJECTIONS
+from core.admission import kv_blocks, screen
 from core.metrics import DEFAULT_PERCENTILES, summarize
-from core.records import Recorder, RequestGaps
+from core.records import Recorder
+from core.request import RequestState
+from core.result import DEFAULT_SLO_ITL_MS as DEFAULT_SLO_ITL_MS
+from core.result import DEFAULT_SLO_TTFT_MS as DEFAULT_SLO_TTFT_MS
+from core.result import SimResult as SimResult
+from core.result import policy_folder as policy_folder
 from costmodel.errors import ConfigError
-from costmodel.files import atomic_write
 from costmodel.price import CostModel
 from policies.base import Policy
 from policies.registry import make_policy
-from policies.state import ReplicaState, RequestState
 from sim.clients import Clients, warmup_split
-from sim.replica import Replica, kv_blocks
-from sim.results import COMPLETE, INCOMPLETE, MARKER
+from sim.replica import Replica
 from sim.router import make_router
 from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.request import Request
 from traces.workload import MAX_REQUESTS
 
-DEFAULT_SLO_TTFT_MS = 2000.0
-DEFAULT_SLO_ITL_MS = 100.0
-# metric key -> why such a request never runs (the first that applies; context: the model's,
-# KV cache: one replica's, hidden states included)
-REJECTIONS = {
-    "rejected_prompt_over_context": "prompt > context",
-    "rejected_prompt_output_over_context": "prompt + output > context",
-    "rejected_over_kv_cache": "KV cache too small",
-}
 # Each replica is simulated and held in memory (about 1.5 KB before it runs anything): far above
 # any fleet, and the largest count `layersim capacity` tries is 4,096.
 MAX_REPLICAS = 100_000
 MAX_WORKERS = 256  # processes forked at once; more than any machine's cores
-# Files a results folder holds beside the per-policy folders (sim/results.py, reports/)
-RESULTS_FILES = (MARKER, COMPLETE, INCOMPLETE, "study.yaml", "report.html", "capacity.json")
-POLICY_NAME_RULE = ("a policy's name names its results folder (':' and '/' become '_'): 1 to 100 "
-                    "printable characters, not '.' or '..' nor " + ", ".join(RESULTS_FILES))
-
-
-def policy_folder(name: object) -> str:
-    """The folder (and --save-result suffix) of a policy's results: its name with ':' and '/'
-    as '_'. A name that would escape the results folder, land in its root or clash with one of
-    its files is a ConfigError stating the rule."""
-    ok = isinstance(name, str) and 0 < len(name) <= 100 and name.isprintable()
-    folder = name.replace(":", "_").replace("/", "_") if isinstance(name, str) else ""
-    if not ok or not folder.strip() or folder in (".", "..", *RESULTS_FILES):
-        raise ConfigError(f"policy name {shown(name)}: {POLICY_NAME_RULE}")
-    return folder
-
-
-@dataclass(frozen=True)
-class SimResult:
-    policy: str
-    metrics: dict[str, Any]
-    requests: pd.DataFrame = field(repr=False)
-    iterations: pd.DataFrame = field(repr=False)
-    # each finished request's inter-token gaps (None for a streamed run), and why each rejected
-    # request never ran (req_id -> a REJECTIONS text); for sim/vllm_result.py
-    itls: RequestGaps | None = field(default=None, repr=False, compare=False)
-    rejections: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def write(self, out_dir: str | Path, setup: dict[str, Any] | None = None) -> Path:
-        """Write requests/iterations parquet and metrics JSON under out_dir/<policy>/, atomically;
-        `setup` (what produced the run, sim/results.py) goes into metrics.json as "setup"."""
-        metrics = self.metrics if setup is None else {**self.metrics, "setup": setup}
-        d = Path(out_dir) / policy_folder(self.policy)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write(d / "requests.parquet", lambda p: self.requests.to_parquet(p, index=False))
-        atomic_write(d / "iterations.parquet", lambda p: self.iterations.to_parquet(p, index=False))
-        atomic_write(d / "metrics.json",
-                lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"))
-        return d
-
-
-def _mark_builtin(policy: Policy, spec: object) -> Policy:
-    if isinstance(spec, str) and ":" in spec and ("/" in spec or ".py" in spec):
-        return policy
-    if type(policy).__module__.startswith("policies."):
-        policy._layersim_builtin = True  # type: ignore[attr-defined]
-    return policy
 
 
 @dataclass
@@ -161,36 +109,12 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     if workers > 1 and max_concurrency is not None:
         raise ConfigError(f"--workers {workers} cannot split closed-loop clients (--max-concurrency): "
                           "each client's next request waits on whichever replica finishes first")
-    reserve = (0.05 * cost_model.hw.hbm_bytes if activation_reserve_bytes is None
-               else activation_reserve_bytes)
-    num_blocks, hidden_blocks = kv_blocks(cost_model, block_size, gpu_memory_utilization, reserve)
-    if num_blocks <= 0:
-        raise ConfigError(f"no memory left for the KV cache: {cost_model.model.name} on "
-                          f"{cost_model.parallel.num_gpus} x {cost_model.hw.name}")
+    num_blocks, hidden_blocks = kv_blocks(cost_model, block_size, gpu_memory_utilization,
+                                          activation_reserve_bytes)
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.req_id))
     max_context = cost_model.model.max_context
-    memory = ReplicaState(cost_model.model.num_layers, num_blocks, block_size, hidden_blocks)
-
-    def rejection(r: Request) -> str | None:
-        """Why `r` cannot run: the model's context, or one replica's KV memory (hidden states
-        included); None when it fits."""
-        if r.prompt_tokens > max_context:
-            return "rejected_prompt_over_context"
-        if r.prompt_tokens + r.output_tokens > max_context:
-            return "rejected_prompt_output_over_context"
-        if memory.peak_blocks(r.prompt_tokens, r.output_tokens) > num_blocks:
-            return "rejected_over_kv_cache"
-        return None
-
-    reasons = [rejection(r) for r in ordered]
-    too_long = [r for r, why in zip(ordered, reasons, strict=True) if why is not None]
-    servable = [r for r, why in zip(ordered, reasons, strict=True) if why is None]
-    rejected = {key: reasons.count(key) for key in REJECTIONS}
-    if ordered and not servable:
-        why = ", ".join(f"{REJECTIONS[k]}: {n}" for k, n in rejected.items() if n)
-        raise ConfigError(f"nothing can be served: all {len(ordered)} requests are rejected ({why}); "
-                          f"{cost_model.model.name}'s context is {max_context} tokens, one replica's "
-                          f"KV cache {num_blocks * block_size} tokens")
+    screening = screen(ordered, cost_model, num_blocks, block_size, hidden_blocks)
+    servable, too_long = screening.servable, screening.rejected
     if not 0 <= warmup_requests < max(len(ordered), 1):
         raise ConfigError(f"--warmup-requests {warmup_requests} must be >= 0 and leave some of the "
                           f"{len(ordered)} requests to measure")
@@ -226,9 +150,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
            "slo_e2el_ms": slo_e2el_ms, "percentiles": tuple(metric_percentiles)}
     result = _merge(shards, [] if closed else too_long, ordered[:1], cost_model, num_replicas,
                     slo)
-    result.metrics.update(max_context=max_context, **rejected)
-    return replace(result, rejections={r.req_id: REJECTIONS[why]
-                                       for r, why in zip(ordered, reasons, strict=True) if why})
+    result.metrics.update(max_context=max_context, **screening.counts())
+    return replace(result, rejections=screening.texts())
 
 
 def _int(value: object) -> bool:
@@ -312,7 +235,7 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   warmup_ids: set[int] | None = None, first_measured: Request | None = None,
                   rejected: frozenset[int] = frozenset()) -> _Shard:
     def new_policy() -> Policy:
-        return _mark_builtin(make_policy(policy) if isinstance(policy, str) else policy(), policy)
+        return make_policy(policy) if isinstance(policy, str) else policy()
 
     env = simpy.Environment()
     recorder = Recorder(cost_model.model.num_layers, stream_dir)

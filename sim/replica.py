@@ -1,20 +1,18 @@
-"""One serving replica as a SimPy process: schedule, price, wait, apply.
+"""One serving replica as a SimPy process: core/step.py's serving step on the cost model's clock.
 
-The loop is the whole simulator:
-
-    plan = policy.schedule(state)
-    cost = cost_model.price(plan)
+    step = prepare(state, policy, env.now, ...)     # preemptions, then the policy's plan
+    cost = cost_model.price(step.plan)
     yield env.timeout(cost.latency_s)
-    state.apply(plan, env.now)
+    commit(state, step.plan, env.now)
 
-Before each schedule, decodes that lack their next KV block preempt the newest requests
-(recompute). Steady decoding is fast-forwarded: when the policy promises `steady_decode`, no
-prompt waits and none is part-way, the next K iterations are identical decode batches whose
-contexts grow by one token each, so their latencies are an affine function of the step (only
-decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and last step
-and wait for their sum in one event; an arrival interrupts it at the end of the step in flight.
-K stops at the first request to finish, at the KV blocks left, and where a request's context
-reaches a sliding window (past it that layer's KV read stops growing), so the form is exact.
+Steady decoding is fast-forwarded: when the policy promises `steady_decode`, no prompt waits
+and none is part-way (prepare's STEADY), the next K iterations are identical decode batches
+whose contexts grow by one token each, so their latencies are an affine function of the step
+(only decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and
+last step and wait for their sum in one event; an arrival interrupts it at the end of the step
+in flight, and core's apply_steady applies the steps done. K stops at the first request to
+finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a
+sliding window (past it that layer's KV read stops growing), so the form is exact.
 """
 
 from __future__ import annotations
@@ -24,21 +22,18 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import simpy
 
 from core.records import Recorder
+from core.request import RequestState
+from core.state import PlanError, ReplicaState
+from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
 from policies import guard
-from policies.base import Policy, schedule_checked
+from policies.base import Policy
 from policies.registry import is_trusted
-from policies.state import PlanError, ReplicaState, RequestState
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel, IterationCost
-
-# preemptions in a row that undo no new work, with no token between them: a livelock (a real
-# run's worst thrash is a few per running request before a token comes out)
-LIVELOCK_PREEMPTIONS = 1000
 
 
 class Replica:
@@ -97,26 +92,18 @@ class Replica:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self):  # type: ignore[no-untyped-def]
-        env, state, policy = self.env, self.state, self.policy
+        env, state, recorder = self.env, self.state, self.recorder
         while True:
             if not state.running and not state.waiting:
                 yield self._sleep()
                 continue
-            state.now_s = env.now
-            for victim in state.preempt_for_decodes():
-                self.recorder.preempted(victim)
-            self._check_livelock()
-            # every running request decoding (finished ones have left `running`)
-            if self.fast_forward and not state.waiting and len(state.decodes) == len(state.running):
+            step = prepare(state, self.policy, env.now, checked=self.check,
+                           on_preempt=recorder.preempted, replica=self.idx,
+                           fast_forward=self.fast_forward)
+            if step.action is STEADY:
                 yield from self._steady_decode()
                 continue
-            plan = schedule_checked(policy, state) if self.check else policy.schedule(state)
-            if not plan:
-                if state.running and not state.decodes:
-                    # Part-way prompts filled the KV and none can grow: recompute the newest.
-                    self.recorder.preempted(state.preempt_newest())
-                    self._check_livelock()
-                    continue
+            if step.action is WAIT:
                 # The policy declines work that could run: wait for an arrival (a policy may
                 # wait), watched in case none ever comes (_StallMonitor).
                 self.declined = True
@@ -124,17 +111,18 @@ class Replica:
                 yield self._sleep()
                 self.declined = False
                 continue
+            plan = step.plan
             cost = self.cost.price(plan)
             start = env.now
             yield env.timeout(cost.latency_s)
-            finished = state.apply(plan, env.now)
+            finished = commit(state, plan, env.now).finished
             if self.check:
                 self._check_invariants()
             self.busy_s += cost.latency_s
-            self.recorder.iteration(self.idx, start, cost, len(plan), 1)
+            recorder.iteration(self.idx, start, cost, len(plan), 1)
             for req in finished:
                 self._finish_accounting(req)
-                self.recorder.finished(req, self.idx)
+                recorder.finished(req, self.idx)
 
     def _check_invariants(self) -> None:
         """Memory is conserved and within capacity; tokens never exceed what was asked; token
@@ -155,16 +143,6 @@ class Replica:
         """A broken invariant is the simulator's fault, not the user's: one line saying so."""
         raise PlanError(f"internal error on replica {self.idx} with policy "
                         f"{guard.policy_label(self.policy)}: {what}")
-
-    def _check_livelock(self) -> None:
-        """Preemption after preemption that undoes no new work, with no token emitted between
-        them, is a livelock: a policy that is not stall-free keeps restarting a part-way prompt
-        (e.g. by returning only decodes while it waits) and simulated time runs on for ever."""
-        if self.state.futile_preemptions >= LIVELOCK_PREEMPTIONS:
-            raise PlanError(f"policy {guard.policy_label(self.policy)} makes no progress: "
-                            f"{self.state.futile_preemptions} preemptions in a row on replica "
-                            f"{self.idx} restarted prompts that got no further and no token was "
-                            "emitted; a plan must eventually finish the prompts it starts")
 
     def run_ended(self) -> None:
         """Called when nothing else will ever happen while this replica's policy declines work
@@ -190,9 +168,8 @@ class Replica:
     # ---- fast-forward of steady decoding ----------------------------------------------------
     def _steady_decode(self):  # type: ignore[no-untyped-def]
         env, state = self.env, self.state
-        running = list(state.running)
-        k = min(r.max_tokens - r.num_output_tokens for r in running)
-        k = state.decode_steps_that_fit(running, k)
+        running = state.running
+        k = steady_steps(state)
         w = self.cost.model.sliding_window
         if w:  # a window's KV read stops growing at w: stop there so every step stays affine
             below = [w - r.num_computed_tokens for r in running if r.num_computed_tokens + 1 < w]
@@ -225,15 +202,13 @@ class Replica:
             done = lo + 1
             yield env.timeout(max(0.0, end(lo) - env.now))
         end_s = end(done - 1)
-        first_end = end(0)
-        # step j's latency is the gap before its token; the same for every request in the batch
-        gaps = (np.arange(1, done) * slope + l0).tobytes()
-        finished = state.apply_steady(done, first_end, gaps, end_s)
+        batch = len(running)
+        finished = apply_steady(state, done, end(0), l0, slope, end_s)
         if self.check:
             self._check_invariants()
         self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
-        self.recorder.steady(self.idx, start, end_s - start, done, len(running), c0, c_last, frac)
+        self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac)
         for r in finished:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
@@ -303,18 +278,3 @@ class _StallMonitor:
         stalled, self.watched = self.watched, []
         for r in stalled:
             r.run_ended()
-
-
-def kv_blocks(cost_model: CostModel, block_size: int, gpu_memory_utilization: float,
-              activation_reserve_bytes: float) -> tuple[int, float]:
-    """KV blocks one replica holds, and blocks per token of a part-way prompt's hidden state.
-
-    Blocks = (HBM * utilization - weights - activation reserve) / (block bytes), per GPU; with
-    ep attention groups each group holds its own cache.
-    """
-    hw, m, par = cost_model.hw, cost_model.model, cost_model.parallel
-    free = hw.hbm_bytes * gpu_memory_utilization - cost_model.weight_bytes_per_gpu - activation_reserve_bytes
-    per_block = block_size * cost_model.kv_bytes_per_token_per_gpu
-    blocks = math.floor(free / per_block) * par.ep
-    hidden_per_token = m.hidden * 2.0  # bf16 hidden state, replicated on every TP rank
-    return max(0, blocks), hidden_per_token / per_block

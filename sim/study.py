@@ -41,20 +41,13 @@ from pydantic import (
 )
 
 from core.metrics import DEFAULT_PERCENTILES
+from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, policy_folder
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
 from policies.base import Policy
 from policies.registry import make_policy
-from sim.cluster import (
-    DEFAULT_SLO_ITL_MS,
-    DEFAULT_SLO_TTFT_MS,
-    MAX_REPLICAS,
-    MAX_WORKERS,
-    SimResult,
-    policy_folder,
-    simulate,
-)
+from sim.cluster import MAX_REPLICAS, MAX_WORKERS, simulate
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
 from traces._checks import MAX_TIME_S, MAX_TOKENS
 from traces.arrivals import describe_arrivals

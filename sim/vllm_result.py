@@ -44,7 +44,7 @@ from costmodel.files import atomic_write
 from sim.results import layersim_version
 
 if TYPE_CHECKING:
-    from sim.cluster import SimResult
+    from core.result import SimResult
     from sim.study import Study
     from traces import Workload
 

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from cli.main import main
+from core.admission import kv_blocks
 from costmodel import ConfigError, CostModel, Parallelism, load_model, parse_config
 from costmodel.model import PRESET_DIR
-from sim.replica import kv_blocks
 from sim.study import Study, make_study
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from cli.main import main
-from sim.replica import kv_blocks
+from core.admission import kv_blocks
 from sim.study import make_study
 from traces.workload import PACKAGED_DATA
 

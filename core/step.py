@@ -1,0 +1,121 @@
+"""The serving step both executors run: prepare a plan, execute it (theirs), commit it.
+
+    step = prepare(state, policy, now_s, checked=..., on_preempt=...)
+    RUN:    execute step.plan (the simulator prices and waits; the engine runs the model)
+            commit(state, step.plan, end_s)       # tokens emitted at end_s, finished freed
+    STEADY: every running request decodes and nothing waits: the simulator may apply K
+            identical decode steps at once, apply_steady(state, K, ...)
+    WAIT:   the policy declines the work it holds: wait for an arrival
+
+`prepare` first preempts (recompute) the newest running requests until every decode has its
+next KV block; then asks the policy for a plan (under guard and checked, policies.base's
+schedule_checked, unless the executor trusts it). An empty plan while prompts are part-way
+and nothing decodes means they filled the KV and none can grow: the newest is preempted and
+the policy asked again. Every victim goes to `on_preempt` (the recorder; the engine also frees
+its pages). Preemptions in a row that undo no new work with no token between them are a
+livelock, a PlanError naming the policy.
+
+`commit` contract, so that several plans may be in flight (one per pipeline stage): it reads
+and changes only the requests its plan's tiles name, looked up by id when it runs, and takes
+their KV blocks then. Other requests may have been admitted, advanced, preempted or finished
+since `prepare` (by other commits); the plan's own requests must still stand where the plan
+starts them (no other plan in flight may move, preempt or finish them before this commit).
+
+`apply_steady` is K commits of one decode tile per running request in closed form: step j
+(0-based) ends at first_end_s + j * first_latency_s + slope_s * j * (j + 1) / 2 - its latency
+grows affinely with the context - which is what the simulator's fast-forward prices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from core.request import RequestState
+from core.state import PlanError, ReplicaState
+from costmodel.plan import Tile
+from policies import guard
+from policies.base import schedule_checked
+
+if TYPE_CHECKING:
+    from policies.base import Policy
+
+# Preemptions in a row that undo no new work, with no token between them: a livelock (a real
+# run's worst thrash is a few per running request before a token comes out).
+LIVELOCK_PREEMPTIONS = 1000
+
+RUN, STEADY, WAIT = "run", "steady", "wait"
+
+
+class Step(NamedTuple):
+    action: str  # RUN, STEADY or WAIT
+    plan: tuple[Tile, ...] = ()  # RUN's tiles
+
+
+class Committed(NamedTuple):
+    emitted: list[RequestState]  # requests that emitted a token, in plan order
+    finished: list[RequestState]  # those of them that finished (KV freed, out of `running`)
+
+
+_STEADY, _WAIT = Step(STEADY), Step(WAIT)
+
+
+def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
+            on_preempt: Callable[[RequestState], object], replica: int = 0,
+            fast_forward: bool = False) -> Step:
+    """The next step at `now_s` for a replica holding work (see the module note). `checked`:
+    run the policy under guard and check its plan (a user's policy); `fast_forward`: the
+    executor can apply steady decoding in closed form (the policy promised `steady_decode`)."""
+    state.now_s = now_s
+    for victim in state.preempt_for_decodes():
+        on_preempt(victim)
+    _check_progress(state, policy, replica)
+    while True:
+        # every running request decoding (finished ones have left `running`)
+        if fast_forward and not state.waiting and len(state.decodes) == len(state.running):
+            return _STEADY
+        plan = schedule_checked(policy, state) if checked else policy.schedule(state)
+        if plan:
+            return Step(RUN, plan)
+        if not state.running or state.decodes:
+            return _WAIT
+        # Part-way prompts filled the KV and none can grow: recompute the newest.
+        on_preempt(state.preempt_newest())
+        _check_progress(state, policy, replica)
+
+
+def commit(state: ReplicaState, plan: tuple[Tile, ...], end_s: float) -> Committed:
+    """Apply an executed plan's effects at `end_s` (see the module note for what it may assume)."""
+    emitted: list[RequestState] = []
+    finished = state.apply(plan, end_s, emitted)
+    return Committed(emitted, finished)
+
+
+def steady_steps(state: ReplicaState) -> int:
+    """How many identical decode steps may follow from here: none of the running requests
+    finishes before the last of them, and each step's KV blocks are free."""
+    running = state.running
+    most = min(r.max_tokens - r.num_output_tokens for r in running)
+    return state.decode_steps_that_fit(running, most)
+
+
+def apply_steady(state: ReplicaState, steps: int, first_end_s: float, first_latency_s: float,
+                 slope_s: float, end_s: float) -> list[RequestState]:
+    """`steps` decode steps of every running request (see the module note); the last ends at
+    `end_s`. Returns the requests that finished, KV freed."""
+    # step j's latency is the gap before its token; the same for every request in the batch
+    gaps = (np.arange(1, steps) * slope_s + first_latency_s).tobytes()
+    return state.apply_steady(steps, first_end_s, gaps, end_s)
+
+
+def _check_progress(state: ReplicaState, policy: Policy, replica: int) -> None:
+    """Preemption after preemption that undoes no new work, with no token emitted between
+    them, is a livelock: a policy that is not stall-free keeps restarting a part-way prompt
+    (e.g. by returning only decodes while it waits) and time runs on for ever."""
+    if state.futile_preemptions >= LIVELOCK_PREEMPTIONS:
+        raise PlanError(f"policy {guard.policy_label(policy)} makes no progress: "
+                        f"{state.futile_preemptions} preemptions in a row on replica "
+                        f"{replica} restarted prompts that got no further and no token was "
+                        "emitted; a plan must eventually finish the prompts it starts")
