@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from policies.base import Policy
 from policies.registry import make_policy
 from sim.cluster import MAX_REPLICAS, MAX_WORKERS, simulate
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
-from traces._checks import MAX_TIME_S, MAX_TOKENS
+from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.arrivals import describe_arrivals
 from traces.request import Request
 from traces.workload import (
@@ -198,14 +199,16 @@ class Study(BaseModel):
 
     # ---- building blocks --------------------------------------------------------------------
     def resolved_profile(self) -> Profile:
-        prof = resolve_profile(self.gpu or "h100", self.profile)
+        with _read_as("profile" if self.profile else "gpu", self.profile or self.gpu):
+            prof = resolve_profile(self.gpu or "h100", self.profile)
         if self.gpu and self.profile and prof.gpu != self.gpu.lower():
             raise ConfigError(f"--gpu {self.gpu} but the profile {self.profile} is for '{prof.gpu}'")
         return prof
 
     def cost_model(self) -> CostModel:
-        model = load_model(self.model, dtype=self.dtype, expert_dtype=self.expert_dtype,
-                           kv_cache_dtype=self.kv_cache_dtype, routing_skew=self.routing_skew)
+        with _read_as("model", self.model):
+            model = load_model(self.model, dtype=self.dtype, expert_dtype=self.expert_dtype,
+                               kv_cache_dtype=self.kv_cache_dtype, routing_skew=self.routing_skew)
         prof = self.resolved_profile()
         return CostModel(model, prof.gpu, prof, Parallelism(self.tp, self.ep))
 
@@ -349,6 +352,19 @@ class Study(BaseModel):
         prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
+
+
+@contextmanager
+def _read_as(key: str, name: str | None) -> Iterator[None]:
+    """A model or profile name is also a path: one no file can have (too long, a NUL byte) is
+    the key's mistake, in one line, not the file system's."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e).split("\n")[0]
+        raise ConfigError(f"{key} {shown(name)}: cannot be read ({why})") from None
 
 
 def load_study(path: str | Path, **overrides: Any) -> Study:

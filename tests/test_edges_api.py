@@ -19,7 +19,7 @@ from costmodel.errors import ConfigError
 from policies.state import PlanError
 from sim import simulate
 from sim.cluster import SimResult
-from sim.study import make_study
+from sim.study import make_study, run_study
 from tests.helpers import ConstantCost
 from traces.errors import TraceError
 from traces.request import Request
@@ -124,6 +124,16 @@ def test_a_result_folder_name_is_checked_where_it_is_written(tmp_path: Path) -> 
 ])
 def test_make_study_bounds_its_keys(values: Any, needle: str) -> None:
     assert needle in one_line_error(lambda: make_study(values))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model", "m" * 300, "model 'mmmm"), ("gpu", "g" * 300, "gpu 'gggg"),
+    ("profile", "p" * 300, "File name too long"), ("profile", "a\0b", "profile 'a\\x00b'"),
+])
+def test_a_name_no_file_can_have_is_the_keys_mistake(key: str, value: str, needle: str) -> None:
+    study = make_study({"model": "tiny-moe", "gpu": "cpu", "workload": "fixed:8:2",
+                        "num_requests": 2, key: value})
+    assert needle in one_line_error(lambda: run_study(study))
 
 
 @pytest.mark.parametrize("spec,needle", [
