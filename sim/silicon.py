@@ -5,23 +5,25 @@ Input: a CSV of serving benchmarks in AIConfigurator's `silicon_*.csv` format, o
 `batch_size` (closed-loop clients), `tp_size`, `pp_size`, `attention_dp_size`, `moe_tp_size`,
 `moe_ep_size`, and the measured means `silicon_ttft_ms`, `silicon_tpot_ms`.
 
-A supported row becomes a study: the model's preset at the row's precision, tp GPUs, a
-closed loop of `batch_size` clients sending `fixed:isl:osl` requests (CLIENT_ROUNDS requests per
-client, every one measured as vllm bench serve measures them: its warm-ups run apart), chunked
-prefill at vLLM's default token budget, the shipped profile of the GPU. Rows are skipped, each
-with its reason, when layersim cannot price them honestly: disaggregated prefill/decode,
-pipeline or attention data parallelism, expert parallelism inside the tensor-parallel group, or
-an architecture with no preset. Nothing here is keyed to particular rows.
+A supported row becomes a study that replays the runs' protocol, as the public collectors run
+it (InferenceX's `benchmark_lib.sh`, AIConfigurator's eval runners; benchmarks/results/
+silicon_protocol.md): `batch_size` closed-loop clients that all start together, PROTOCOL_ROUNDS
+requests per client, every one measured (vLLM's warm-ups run and finish apart), lengths drawn
+by vLLM's random dataset around the row's `isl` and `osl` (LENGTH_RANGE_RATIO: the rows do not
+record it; an assumption, stated), chunked prefill at vLLM's default token budget, the shipped
+profile of the GPU. The burst start and the length spread matter: every first wave queues
+behind ceil(clients * isl / budget) full prefill passes, and without spread the clients would
+stay in lockstep for ever, while with it they drift apart as in the measured runs. Rows are
+skipped, each with its reason, when layersim cannot price them honestly: disaggregated
+prefill/decode, pipeline or attention data parallelism, expert parallelism inside the
+tensor-parallel group, or an architecture with no preset. Nothing here is keyed to particular
+rows.
 
 Engine overhead (what a serving engine adds to its kernels per iteration): two parameters,
 `iteration_overhead_s` (scheduler, launches) and `request_overhead_s` (per running request:
 sampling, detokenising, bookkeeping), fitted by non-negative least squares to the mean TPOT
 residual of the rows given for fitting, simulated with no overhead: in steady decoding every
 iteration serves about `batch_size` requests, so residual = a + b * batch_size.
-
-Known gap: simulated clients with identical lengths stay in lockstep, so every round's prompts
-are prefilled together; the measured runs' TTFT shows staggered clients. Mean TTFT is therefore
-over-predicted until a client start model (vLLM's --ramp-up-strategy, or jitter) exists.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from sim.study import Study, make_study, run_study
 
 COLUMNS = ("backend", "model_path", "precision", "mode", "isl", "osl", "batch_size", "tp_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
-CLIENT_ROUNDS = 3  # requests per client, all measured, as vllm bench serve measures them
+PROTOCOL_ROUNDS = 10  # requests per client (the collectors' --num-prompts = 10 x concurrency)
+# vLLM's --random-range-ratio: lengths uniform in [L(1 - r), L(1 + r)]. InferenceX passes a
+# ratio the rows do not record; 0.1 is our assumption (its spread breaks lockstep clients).
+LENGTH_RANGE_RATIO = 0.1
 # vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB
 VLLM_CHUNK = 8192
 
@@ -95,50 +100,44 @@ def skip_reason(row: Any) -> str | None:
 
 
 def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
-    """The row as a study; its clients start staggered over one request's expected duration
-    (STAGGER), as a long benchmark's clients end up: the measured TTFTs show no lockstep."""
+    """The row as a study that replays the runs' protocol (see the module note)."""
     preset, dtype = hf_preset(str(row["model_path"]))
     precision = str(row["precision"]).lower()
+    clients = int(row["batch_size"])
     values: dict[str, Any] = {
         "model": preset, "gpu": gpu, "tp": int(row["tp_size"]), "profile": profile,
         "policies": [f"chunked:{VLLM_CHUNK}"],
-        "workload": f"fixed:{int(row['isl'])}:{int(row['osl'])}",
-        "max_concurrency": int(row["batch_size"]),
-        "num_requests": CLIENT_ROUNDS * int(row["batch_size"]),
+        "workload": f"random:{int(row['isl'])}:{int(row['osl'])}:{LENGTH_RANGE_RATIO:g}",
+        "max_concurrency": clients,
+        "num_requests": PROTOCOL_ROUNDS * clients,
         "warmup_requests": 0,  # vLLM counts the first wave too (its warm-ups run apart)
         "slo_ttft_ms": 1e9, "slo_itl_ms": 1e9, **extra,
     }
     if precision == "fp8" or dtype == "fp8":
         values["dtype"] = "fp8"
-    study = make_study(values)
-    if "stagger_s" in extra:
-        return study
-    return make_study({**values, "stagger_s": _request_duration_s(study, row)})
-
-
-def _request_duration_s(study: Study, row: Any) -> float:
-    """One request's decoding time with every client decoding: its output tokens times the
-    priced decode iteration of `batch_size` requests at the mean context."""
-    clients, isl, osl = int(row["batch_size"]), int(row["isl"]), int(row["osl"])
-    iteration = study.cost_model().price_decodes(clients, clients * (isl + osl // 2 + 1))
-    return max(osl * iteration.latency_s, 1e-3)
+    return make_study(values)
 
 
 def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
            profile: str | None = None) -> list[Replay]:
     """Simulate every supported row (of `backend`, if given); skipped rows keep their reason."""
     out = []
+    done: dict[str, tuple[float | None, float | None, str | None]] = {}  # rows run twice
     for idx, row in frame.iterrows():
         if backend is not None and str(row["backend"]) != backend:
             continue
         reason = skip_reason(row)
         ttft = tpot = None
         if reason is None:
-            try:
-                _, _, (result,) = run_study(row_study(row, gpu, profile))
-                ttft, tpot = result.metrics["mean_ttft_ms"], result.metrics["mean_tpot_ms"]
-            except ConfigError as e:  # e.g. the model does not fit this many GPUs
-                reason = str(e)
+            study = row_study(row, gpu, profile)
+            key = study.model_dump_json()
+            if key not in done:
+                try:
+                    _, _, (result,) = run_study(study)
+                    done[key] = (result.metrics["mean_ttft_ms"], result.metrics["mean_tpot_ms"], None)
+                except ConfigError as e:  # e.g. the model does not fit this many GPUs
+                    done[key] = (None, None, str(e))
+            ttft, tpot, reason = done[key]
         out.append(Replay(int(str(idx)), str(row["backend"]), str(row["model_path"]),
                           int(_num(row, "isl", 0)), int(_num(row, "osl", 0)),
                           int(_num(row, "batch_size", 0)), int(_num(row, "tp_size", 0)),

@@ -30,8 +30,9 @@ def test_rows_are_skipped_with_their_reason(change: dict, reason: str | None) ->
 def test_a_row_becomes_a_closed_loop_study() -> None:
     study = row_study(pd.Series(ROW), "h100", None)
     assert study.model == "llama-3.1-70b" and study.dtype == "fp8" and study.tp == 4
-    assert study.workload == "fixed:1024:128" and study.max_concurrency == 8
-    assert study.num_requests == 24 and study.warmup_requests == 0
+    # the collectors' protocol: 10 requests per client, all clients at once, lengths spread
+    assert study.workload == "random:1024:128:0.1" and study.max_concurrency == 8
+    assert study.num_requests == 80 and study.warmup_requests == 0 and study.stagger_s is None
 
 
 def replay_row(clients: int, predicted_ms: float, measured_ms: float) -> Replay:
