@@ -8,7 +8,7 @@ from pathlib import Path
 
 from costmodel import ConfigError
 from sim.results import check_out, results_folder
-from sim.silicon import errors, read_rows, replay, summary
+from sim.silicon import VLLM_CHUNK, errors, read_rows, replay, summary
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,9 +35,19 @@ def run(ns: argparse.Namespace) -> int:
     check_out(ns.out)
     replays = replay(read_rows(ns.file), ns.gpu, ns.backend, ns.profile)
     table = errors(replays)
+    skipped: dict[str, int] = {}
+    for r in replays:
+        if r.skipped is not None:
+            skipped[r.skipped] = skipped.get(r.skipped, 0) + 1
+    skipped = dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    summaries = {by: summary(table, by) for by in ("backend", "model")}
     if ns.out is not None:
+        from reports.silicon import render_page  # plotly: loaded only for --out
+
         with results_folder(ns.out) as folder:
             table.to_csv(folder / "replay.csv", index=False)
+            (folder / "report.html").write_text(
+                render_page(table, summaries, skipped, ns.file.name), encoding="utf-8")
             (folder / "run.json").write_text(json.dumps(
                 {"command": ["layersim", *getattr(ns, "argv", [])], "file": str(ns.file)}) + "\n")
     if ns.json:
@@ -48,14 +58,15 @@ def run(ns: argparse.Namespace) -> int:
             "predicted_ttft_ms", "ttft_err", "measured_tpot_ms", "predicted_tpot_ms", "tpot_err"]
     if len(table):
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        for by in ("backend", "model"):
+        for by, frame in summaries.items():
             print(f"\n|error| by {by}:")
-            print(summary(table, by).to_string(float_format=lambda v: f"{v:.1%}"))
-    skipped: dict[str, int] = {}
-    for r in replays:
-        if r.skipped is not None:
-            skipped[r.skipped] = skipped.get(r.skipped, 0) + 1
+            print(frame.to_string(float_format=lambda v: f"{v:.1%}"))
+        others = sorted(set(table["backend"]) - {"vllm"})
+        if others:
+            print(f"\n{', '.join(others)}: simulated with vLLM's scheduler (chunked prefill, "
+                  f"{VLLM_CHUNK} tokens); their own schedulers are not modelled and nothing is "
+                  "fitted to their rows, so their errors stand apart.")
     print(f"\nsimulated {len(table)} rows; skipped {sum(skipped.values())}:")
-    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+    for reason, n in skipped.items():
         print(f"  {n:>4}  {reason}")
     return 0

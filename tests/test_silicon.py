@@ -47,3 +47,49 @@ def test_overhead_fit_recovers_a_known_line() -> None:
     assert request_s == pytest.approx(0.02e-3, rel=1e-6)
     with pytest.raises(ConfigError, match="at least 3"):
         fit_overhead(rows[:2])
+
+
+def test_replay_out_writes_the_table_and_a_scatter_of_predicted_against_measured(
+        tmp_path, capsys) -> None:
+    """Two small runs (one vLLM, one SGLang) through the CLI: replay.csv holds the errors, the
+    page plots each row at (measured, predicted) and says SGLang's scheduler is not modelled."""
+    import base64
+    import json
+    import re
+
+    import numpy as np
+
+    from cli.main import main
+
+    rows = [{**ROW, "model_path": "meta-llama/Llama-3.1-8B-Instruct", "precision": "bf16",
+             "isl": 256, "osl": 16, "batch_size": 2, "tp_size": 1, "moe_tp_size": 1,
+             "silicon_ttft_ms": 30.0, "silicon_tpot_ms": 8.0},
+            {**ROW, "backend": "sglang", "model_path": "meta-llama/Llama-3.1-8B-Instruct",
+             "precision": "bf16", "isl": 512, "osl": 16, "batch_size": 4, "tp_size": 1,
+             "moe_tp_size": 1, "silicon_ttft_ms": 60.0, "silicon_tpot_ms": 9.0},
+            {**ROW, "mode": "disagg"}]
+    csv = tmp_path / "runs.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    assert main(["replay-silicon", str(csv), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "sglang: simulated with vLLM's scheduler" in out and "skipped 1:" in out
+    table = pd.read_csv(tmp_path / "out" / "replay.csv")
+    assert list(table["backend"]) == ["vllm", "sglang"]
+    assert table["ttft_err"].tolist() == pytest.approx(
+        (table.predicted_ttft_ms / table.measured_ttft_ms - 1).tolist())
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="fig-silicon"' in page and "disaggregated" in page
+    spec = json.loads(re.search(r'Plotly.newPlot\(\s*"fig-silicon",\s*(\[.*?\]),\s*\{', page,
+                                re.S).group(1))
+    def values(v: dict | list) -> list[float]:  # plotly writes arrays as base64 typed arrays
+        if isinstance(v, list):
+            return [float(x) for x in v]
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+
+    points = {(t["name"], t["xaxis"]): (values(t["x"]), values(t["y"]))
+              for t in spec if t["mode"] == "markers"}
+    # TTFT on the first axes, TPOT on the second, each row at (measured, predicted)
+    for _, r in table.iterrows():
+        name = f"{r.model} ({r.backend})"
+        assert points[(name, "x")] == ([r.measured_ttft_ms], [pytest.approx(r.predicted_ttft_ms)])
+        assert points[(name, "x2")] == ([r.measured_tpot_ms], [pytest.approx(r.predicted_tpot_ms)])
