@@ -232,6 +232,12 @@ def test_requests_that_never_fit_are_rejected_alike_in_both(monkeypatch, engine,
         assert sorted(res.requests.loc[~res.requests["finished"], "req_id"]) == [1, 2, 3]
 
 
+def test_core_imports_neither_torch_nor_simpy():
+    code = ("import sys, core, core.step, core.admission, core.result, core.metrics; "
+            "assert not {'torch', 'simpy'} & set(sys.modules), 'torch or simpy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_engine_imports_no_simpy():
     pytest.importorskip("torch")
     code = "import sys, engine.serve; assert 'simpy' not in sys.modules, 'simpy imported'"
