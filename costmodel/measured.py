@@ -27,6 +27,16 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
+from costmodel.coefficients import (
+    SUM_DEC_KV,
+    SUM_DEC_KV_WIN,
+    SUM_DEC_TOKENS,
+    SUM_PF_PAIRS,
+    SUM_PF_PAIRS_WIN,
+    SUM_PF_SEQS,
+    SUM_PF_TOKENS,
+    SUM_TOKENS,
+)
 from costmodel.experts import power_law_skew
 from costmodel.gpu import GPUSpec, load_gpu
 from costmodel.kernel_tables import SPECS, Curve, Hardware, KernelTable, Roofline, Surface
@@ -273,17 +283,17 @@ class MeasuredKernels:
             nl = l1 - l0
             n_slide = prefix[l1] - prefix[l0]
             n_full = nl - n_slide
-            lat += nl * (self.layer_overhead_s + mk.layer_time_s(s[0]))
-            if s[1]:
+            lat += nl * (self.layer_overhead_s + mk.layer_time_s(s[SUM_TOKENS]))
+            if s[SUM_PF_TOKENS]:
                 if n_full:
-                    lat += n_full * mk.prefill_attn_s(s[9], s[2])
+                    lat += n_full * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS])
                 if n_slide:
-                    lat += n_slide * mk.prefill_attn_s(s[9], s[2], s[3])
-            if s[6]:
+                    lat += n_slide * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS], s[SUM_PF_PAIRS_WIN])
+            if s[SUM_DEC_TOKENS]:
                 if n_full:
-                    lat += n_full * mk.decode_attn_s(s[6], s[7])
+                    lat += n_full * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV])
                 if n_slide:
-                    lat += n_slide * mk.decode_attn_s(s[6], s[7], s[8])
+                    lat += n_slide * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV], s[SUM_DEC_KV_WIN])
         return lat
 
     def op_times_s(self, segments: Sequence[tuple[int, int, Sequence[int]]],
@@ -296,16 +306,16 @@ class MeasuredKernels:
         for l0, l1, s in segments:
             nl = l1 - l0
             n_slide = prefix[l1] - prefix[l0]
-            for name, t in mk.layer_ops(s[0]).items():
+            for name, t in mk.layer_ops(s[SUM_TOKENS]).items():
                 times[name] = times.get(name, 0.0) + nl * t
-            if s[1]:
+            if s[SUM_PF_TOKENS]:
                 times["prefill_attn"] = times.get("prefill_attn", 0.0) + (
-                    (nl - n_slide) * mk.prefill_attn_s(s[9], s[2])
-                    + n_slide * mk.prefill_attn_s(s[9], s[2], s[3]))
-            if s[6]:
+                    (nl - n_slide) * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS])
+                    + n_slide * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS], s[SUM_PF_PAIRS_WIN]))
+            if s[SUM_DEC_TOKENS]:
                 times["decode_attn"] = times.get("decode_attn", 0.0) + (
-                    (nl - n_slide) * mk.decode_attn_s(s[6], s[7])
-                    + n_slide * mk.decode_attn_s(s[6], s[7], s[8]))
+                    (nl - n_slide) * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV])
+                    + n_slide * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV], s[SUM_DEC_KV_WIN]))
         return times
 
     def op_sources(self, segments: Sequence[tuple[int, int, Sequence[int]]],
