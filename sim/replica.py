@@ -13,6 +13,10 @@ last step and wait for their sum in one event; an arrival interrupts it at the e
 in flight, and core's apply_steady applies the steps done. K stops at the first request to
 finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a
 sliding window (past it that layer's KV read stops growing), so the form is exact.
+
+In checked mode (a user's policy, or --check) the promise is verified where it is used: at the
+start of each steady run the policy is asked once, through schedule_checked, and a plan other
+than one decode tile per running request is a PlanError (_verify_steady_claim).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from core.records import Recorder
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
 from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
+from costmodel.plan import decode_tile
 from policies import guard
-from policies.base import Policy
+from policies.base import Policy, schedule_checked
 from policies.registry import is_trusted
 
 if TYPE_CHECKING:
@@ -101,6 +106,8 @@ class Replica:
                            on_preempt=recorder.preempted, replica=self.idx,
                            fast_forward=self.fast_forward)
             if step.action is STEADY:
+                if self.check:
+                    self._verify_steady_claim()
                 yield from self._steady_decode()
                 continue
             if step.action is WAIT:
@@ -123,6 +130,23 @@ class Replica:
             for req in finished:
                 self._finish_accounting(req)
                 recorder.finished(req, self.idx)
+
+    def _verify_steady_claim(self) -> None:
+        """Checked mode: a policy fast-forwarded on its `steady_decode` promise (policies/base.py)
+        is asked once, through the same checked path, at the start of each steady run; its plan
+        must be exactly one decode tile for every running request, or the promise was broken
+        (fast-forwarding it would silently change the results)."""
+        state = self.state
+        plan = schedule_checked(self.policy, state)
+        L = state.num_layers
+        want = sorted(decode_tile(r.req_id, r.num_computed_tokens, L) for r in state.running)
+        if sorted(plan) != want:
+            got = "an empty plan" if not plan else f"{len(plan)} tiles {list(plan)[:3]}"
+            raise PlanError(f"policy {guard.policy_label(self.policy)} broke its steady_decode "
+                            f"promise: with nothing waiting and every one of the {len(want)} "
+                            "running requests decoding, its plan must be exactly one decode tile "
+                            f"per running request, got {got}; set steady_decode = False if it "
+                            "may do otherwise")
 
     def _check_invariants(self) -> None:
         """Memory is conserved and within capacity; tokens never exceed what was asked; token

@@ -1,0 +1,161 @@
+"""Fast-forward of steady decoding (sim/replica.py) against step-by-step simulation.
+
+Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
+pressure with preemptions, a sliding-window model), gives the same per-request token times
+(within 1e-9 s), the same counts and the same metrics with fast_forward on and off. And a
+user's policy is fast-forwarded only on a promise that checked mode verifies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from core.state import PlanError, ReplicaState
+from costmodel import CostModel, Parallelism, Tile, load_model
+from policies import ChunkedPrefill
+from sim import simulate
+from traces import Request, WorkloadSpec, build_workload
+
+POLICIES = ["chunked:512", "layered", "layered:16", "hybrid:512", "adaptive:100", "prefill-first"]
+
+# The per-token time tolerance the fast-forward must meet: its step ends are an arithmetic
+# series from two priced steps, step-by-step sums each step's price; the two differ only by
+# float rounding (~1e-16 relative per addition over runs of at most ~10^4 steps).
+TOKEN_TIME_TOL_S = 1e-9
+# Sums over iterations (energy, bytes) are interpolated linearly between the first and last
+# steady step's price, which is exact for the affine cost; rounding only.
+METRIC_REL = 1e-9
+
+
+def _qwen() -> CostModel:
+    return CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+
+
+def _gpt_oss() -> CostModel:  # sliding-window attention on every other layer (window 128)
+    return CostModel(load_model("gpt-oss-20b"), "h100", parallel=Parallelism(tp=2))
+
+
+def _arxiv(seed: int) -> list[Request]:
+    return build_workload(WorkloadSpec("arxiv-long", rate=1.5, duration_s=12, seed=seed)).requests
+
+
+def _pressure() -> list[Request]:
+    """Long outputs arriving together: 16 requests of 3000 + 400 tokens need 16 x 213 KV
+    blocks of 16 tokens, and 600 are left (_tight): decodes must preempt."""
+    return [Request(i, i * 0.02, 3000, 400) for i in range(16)]
+
+
+def _tight(cm: CostModel, blocks: int) -> dict[str, float]:
+    """simulate arguments that leave exactly `blocks` KV blocks of 16 tokens."""
+    reserve = cm.hw.hbm_bytes - cm.weight_bytes_per_gpu - blocks * 16 * cm.kv_bytes_per_token_per_gpu
+    return {"gpu_memory_utilization": 1.0, "activation_reserve_bytes": reserve}
+
+
+def _crossing_the_window() -> list[Request]:
+    """Prompts shorter than gpt-oss's 128-token window whose outputs cross it while decoding,
+    arriving apart (arrivals interrupt steady runs), plus arxiv prompts already past it."""
+    return [Request(100 + i, i * 0.05, 30 + 20 * i, 200) for i in range(6)] + list(_arxiv(5)[:4])
+
+
+WORKLOADS = {
+    "arxiv": (_qwen, lambda: _arxiv(2), lambda cm: {}),
+    "kv-pressure": (_qwen, _pressure, lambda cm: _tight(cm, 600)),
+    "sliding-window": (_gpt_oss, _crossing_the_window, lambda cm: {}),
+}
+
+
+def _token_times(res, req_ids) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Each request's output token times: the first token's, then one per gap after it."""
+    rows = res.requests.set_index("req_id").loc[req_ids]
+    gaps = res.itls.per_request(req_ids)
+    return [first + np.concatenate(([0.0], np.cumsum(g))) if not math.isnan(first) else g
+            for first, g in zip(rows["first_token_s"], gaps, strict=True)]
+
+
+def _assert_same_run(fast, slow) -> None:  # type: ignore[no-untyped-def]
+    a, b = fast.requests, slow.requests
+    assert a["req_id"].tolist() == b["req_id"].tolist()
+    for col in ("output_tokens", "preemptions", "finished", "replica"):
+        assert a[col].tolist() == b[col].tolist(), col
+    ids = a["req_id"].tolist()
+    for rid, ta, tb in zip(ids, _token_times(fast, ids), _token_times(slow, ids), strict=True):
+        assert len(ta) == len(tb), rid
+        assert np.max(np.abs(ta - tb), initial=0.0) <= TOKEN_TIME_TOL_S, rid
+    for key, value in slow.metrics.items():
+        if isinstance(value, float):
+            assert fast.metrics[key] == pytest.approx(value, rel=METRIC_REL, abs=1e-12), key
+        else:
+            assert fast.metrics[key] == value, key
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fast_forward_equals_step_by_step(policy, workload):
+    make_cm, make_requests, make_kw = WORKLOADS[workload]
+    cm, requests = make_cm(), make_requests()
+    kw = make_kw(cm)
+    fast = simulate(requests, cm, policy, fast_forward=True, **kw)
+    slow = simulate(requests, cm, policy, fast_forward=False, **kw)
+    _assert_same_run(fast, slow)
+    assert fast.metrics["completed"] == len(requests)
+    # it did fast-forward: fewer iteration rows than iterations
+    assert len(fast.iterations) < fast.metrics["iterations"] == len(slow.iterations)
+    if workload == "kv-pressure":
+        assert slow.metrics["preemptions"] > 0
+
+
+# ---- a user's steady_decode promise, verified in checked mode -------------------------------
+
+class _HonestSteady(ChunkedPrefill):
+    """A user's copy of chunked prefill: not a registry built-in, so checked; it keeps the
+    promise it inherits (steady_decode = True)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_num_batched_tokens=512)
+        self.name = "my-chunked"
+
+
+class _SkipsADecode(_HonestSteady):
+    """Claims steady_decode but decodes at most two requests an iteration."""
+
+    stall_free = False
+
+    def schedule(self, state: ReplicaState) -> tuple[Tile, ...]:
+        plan = super().schedule(state)
+        decoding = {r.req_id for r in state.decodes}
+        keep = sorted(decoding)[:2]
+        return tuple(t for t in plan if t.req_id not in decoding or t.req_id in keep)
+
+
+class _HalfStackDecodes(_HonestSteady):
+    """Stall-free, claims steady_decode, but with nothing waiting runs each decode through the
+    first half of the layers (a legal plan: the rest would follow next iteration). Refused
+    at the first steady state, before any such plan runs."""
+
+    def schedule(self, state: ReplicaState) -> tuple[Tile, ...]:
+        if state.waiting or len(state.decodes) != len(state.running):
+            return super().schedule(state)
+        half = state.num_layers // 2
+        return tuple(Tile(r.req_id, r.num_computed_tokens, r.num_computed_tokens + 1, 0, half,
+                          r.num_computed_tokens, False) for r in state.decodes)
+
+
+def _steady_requests() -> list[Request]:
+    return [Request(i, 0.0, 200 + 50 * i, 30) for i in range(4)]
+
+
+def test_an_honest_steady_claim_is_fast_forwarded_with_the_same_results():
+    cm, requests = _qwen(), _arxiv(2)
+    fast = simulate(requests, cm, _HonestSteady, fast_forward=True)
+    slow = simulate(requests, cm, _HonestSteady, fast_forward=False)
+    _assert_same_run(fast, slow)
+    assert len(fast.iterations) < fast.metrics["iterations"]  # checked, and still forwarded
+
+
+@pytest.mark.parametrize("liar", [_SkipsADecode, _HalfStackDecodes])
+def test_a_broken_steady_claim_is_refused_in_checked_mode(liar):
+    with pytest.raises(PlanError, match="policy my-chunked.*broke its steady_decode promise"):
+        simulate(_steady_requests(), _qwen(), liar, fast_forward=True)
