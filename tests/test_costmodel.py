@@ -111,8 +111,11 @@ def test_skewed_occupancy_matches_monte_carlo(skew):
         # Gumbel top-k draws k distinct experts with probabilities proportional to p
         g = np.log(p) + rng.gumbel(size=(trials, n, E))
         topk = np.argpartition(-g, k - 1, axis=-1)[..., :k]
-        mc = np.mean([len(np.unique(t)) for t in topk])
-        assert act.distinct(n) == pytest.approx(mc, rel=0.03)
+        counts = np.array([len(np.unique(t)) for t in topk])
+        mc, se = counts.mean(), counts.std(ddof=1) / np.sqrt(trials)
+        # the approximation's documented error (costmodel/experts.py: within 1% of a Gumbel
+        # top-k Monte Carlo for sigma up to 2) plus 3 standard errors of the 400-trial mean
+        assert abs(act.distinct(n) - mc) <= 0.01 * mc + 3 * se
         assert act.distinct(n) < uniform_distinct(E, k, n) + 1e-9  # skew lowers it
 
 
@@ -124,6 +127,7 @@ def test_popularity_shape_for_default_skew():
     # published Qwen3-30B-A3B counts: top expert ~4% (we knowingly overstate it, at most 2x),
     # half the experts carry ~90% of the mass
     assert 0.04 <= share[0] <= 0.08
+    # tolerance: the published "~90%" is given to one digit, so 90% +- 5 points
     assert 0.85 <= share[:64].sum() <= 0.95
     assert popularity(128, 0.0)[0] == pytest.approx(1 / 128)
 
@@ -145,8 +149,10 @@ def test_tp2_halves_weight_bytes_per_gpu_and_adds_allreduce(qwen):
     assert op(two, "qkv_proj").hbm_bytes < op(one, "qkv_proj").hbm_bytes
     w1 = one.hbm_bytes.dense_weights / one.num_gpus
     w2 = two.hbm_bytes.dense_weights / two.num_gpus
-    # replicated pieces (router) keep it from exactly half
-    assert w2 == pytest.approx(w1 / 2, rel=0.02)
+    # the router (hidden x experts, bf16, every layer) is replicated on each TP rank, the
+    # rest split in two: w2 = w1 / 2 + router / 2
+    router = qwen.num_layers * qwen.hidden * qwen.num_experts * 2
+    assert w2 == pytest.approx(w1 / 2 + router / 2, rel=1e-12)
     assert two.hbm_bytes.expert_weights == pytest.approx(one.hbm_bytes.expert_weights)
     assert not any(o.name == "allreduce" for o in one.ops)
     ar = op(two, "allreduce")
@@ -171,7 +177,11 @@ def test_layered_reads_experts_once_chunked_sixteen_times():
     groups = [(g * 3, g * 3 + 3) for g in range(16)]
     layered = sum(cm.price([Tile(0, 0, P, l0, l1, 0, l1 == L)]).hbm_bytes.expert_weights
                   for l0, l1 in groups)
-    assert 15 < chunked / layered <= 16.01
+    # each 512-token chunk touches distinct(512) experts per layer; the whole prompt once
+    # touches distinct(8192): the ratio is 16 x distinct(512) / distinct(8192), just under 16
+    act = ExpertActivation(128, 8, qwen.routing_skew)
+    assert chunked / layered == pytest.approx(16 * act.distinct(512) / act.distinct(8192), rel=1e-12)
+    assert chunked / layered < 16
 
 
 def test_bad_settings_are_one_line_errors(qwen, tmp_path):
