@@ -29,7 +29,10 @@ def evaluator(duration_s: float = 20.0, slo_ttft_ms: float = 1.5 * D * 1e3):
 def test_max_rate_finds_the_service_rate():
     ans = max_rate(evaluator(), target=0.9, start_rate=3.0, rel_tol=0.01)
     assert ans.point is not None
-    assert ans.point.rate == pytest.approx(1 / D, rel=0.02)
+    assert ans.point.rate == pytest.approx(1 / D, rel=0.01)  # the search stops within rel_tol
+    # ...of the lowest rate that missed: the bracket it stopped on
+    bad = min(p.rate for p in ans.search if not p.meets and p.rate > ans.point.rate)
+    assert (bad - ans.point.rate) / bad <= 0.01
     assert ans.point.rate <= 1 / D * 1.0001
     rates = [p.rate for p in ans.search]
     assert len(rates) == len(set(rates))

@@ -143,8 +143,9 @@ def test_streaming_bounds_memory_and_keeps_results(qwen_tp2, tmp_path):
     pd.testing.assert_frame_equal(full.requests, streamed.requests)
     assert list(tmp_path.glob("requests-part*.parquet"))
     assert streamed.metrics["mean_ttft_ms"] == pytest.approx(full.metrics["mean_ttft_ms"])
-    # gap percentiles come from a 0.5%-wide histogram when streaming
-    assert streamed.metrics["p99_itl_ms"] == pytest.approx(full.metrics["p99_itl_ms"], rel=0.01)
+    # gap percentiles come from a histogram whose edges are 0.5% apart when streaming
+    # (core/records.py); the bin's geometric centre is within 0.5% of anything in its bin
+    assert streamed.metrics["p99_itl_ms"] == pytest.approx(full.metrics["p99_itl_ms"], rel=0.005)
 
 
 def test_metrics_by_hand_on_a_constant_server():
