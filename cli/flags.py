@@ -1,8 +1,10 @@
 """Every study setting is a flag of the same name: `--slo-ttft-ms` is the key `slo_ttft_ms`.
 
 The flags are made from the `Study` model itself (sim/study.py), so a key cannot exist without
-its flag, and each flag's help shows the key's default. One exception in spelling: the key
-`duration_s` is the flag `--duration` (seconds). vLLM's `--goodput ttft:MS tpot:MS e2el:MS` is
+its flag, and each flag's help shows the key's default. Exceptions in spelling: the key
+`duration_s` is the flag `--duration` (seconds); the true/false key `enable_prefix_caching`
+is `--enable-prefix-caching` / `--no-prefix-caching` (vLLM's `--no-enable-prefix-caching`
+too). vLLM's `--goodput ttft:MS tpot:MS e2el:MS` is
 accepted as a way to set `slo_ttft_ms`, `slo_tpot_ms` and `slo_e2el_ms` together.
 """
 
@@ -51,6 +53,9 @@ HELP = {
     "kv_cache_dtype": "bf16 | fp8: the KV cache (null: bf16)",
     "gpu_memory_utilization": "share of GPU memory for weights and KV cache, as vLLM's",
     "block_size": "KV cache block size in tokens, as vLLM's",
+    "enable_prefix_caching": "vLLM's automatic prefix caching: requests sharing a prompt prefix "
+                             "(Mooncake's hash_ids, shared-prefix:...) reuse its KV blocks; "
+                             "--no-prefix-caching to compare",
     "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",
     "workers": "processes to split the replicas over (round-robin router; results are the same)",
     "max_concurrency": "closed loop, as vllm bench serve --max-concurrency: N clients, each sending "
@@ -115,6 +120,14 @@ def add_study_flags(p: argparse.ArgumentParser, capacity: bool = False) -> None:
     p.add_argument("study", nargs="?", help="a YAML study file (flags override its keys)")
     for key in Study.model_fields:
         if key in CAPACITY_ONLY and not capacity:
+            continue
+        if Study.model_fields[key].annotation is bool:
+            p.add_argument(flag_name(key), dest=key,
+                           action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{HELP[key]} (default: {_default(key)})")
+            if key == "enable_prefix_caching":
+                p.add_argument("--no-prefix-caching", dest=key, action="store_false",
+                               default=None, help="the same as --no-enable-prefix-caching")
             continue
         p.add_argument(flag_name(key), dest=key, type=_type(key), default=None,
                        metavar=key.upper(), help=f"{HELP[key]} (default: {_default(key)})")

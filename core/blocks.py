@@ -15,7 +15,9 @@ references on those blocks; the rest grows with fresh blocks. Freeing drops refe
 first; a block reaching 0 with a hash becomes evictable (most recently used at the back, so a
 request's tail is evicted before its head), any other goes back to the free list. Allocation
 takes a free block first, else evicts the least recently used evictable block and forgets its
-hash. Free + evictable is what can still be allocated (`num_free_blocks`).
+hash. Free + evictable is what can still be allocated (`num_free_blocks`). Block ids never
+used yet are free implicitly (the next fresh id counts up), so a pool costs memory only for
+the blocks it has handed out: a fleet of thousands of simulated replicas stays small.
 
 Hashes are Python hashes of tuples of ints: unlike str/bytes they are not salted, so every
 process computes the same values. Three families, kept apart by a tag: token ids (the engine),
@@ -28,6 +30,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 BlockHash = int
 ROOT_HASH: BlockHash = 0x5EED  # the parent of block 0
@@ -156,9 +159,13 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_counts = [0] * num_blocks
-        self.block_hash: list[BlockHash | None] = [None] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest id first
+        # per block id below _num_fresh (ids from it up were never used: free, lowest first)
+        self._refs: list[int] = []
+        self._hash: list[BlockHash | None] = []
+        self._num_fresh = 0
+        self._free: list[int] = []  # released blocks with no content: a stack, taken first
+        self.num_refs = 0  # references held by all tables together (a conservation check)
+        self.ever_cached = False  # until a block is cached, no request can hit
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._cached: dict[BlockHash, int] = {}  # block hash -> the block holding that content
         self._stats = [0] * 6  # PrefixCacheStats fields, in order
@@ -167,7 +174,21 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take: free ones and evictable cached ones."""
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + self.num_blocks - self._num_fresh + len(self._evictable)
+
+    @property
+    def ref_counts(self) -> list[int]:
+        """Reference count per block id (O(pool): for tests and debugging)."""
+        refs = self._refs + [0] * (self.num_blocks - self._num_fresh)
+        for b in self._free:  # a free block's stored count is stale (see _take_many)
+            refs[b] = 0
+        return refs
+
+    @property
+    def block_hash(self) -> list[BlockHash | None]:
+        """The content hash each block is cached under, or None (O(pool))."""
+        return self._hash + [None] * (self.num_blocks - self._num_fresh)
+
 
     @property
     def num_evictable_blocks(self) -> int:
@@ -179,7 +200,7 @@ class BlockPool:
 
     def free_block_ids(self) -> tuple[int, ...]:
         """Free blocks, next taken first (O(pool): for tests and debugging)."""
-        return tuple(reversed(self._free))
+        return tuple(reversed(self._free)) + tuple(range(self._num_fresh, self.num_blocks))
 
     def evictable_block_ids(self) -> tuple[int, ...]:
         """Evictable blocks, least recently used (next evicted) first (O(pool))."""
@@ -215,11 +236,16 @@ class BlockPool:
                 and num_extra_blocks == len(table.extra_block_ids)):  # most decode steps
             table.num_tokens = max(table.num_tokens, num_tokens)
             return
-        hits = [] if table.is_admitted else self._match(table)
+        if table.is_admitted:
+            hits: list[int] = []
+            num_taken = 0
+        else:
+            hits = self._match(table)
+            refs = self._refs
+            num_taken = sum(1 for b in hits if refs[b] == 0)
         num_new = max(0, -(-num_tokens // self.block_size) - len(table.block_ids) - len(hits))
         extra_delta = num_extra_blocks - len(table.extra_block_ids)
-        refs = self.ref_counts
-        num_taken = sum(1 for b in hits if refs[b] == 0) + num_new + max(0, extra_delta)
+        num_taken += num_new + max(0, extra_delta)
         if num_taken > self.num_free_blocks + max(0, -extra_delta):
             raise NoFreeBlocksError(
                 f"{num_taken} blocks needed to hold {num_tokens} tokens and {num_extra_blocks} "
@@ -229,9 +255,10 @@ class BlockPool:
         extra = table.extra_block_ids
         while len(extra) > num_extra_blocks:
             self._release(extra.pop())
-        take = self._take
-        table.block_ids.extend(take() for _ in range(num_new))
-        extra.extend(take() for _ in range(num_extra_blocks - len(extra)))
+        if num_new:
+            table.block_ids += self._take_many(num_new)
+        if num_extra_blocks > len(extra):
+            extra += self._take_many(num_extra_blocks - len(extra))
         table.num_tokens = max(table.num_tokens, num_tokens)
 
     def mark_computed(self, table: BlockTable, num_computed_tokens: int) -> None:
@@ -244,23 +271,40 @@ class BlockPool:
                 h = hashes[i]
                 if h not in cached:
                     cached[h] = ids[i]
-                    self.block_hash[ids[i]] = h
+                    self._hash[ids[i]] = h
+                    self.ever_cached = True
         table.num_hashed = max(table.num_hashed, end)
 
     def free(self, table: BlockTable) -> None:
         """Release the table's blocks, tail first (so its tail is evicted before its prefix), and
         reset it: a preempted request is admitted afresh and may hit its own blocks."""
-        release = self._release
-        for b in reversed(table.extra_block_ids):
-            release(b)
-        for b in reversed(table.block_ids):
-            release(b)
+        if table.num_hashed == 0 and table.num_cached_tokens <= 0:  # nothing shared or cached:
+            free = self._free  # every block is held by this table alone, and becomes free
+            free += reversed(table.extra_block_ids)  # (counts left stale: see _take_many)
+            free += reversed(table.block_ids)
+            self.num_refs -= len(table.extra_block_ids) + len(table.block_ids)
+        else:
+            self._release_all(table.extra_block_ids)
+            self._release_all(table.block_ids)
         table.block_ids = []
         table.extra_block_ids = []
         table.num_tokens = table.num_hashed = 0
         table.num_cached_tokens = -1
 
     # ---- internals ------------------------------------------------------------------------------
+    def _release_all(self, ids: list[int]) -> None:
+        """_release of every block, tail first, inlined: a finished prompt frees hundreds."""
+        refs, hashes, free, evictable = self._refs, self._hash, self._free, self._evictable
+        self.num_refs -= len(ids)
+        for b in reversed(ids):
+            left = refs[b] - 1
+            refs[b] = left
+            if left == 0:
+                if hashes[b] is None:
+                    free.append(b)
+                else:
+                    evictable[b] = None
+
     def _match(self, table: BlockTable) -> list[int]:
         if not self.enable_prefix_caching:
             return []
@@ -276,11 +320,12 @@ class BlockPool:
         return hits
 
     def _admit(self, table: BlockTable, hits: list[int]) -> None:
-        refs, evictable = self.ref_counts, self._evictable
+        refs, evictable = self._refs, self._evictable
         for b in hits:
             if refs[b] == 0:  # a cached block nobody holds: it stops being evictable
                 del evictable[b]
             refs[b] += 1
+        self.num_refs += len(hits)
         table.block_ids.extend(hits)
         table.num_hashed = len(hits)
         table.num_cached_tokens = table.num_tokens = len(hits) * self.block_size
@@ -292,25 +337,70 @@ class BlockPool:
             s[3] += -(-table.num_prompt_tokens // self.block_size)
             s[4] += len(hits)
 
+    def _take_many(self, n: int) -> list[int]:
+        """`n` blocks, as n calls of _take would give them (free stack, fresh ids, evictions).
+
+        A block on the free stack keeps a stale reference count (free's fast path leaves it
+        at 1, _release at 0; nothing reads it there): taking one sets it to 1."""
+        free = self._free
+        k = min(n, len(free))
+        taken = free[:-k - 1:-1] if k else []  # the stack's top k, in the order pop gives them
+        if k:
+            del free[-k:]
+            refs = self._refs
+            for b in taken:
+                refs[b] = 1
+            self.num_refs += k
+        m = min(n - k, self.num_blocks - self._num_fresh)
+        if m > 0:
+            first = self._num_fresh
+            taken += range(first, first + m)
+            self._refs += [1] * m
+            self._hash += [None] * m
+            self._num_fresh = first + m
+            self.num_refs += m
+            k += m
+        taken += [self._take() for _ in range(n - k)]  # evictions
+        return taken
+
     def _take(self) -> int:
+        self.num_refs += 1
         if self._free:
             b = self._free.pop()
+        elif self._num_fresh < self.num_blocks:
+            b = self._num_fresh
+            self._num_fresh += 1
+            self._refs.append(1)
+            self._hash.append(None)
+            return b
         else:
             b = self._evictable.popitem(last=False)[0]
-            del self._cached[self.block_hash[b]]  # type: ignore[arg-type]  # evictable: hashed
-            self.block_hash[b] = None
+            del self._cached[self._hash[b]]  # type: ignore[arg-type]  # evictable: hashed
+            self._hash[b] = None
             self._stats[5] += 1
-        self.ref_counts[b] = 1
+        self._refs[b] = 1
         return b
 
     def _release(self, block_id: int) -> None:
-        left = self.ref_counts[block_id] - 1
-        self.ref_counts[block_id] = left
+        self.num_refs -= 1
+        left = self._refs[block_id] - 1
+        self._refs[block_id] = left
         if left == 0:
-            if self.block_hash[block_id] is None:
+            if self._hash[block_id] is None:
                 self._free.append(block_id)
             else:
                 self._evictable[block_id] = None
+
+
+class HoldsBlocks(Protocol):
+    """Anything that owns a block table (core.request.RequestState)."""
+
+    @property
+    def block_table(self) -> BlockTable: ...
+
+
+def _table_of(owner: BlockTable | HoldsBlocks) -> BlockTable:
+    return owner if isinstance(owner, BlockTable) else owner.block_table
 
 
 class Admission:
@@ -322,7 +412,9 @@ class Admission:
     requests cost 0 (already resident), evictable ones 1 (they stop being free; 0 for a later
     request in the same call that hits the same block), fresh KV and extra blocks 1 each, less
     extra blocks the table gives back. Valid while the executor admits every new table of the
-    plan (`BlockPool.admit`) before it allocates any, and allocates in plan order."""
+    plan (`BlockPool.admit`) before it allocates any, and allocates in plan order.
+
+    Every method takes a block table or its owner (a RequestState): policies pass requests."""
 
     __slots__ = ("pool", "hidden_blocks_per_token", "num_reserved_blocks", "_claimed")
 
@@ -339,26 +431,29 @@ class Admission:
         """Blocks still free after what this call reserved."""
         return self.pool.num_free_blocks - self.num_reserved_blocks
 
-    def num_cached_tokens(self, table: BlockTable) -> int:
+    def num_cached_tokens(self, owner: BlockTable | HoldsBlocks) -> int:
         """Where the table's prefill starts: its prefix hit (waiting) or what it has (admitted)."""
-        return self.pool.match_prefix(table)
+        return self.pool.match_prefix(_table_of(owner))
 
-    def cost(self, table: BlockTable, num_tokens: int, partial: bool = False) -> int:
-        return self._price(table, num_tokens, partial)[0]
+    def cost(self, owner: BlockTable | HoldsBlocks, num_tokens: int, partial: bool = False) -> int:
+        return self._price(_table_of(owner), num_tokens, partial)[0]
 
-    def can_admit(self, table: BlockTable, num_tokens: int, partial: bool = False) -> bool:
-        """Whether `table` can hold `num_tokens` (plus hidden states if `partial`) beside what
+    def can_admit(self, owner: BlockTable | HoldsBlocks, num_tokens: int,
+                  partial: bool = False) -> bool:
+        """Whether the table can hold `num_tokens` (plus hidden states if `partial`) beside what
         this call reserved already."""
-        return self._price(table, num_tokens, partial)[0] <= self.num_free_blocks
+        return self._price(_table_of(owner), num_tokens, partial)[0] <= self.num_free_blocks
 
-    def reserve(self, table: BlockTable, num_tokens: int, partial: bool = False) -> None:
-        if not self.try_admit(table, num_tokens, partial):
-            raise NoFreeBlocksError(f"{self.cost(table, num_tokens, partial)} blocks needed for "
+    def reserve(self, owner: BlockTable | HoldsBlocks, num_tokens: int, partial: bool = False) -> None:
+        if not self.try_admit(owner, num_tokens, partial):
+            raise NoFreeBlocksError(f"{self.cost(owner, num_tokens, partial)} blocks needed for "
                                     f"{num_tokens} tokens, {self.num_free_blocks} left")
 
-    def try_admit(self, table: BlockTable, num_tokens: int, partial: bool = False) -> bool:
-        """Reserve the table's blocks if they fit; say whether they did."""
-        cost, claim = self._price(table, num_tokens, partial)
+    def try_admit(self, owner: BlockTable | HoldsBlocks, num_tokens: int,
+                  partial: bool = False) -> bool:
+        """Reserve the table's blocks for `num_tokens` (plus hidden states if `partial`) if they
+        fit; say whether they did."""
+        cost, claim = self._price(_table_of(owner), num_tokens, partial)
         if cost > self.num_free_blocks:
             return False
         self.num_reserved_blocks += cost
@@ -372,7 +467,7 @@ class Admission:
         if not table.is_admitted:
             hits = pool._match(table)
             num_kv_held = len(hits)
-            refs, claimed = pool.ref_counts, self._claimed
+            refs, claimed = pool._refs, self._claimed
             claim = [b for b in hits if refs[b] == 0 and b not in claimed]
         num_extra = hidden_state_blocks(num_tokens, self.hidden_blocks_per_token) if partial else 0
         # A table's surplus extras are released before it grows (BlockPool.allocate), so they

@@ -12,6 +12,9 @@ and E2E latency, when those targets are set, as benchmark_serving's --goodput se
 requests that never finished count as misses. Each latency has mean, median, std and the
 requested percentiles (p90, p95, p99 by default; p99 always). Energy covers busy iterations and
 idle power between them.
+Prefix caching (`prefix_cache_metrics`): vLLM's `prefix_cache_hit_rate` (hit tokens / queried
+tokens; queried = the prompt of every admission, a recompute counted again), the same in
+blocks, the token counts behind them and the cached blocks evicted.
 """
 
 from __future__ import annotations
@@ -22,9 +25,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.blocks import PrefixCacheStats
 from core.records import Recorder
 
 DEFAULT_PERCENTILES = (90.0, 95.0, 99.0)
+PREFIX_CACHE_KEYS = ("enable_prefix_caching", "prefix_cache_hit_rate", "prefix_cache_queries",
+                     "prefix_cache_hits", "prefix_cache_block_hit_rate", "prefix_cache_evictions")
+
+
+def prefix_cache_metrics(stats: PrefixCacheStats, enabled: bool) -> dict[str, Any]:
+    """PREFIX_CACHE_KEYS from a run's pool counts (zeros with caching off)."""
+    return {"enable_prefix_caching": enabled,
+            "prefix_cache_hit_rate": stats.hit_rate,
+            "prefix_cache_queries": stats.queried_tokens,
+            "prefix_cache_hits": stats.hit_tokens,
+            "prefix_cache_block_hit_rate": (stats.hit_blocks / stats.queried_blocks
+                                            if stats.queried_blocks else 0.0),
+            "prefix_cache_evictions": stats.num_evictions}
 
 
 def _name(p: float) -> str:

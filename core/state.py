@@ -8,10 +8,22 @@ one layer group at a time, hybrids any rectangle. When the last layer reaches ev
 emits it, and finishes with its last. `apply` does this for one plan, `apply_steady` for K
 identical decode iterations in closed form; `check` proves a plan legal beforehand.
 
-Memory: KV blocks of `block_size` tokens for every token any layer has computed, plus, while a
-prompt is part-way through the stack, its hidden states at the layer frontier (layered
-prefill's memory cost), counted in blocks. The state keeps integer counters (free blocks, each
-request's blocks); every piece of block arithmetic is in the memory section of ReplicaState.
+Memory: a `core.blocks.BlockPool` of `num_total_blocks` blocks of `block_size` tokens; each
+request's `BlockTable` holds KV blocks for every token any layer has computed, plus, while a
+prompt is part-way through the stack, anonymous blocks for its hidden states at the layer
+frontier (layered prefill's memory cost). `apply` admits the plan's new requests (taking their
+prefix hits) before it grows any table, then grows them in plan order; once tokens are through
+every layer their full blocks are offered to the prefix cache (`mark_computed`); finishing and
+preemption free the table. Policies price admissions with `admission()` (a `core.blocks.
+Admission` that has reserved the running decodes' next blocks): no policy does block arithmetic.
+
+Prefix caching (vLLM's automatic prefix caching, on unless `enable_prefix_caching` is False):
+a waiting request's prefix is matched each time the scheduler considers it (`match_waiting`,
+called by core.step.prepare before every schedule call) and its `num_computed_tokens` set to
+the hit, so every policy starts its first tile at the first uncached token and `check` holds it
+to that. The hit is taken (references on the cached blocks) when `apply` admits it; nothing
+changes the pool between the match and the admission, so they agree (an internal PlanError if
+not). A request with no known content (no block hashes: synthetic lengths) never hits.
 
 Preemption is vLLM's recompute: the newest running request frees its KV and goes back to the
 head of the waiting queue to redo its prefill, its output so far folded into the prompt.
@@ -25,7 +37,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.blocks import blocks_needed, peak_blocks
+from core.blocks import (
+    Admission,
+    BlockPool,
+    NoFreeBlocksError,
+    blocks_needed,
+    hidden_state_blocks,
+    peak_blocks,
+)
 from core.request import RequestState
 from costmodel.plan import Tile
 
@@ -79,17 +98,35 @@ class ReplicaState:
     now_s: float = 0.0
     waiting: list[RequestState] = field(default_factory=list)  # arrived, no KV yet, FCFS
     running: list[RequestState] = field(default_factory=list)  # admitted, in admission order
-    num_free_blocks: int = -1
     num_preemptions: int = 0
     # preemptions in a row that undid no new work while no token was emitted: a livelock grows it
     futile_preemptions: int = 0
+    enable_prefix_caching: bool = True
+    pool: BlockPool = field(init=False, repr=False)
     _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_free_blocks < 0:
-            self.num_free_blocks = self.num_total_blocks
+        self.pool = BlockPool(self.num_total_blocks, self.block_size, self.enable_prefix_caching)
 
-    # ---- memory: every piece of block arithmetic (policies may use the public ones) ----------
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on or off before the replica serves anything."""
+        if self.pool.num_used_blocks or self.pool.stats().num_queries:
+            raise ValueError("prefix caching can only be set before the replica holds KV blocks")
+        self.enable_prefix_caching = self.pool.enable_prefix_caching = enabled
+
+    # ---- memory: the pool (policies read num_free_blocks and use admission()) ----------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can still take: free ones and cached ones nobody holds."""
+        return self.pool.num_free_blocks
+
+    def admission(self) -> Admission:
+        """A schedule call's admission helper, the running decodes' next blocks reserved:
+        `try_admit(req, num_tokens, partial=False)` reserves a request's blocks for
+        `num_tokens` (prefix hits and hidden states included) if they fit."""
+        return Admission(self.pool, [r.block_table for r in self.decodes],
+                         self.hidden_blocks_per_token)
+
     def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
         """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
         return blocks_needed(num_tokens, self.block_size,
@@ -103,7 +140,10 @@ class ReplicaState:
 
     def can_admit(self, req: RequestState, num_tokens: int, partial: bool = False,
                   reserved: int = 0) -> bool:
-        return self.blocks_for(num_tokens, partial) - req.num_blocks + reserved <= self.num_free_blocks
+        """Whether `req` can hold `num_tokens` with `reserved` blocks set aside (kept for user
+        policies; `admission()` does the bookkeeping for a whole plan)."""
+        return (Admission(self.pool, (), self.hidden_blocks_per_token).cost(req, num_tokens, partial)
+                + reserved <= self.num_free_blocks)
 
     def decode_growth(self, requests: Sequence[RequestState], steps: int = 1) -> int:
         """Blocks `requests` take to decode `steps` more tokens each."""
@@ -125,30 +165,53 @@ class ReplicaState:
         return lo
 
     def _hold(self, req: RequestState) -> None:
-        """Give `req` the blocks its progress needs now (a PlanError if they are not free)."""
+        """Give `req` the blocks its progress needs now (a PlanError if they are not free), and
+        offer its newly full blocks through every layer to the prefix cache."""
         lt = req.layer_tokens
-        top = lt[0] if lt is not None else req.num_computed_tokens
-        need = self.blocks_for(top, partial=lt is not None)
-        grow = need - req.num_blocks
-        if grow > self.num_free_blocks:
-            raise PlanError(f"plan needs {grow} more KV blocks for request {req.req_id}, "
-                            f"only {self.num_free_blocks} free")
-        self.num_free_blocks -= grow
-        req.num_blocks = need
+        table = req.block_table
+        if lt is None:
+            top, extra = req.num_computed_tokens, 0
+        else:
+            top = lt[0]
+            extra = hidden_state_blocks(top, self.hidden_blocks_per_token)
+        try:
+            self.pool.allocate(table, top, extra)
+        except NoFreeBlocksError as e:
+            raise PlanError(f"plan needs more KV blocks for request {req.req_id}: {e}") from None
+        if table.num_hashed < len(table.block_hashes):
+            self.pool.mark_computed(table, req.num_computed_tokens)
+
+    def _admit(self, req: RequestState) -> None:
+        """Take the waiting request's prefix hit: it must be where its tiles started."""
+        hit = self.pool.admit(req.block_table)
+        if hit != req.num_computed_tokens:
+            raise PlanError(f"internal: request {req.req_id} was scheduled from token "
+                            f"{req.num_computed_tokens} but its cached prefix is {hit} tokens "
+                            "(a plan made without core.step.prepare's match_waiting?)")
 
     def _release(self, req: RequestState) -> None:
-        self.num_free_blocks += req.num_blocks
-        req.num_blocks = 0
+        self.pool.free(req.block_table)
+
+    def match_waiting(self) -> None:
+        """Set every waiting request's `num_computed_tokens` to its prefix-cache hit now (see
+        the module note). Nothing to do until some block was cached: no request can hit."""
+        pool = self.pool
+        if not pool.ever_cached:
+            return
+        for r in self.waiting:
+            if r.block_table.block_hashes:
+                r.num_computed_tokens = pool.match_prefix(r.block_table)
 
     def memory_error(self) -> str | None:
-        """What is wrong with the block counters, if anything: blocks held plus free must be the
-        total, and free within [0, total]."""
+        """What is wrong with the block accounting, if anything: the references the requests'
+        tables hold must be the pool's, and free blocks within [0, total]."""
         held = sum(r.num_blocks for r in self.running) + sum(r.num_blocks for r in self.waiting)
-        if 0 <= self.num_free_blocks <= self.num_total_blocks and (
-                held + self.num_free_blocks == self.num_total_blocks):
+        free = self.num_free_blocks
+        if 0 <= free <= self.num_total_blocks and held == self.pool.num_refs and (
+                self.pool.num_used_blocks <= held):
             return None
-        return (f"KV blocks not conserved (held {held}, free {self.num_free_blocks}, "
-                f"total {self.num_total_blocks})")
+        return (f"KV blocks not conserved (tables hold {held} references, the pool counts "
+                f"{self.pool.num_refs}; free {free}, total {self.num_total_blocks})")
 
     # ---- what policies read -------------------------------------------------------------------
     @property
@@ -198,7 +261,7 @@ class ReplicaState:
                 raise PlanError(f"tile {tile}: logits must be True exactly when the tile reaches "
                                 f"the request's last token ({end}) in the last layer")
             seen.setdefault(rid, []).append(tile)
-        free = self.num_free_blocks
+        admission = Admission(self.pool, (), self.hidden_blocks_per_token)
         for rid, tiles in seen.items():
             req = by_id[rid]
             lt = list(req.layer_tokens) if req.layer_tokens is not None else [req.num_computed_tokens] * L
@@ -211,10 +274,9 @@ class ReplicaState:
                                     f"before layer {l0 - 1} has computed them")
                 lt[l0:l1] = [t1] * (l1 - l0)
             # what apply's _hold will ask, request by request in the same order
-            grow = self.blocks_for(lt[0], partial=lt[0] != lt[-1]) - req.num_blocks
-            if grow > free:
-                raise PlanError(f"plan needs {grow} more KV blocks for request {rid}, only {free} free")
-            free -= grow
+            if not admission.try_admit(req, lt[0], partial=lt[0] != lt[-1]):
+                raise PlanError(f"plan needs {admission.cost(req, lt[0], lt[0] != lt[-1])} more KV "
+                                f"blocks for request {rid}, only {admission.num_free_blocks} free")
         if stall_free:
             for r in self.decodes:
                 if r.req_id not in seen:
@@ -242,6 +304,7 @@ class ReplicaState:
                     self.waiting.remove(req)
                     self.running.append(req)
                     req.admitted_s = now_s
+                    self._admit(req)
                 touched[rid] = req
             if l0 == 0 and l1 == L and req.layer_tokens is None:
                 req.num_computed_tokens = t1
@@ -341,6 +404,7 @@ class ReplicaState:
         victim.layer_tokens = None
         # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
         victim.num_prompt_tokens += victim.num_output_tokens
+        victim.block_table.num_prompt_tokens = victim.num_prompt_tokens  # hits stop short of it
         victim.max_tokens -= victim.num_output_tokens
         victim.num_output_tokens = 0
         victim.num_preemptions += 1

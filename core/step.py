@@ -8,7 +8,9 @@
     WAIT:   the policy declines the work it holds: wait for an arrival
 
 `prepare` first preempts (recompute) the newest running requests until every decode has its
-next KV block; then asks the policy for a plan (under guard and checked, policies.base's
+next KV block; then matches every waiting request's prefix against the cache (its
+`num_computed_tokens` becomes its hit: ReplicaState.match_waiting) and asks the policy for a
+plan (under guard and checked, policies.base's
 schedule_checked, unless the executor trusts it). An empty plan while prompts are part-way
 and nothing decodes means they filled the KV and none can grow: the newest is preempted and
 the policy asked again. Every victim goes to `on_preempt` (the recorder; the engine also frees
@@ -76,6 +78,7 @@ def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
         # every running request decoding (finished ones have left `running`)
         if fast_forward and not state.waiting and len(state.decodes) == len(state.running):
             return _STEADY
+        state.match_waiting()  # prefix hits as of now: waiting prompts start after them
         plan = schedule_checked(policy, state) if checked else policy.schedule(state)
         if plan:
             return Step(RUN, plan)

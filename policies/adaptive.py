@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
 from policies.base import decode_tiles, prompt_tile
-from policies.layered import LayeredPrefill
+from policies.layered import LayeredPrefill, uncached_tokens
 from policies.state import ReplicaState, RequestState
 
 
@@ -53,7 +53,7 @@ class AdaptiveLayered(LayeredPrefill):
         batch = self.current_batch(state)
         if not batch:
             return tuple(decodes)
-        total = sum(r.num_prompt_tokens for r in batch)
+        total = sum(map(uncached_tokens, batch))
         # The static layered plan's next tiles: the reference the budget starts from.
         groups = self.groups_for(total, state)
         fronts = [self._frontier(r, L) for r in batch]

@@ -133,11 +133,6 @@ def decode_tiles(state: ReplicaState) -> list[Tile]:
     return [decode_tile(r.req_id, r.num_computed_tokens, L) for r in state.decodes]
 
 
-def decode_block_growth(state: ReplicaState) -> int:
-    """KV blocks the decodes of this iteration will take: admission must leave them free."""
-    return state.decode_growth(state.decodes)
-
-
 def prompt_tile(req: RequestState, t1: int, l0: int, l1: int, num_layers: int) -> Tile:
     """A prefill tile of `req` from where layer l0 stands up to token t1 through [l0, l1).
 
@@ -148,4 +143,4 @@ def prompt_tile(req: RequestState, t1: int, l0: int, l1: int, num_layers: int) -
 
 
 __all__ = ["Policy", "Plan", "Tile", "ReplicaState", "RequestState", "decode_tiles",
-           "decode_block_growth", "prompt_tile"]
+           "prompt_tile"]

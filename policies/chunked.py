@@ -3,14 +3,15 @@
 Each iteration packs every running decode first, then continues the prompt that is part-way,
 then starts waiting prompts in arrival order, cutting the last one to the budget left. Every
 tile spans all layers, so a prompt of P tokens takes about P / budget iterations. A waiting
-prompt is admitted only if its chunk's KV blocks fit beside the decodes' growth; arrival order
+prompt starts after its cached prefix (num_computed_tokens) and is admitted only if its
+chunk's KV blocks fit beside the decodes' growth (the state's admission helper); arrival order
 is kept (no skipping ahead), as in vLLM.
 """
 
 from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from policies.state import ReplicaState, RequestState
 
 
@@ -33,27 +34,26 @@ class ChunkedPrefill:
         L = state.num_layers
         tiles: list[Tile] = decode_tiles(state)
         budget = self.max_num_batched_tokens - len(tiles)
-        reserved = decode_block_growth(state)
+        admission = state.admission()
         for req in state.running:  # part-way prompts keep their place
             if budget <= 0:
                 break
             if not req.is_prefill_done:
                 start = req.num_computed_tokens
                 t1 = min(req.num_prompt_tokens, start + budget)
-                if not state.can_admit(req, t1, reserved=reserved):
+                if not admission.try_admit(req, t1):
                     break
-                reserved += state.blocks_for(t1) - req.num_blocks
                 tiles.append(prompt_tile(req, t1, 0, L, L))
                 budget -= t1 - start
         num_seqs = len(state.running)
         for req in self.prompt_order(state):
             if budget <= 0 or num_seqs >= self.max_num_seqs:
                 break
-            t1 = min(req.num_prompt_tokens, budget)
-            if not state.can_admit(req, t1, reserved=reserved):
+            start = req.num_computed_tokens  # its prefix-cache hit
+            t1 = min(req.num_prompt_tokens, start + budget)
+            if not admission.try_admit(req, t1):
                 break
-            reserved += state.blocks_for(t1)
             tiles.append(prompt_tile(req, t1, 0, L, L))
-            budget -= t1
+            budget -= t1 - start
             num_seqs += 1
         return tuple(tiles)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from costmodel.plan import Tile
 from policies.base import prompt_tile
-from policies.layered import LayeredPrefill
+from policies.layered import LayeredPrefill, uncached_tokens
 from policies.state import ReplicaState, RequestState
 
 
@@ -34,5 +34,5 @@ class HybridPrefill(LayeredPrefill):
         return prompt_tile(req, min(P, t0 + chunk), l0, l1, L)
 
     def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
-        groups = self.groups_for(sum(r.num_prompt_tokens for r in batch), state)
+        groups = self.groups_for(sum(map(uncached_tokens, batch)), state)
         return [self._tile(r, groups, state.num_layers) for r in batch]

@@ -9,7 +9,8 @@ each layer sees each prompt once, so expert weights are read once per prompt.
 G = max(1, ceil(tokens / chunk_tokens)), at most the number of layers (the published rule).
 With `max_groups` set, G is rounded up to a power of two and capped there (the public
 implementation's bucket rule). Part-way prompts hold their hidden states at the group frontier;
-the replica counts them against KV memory.
+the replica counts them against KV memory (the state's admission helper prices them). A
+prompt with a cached prefix runs only its uncached tokens through the groups.
 
 The policy keeps no memory between calls: the batch in flight is the set of running prompts
 part-way through the stack, and its next group starts where their layers stand.
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import math
 
+from core.blocks import Admission
 from costmodel.plan import Plan, Tile
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from policies.state import ReplicaState, RequestState
 
 
@@ -30,6 +32,13 @@ def num_groups(num_tokens: int, num_layers: int, chunk_tokens: int = 512,
     if max_groups is not None:
         g = min(1 << (g - 1).bit_length(), max_groups)
     return min(g, num_layers)
+
+
+def uncached_tokens(req: RequestState) -> int:
+    """The prompt tokens a prefill computes: all but its prefix-cache hit (matched while it
+    waits, taken at admission)."""
+    hit = req.num_cached_tokens if req.num_cached_tokens >= 0 else req.num_computed_tokens
+    return req.num_prompt_tokens - hit
 
 
 def group_bounds(num_layers: int, groups: int) -> list[tuple[int, int]]:
@@ -62,34 +71,34 @@ class LayeredPrefill:
         """The group the batch runs next: the one starting where its layers stand."""
         L = state.num_layers
         done = batch[0].layers_done_at(batch[0].num_prompt_tokens, L)
-        for l0, l1 in self.groups_for(sum(r.num_prompt_tokens for r in batch), state):
+        for l0, l1 in self.groups_for(sum(map(uncached_tokens, batch)), state):
             if l0 >= done:
                 return l0, l1
         return done, L  # cannot happen for a consistent batch; finish the stack
 
-    def new_batch(self, state: ReplicaState, reserved: int) -> list[RequestState]:
+    def new_batch(self, state: ReplicaState, admission: Admission) -> list[RequestState]:
         """Waiting prompts that start together: FCFS while within one chunk's worth of tokens."""
         batch: list[RequestState] = []
         tokens = 0
         num_seqs = len(state.running)
         for req in state.waiting:
             P = req.num_prompt_tokens
-            if batch and tokens + P > self.chunk_tokens:
+            new = uncached_tokens(req)
+            if batch and tokens + new > self.chunk_tokens:
                 break
             if num_seqs >= self.max_num_seqs:
                 break
-            if not state.can_admit(req, P, partial=True, reserved=reserved):
+            if not admission.try_admit(req, P, partial=True):
                 break
-            reserved += state.blocks_for(P, partial=True)
             batch.append(req)
-            tokens += P
+            tokens += new
             num_seqs += 1
         return batch
 
     def current_batch(self, state: ReplicaState) -> list[RequestState]:
         """The prompts part-way through the stack, or else the ones that start now."""
         batch = [r for r in state.running if not r.is_prefill_done]
-        return batch or self.new_batch(state, decode_block_growth(state))
+        return batch or self.new_batch(state, state.admission())
 
     def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
         """This iteration's prefill work: the batch's whole prompts through the next group."""

@@ -9,7 +9,7 @@ stall-free scheduling buys.
 from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from policies.state import ReplicaState
 
 
@@ -26,16 +26,16 @@ class PrefillFirst:
         L = state.num_layers
         tiles: list[Tile] = []
         tokens = 0
-        reserved = decode_block_growth(state)
+        admission = state.admission()
         num_seqs = len(state.running)
         for req in state.waiting:
             P = req.num_prompt_tokens
-            if tiles and tokens + P > self.max_num_batched_tokens:
+            new = P - req.num_computed_tokens  # after its prefix-cache hit
+            if tiles and tokens + new > self.max_num_batched_tokens:
                 break
-            if num_seqs >= self.max_num_seqs or not state.can_admit(req, P, reserved=reserved):
+            if num_seqs >= self.max_num_seqs or not admission.try_admit(req, P):
                 break
-            reserved += state.blocks_for(P)
             tiles.append(prompt_tile(req, P, 0, L, L))
-            tokens += P
+            tokens += new
             num_seqs += 1
         return tuple(tiles) if tiles else tuple(decode_tiles(state))

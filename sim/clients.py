@@ -26,7 +26,7 @@ from collections.abc import Callable, Generator, Sequence
 import simpy
 
 from core.records import Recorder
-from core.request import RequestState
+from core.request import RequestState, request_state
 from traces.request import Request
 
 
@@ -44,8 +44,9 @@ class Clients:
 
     def __init__(self, env: simpy.Environment, max_concurrency: int | None, recorder: Recorder,
                  on_rejected: Callable[[], None], first_measured: int | None = None,
-                 rejected: frozenset[int] = frozenset()) -> None:
+                 rejected: frozenset[int] = frozenset(), block_size: int = 16) -> None:
         self.env = env
+        self.block_size = block_size  # the replicas' KV block size: a request's block hashes
         self.limit = max_concurrency
         self.recorder = recorder
         self.first_measured = first_measured  # opens the measured window when sent (closed loop)
@@ -66,7 +67,7 @@ class Clients:
             if r.arrival_s > env.now:
                 yield env.timeout(r.arrival_s - env.now)
             if self.limit is None:  # open loop: the request's own arrival time, exactly
-                submit(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens))
+                submit(request_state(r, self.block_size))
                 continue
             while self.in_flight >= self.limit:
                 if self._freed.triggered:
@@ -75,7 +76,7 @@ class Clients:
             now = env.now
             if r.req_id == self.first_measured:
                 self.recorder.count_from_s = now
-            state = RequestState(r.req_id, now, r.prompt_tokens, r.output_tokens)
+            state = request_state(r, self.block_size, now)
             self.in_flight += 1
             if r.req_id in self.rejected:
                 self.recorder.rejected(state, now)

@@ -10,6 +10,12 @@ replicas can be split over worker processes with identical results. With `max_co
 the requests come from closed-loop clients instead (sim/clients.py), and the first
 `warmup_requests` are simulated but left out of the metrics.
 
+Prefix caching (vLLM's automatic prefix caching, `enable_prefix_caching`, on by default) runs in
+each replica's block pool (core/blocks.py); requests carry their content as trace hash ids
+(Mooncake, the shared-prefix workload). The metrics add the pools' counts summed over replicas
+(PREFIX_CACHE_KEYS; warm-up requests included): vLLM's `prefix_cache_hit_rate` = hit tokens /
+queried tokens, counted at every admission (a preempted request's recompute counts again).
+
 `simulate` is also a Python API: its arguments are checked as the CLI checks a study (a
 ConfigError naming the argument, and for a request its position and id), so a zero, fractional
 or negative token count, a NaN or infinite arrival or a repeated id never reaches SimPy.
@@ -20,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,8 @@ import simpy
 # REJECTIONS, SimResult, the SLO defaults and policy_folder live in core/ (the engine's too)
 from core.admission import REJECTIONS as REJECTIONS
 from core.admission import kv_blocks, screen
-from core.metrics import DEFAULT_PERCENTILES, summarize
+from core.blocks import PrefixCacheStats
+from core.metrics import DEFAULT_PERCENTILES, prefix_cache_metrics, summarize
 from core.records import Recorder
 from core.request import RequestState
 from core.result import DEFAULT_SLO_ITL_MS as DEFAULT_SLO_ITL_MS
@@ -62,6 +69,7 @@ class _Shard:
     replica_ids: list[int]
     end_s: float
     policy_name: str
+    prefix_stats: list[int]  # PrefixCacheStats fields summed over this shard's replicas
 
 
 def simulate(requests: Sequence[Request], cost_model: CostModel,
@@ -73,7 +81,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
              progress: bool = False, workers: int = 1, max_concurrency: int | None = None,
-             warmup_requests: int = 0) -> SimResult:
+             warmup_requests: int = 0, enable_prefix_caching: bool = True) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
 
     `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
@@ -96,6 +104,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
         raise ConfigError(f"activation_reserve_bytes must be a finite number >= 0, got "
                           f"{shown(activation_reserve_bytes)}")
     _check_percentiles(metric_percentiles)
+    if not isinstance(enable_prefix_caching, bool):
+        raise ConfigError(f"enable_prefix_caching must be true or false, got "
+                          f"{shown(enable_prefix_caching)}")
     if not isinstance(router, str):
         raise ConfigError(f"router must be a router's name, got {shown(router)}")
     if not (isinstance(policy, str) or callable(policy)):
@@ -133,7 +144,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                              hidden_blocks, check, fast_forward, sub_dir,
                              progress and shard == 0, len(mine), max_concurrency, warm_ids,
                              first_measured, frozenset(r.req_id for r in too_long) if closed
-                             else frozenset())
+                             else frozenset(), enable_prefix_caching)
 
     if workers == 1:
         shards = [run_shard(0)]
@@ -150,7 +161,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
            "slo_e2el_ms": slo_e2el_ms, "percentiles": tuple(metric_percentiles)}
     result = _merge(shards, [] if closed else too_long, ordered[:1], cost_model, num_replicas,
                     slo)
-    result.metrics.update(max_context=max_context, **screening.counts())
+    pools = PrefixCacheStats(*map(sum, zip(*(s.prefix_stats for s in shards), strict=True)))
+    result.metrics.update(max_context=max_context, **screening.counts(),
+                          **prefix_cache_metrics(pools, enable_prefix_caching))
     return replace(result, rejections=screening.texts())
 
 
@@ -233,7 +246,8 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   fast_forward: bool, stream_dir: Path | None, progress: bool,
                   total: int, max_concurrency: int | None = None,
                   warmup_ids: set[int] | None = None, first_measured: Request | None = None,
-                  rejected: frozenset[int] = frozenset()) -> _Shard:
+                  rejected: frozenset[int] = frozenset(),
+                  enable_prefix_caching: bool = True) -> _Shard:
     def new_policy() -> Policy:
         return make_policy(policy) if isinstance(policy, str) else policy()
 
@@ -254,11 +268,14 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
             done.succeed()
 
     clients = Clients(env, max_concurrency, recorder, on_finish,
-                      first_measured.req_id if first_measured is not None else None, rejected)
+                      first_measured.req_id if first_measured is not None else None, rejected,
+                      block_size)
 
     replicas = [Replica(env, rid, new_policy(), cost_model, num_blocks, block_size, hidden_blocks,
                         recorder, check=check, fast_forward=fast_forward, on_finish=on_finish)
                 for rid in replica_ids]
+    for rep in replicas:
+        rep.state.set_prefix_caching(enable_prefix_caching)
     picker = make_router(router, seed)
 
     def submit(state: RequestState) -> None:
@@ -285,8 +302,9 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
     recorder.on_record = None
     if stream_dir is not None:
         recorder.flush()
+    stats = [astuple(rep.state.pool.stats()) for rep in replicas]
     return _Shard(recorder, [recorder.busy_s.get(rep.idx, 0.0) for rep in replicas], replica_ids, end_s,
-                  replicas[0].policy.name)
+                  replicas[0].policy.name, [sum(col) for col in zip(*stats, strict=True)])
 
 
 def _merge(shards: list[_Shard], too_long: list[Request], first_arrivals: list[Request],

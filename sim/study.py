@@ -130,6 +130,7 @@ class Study(BaseModel):
     kv_cache_dtype: str | None = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
+    enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: each policy's own (256)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop
@@ -472,7 +473,8 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
                         metric_percentiles=study.metric_percentiles,
                         check=check, progress=progress, workers=study.workers,
                         max_concurrency=study.max_concurrency,
-                        warmup_requests=study.warmup(len(workload.requests)))
+                        warmup_requests=study.warmup(len(workload.requests)),
+                        enable_prefix_caching=study.enable_prefix_caching)
                for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
     results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})

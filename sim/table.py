@@ -34,6 +34,9 @@ ROWS = (
     ("HBM GB / request", lambda m: _f(m["hbm_bytes_per_request"], 1e-9, "{:.0f}")),
     ("preemptions", lambda m: str(m["preemptions"])),
 )
+# shown only when some run hit the prefix cache (a workload with shared content)
+PREFIX_ROW = ("prefix cache hit rate",
+              lambda m: _f(m.get("prefix_cache_hit_rate"), 100, "{:.1f}%"))
 
 
 def _count(key: str) -> Callable[[dict[str, Any]], int]:
@@ -63,6 +66,8 @@ def format_comparison(metrics: Sequence[dict[str, Any]]) -> str:
         if any(count(m) for m in metrics):
             rows.append((title, _as_cell(count)))
     rows += ROWS[1:]
+    if any(m.get("prefix_cache_hits") for m in metrics):
+        rows.append(PREFIX_ROW)
     cells = [[cell(m) for m in metrics] for _, cell in rows]
     width = max(14, *(len(n) + 2 for n in names), *(len(c) + 2 for row in cells for c in row))
     label = max(len(r[0]) for r in rows) + 2

@@ -16,7 +16,7 @@ from core.request import RequestState
 from core.state import ReplicaState
 from core.step import apply_steady, commit, steady_steps
 from costmodel import CostModel, Tile, default_profile, load_gpu, load_model
-from policies.base import decode_block_growth, decode_tiles, prompt_tile
+from policies.base import decode_tiles, prompt_tile
 from sim.cluster import simulate
 from traces import Request
 
@@ -177,14 +177,12 @@ class _EveryPrompt:
     def schedule(self, state: ReplicaState) -> tuple[Tile, ...]:
         L = state.num_layers
         tiles = decode_tiles(state)
-        reserved = decode_block_growth(state)
+        admission = state.admission()
         for req in [*state.running, *state.waiting]:
             if req.is_prefill_done:
                 continue
             t1 = min(req.num_prompt_tokens, req.num_computed_tokens + 64)
-            grow = state.blocks_for(t1) - req.num_blocks
-            if grow + reserved <= state.num_free_blocks:
-                reserved += grow
+            if admission.try_admit(req, t1):
                 tiles.append(prompt_tile(req, t1, 0, L, L))
         return tuple(tiles)
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.blocks import BlockTable
 from costmodel.errors import ConfigError
 from costmodel.plan import Tile
 from policies import ChunkedPrefill, guard, make_policy
@@ -184,7 +185,7 @@ MUTATIONS = {
     "queue": lambda s: s.waiting.reverse() if len(s.waiting) > 1 else s.waiting.append(s.waiting[0]),
     "max_tokens": lambda s: setattr(s.waiting[0], "max_tokens", 99),
     "arrival_s": lambda s: setattr(s.waiting[0], "arrival_s", -2666.0),
-    "num_blocks": lambda s: setattr(s.waiting[0], "num_blocks", 3),
+    "block_table": lambda s: setattr(s.waiting[0], "block_table", BlockTable()),
     "first_token_s": lambda s: setattr(s.waiting[0], "first_token_s", 0.0),
     "itl_s": lambda s: s.waiting[0].itl_s.append(-1.0),
     "layer_tokens": lambda s: setattr(s.waiting[0], "layer_tokens", [1] * s.num_layers),

@@ -11,7 +11,7 @@ Formats (one loader each, ``load_trace`` sniffs the header / extension and dispa
   (other columns ignored).
 * Mooncake JSONL: one object per line, ``timestamp`` (ms, 0 to ``MAX_TIME_S`` in ms),
   ``input_length``, ``output_length``, optional ``hash_ids`` (list of integers in [0, 2^63),
-  validated but not kept).
+  one per 512 prompt tokens, kept on each Request for prefix caching).
 * Length-statistics CSV: ``num_prefill_tokens,num_decode_tokens,...`` with no arrival times.
 * vLLM's ShareGPT JSON (a list of conversations): sniffed here, read by
   ``traces.vllm_datasets.load_sharegpt`` (``resolve_workload`` dispatches).
@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from traces._table import (
     read_csv_table,
 )
 from traces.errors import TraceError
-from traces.request import Request
+from traces.request import MOONCAKE_BLOCK_SIZE, Request
 from traces.vllm_datasets import ShareGPTLengths, load_sharegpt
 
 PathLike = str | os.PathLike[str]
@@ -81,18 +82,26 @@ class LengthTable:
 
 
 def requests_from_arrays(
-    times_s: np.ndarray, prompt: np.ndarray, output: np.ndarray
+    times_s: np.ndarray, prompt: np.ndarray, output: np.ndarray,
+    hash_ids: Sequence[tuple[int, ...]] | None = None, hash_block_size: int = MOONCAKE_BLOCK_SIZE,
 ) -> tuple[Request, ...]:
-    """Requests numbered 0..n-1 from parallel arrays (already in arrival order)."""
+    """Requests numbered 0..n-1 from parallel arrays (already in arrival order), each with
+    its prompt's block hash ids when given (see traces.request)."""
     rows = zip(times_s.tolist(), prompt.tolist(), output.tolist(), strict=True)
+    if hash_ids is None:
+        return tuple(
+            Request(req_id=i, arrival_s=float(t), prompt_tokens=int(p), output_tokens=int(o))
+            for i, (t, p, o) in enumerate(rows)
+        )
     return tuple(
-        Request(req_id=i, arrival_s=float(t), prompt_tokens=int(p), output_tokens=int(o))
-        for i, (t, p, o) in enumerate(rows)
+        Request(i, float(t), int(p), int(o), ids, hash_block_size)
+        for i, ((t, p, o), ids) in enumerate(zip(rows, hash_ids, strict=True))
     )
 
 
 def _build_trace(
-    name: str, times_s: np.ndarray, prompt: np.ndarray, output: np.ndarray, source: str
+    name: str, times_s: np.ndarray, prompt: np.ndarray, output: np.ndarray, source: str,
+    hash_ids: list[tuple[int, ...]] | None = None,
 ) -> LoadedTrace:
     """Drop zero-token rows, sort by time (stable), shift to 0 and number the requests."""
     keep = (prompt > 0) & (output > 0)
@@ -102,7 +111,11 @@ def _build_trace(
         raise TraceError(f"{name}: no requests left ({skipped} zero-token rows skipped)")
     order = np.argsort(times_s, kind="stable")
     rel = times_s[order] - times_s[order[0]]
-    requests = requests_from_arrays(rel, prompt[order], output[order])
+    ids = None
+    if hash_ids is not None:
+        kept = [h for h, k in zip(hash_ids, keep.tolist(), strict=True) if k]
+        ids = [kept[i] for i in order.tolist()]
+    requests = requests_from_arrays(rel, prompt[order], output[order], ids)
     return LoadedTrace(requests=requests, skipped_zero=skipped, source=source)
 
 
@@ -197,13 +210,15 @@ def _json_stamp_ms(name: str, line: int, obj: dict[str, object]) -> float:
     return float(stamp)
 
 
-def _check_hash_ids(name: str, line: int, obj: dict[str, object]) -> None:
+def _check_hash_ids(name: str, line: int, obj: dict[str, object]) -> tuple[int, ...]:
+    """The row's prompt block ids (one per MOONCAKE_BLOCK_SIZE tokens), checked."""
     hash_ids = obj.get("hash_ids", [])
     if not isinstance(hash_ids, list) or not all(
         isinstance(h, int) and not isinstance(h, bool) and 0 <= h < HASH_ID_LIMIT
         for h in hash_ids
     ):
         raise TraceError(f"{name}:{line}: hash_ids is not a list of integers in [0, 2^63)")
+    return tuple(hash_ids)
 
 
 def _mooncake_row(name: str, line_no: int, line: str) -> dict[str, object]:
@@ -224,6 +239,7 @@ def load_mooncake(path: PathLike) -> LoadedTrace:
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
+    hash_ids: list[tuple[int, ...]] = []
     last = -math.inf
     try:
         with p.open(encoding="utf-8-sig") as fh:
@@ -236,7 +252,7 @@ def load_mooncake(path: PathLike) -> LoadedTrace:
                     raise TraceError(f"{name}:{line_no}: timestamp goes backwards "
                                      f"({stamp:g} after {last:g})")
                 last = stamp
-                _check_hash_ids(name, line_no, obj)
+                hash_ids.append(_check_hash_ids(name, line_no, obj))
                 prompt.append(_json_count(name, line_no, obj, "input_length"))
                 output.append(_json_count(name, line_no, obj, "output_length"))
                 times.append(stamp / 1000.0)
@@ -252,6 +268,7 @@ def load_mooncake(path: PathLike) -> LoadedTrace:
         np.asarray(prompt, dtype=np.int64),
         np.asarray(output, dtype=np.int64),
         f"Mooncake trace {name}",
+        hash_ids,
     )
 
 

@@ -6,7 +6,9 @@ rate, cv, caps) and never on the length source, and vice versa; comparing polici
 with the same seed therefore uses identical arrivals.
 
 * Length sources without arrivals ('sharegpt', 'arxiv', a length-statistics CSV, 'arxiv-long',
-  'fixed:P:O', vLLM's 'random:IN:OUT[:RATIO]' and a ShareGPT JSON file): arrival times come
+  'fixed:P:O', vLLM's 'random:IN:OUT[:RATIO]', 'shared-prefix:N:PREFIX:QUESTION:OUTPUT'
+  (traces/shared_prefix.py: its system prompts from the length generator) and a ShareGPT JSON
+  file): arrival times come
   from the arrival process at ``rate`` (required) until the cap(s) ``num_requests`` /
   ``duration_s`` (at least one required); lengths are sampled. ``rate = inf`` (vLLM's
   ``--request-rate inf``) puts every arrival at 0 and needs ``num_requests``.
@@ -49,7 +51,10 @@ from traces.arrivals import ARRIVAL_KINDS, describe_arrivals, generate_arrivals
 from traces.errors import TraceError
 from traces.lengths import LengthSampler, LogNormalLengths, TableLengths, arxiv_long, parse_fixed
 from traces.loaders import LengthTable, LoadedTrace, load_trace, requests_from_arrays, sniff_format
-from traces.request import Request
+from traces.request import MOONCAKE_BLOCK_SIZE, Request
+from traces.shared_prefix import PREFIX as SHARED_PREFIX
+from traces.shared_prefix import SPEC as SHARED_PREFIX_SPEC
+from traces.shared_prefix import SharedPrefixLengths, parse_shared_prefix
 from traces.vllm_datasets import RandomLengths, ShareGPTLengths, parse_random
 
 NAMED_FILES = {
@@ -59,7 +64,7 @@ NAMED_FILES = {
     "mooncake": "mooncake_synthetic.jsonl",
 }
 VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT",
-               "random:INPUT:OUTPUT[:RATIO]")
+               "random:INPUT:OUTPUT[:RATIO]", SHARED_PREFIX_SPEC)
 
 
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
@@ -167,6 +172,8 @@ def resolve_workload(
 ) -> LoadedTrace | LengthTable | LengthSampler | RandomLengths | ShareGPTLengths:
     """Map a workload name or path to a loaded trace, a length table, a length sampler or one
     of vLLM's datasets."""
+    if name.startswith(SHARED_PREFIX):
+        return parse_shared_prefix(name)
     if name == "arxiv-long":
         return arxiv_long(max_context)
     if name.startswith("fixed:"):
@@ -204,7 +211,8 @@ def has_arrival_times(name: str) -> bool:
     length statistics, presets, and names that are neither (``build_workload`` says why)."""
     if name in ("azure-conv", "mooncake"):
         return True
-    if name in NAMED_FILES or name == "arxiv-long" or name.startswith(("fixed:", "random:")):
+    if name in NAMED_FILES or name == "arxiv-long" or name.startswith(
+            ("fixed:", "random:", SHARED_PREFIX)):
         return False
     path = _file(name)
     try:
@@ -252,8 +260,9 @@ def _span_text(span: float) -> str:
 def _assemble(
     times: np.ndarray, prompt: np.ndarray, output: np.ndarray, skipped: int, head: str,
     duration_s: float | None, clipped: int = 0, replay: bool = False, at_once: bool = False,
+    hash_ids: list[tuple[int, ...]] | None = None, hash_block_size: int = MOONCAKE_BLOCK_SIZE,
 ) -> Workload:
-    requests = requests_from_arrays(times, prompt, output)
+    requests = requests_from_arrays(times, prompt, output, hash_ids, hash_block_size)
     span = duration_s if duration_s is not None else (float(times[-1]) if len(times) else 0.0)
     if at_once:
         text = f"{head}, {len(requests)} requests at t = 0"
@@ -274,6 +283,7 @@ def _assemble(
 
 def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Generator) -> Workload:
     reqs = trace.requests
+    hash_ids = [r.hash_ids for r in reqs] if any(r.hash_ids for r in reqs) else None
     prompt = np.fromiter((r.prompt_tokens for r in reqs), dtype=np.int64, count=len(reqs))
     output = np.fromiter((r.output_tokens for r in reqs), dtype=np.int64, count=len(reqs))
     label = f"{spec.workload} ({trace.source})" if spec.workload in NAMED_FILES else trace.source
@@ -300,7 +310,8 @@ def _from_trace(spec: WorkloadSpec, trace: LoadedTrace, arr_rng: np.random.Gener
     if spec.num_requests is not None:
         keep = min(keep, spec.num_requests)
     return _assemble(times[:keep], prompt[:keep], output[:keep], trace.skipped_zero, head,
-                     spec.duration_s, replay=spec.rate is None, at_once=spec.rate == math.inf)
+                     spec.duration_s, replay=spec.rate is None, at_once=spec.rate == math.inf,
+                     hash_ids=None if hash_ids is None else hash_ids[:keep])
 
 
 def build_workload(spec: WorkloadSpec) -> Workload:
@@ -350,6 +361,11 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         # the same as drawing with the smaller bound (same draws), but counted
         prompt, output, clipped = _clip_to_context(prompt, output, spec.model_context)
     head = f"{head}, {describe_arrivals(spec.arrival, spec.rate, spec.cv)}"
+    if isinstance(sampler, SharedPrefixLengths):  # after the lengths: their draws unchanged
+        return _assemble(times, prompt, output, skipped, head, spec.duration_s,
+                         at_once=spec.rate == math.inf,
+                         hash_ids=sampler.hash_ids(len(times), len_rng),
+                         hash_block_size=sampler.prefix_len)
     return _assemble(times, prompt, output, skipped, head, spec.duration_s, clipped,
                      at_once=spec.rate == math.inf)
 
