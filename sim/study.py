@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -49,6 +48,7 @@ from costmodel.profile import Profile
 from policies.base import Policy
 from policies.registry import make_policy
 from sim.cluster import MAX_REPLICAS, MAX_WORKERS, simulate
+from sim.study_file import read_yaml
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
 from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.arrivals import describe_arrivals
@@ -371,62 +371,12 @@ def _read_as(key: str, name: str | None) -> Iterator[None]:
 def load_study(path: str | Path, **overrides: Any) -> Study:
     """Read a YAML study file; flags given on the command line (`overrides`) win."""
     path = Path(path)
-    raw = _read_yaml(path) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a mapping of keys to values")
     # an override of None is a flag given as `null`: it unsets the file's key (e.g. --rate null
     # replays a trace the file gave a rate)
     return make_study({**raw, **overrides}, source=str(path))
-
-
-MAX_DEPTH = 16  # a study's deepest value is a list in the mapping (depth 2)
-
-
-def _read_yaml(path: Path) -> Any:
-    """The file's YAML, or a one-line ConfigError naming the file (and the line when known)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        _check_events(path, yaml.parse(text, Loader=yaml.SafeLoader))
-        return yaml.safe_load(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except ConfigError:  # _check_events' own
-        raise
-    except ValueError as e:  # Python's int-from-string limit
-        why = "a number with more than 4300 digits" if "digits" in str(e) else str(e).split("\n")[0]
-        raise ConfigError(f"{path}: not a study file: {why}") from None
-    except OSError as e:  # a folder, a file we may not read
-        raise ConfigError(f"{path}: cannot read the study file ({e.strerror or e})") from None
-
-
-def _check_events(path: Path, events: Iterator[yaml.Event]) -> None:
-    """From the parser's flat events, before PyYAML's recursive composer runs: nesting deeper
-    than MAX_DEPTH, and a key given twice (PyYAML would keep the last one without a word)."""
-    depth, top_mapping, is_key, keys = 0, False, True, dict[str, int]()
-    for event in events:
-        line = event.start_mark.line + 1
-        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
-            continue
-        if depth == 1 and top_mapping and isinstance(event, yaml.NodeEvent):
-            if is_key and isinstance(event, yaml.ScalarEvent):
-                if event.value in keys:
-                    raise ConfigError(f"{path}: key '{event.value[:60]}' given twice (lines "
-                                      f"{keys[event.value]} and {line})")
-                keys[event.value] = line
-            is_key = not is_key
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            top_mapping = top_mapping or (depth == 0 and isinstance(event, yaml.MappingStartEvent))
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ConfigError(f"{path}: nested too deeply (line {line}; a study file is a "
-                                  "flat mapping of keys to values)")
 
 
 def make_study(values: dict[str, Any], source: str = "flags") -> Study:
