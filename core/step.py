@@ -1,7 +1,8 @@
 """The serving step both executors run: prepare a plan, execute it (theirs), commit it.
 
     step = prepare(state, policy, now_s, checked=..., on_preempt=...)
-    RUN:    execute step.plan (the simulator prices and waits; the engine runs the model)
+    RUN:    tables = reserve(state, step.plan)    # optional: the plan's KV blocks, taken now
+            execute step.plan (the simulator prices and waits; the engine runs the model)
             commit(state, step.plan, end_s)       # tokens emitted at end_s, finished freed
     STEADY: every running request decodes and nothing waits: the simulator may apply K
             identical decode steps at once, apply_steady(state, K, ...)
@@ -23,6 +24,18 @@ their KV blocks then. Other requests may have been admitted, advanced, preempted
 since `prepare` (by other commits); the plan's own requests must still stand where the plan
 starts them (no other plan in flight may move, preempt or finish them before this commit).
 
+`reserve` takes, before the plan runs, exactly the KV blocks `commit` would take for it: the
+plan's new requests are admitted (references on their prefix hits) before any table grows, then
+each table grows, in plan order, to the tokens its layer 0 reaches and the hidden-state blocks
+its frontier holds after the plan - what ReplicaState.apply asks of the pool. Admitting and
+growing are idempotent (BlockPool.admit takes a prefix once; allocate to what a table already
+holds changes nothing), so the commit that follows finds the blocks held and takes none twice;
+only the queues (waiting -> running), progress, tokens and the prefix cache's new entries wait
+for the commit. An executor that writes KV while it executes (the engine) calls it to know
+where: the returned tables' `block_ids` are the pages of each request, in token order. The
+simulator writes no KV and lets commit allocate. Between `reserve` and its `commit` nothing
+else may change the pool.
+
 `apply_steady` is K commits of one decode tile per running request in closed form: step j
 (0-based) ends at first_end_s + j * first_latency_s + slope_s * j * (j + 1) / 2 - its latency
 grows affinely with the context - which is what the simulator's fast-forward prices.
@@ -35,6 +48,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from core.blocks import BlockTable, NoFreeBlocksError, hidden_state_blocks
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
 from costmodel.plan import Tile
@@ -94,6 +108,40 @@ def commit(state: ReplicaState, plan: tuple[Tile, ...], end_s: float) -> Committ
     emitted: list[RequestState] = []
     finished = state.apply(plan, end_s, emitted)
     return Committed(emitted, finished)
+
+
+def reserve(state: ReplicaState, plan: tuple[Tile, ...]) -> dict[int, BlockTable]:
+    """Take the KV blocks `commit` will find for `plan` (see the module note); return the block
+    tables of the plan's requests by id. A PlanError, as commit's, when the pool cannot."""
+    L = state.num_layers
+    by_id = {r.req_id: r for r in state.running}
+    reach: dict[int, list[int]] = {}  # req_id -> [layer 0's tokens, the last layer's] after the plan
+    admit: list[RequestState] = []
+    for rid, _t0, t1, l0, l1, _cached, _logits in plan:
+        ends = reach.get(rid)
+        if ends is None:
+            req = by_id.get(rid)
+            if req is None:  # admitted by this plan
+                req = by_id[rid] = next(r for r in state.waiting if r.req_id == rid)
+                admit.append(req)
+            ends = reach[rid] = [req.tokens_at(0), req.tokens_at(L - 1)]
+        if l0 == 0:
+            ends[0] = max(ends[0], t1)
+        if l1 == L:
+            ends[1] = max(ends[1], t1)
+    pool = state.pool
+    for req in admit:  # every new request's prefix before any growth, as apply does
+        pool.admit(req.block_table)
+    tables: dict[int, BlockTable] = {}
+    for rid, (top, low) in reach.items():
+        table = by_id[rid].block_table
+        extra = hidden_state_blocks(top, state.hidden_blocks_per_token) if top != low else 0
+        try:
+            pool.allocate(table, top, extra)
+        except NoFreeBlocksError as e:
+            raise PlanError(f"plan needs more KV blocks for request {rid}: {e}") from None
+        tables[rid] = table
+    return tables
 
 
 def steady_steps(state: ReplicaState) -> int:

@@ -16,7 +16,7 @@ of one expert.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,10 @@ class StepOutput:
 
 
 class Engine:
+    """A model and its KV cache (engine/kvcache.py). Served, a plan's page tables are the replica
+    state's block tables (`execute(plan, block_tables=...)`, after core.step.reserve) and the
+    cache is laid out in the pool's block size (`use_block_size`)."""
+
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *,
                  dtype: torch.dtype | None = None, seed: int = 0, kv_tokens: int = 1 << 16,
                  attention: str = "auto", experts: str = "auto",
@@ -70,6 +74,9 @@ class Engine:
         self.kv = PagedKV(spec.num_layers, pages, spec.num_kv_heads, spec.head_dim, self.device,
                           self.dtype)
         self.tokens: dict[int, list[int]] = {}
+        # tokens each request id sent through the embedding (computed, not read from cached KV):
+        # a count kept after release, for reports and tests
+        self.embedded: dict[int, int] = {}
         self.pieces: dict[int, list[Piece]] = {}
         self.windows = [spec.sliding_window if s else 0 for s in spec.sliding_layers]
 
@@ -78,12 +85,31 @@ class Engine:
         return self.mlp.impl
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, req_id: int, prompt_len: int) -> list[int]:
-        """Register a request with a random prompt drawn from (seed, req_id); returns its ids."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + req_id + 1)
-        ids = torch.randint(0, self.spec.vocab, (prompt_len,), generator=gen).tolist()
+    def add_request(self, req_id: int, prompt_len: int,
+                    token_ids: Sequence[int] | None = None) -> list[int]:
+        """Register a request with prompt `token_ids`, or a random prompt drawn from
+        (seed, req_id); returns its ids."""
+        if token_ids is not None:
+            if len(token_ids) != prompt_len:
+                raise EngineError(f"request {req_id}: {len(token_ids)} token ids for a "
+                                  f"{prompt_len}-token prompt")
+            ids = [int(t) for t in token_ids]
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + req_id + 1)
+            ids = torch.randint(0, self.spec.vocab, (prompt_len,), generator=gen).tolist()
         self.tokens[req_id] = ids
         return ids
+
+    def use_block_size(self, block_size: int) -> int:
+        """Lay the KV cache out in pages of `block_size` tokens (the replica's KV block size),
+        with no request holding pages; returns how many such pages (blocks) it holds.
+
+        FlashAttention's paged kernels ('varlen') need a multiple of 256: for another size the
+        engine falls back to SDPA, which takes any page size (engine/attention.py)."""
+        if self.attn_impl == "varlen" and block_size % 256:
+            self.attn_impl = "sdpa"
+        self.kv.repage(block_size)
+        return self.kv.num_pages
 
     def release(self, req_id: int, keep_tokens: bool = False) -> None:
         """Free a request's KV pages and hidden states (keep its token ids on a preemption)."""
@@ -105,15 +131,29 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     # ---- execution --------------------------------------------------------------------------
-    def execute(self, plan: Sequence[Tile], return_logits: bool = False) -> StepOutput:
+    def execute(self, plan: Sequence[Tile], return_logits: bool = False,
+                block_tables: Mapping[int, Sequence[int]] | None = None) -> StepOutput:
+        """Run `plan`. With `block_tables` (req_id -> KV block ids in token order, covering each
+        tile's tokens) those are the requests' pages, as the replica's pool allocated them;
+        without, the cache's own free list gives pages."""
         L = self.spec.num_layers
         tiles = list(plan)
         if not tiles:
             return StepOutput({}, [0] * L)
+        P, num_pages = self.kv.page_size, self.kv.num_pages
         for t in tiles:
             if t.req_id not in self.tokens:
                 raise EngineError(f"tile for request {t.req_id}, which the engine does not know")
-            self.kv.ensure(t.req_id, t.t1)
+            if block_tables is None:
+                self.kv.ensure(t.req_id, t.t1)
+                continue
+            pages = block_tables.get(t.req_id)
+            if pages is None or len(pages) * P < t.t1:
+                raise EngineError(f"request {t.req_id}: its block table does not cover tokens "
+                                  f"[0, {t.t1}) in blocks of {P}")
+            if max(pages[:-(-t.t1 // P)], default=0) >= num_pages:
+                raise EngineError(f"request {t.req_id}: block id {max(pages)} outside the "
+                                  f"engine's {num_pages} KV pages")
         order = sorted(range(len(tiles)), key=lambda i: tiles[i].t1 - tiles[i].t0 != 1)
         hidden: list[torch.Tensor | None] = [None] * len(tiles)
         metas: dict[tuple[int, ...], tuple[BatchMeta, torch.Tensor, torch.Tensor]] = {}
@@ -128,7 +168,7 @@ class Engine:
                     hidden[i] = self._input(tiles[i])
             if active not in metas:
                 meta = batch_meta([ActiveTile(tiles[i].req_id, tiles[i].t0, tiles[i].t1)
-                                   for i in active], self.kv, self.device)
+                                   for i in active], self.kv, self.device, block_tables)
                 cos, sin = self.rotary.tables(meta.positions, meta.max_pos)
                 metas[active] = (meta, cos, sin)
             parts = [h for h in (hidden[i] for i in active) if h is not None]
@@ -173,6 +213,7 @@ class Engine:
             ids = torch.tensor(self.tokens[t.req_id][t.t0:t.t1], device=self.device)  # [n]
             if len(ids) != t.t1 - t.t0:
                 raise EngineError(f"request {t.req_id}: tokens [{t.t0}, {t.t1}) not known yet")
+            self.embedded[t.req_id] = self.embedded.get(t.req_id, 0) + len(ids)
             return self.w.embed[ids]  # [n, H]
         return self._take(t.req_id, t.t0, t.t1, t.l0)
 

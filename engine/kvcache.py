@@ -1,10 +1,15 @@
 """A paged KV cache and the attention metadata of one batch of tiles.
 
 The pool is preallocated: per layer, K and V of shape [pages, page_size, kv_heads, head_dim].
-A request takes pages as its tokens grow (first free page first) and returns them when it
-finishes or is preempted, so memory follows the policy's own block accounting. Token p of a
-request lives in slot pages[p // page_size] * page_size + p % page_size of the flattened pool.
-The page size is 256 because FlashAttention's paged kernels require a multiple of 256.
+Two ways to own pages. Standalone (tests, warm-up, benchmarks): a request takes pages from
+the cache's own free list as its tokens grow (`ensure`) and returns them (`release`). Served
+(engine/serve.py): the pages are the replica's KV blocks - page id = block id of the replica
+state's core.blocks.BlockPool, page size = its block size - and a request's page table is its
+block table (`block_ids`, token order), passed to `batch_meta` as `tables`; the pool allocates,
+shares (prefix caching) and frees them, the free list here is not used. Token p of a request
+lives in slot pages[p // page_size] * page_size + p % page_size of the flattened pool.
+The default page size is 256 because FlashAttention's paged kernels require a multiple of 256;
+SDPA (and so the CPU) takes any size (`repage`).
 
 `batch_meta` turns the tiles active in a layer (decodes first) into what attention needs:
 token positions, the slots their new K/V go to, per-tile key ranges and page tables, and the
@@ -13,7 +18,7 @@ packed varlen form (cumulative query lengths, key lengths, block table).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +42,33 @@ class PagedKV:
         self.v = torch.zeros_like(self.k)  # [L, pages, P, Hkv, D]
         self._free = list(range(num_pages - 1, -1, -1))
         self.pages: dict[int, list[int]] = {}
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def repage(self, page_size: int) -> None:
+        """Lay the same memory out in pages of `page_size` tokens (pages of the old size must
+        all be free): a view where the token count divides, else reallocated smaller."""
+        if page_size == self.page_size:
+            return
+        if page_size < 1:
+            raise ValueError(f"page size must be >= 1, got {page_size}")
+        if self.pages:
+            raise RuntimeError("repage with pages in use")
+        L, _, _, Hkv, D = self.k.shape
+        tokens = self.capacity_tokens
+        num_pages = tokens // page_size
+        if tokens % page_size == 0:
+            self.k = self.k.view(L, num_pages, page_size, Hkv, D)
+            self.v = self.v.view(L, num_pages, page_size, Hkv, D)
+        else:
+            device, dtype = self.k.device, self.k.dtype
+            del self.k, self.v
+            self.k = torch.zeros(L, num_pages, page_size, Hkv, D, device=device, dtype=dtype)
+            self.v = torch.zeros_like(self.k)
+        self.page_size, self.num_pages = page_size, num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
 
     @property
     def free_pages(self) -> int:
@@ -97,14 +129,17 @@ class BatchMeta:
     max_k: int
 
 
-def batch_meta(tiles: Sequence[ActiveTile], kv: PagedKV, device: torch.device) -> BatchMeta:
-    """Metadata for tiles in row order; single-token tiles must come first."""
+def batch_meta(tiles: Sequence[ActiveTile], kv: PagedKV, device: torch.device,
+               tables: Mapping[int, Sequence[int]] | None = None) -> BatchMeta:
+    """Metadata for tiles in row order; single-token tiles must come first. A request's pages
+    are `tables[req_id]` when given (served: its block table), else the cache's own."""
     P = kv.page_size
     n = np.array([t.t1 - t.t0 for t in tiles], dtype=np.int64)
     t0 = np.array([t.t0 for t in tiles], dtype=np.int64)
     t1 = t0 + n
     positions = np.concatenate([np.arange(a, b) for a, b in zip(t0, t1, strict=True)])
-    page_rows = [np.asarray(kv.pages[t.req_id][:-(-t.t1 // P)], dtype=np.int64) for t in tiles]
+    owner = kv.pages if tables is None else tables
+    page_rows = [np.asarray(owner[t.req_id][:-(-t.t1 // P)], dtype=np.int64) for t in tiles]
     slots = np.concatenate([pr[np.arange(a, b) // P] * P + np.arange(a, b) % P
                             for pr, a, b in zip(page_rows, t0, t1, strict=True)])
     maxp = max(len(pr) for pr in page_rows)

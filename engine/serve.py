@@ -1,7 +1,8 @@
 """The engine's serving loop: core/step.py's serving step with a wall clock and a real model.
 
     step = prepare(state, policy, now, checked=True, ...)   # preemptions, the checked plan
-    out = engine.execute(step.plan)                         # timed, synchronised
+    tables = reserve(state, step.plan)                      # the plan's KV blocks, taken now
+    out = engine.execute(step.plan, block_tables=tables)    # timed, synchronised
     commit(state, step.plan, end)                           # the simulator's commit
 
 Requests arrive at their trace times on the wall clock (shifted so the first arrival is now):
@@ -9,8 +10,24 @@ between iterations every due arrival joins the waiting queue; with nothing to do
 sleeps until the next one, and while the policy declines what it holds it looks again every
 10 ms. Requests the replica can never serve are rejected up front by the simulator's rule
 (core/admission.py), and the replica's block budget is the simulator's (kv_blocks on the same
-cost model), so a policy sees the same memory, preemptions and rejections in both. A preempted
-request's pages are freed and its token ids kept for the recompute.
+cost model), so a policy sees the same memory, preemptions and rejections in both - capped by
+the engine's own KV memory where that is smaller (then the policy sees what the engine holds).
+
+The engine's paged KV cache is the replica state's block pool: the engine lays its cache out in
+pages of `block_size` tokens (Engine.use_block_size; FlashAttention's paged kernels need a
+multiple of 256, so another size runs SDPA), `core.step.reserve` allocates the plan's blocks
+before it runs and the engine writes and reads K/V in exactly those blocks (a request's page
+table is its block table); commit then finds them allocated. Prefix caching (on unless
+`enable_prefix_caching` is False): a request's block hashes chain its prompt's token ids
+(core.blocks.token_block_hashes), so a prompt sharing full blocks with one served earlier
+starts after them and attends to the K/V the earlier request wrote there. Hashed are the
+prompts whose content is known: given token ids (`prompt_token_ids`), and a trace's `hash_ids`
+(each trace block's tokens drawn from its hash id, so shared ids are shared tokens; hashes
+only over the blocks the simulator's trace hashes cover). A prompt the engine draws at random
+for a length-only request is no known content and is not hashed, as in the simulator (whose
+synthetic requests never hit), so both executors make the same plans. A preempted
+request's blocks are freed by the core, the engine drops its hidden states and keeps its token
+ids for the recompute.
 
 Each iteration row records the measured latency, NVML energy (GPU only), the experts the
 router touched per layer and their bytes (distinct experts x bytes of one expert at the
@@ -23,18 +40,20 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from core.admission import kv_blocks, screen
-from core.metrics import summarize
+from core.blocks import BlockHash, token_block_hashes
+from core.metrics import prefix_cache_metrics, summarize
 from core.records import Recorder, prefill_tokens_once
-from core.request import RequestState
+from core.request import RequestState, request_state
 from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
 from core.state import ReplicaState
-from core.step import RUN, Committed, commit, prepare
+from core.step import RUN, Committed, commit, prepare, reserve
 from costmodel.cost import IterationCost
 from costmodel.price import CostModel
 from engine.energy import open_meter
@@ -52,19 +71,27 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
           activation_reserve_bytes: float | None = None, slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS,
           slo_itl_ms: float = DEFAULT_SLO_ITL_MS, time_limit_s: float | None = None,
           on_iteration: Callable[[int, int], object] | None = None,
-          token_log: list[tuple[int, int, int, float]] | None = None) -> SimResult:
+          token_log: list[tuple[int, int, int, float]] | None = None,
+          enable_prefix_caching: bool = True,
+          prompt_token_ids: Mapping[int, Sequence[int]] | None = None,
+          return_logits: dict[int, list[torch.Tensor]] | None = None) -> SimResult:
     """Serve `requests` on `engine` under `policy`; tables and metrics as sim.simulate's.
 
     With `token_log`, every emitted token is appended as (req_id, position, token id, time_s),
-    in the order the serving step emits them."""
+    in the order the serving step emits them; with `return_logits`, each emitted token's
+    logits ([V] fp32) are appended to the request's list. `prompt_token_ids` gives requests
+    their prompts (req_id -> ids); the others get random ones (Engine.add_request)."""
     L = engine.spec.num_layers
     pol = make_policy(policy) if isinstance(policy, str) else policy
     num_blocks, hidden_blocks = kv_blocks(cost_model, block_size, gpu_memory_utilization,
                                           activation_reserve_bytes)
+    num_blocks = min(num_blocks, engine.use_block_size(block_size))
     ordered = sorted(requests, key=lambda r: (r.arrival_s, r.req_id))
     screening = screen(ordered, cost_model, num_blocks, block_size, hidden_blocks)
     state = ReplicaState(num_layers=L, num_total_blocks=num_blocks, block_size=block_size,
-                         hidden_blocks_per_token=hidden_blocks, cost_model=cost_model)
+                         hidden_blocks_per_token=hidden_blocks, cost_model=cost_model,
+                         enable_prefix_caching=enable_prefix_caching)
+    given = prompt_token_ids or {}
     rec = Recorder(L)
     for r in screening.rejected:
         rec.rejected(_request_state(r), r.arrival_s)
@@ -82,8 +109,7 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
         while True:
             now = arrivals.clock()
             for r in arrivals.due(now):
-                engine.add_request(r.req_id, r.prompt_tokens)
-                state.waiting.append(_request_state(r))
+                state.waiting.append(_arrive(engine, r, given.get(r.req_id), block_size))
             if time_limit_s is not None and now - arrivals.origin > time_limit_s:
                 print(f"engine: {pol.name}: time limit {time_limit_s:g} s reached; "
                       "the rest is reported unfinished", file=sys.stderr)
@@ -99,11 +125,16 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
             plan = step.plan
             counted = cost_model.price(plan)  # FLOPs and bytes of this plan: counts, not timing
             start = arrivals.clock()
-            out = engine.execute(plan)
+            tables = reserve(state, plan)
+            out = engine.execute(plan, return_logits is not None,
+                                 {rid: t.block_ids for rid, t in tables.items()})
             end_s = arrivals.clock()
             energy = meter.iteration()
             done = commit(state, plan, end_s)
             _emitted_tokens(engine, out, done, end_s, token_log)
+            if return_logits is not None and out.logits:
+                for req in done.emitted:
+                    return_logits.setdefault(req.req_id, []).append(out.logits[req.req_id])
             expert_bytes = sum(out.experts_touched) * bytes_per_expert
             rec.iteration_row(**measured_row(counted, len(plan), start, end_s - start, energy,
                                              expert_bytes))
@@ -120,8 +151,10 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
         engine.release(req.req_id)
     for r in arrivals.left():  # and what never arrived before the time limit
         rec.rejected(_request_state(r), end_s)
-    return _result(engine, pol.name, rec, touched_rows, meter, arrivals.origin, end_s,
-                   slo_ttft_ms, slo_itl_ms, cost_model, screening.counts(), screening.texts())
+    res = _result(engine, pol.name, rec, touched_rows, meter, arrivals.origin, end_s,
+                  slo_ttft_ms, slo_itl_ms, cost_model, screening.counts(), screening.texts())
+    res.metrics.update(prefix_cache_metrics(state.pool.stats(), enable_prefix_caching))
+    return res
 
 
 def measured_row(counted: IterationCost, num_tiles: int, start_s: float, latency_s: float,
@@ -149,8 +182,41 @@ def roofline_summary(it: Any) -> dict[str, float]:
             "engine_prefill_achieved_tflops": float(pre["flops"].sum()) / pre_t / 1e12 if pre_t else NAN}
 
 
-def _request_state(r: Request) -> RequestState:
-    return RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens)
+def _request_state(r: Request, block_hashes: Sequence[BlockHash] = ()) -> RequestState:
+    return RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens, block_hashes)
+
+
+def _arrive(engine: Engine, r: Request, token_ids: Sequence[int] | None,
+            block_size: int) -> RequestState:
+    """Register an arriving request's prompt with the engine; its state in the replica, with
+    block hashes of its prompt's token ids where its content is known (see the module note)."""
+    if token_ids is None and r.hash_ids:
+        token_ids = trace_prompt(engine, r)
+    ids = engine.add_request(r.req_id, r.prompt_tokens, token_ids)
+    if token_ids is not None:
+        hashes = token_block_hashes(ids, block_size)
+        if r.hash_ids:  # only the blocks the simulator knows (those its trace ids cover)
+            hashes = hashes[:len(request_state(r, block_size).block_table.block_hashes)]
+    else:  # content the engine invented: unknown, as to the simulator
+        hashes = []
+    return _request_state(r, hashes)
+
+
+def trace_prompt(engine: Engine, r: Request) -> list[int]:
+    """Token ids for a trace request whose `hash_ids` name its content block by block: each
+    trace block's tokens drawn from (engine seed, hash id), so requests sharing hash ids share
+    those tokens; tokens past the ids from (seed, req_id)."""
+    vocab, n, bs = engine.spec.vocab, r.prompt_tokens, r.hash_block_size
+    ids: list[int] = []
+    for h in r.hash_ids:
+        if len(ids) >= n:
+            break
+        gen = torch.Generator().manual_seed((engine.seed * 1_000_003 + int(h)) % (1 << 63))
+        ids += torch.randint(0, vocab, (min(bs, n - len(ids)),), generator=gen).tolist()
+    if len(ids) < n:
+        gen = torch.Generator().manual_seed(engine.seed * 1_000_003 + r.req_id + 1)
+        ids += torch.randint(0, vocab, (n - len(ids),), generator=gen).tolist()
+    return ids
 
 
 def _emitted_tokens(engine: Engine, out: StepOutput, done: Committed, end_s: float,
