@@ -232,9 +232,19 @@ class BlockPool:
         """Admit if need be, grow the KV blocks to cover `num_tokens` and hold exactly
         `num_extra_blocks` anonymous blocks (surplus ones are released first). All or nothing:
         raises NoFreeBlocksError, changing nothing, when the pool cannot."""
-        if (table.is_admitted and num_tokens <= len(table.block_ids) * self.block_size
-                and num_extra_blocks == len(table.extra_block_ids)):  # most decode steps
-            table.num_tokens = max(table.num_tokens, num_tokens)
+        if table.num_cached_tokens >= 0 and num_extra_blocks == len(table.extra_block_ids):
+            # admitted, extras unchanged (decode steps, full-stack chunks): KV growth only
+            ids = table.block_ids
+            num_new = -(-num_tokens // self.block_size) - len(ids)
+            if num_new > 0:
+                if num_new > len(self._free) + self.num_blocks - self._num_fresh + len(self._evictable):
+                    raise NoFreeBlocksError(
+                        f"{num_new} blocks needed to hold {num_tokens} tokens and "
+                        f"{num_extra_blocks} extra blocks, {self.num_free_blocks} free of "
+                        f"{self.num_blocks}")
+                ids += self._take_many(num_new)
+            if num_tokens > table.num_tokens:
+                table.num_tokens = num_tokens
             return
         if table.is_admitted:
             hits: list[int] = []
@@ -253,8 +263,11 @@ class BlockPool:
         if not table.is_admitted:
             self._admit(table, hits)
         extra = table.extra_block_ids
-        while len(extra) > num_extra_blocks:
-            self._release(extra.pop())
+        surplus = len(extra) - num_extra_blocks
+        if surplus > 0:  # anonymous, held by this table alone: free, tail first, in one go
+            self._free += reversed(extra[num_extra_blocks:])  # (counts left stale at 1)
+            del extra[num_extra_blocks:]
+            self.num_refs -= surplus
         if num_new:
             table.block_ids += self._take_many(num_new)
         if num_extra_blocks > len(extra):
@@ -302,6 +315,7 @@ class BlockPool:
             if left == 0:
                 if hashes[b] is None:
                     free.append(b)
+                    refs[b] = 1  # stale on the free stack (see _take_many)
                 else:
                     evictable[b] = None
 
@@ -340,16 +354,26 @@ class BlockPool:
     def _take_many(self, n: int) -> list[int]:
         """`n` blocks, as n calls of _take would give them (free stack, fresh ids, evictions).
 
-        A block on the free stack keeps a stale reference count (free's fast path leaves it
-        at 1, _release at 0; nothing reads it there): taking one sets it to 1."""
+        A block on the free stack keeps a stale reference count of 1 (free and _release leave
+        it so; nothing reads it there): taking one needs no per-block work."""
         free = self._free
+        if 0 < n <= len(free):  # the usual case once the pool has been through its ids once
+            taken = free[:-n - 1:-1]  # the stack's top n, in the order pop gives them
+            del free[-n:]
+            self.num_refs += n
+            return taken
+        if n == 1:  # a decode's next block, a fresh id
+            b = self._num_fresh
+            if b < self.num_blocks:
+                self._num_fresh = b + 1
+                self._refs.append(1)
+                self._hash.append(None)
+                self.num_refs += 1
+                return [b]
         k = min(n, len(free))
         taken = free[:-k - 1:-1] if k else []  # the stack's top k, in the order pop gives them
         if k:
             del free[-k:]
-            refs = self._refs
-            for b in taken:
-                refs[b] = 1
             self.num_refs += k
         m = min(n - k, self.num_blocks - self._num_fresh)
         if m > 0:
@@ -360,7 +384,8 @@ class BlockPool:
             self._num_fresh = first + m
             self.num_refs += m
             k += m
-        taken += [self._take() for _ in range(n - k)]  # evictions
+        if k < n:
+            taken += [self._take() for _ in range(n - k)]  # evictions
         return taken
 
     def _take(self) -> int:
@@ -388,6 +413,7 @@ class BlockPool:
         if left == 0:
             if self._hash[block_id] is None:
                 self._free.append(block_id)
+                self._refs[block_id] = 1  # stale on the free stack (see _take_many)
             else:
                 self._evictable[block_id] = None
 
@@ -419,11 +445,13 @@ class Admission:
     __slots__ = ("pool", "hidden_blocks_per_token", "num_reserved_blocks", "_claimed")
 
     def __init__(self, pool: BlockPool, decodes: Iterable[BlockTable] = (),
-                 hidden_blocks_per_token: float = 0.0) -> None:
+                 hidden_blocks_per_token: float = 0.0, num_reserved_blocks: int = 0) -> None:
+        """`decodes`' next blocks are reserved, plus `num_reserved_blocks` counted by the caller."""
         self.pool = pool
         self.hidden_blocks_per_token = hidden_blocks_per_token
         bs = pool.block_size
-        self.num_reserved_blocks = sum(1 for t in decodes if t.num_tokens >= len(t.block_ids) * bs)
+        self.num_reserved_blocks = num_reserved_blocks + sum(
+            1 for t in decodes if t.num_tokens >= len(t.block_ids) * bs)
         self._claimed: set[int] = set()  # evictable blocks a reserved admission will reference
 
     @property
@@ -454,17 +482,19 @@ class Admission:
         """Reserve the table's blocks for `num_tokens` (plus hidden states if `partial`) if they
         fit; say whether they did."""
         cost, claim = self._price(_table_of(owner), num_tokens, partial)
-        if cost > self.num_free_blocks:
+        if cost > self.pool.num_free_blocks - self.num_reserved_blocks:
             return False
         self.num_reserved_blocks += cost
-        self._claimed.update(claim)
+        if claim:
+            self._claimed.update(claim)
         return True
 
     def _price(self, table: BlockTable, num_tokens: int, partial: bool) -> tuple[int, list[int]]:
         pool = self.pool
         num_kv_held = len(table.block_ids)
         claim: list[int] = []
-        if not table.is_admitted:
+        # a waiting table can hit only once something is cached and if its content is known
+        if table.num_cached_tokens < 0 and table.block_hashes and pool.ever_cached:
             hits = pool._match(table)
             num_kv_held = len(hits)
             refs, claimed = pool._refs, self._claimed

@@ -118,14 +118,20 @@ class ReplicaState:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can still take: free ones and cached ones nobody holds."""
-        return self.pool.num_free_blocks
+        p = self.pool  # BlockPool.num_free_blocks, inlined: read on every schedule call
+        return len(p._free) + p.num_blocks - p._num_fresh + len(p._evictable)
 
     def admission(self) -> Admission:
         """A schedule call's admission helper, the running decodes' next blocks reserved:
         `try_admit(req, num_tokens, partial=False)` reserves a request's blocks for
         `num_tokens` (prefix hits and hidden states included) if they fit."""
-        return Admission(self.pool, [r.block_table for r in self.decodes],
-                         self.hidden_blocks_per_token)
+        bs = self.block_size
+        num_growing = 0  # decodes whose next token starts a block (Admission's own count, inlined)
+        for r in self.decodes:
+            t = r.block_table
+            if t.num_tokens >= len(t.block_ids) * bs:
+                num_growing += 1
+        return Admission(self.pool, (), self.hidden_blocks_per_token, num_growing)
 
     def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
         """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
