@@ -162,6 +162,9 @@ def validate(model: str, device: str, profile: str | Path | None, policies: Sequ
     engine = Engine(spec, device, seed=seed, kv_tokens=_kv_budget(spec, device, requests),
                     routing_skew=routing_skew)
     engine.warmup()
+    # Both sides price the same KV blocks; the engine's pages are the pool's blocks, and
+    # FlashAttention's paged kernels ('varlen') page in multiples of 256 (engine/kvcache.py).
+    block_size = 256 if engine.attn_impl == "varlen" else 16
     if bounds is None and device == "cpu" and prof.is_calibrated:
         bounds = CPU_BOUNDS
     rows: list[dict[str, Any]] = []
@@ -170,9 +173,10 @@ def validate(model: str, device: str, profile: str | Path | None, policies: Sequ
     for pol in policies:
         say(f"engine: {pol} on {len(requests)} requests ({wl.description})")
         tokens: list[tuple[int, int, int, float]] = []
-        measured = serve(engine, requests, pol, cm, time_limit_s=time_limit_s, token_log=tokens)
+        measured = serve(engine, requests, pol, cm, time_limit_s=time_limit_s, token_log=tokens,
+                         block_size=block_size)
         say(f"simulator: {pol}")
-        predicted = simulate(requests, cm, pol)
+        predicted = simulate(requests, cm, pol, block_size=block_size)
         rows += compare(measured.policy, predicted.metrics, measured.metrics, bounds)
         runs[measured.policy] = {"engine": measured.metrics, "sim": predicted.metrics}
         if out is not None:
@@ -185,6 +189,7 @@ def validate(model: str, device: str, profile: str | Path | None, policies: Sequ
         "profile": prof_note, "profile_gpu": prof.gpu, "workload": wl.description,
         "routing_skew": routing_skew,
         "num_requests": len(requests), "seed": seed, "bounds": bounds or {},
+        "block_size": block_size,
         "expert_bytes_unit": f"distinct experts x {spec.expert_params} params x "
                              f"{spec.expert_weight_bytes:g} B (the model's declared dtype)",
         "energy_note": "NVML counter deltas" if device != "cpu" else "not measured on the CPU",

@@ -134,3 +134,49 @@ def test_the_comparison_catches_a_page_table_pointing_at_the_wrong_blocks(spec, 
     _, _, log_bad, emb = _serve(spec, weights, cm, caching=True)
     assert emb[1] == SHARED + PROMPTS[1] + OUT - 1 - (SHARED // BS) * BS  # it did hit
     assert float((log_bad[1][0] - log_off[1][0]).abs().max()) > 100 * ATOL
+
+
+
+def test_reserve_takes_what_commit_would_and_commit_takes_nothing_twice():
+    """core.step.reserve before each plan, then commit, holds exactly the blocks commit alone
+    holds (a replica served without reserve, side by side), prefix hits included; commit
+    after reserve takes no block."""
+    from core.blocks import token_block_hashes
+    from core.request import RequestState
+    from core.step import commit, prepare, reserve
+
+    ids = list(range(1000, 1150))
+    states = [ReplicaState(num_layers=4, num_total_blocks=64, block_size=BS) for _ in range(2)]
+    for state in states:
+        for rid in (0, 1):
+            state.waiting.append(RequestState(rid, 0.0, 150, 2, token_block_hashes(ids, BS)))
+    policy, now = _OneAtATime(), 0.0
+    reserved, plain = states
+    while reserved.running or reserved.waiting:
+        step = prepare(reserved, policy, now, checked=True, on_preempt=lambda r: None)
+        assert prepare(plain, policy, now, checked=True, on_preempt=lambda r: None) == step
+        tables = reserve(reserved, step.plan)
+        for t in step.plan:  # every tile's tokens have their blocks before it runs
+            assert len(tables[t.req_id].block_ids) * BS >= t.t1
+        held = {rid: list(t.block_ids) for rid, t in tables.items()}
+        refs = reserved.pool.num_refs
+        commit(reserved, step.plan, now)
+        commit(plain, step.plan, now)
+        assert reserved.pool.num_refs <= refs  # commit took nothing (finishing frees)
+        for a, b in zip(reserved.running, plain.running, strict=True):
+            assert a.block_table.block_ids == b.block_table.block_ids == held[a.req_id]
+        assert reserved.memory_error() is None
+        now += 1.0
+    assert reserved.pool.stats() == plain.pool.stats()
+    assert reserved.pool.stats().hit_tokens == (150 - 1) // BS * BS
+
+
+def test_the_policy_sees_the_engines_own_kv_memory(spec, weights, cm):
+    """An engine with KV for 32 blocks of 16 tokens: the replica's pool is those 32 blocks (not
+    the cost model's far larger budget), so requests that do not fit together are preempted."""
+    eng = Engine(spec, "cpu", seed=0, kv_tokens=512, weights=weights)
+    reqs = [Request(i, 0.0, 200, 90) for i in range(3)]  # 19 blocks each at full length
+    res = serve(eng, reqs, "chunked:256", cm, block_size=BS)
+    assert eng.kv.num_pages == 512 // BS
+    assert res.metrics["completed"] == 3 and res.metrics["preemptions"] > 0
+    assert not eng.tokens
