@@ -16,7 +16,9 @@ length it asked for; `output_tokens` is what was emitted (a policy that ends a r
 shows here, and the request is not `finished`). In the iteration table `prefill_tokens` counts
 each prompt token once, when it enters the stack at layer 0 (a layered prefill passes a prompt
 through several iterations; a recomputed prompt counts again), and `prefill_layer_tokens` the
-prompt work done: tokens times the layers they passed.
+prompt work done: tokens times the layers they passed. A prompt's last token run alone (a
+1-token final chunk, a full prefix hit's recompute) is priced as a decode by the cost model and
+booked here as prefill (`Recorder.rebooked`); `decode_tokens` counts output tokens only.
 
 Warm-up (sim/clients.py): requests in `warmup_ids` get their row, marked `warmup`, but their
 gaps and preemptions are not pooled; the running totals (energy, bytes, iterations, busy time)
@@ -30,7 +32,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -144,15 +146,31 @@ class Recorder:
 
     # ---- events -----------------------------------------------------------------------------
     def iteration(self, replica: int, start_s: float, cost: IterationCost, num_tiles: int,
-                  iterations: int) -> None:
-        """A priced iteration (the simulator's): every figure from its cost."""
+                  iterations: int, prompt_tokens_as_decodes: int = 0) -> None:
+        """A priced iteration (the simulator's): every figure from its cost, the prompt tokens
+        it priced as decodes moved (`iteration_row`)."""
         hb = cost.hbm_bytes
+        n = prompt_tokens_as_decodes
         self.iteration_row(replica=replica, start_s=start_s, latency_s=cost.latency_s,
-                           iterations=iterations, prefill_tokens=prefill_tokens_once(cost),
-                           decode_tokens=cost.decode_tokens, num_tiles=num_tiles,
-                           prefill_layer_tokens=cost.prefill_layer_tokens, energy_j=cost.energy_j,
-                           flops=cost.flops, expert_bytes=hb.expert_weights, hbm_bytes=hb.total,
+                           iterations=iterations, prefill_tokens=prefill_tokens_once(cost) + n,
+                           decode_tokens=cost.decode_tokens - n, num_tiles=num_tiles,
+                           prefill_layer_tokens=cost.prefill_layer_tokens + n * self.num_layers,
+                           energy_j=cost.energy_j, flops=cost.flops,
+                           expert_bytes=hb.expert_weights, hbm_bytes=hb.total,
                            kv_read_bytes=hb.kv_read)
+
+    def rebooked(self, row: dict[str, Any], prompt_tokens_as_decodes: int) -> dict[str, Any]:
+        """`iteration_row`'s arguments with the prompt tokens a cost model priced as decodes
+        (ReplicaState.prompt_tokens_as_decodes after the commit: prompts' last tokens run alone
+        through the whole stack with logits, the same work as a decode) moved to the prefill
+        columns, so that `prefill_tokens` counts every prompt token and `decode_tokens` only
+        output tokens. `iteration` does this itself; an executor passing its own row calls it."""
+        n = prompt_tokens_as_decodes
+        if not n:
+            return row
+        return {**row, "prefill_tokens": row["prefill_tokens"] + n,
+                "decode_tokens": row["decode_tokens"] - n,
+                "prefill_layer_tokens": row["prefill_layer_tokens"] + n * self.num_layers}
 
     def steady(self, replica: int, start_s: float, latency_s: float, steps: int, batch: int,
                first: IterationCost, last: IterationCost, frac: float) -> None:
@@ -173,7 +191,8 @@ class Recorder:
                       prefill_layer_tokens: int, energy_j: float, flops: float,
                       expert_bytes: float, hbm_bytes: float, kv_read_bytes: float) -> None:
         """One row of ITERATION_COLUMNS (the parameters, in that order): an executed iteration
-        (the engine's, measured), a priced one or a fast-forwarded run of `iterations`."""
+        (the engine's, measured), a priced one or a fast-forwarded run of `iterations`. Token
+        counts taken from a cost model's count of a plan go through `rebooked` first."""
         self.iterations.append((replica, start_s, latency_s, iterations, prefill_tokens,
                                 decode_tokens, num_tiles, prefill_layer_tokens, energy_j, flops,
                                 expert_bytes, hbm_bytes, kv_read_bytes))

@@ -101,12 +101,17 @@ class ReplicaState:
     num_preemptions: int = 0
     # preemptions in a row that undid no new work while no token was emitted: a livelock grows it
     futile_preemptions: int = 0
+    # The last `apply`'s final prompt tokens run as 1-token whole-stack tiles with logits: the
+    # cost model prices such a tile as a decode (the same work), so an iteration row moves
+    # them from its decode to its prefill columns (core.records.Recorder.iteration_row).
+    prompt_tokens_as_decodes: int = field(default=0, init=False, repr=False)
     enable_prefix_caching: bool = True
     pool: BlockPool = field(init=False, repr=False)
     _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.pool = BlockPool(self.num_total_blocks, self.block_size, self.enable_prefix_caching)
+        self.prompt_tokens_as_decodes = 0  # an instance attribute from the start (policies.base)
 
     def set_prefix_caching(self, enabled: bool) -> None:
         """Turn prefix caching on or off before the replica serves anything."""
@@ -301,7 +306,8 @@ class ReplicaState:
         finished: list[RequestState] = []
         running = {r.req_id: r for r in self.running}
         touched: dict[int, RequestState] = {}
-        for rid, _t0, t1, l0, l1, _cached, _logits in plan:
+        as_decodes = 0
+        for rid, t0, t1, l0, l1, _cached, logits in plan:
             req = touched.get(rid)
             if req is None:
                 req = running.get(rid)
@@ -313,8 +319,13 @@ class ReplicaState:
                     self._admit(req)
                 touched[rid] = req
             if l0 == 0 and l1 == L and req.layer_tokens is None:
+                # a prompt's last token alone, whole stack, with logits: priced as a decode
+                if t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
+                    as_decodes += 1
                 req.num_computed_tokens = t1
             else:
+                if l0 == 0 and l1 == L and t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
+                    as_decodes += 1  # (the same, from an uneven stack)
                 lt = req.layer_tokens
                 if lt is None:
                     lt = req.layer_tokens = [req.num_computed_tokens] * L
@@ -338,6 +349,7 @@ class ReplicaState:
         self._retire(finished)
         self.now_s = now_s
         self._decodes = None
+        self.prompt_tokens_as_decodes = as_decodes
         return finished
 
     def apply_steady(self, steps: int, first_end_s: float, gaps: bytes,

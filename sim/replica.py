@@ -126,7 +126,7 @@ class Replica:
             if self.check:
                 self._check_invariants()
             self.busy_s += cost.latency_s
-            recorder.iteration(self.idx, start, cost, len(plan), 1)
+            recorder.iteration(self.idx, start, cost, len(plan), 1, state.prompt_tokens_as_decodes)
             for req in finished:
                 self._finish_accounting(req)
                 recorder.finished(req, self.idx)

@@ -310,12 +310,23 @@ def test_prefill_tokens_count_each_prompt_token_once(policy: str, cm: CostModel)
     assert int(it["decode_tokens"].sum()) == int((req["output_tokens"] - 1).sum())
 
 
-@pytest.mark.xfail(strict=True, reason="costmodel/price.py books a whole-stack 1-token tile with "
-                   "logits as a decode, prompt or not (it does not know prompt lengths); reported")
 def test_a_one_token_final_prompt_chunk_is_prefill(cm: CostModel) -> None:
+    """The cost model prices a prompt's last token run alone (whole stack, logits) as a decode;
+    the iteration row books it as prefill (ReplicaState.prompt_tokens_as_decodes)."""
     res = simulate([Request(0, 0.0, 1025, 4)], cm, "chunked:512")
     it = res.iterations
     assert int(it["prefill_tokens"].sum()) == 1025 and int(it["decode_tokens"].sum()) == 3
+    assert int(it["prefill_layer_tokens"].sum()) == 1025 * cm.model.num_layers
+    assert it["prefill_tokens"].tolist()[:3] == [512, 512, 1]
+
+
+def test_an_executors_own_row_is_rebooked_the_same_way() -> None:
+    """The engine passes its own row (measured times, counted tokens): `rebooked` moves them."""
+    row = {"prefill_tokens": 10, "decode_tokens": 5, "prefill_layer_tokens": 40, "energy_j": 1.0}
+    rec = Recorder(num_layers=4)
+    assert rec.rebooked(row, 0) is row
+    assert rec.rebooked(row, 2) == {"prefill_tokens": 12, "decode_tokens": 3,
+                                    "prefill_layer_tokens": 48, "energy_j": 1.0}
 
 
 def test_output_tokens_are_those_emitted_and_max_tokens_those_asked(cm: CostModel) -> None:
