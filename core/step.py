@@ -14,9 +14,10 @@ next KV block; then matches every waiting request's prefix against the cache (it
 plan (under guard and checked, policies.base's
 schedule_checked, unless the executor trusts it). An empty plan while prompts are part-way
 and nothing decodes means they filled the KV and none can grow: the newest is preempted and
-the policy asked again. Every victim goes to `on_preempt` (the recorder; the engine also frees
-its pages). Preemptions in a row that undo no new work with no token between them are a
-livelock, a PlanError naming the policy.
+the policy asked again. Every victim goes to `on_preempt` (the recorder; the engine drops its
+hidden states: the core has freed the victim's KV blocks, which are the engine's pages).
+Preemptions in a row that undo no new work with no token between them are a livelock, a
+PlanError naming the policy.
 
 `commit` contract, so that several plans may be in flight (one per pipeline stage): it reads
 and changes only the requests its plan's tiles name, looked up by id when it runs, and takes

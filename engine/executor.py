@@ -112,7 +112,9 @@ class Engine:
         return self.kv.num_pages
 
     def release(self, req_id: int, keep_tokens: bool = False) -> None:
-        """Free a request's KV pages and hidden states (keep its token ids on a preemption)."""
+        """Drop a request's hidden states and the pages it took from the cache's own free list
+        (served, its pages are pool blocks, which the core frees); keep its token ids on a
+        preemption."""
         self.kv.release(req_id)
         self.pieces.pop(req_id, None)
         if not keep_tokens:
