@@ -1,7 +1,8 @@
 """Fast-forward of steady decoding (sim/replica.py) against step-by-step simulation.
 
 Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
-pressure with preemptions, a sliding-window model), gives the same per-request token times
+pressure with preemptions, a sliding-window model, prefix caching that hits, with and without
+KV pressure), gives the same per-request token times
 (within 1e-9 s), the same counts and the same metrics with fast_forward on and off. And a
 user's policy is fast-forwarded only on a promise that checked mode verifies.
 """
@@ -60,10 +61,30 @@ def _crossing_the_window() -> list[Request]:
     return [Request(100 + i, i * 0.05, 30 + 20 * i, 200) for i in range(6)] + list(_arxiv(5)[:4])
 
 
+def _shared_prefix() -> list[Request]:
+    """Prefix caching that hits: 4 system prompts of 1024 tokens shared by ~60 requests, each
+    with its own 100-token question and 60 output tokens (traces/shared_prefix.py)."""
+    return build_workload(WorkloadSpec("shared-prefix:4:1024:100:60", rate=5.0, duration_s=12,
+                                       seed=3)).requests
+
+
+def _shared_prefix_burst() -> list[Request]:
+    """The same prompts, ~57 arriving within 1.5 s with 200 output tokens: in 300 KV blocks
+    (_tight) cached blocks are evicted and decodes preempt, the victims hitting their own
+    blocks (and the shared prompts) when they recompute."""
+    return build_workload(WorkloadSpec("shared-prefix:4:1024:100:200", rate=40.0,
+                                       duration_s=1.5, seed=3)).requests
+
+
 WORKLOADS = {
     "arxiv": (_qwen, lambda: _arxiv(2), lambda cm: {}),
     "kv-pressure": (_qwen, _pressure, lambda cm: _tight(cm, 600)),
     "sliding-window": (_gpt_oss, _crossing_the_window, lambda cm: {}),
+    # prefix caching on (the default, said here) on a workload that hits; with KV pressure too,
+    # so that cached blocks are evicted and preempted requests hit their own blocks
+    "prefix-caching": (_qwen, _shared_prefix, lambda cm: {"enable_prefix_caching": True}),
+    "prefix-caching-pressure": (_qwen, _shared_prefix_burst,
+                                lambda cm: {"enable_prefix_caching": True, **_tight(cm, 300)}),
 }
 
 
@@ -105,6 +126,10 @@ def test_fast_forward_equals_step_by_step(policy, workload):
     assert len(fast.iterations) < fast.metrics["iterations"] == len(slow.iterations)
     if workload == "kv-pressure":
         assert slow.metrics["preemptions"] > 0
+    if workload.startswith("prefix-caching"):
+        assert fast.metrics["prefix_cache_hit_rate"] > 0
+    if workload == "prefix-caching-pressure":
+        assert slow.metrics["preemptions"] > 0 and slow.metrics["prefix_cache_evictions"] > 0
 
 
 # ---- a user's steady_decode promise, verified in checked mode -------------------------------
