@@ -481,8 +481,17 @@ class Admission:
                   partial: bool = False) -> bool:
         """Reserve the table's blocks for `num_tokens` (plus hidden states if `partial`) if they
         fit; say whether they did."""
-        cost, claim = self._price(_table_of(owner), num_tokens, partial)
-        if cost > self.pool.num_free_blocks - self.num_reserved_blocks:
+        table = owner if isinstance(owner, BlockTable) else owner.block_table
+        pool = self.pool
+        if partial or (table.num_cached_tokens < 0 and table.block_hashes and pool.ever_cached):
+            cost, claim = self._price(table, num_tokens, partial)
+        else:  # _price with no hit possible and no hidden states: KV growth alone
+            cost = (-(-num_tokens // pool.block_size) - len(table.block_ids)
+                    - len(table.extra_block_ids))
+            if cost < 0:
+                cost = 0
+            claim = None
+        if cost > pool.num_free_blocks - self.num_reserved_blocks:
             return False
         self.num_reserved_blocks += cost
         if claim:
