@@ -136,8 +136,10 @@ def serve(engine: Engine, requests: Sequence[Request], policy: str | Policy, cos
                 for req in done.emitted:
                     return_logits.setdefault(req.req_id, []).append(out.logits[req.req_id])
             expert_bytes = sum(out.experts_touched) * bytes_per_expert
-            rec.iteration_row(**measured_row(counted, len(plan), start, end_s - start, energy,
-                                             expert_bytes))
+            # a prompt's last token run alone is priced as a decode: book it as prefill
+            rec.iteration_row(**rec.rebooked(measured_row(counted, len(plan), start, end_s - start,
+                                                          energy, expert_bytes),
+                                             state.prompt_tokens_as_decodes))
             touched_rows.append(out.experts_touched)
             for req in done.finished:
                 engine.release(req.req_id)

@@ -136,3 +136,14 @@ def test_serve_preempts_and_recomputes_under_tight_kv(engine, spec):
     assert res.metrics["completed"] == 3
     assert res.metrics["preemptions"] > 0
     assert not engine.kv.pages and not engine.tokens
+
+
+def test_engine_books_a_prompts_last_token_run_alone_as_prefill(engine, spec):
+    """chunked:64 on a 65-token prompt runs its last prompt token alone (priced as a decode):
+    the engine's iteration rows book it as prefill, as the simulator's do."""
+    cm = CostModel(spec, "cpu", default_profile(load_gpu("cpu")))
+    res = serve(engine, [Request(0, 0.0, 65, 4)], "chunked:64", cm)
+    it = res.iterations
+    assert it["prefill_tokens"].tolist()[:2] == [64, 1]
+    assert int(it["prefill_tokens"].sum()) == 65 and int(it["decode_tokens"].sum()) == 3
+    assert int(it["prefill_layer_tokens"].sum()) == 65 * spec.num_layers
