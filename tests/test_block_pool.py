@@ -243,7 +243,7 @@ class Model:
         pool = self.pool
         admitted, before = t.is_admitted, snapshot(pool, *self.tables)
         hits = [] if admitted else self.expected_hits(t)
-        held = set(t.block_ids + t.extra_block_ids + hits)
+        kv_held, extra_held = max(len(t.block_ids), len(hits)), len(t.extra_block_ids)
         num_free = len(pool.free_block_ids()) + max(0, len(t.extra_block_ids) - num_extra)
         lru = [b for b in pool.evictable_block_ids() if b not in hits]
         evictions = pool.stats().num_evictions
@@ -253,7 +253,9 @@ class Model:
             assert snapshot(pool, *self.tables) == before
             return False
         assert t.block_ids[:len(hits)] == hits or admitted
-        fresh = [b for b in t.block_ids + t.extra_block_ids if b not in held]
+        # the blocks this call took: KV past what was held (or hit), extras past those kept; a
+        # surplus extra released first is free again and may be among them
+        fresh = t.block_ids[kv_held:] + t.extra_block_ids[extra_held:]
         evicted = lru[:max(0, len(fresh) - num_free)]  # free blocks first, then LRU order
         assert set(evicted) <= set(fresh) and pool.stats().num_evictions == evictions + len(evicted)
         self.cached = {h: b for h, b in self.cached.items() if b not in evicted}
