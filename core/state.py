@@ -318,14 +318,12 @@ class ReplicaState:
                     req.admitted_s = now_s
                     self._admit(req)
                 touched[rid] = req
-            if l0 == 0 and l1 == L and req.layer_tokens is None:
-                # a prompt's last token alone, whole stack, with logits: priced as a decode
-                if t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
-                    as_decodes += 1
+            whole_stack = l0 == 0 and l1 == L
+            if whole_stack and t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
+                as_decodes += 1  # a prompt's last token alone with logits: priced as a decode
+            if whole_stack and req.layer_tokens is None:
                 req.num_computed_tokens = t1
             else:
-                if l0 == 0 and l1 == L and t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
-                    as_decodes += 1  # (the same, from an uneven stack)
                 lt = req.layer_tokens
                 if lt is None:
                     lt = req.layer_tokens = [req.num_computed_tokens] * L
@@ -362,8 +360,8 @@ class ReplicaState:
         running = self.running
         if len(self.decodes) != len(running):
             raise PlanError("internal: a steady stretch with a prompt still running")
+        self.futile_preemptions = 0  # tokens emitted: progress
         for r in running:
-            self.futile_preemptions = 0  # tokens emitted: progress
             r.itl_s.append(first_end_s - (r.last_token_s if r.last_token_s is not None else first_end_s))
             r.itl_s.frombytes(gaps)
             r.last_token_s = end_s
