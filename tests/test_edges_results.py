@@ -271,8 +271,8 @@ def test_kill_9_during_simulate_out(tmp_path: Path) -> None:
     triggers: list[Callable[[], bool]] = [
         lambda: any(tmp_path.glob(".r.tmp-*")),
         lambda: any(tmp_path.glob(".r.tmp-*/r/*/metrics.json")),
-        lambda: any(tmp_path.glob(".r.tmp-*/r/report.html")),
-    ]
+    ]  # not report.html: the marker and the rename follow it within microseconds, so a kill
+    # that sees it often lands after the folder is whole (covered by the seeded delays below)
     for i, trigger in enumerate([*triggers, *([None] * 3)]):
         proc = start(2 + i)
         end = time.monotonic() + (rng.uniform(0.5, 8.0) if trigger is None else 300)
