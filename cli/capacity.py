@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
-from cli.flags import add_study_flags
-from cli.simulate import _write_report, study_from_args
-from sim.capacity import Point, max_rate, min_gpus, study_evaluator, with_price
+from cli.flags import add_study_flags, study_values
+from cli.simulate import _write_report
+from costmodel import ConfigError
+from search.files import check_confidence, check_seeds, read_with_extras
+from sim.capacity import (
+    CapacityAnswer,
+    Point,
+    SeededAnswer,
+    max_rate,
+    min_gpus,
+    over_seeds,
+    replace_study,
+    study_evaluator,
+    with_price,
+)
 from sim.results import check_out, results_folder, setup_record, write_provenance
+from sim.study import Study
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,12 +31,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        "entry): without --rate, the highest rate per replica within the SLO; with "
                        "--rate, the fewest GPUs for that total rate.")
     add_study_flags(p, capacity=True)
+    p.add_argument("--seeds", type=int, metavar="K", help="run the search on K seeds (seed, "
+                   "seed+1, ...: independent arrivals and lengths) and give the answer's mean with "
+                   "a Student-t confidence interval over the K per-seed answers; the conservative "
+                   "end (lower rate, more replicas) is priced (study key seeds; default: one "
+                   "seed, no interval)")
+    p.add_argument("--confidence", type=float, metavar="LEVEL", help="two-sided level of the "
+                   "--seeds interval (study key confidence; default: 0.9)")
     p.set_defaults(handler=run, single=True)
+
+
+def _study(ns: argparse.Namespace) -> tuple[Study, int | None, float]:
+    """The study, the number of seeds (None: not given) and the interval's level."""
+    flags = study_values(ns)
+    if not ns.study and "policies" not in flags:
+        flags["policies"] = ["chunked:512"]
+    study, extras = read_with_extras(ns.study, ("seeds", "confidence"), flags)
+    if len(study.policies) != 1:
+        raise ConfigError(f"--policies: layersim capacity takes one policy, got "
+                          f"{len(study.policies)} ({', '.join(study.policies)}); compare takes several")
+    seeds = ns.seeds if ns.seeds is not None else extras.get("seeds")
+    conf = ns.confidence if ns.confidence is not None else extras.get("confidence", 0.9)
+    where = f"{ns.study}: key" if ns.study else "--"
+    if seeds is not None:
+        seeds = check_seeds(seeds, "--seeds" if ns.seeds is not None else f"{where} 'seeds'")
+    conf = check_confidence(conf, "--confidence" if ns.confidence is not None
+                            else f"{where} 'confidence'")
+    return study, seeds, conf
 
 
 def run(ns: argparse.Namespace) -> int:
     check_out(ns.out)
-    study = study_from_args(ns)
+    study, seeds, confidence = _study(ns)
     given_rate = study.rate
     cm = study.cost_model()
     if not ns.json:
@@ -43,6 +83,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"{p.rate:>9.3f} {p.replicas:>9d} {m['gpus']:>6d} {p.slo_attainment:>8.1%} "
               f"{ttft:>9.0f} {itl:>8.1f}  {'meets' if p.meets else 'misses'}", flush=True)
 
+    if seeds is not None:
+        return _run_seeds(ns, study, seeds, confidence, show)
     evaluate = study_evaluator(study)
     if given_rate is None:
         answer = max_rate(evaluate, study.target, start_rate=study.start_rate, on_point=show)
@@ -72,4 +114,42 @@ def run(ns: argparse.Namespace) -> int:
     if "cost_per_million_tokens" in a:
         line += f", ${a['cost_per_million_tokens']:.3f} per million tokens"
     print(line)
+    return 0
+
+
+def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: float,
+               show: Callable[[Point], None]) -> int:
+    """--seeds K: the same search once per seed, and the interval over them (sim/capacity.py)."""
+    given_rate = study.rate
+
+    def search(seed: int) -> CapacityAnswer:
+        if not ns.json:
+            print(f"seed {seed}")
+        evaluate = study_evaluator(replace_study(study, seed=seed))
+        if given_rate is None:
+            return max_rate(evaluate, study.target, start_rate=study.start_rate, on_point=show)
+        return min_gpus(evaluate, given_rate, study.target, on_point=show)
+
+    answer: SeededAnswer = over_seeds(search, [study.seed + j for j in range(seeds)], confidence,
+                                      study.price_per_gpu_hour)
+    result = answer.to_dict()
+    rows = [{"seed": s["seed"], **row} for s in result["per_seed"] for row in s["search"]]
+    if ns.out is not None:
+        cm = study.cost_model()
+        setup = setup_record(study, cm, policy=study.policies[0], target_attainment=study.target,
+                             price_per_gpu_hour=study.price_per_gpu_hour, rate=given_rate,
+                             seeds=seeds, confidence=confidence)
+        with results_folder(ns.out) as folder:
+            (folder / "capacity.json").write_text(json.dumps(
+                {**result, "search": rows, "setup": setup}, indent=2, sort_keys=True) + "\n")
+            write_provenance(folder, study, setup, getattr(ns, "argv", []))
+            _write_report(folder)
+    a = result["answer"]
+    if ns.json:
+        print(json.dumps(a, sort_keys=True))
+        return 0
+    if not a["found"]:
+        print("\nno seed's search met the target")
+        return 1
+    print("\n" + answer.answer_line())
     return 0

@@ -1,0 +1,199 @@
+"""The search grid: a study file's `search:` mapping, its expansion, and pruning with reasons.
+
+A search study file is a study file (every key of `layersim compare`) plus one key, `search:`,
+a mapping. Its axis keys (AXES) take lists; a configuration is one value of each axis, and the
+grid is their Cartesian product in the order written (axis by axis, as itertools.product).
+An axis not listed under `search:` has one value: the study's own key (`policies`, already a
+list at the top level, is an axis whether or not `search:` repeats it). The other keys of
+`search:` (SearchSpec) set how the search runs. Flags of the same names override the file.
+
+Pruning happens before anything is simulated: each configuration is made a Study (every key
+checked as the study file would be), its cost model is built (tensor and expert parallelism
+must divide the model, the weights must fit the GPU) and its policy is made; the first
+ConfigError is the configuration's reason, reported beside the results, never an abort.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from costmodel.errors import ConfigError
+from costmodel.price import CostModel
+from policies.registry import make_policy
+from search.files import MAX_SEEDS
+from sim.study import Study, make_study
+
+# Grid axes: study keys that may take a list under `search:`.
+AXES = ("gpu", "tp", "ep", "replicas", "policies", "max_num_seqs", "dtype", "expert_dtype",
+        "kv_cache_dtype")
+MAX_CONFIGS = 10_000  # each is a bisection of tens of simulations
+
+
+class SearchSpec(BaseModel):
+    """The `search:` mapping (and the `search` command's flags of the same names)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    gpu: list[str] | None = Field(default=None, min_length=1)
+    tp: list[int] | None = Field(default=None, min_length=1)
+    ep: list[int] | None = Field(default=None, min_length=1)
+    replicas: list[int] | None = Field(default=None, min_length=1)
+    policies: list[str] | None = Field(default=None, min_length=1)
+    max_num_seqs: list[int | None] | None = Field(default=None, min_length=1)
+    dtype: list[str | None] | None = Field(default=None, min_length=1)
+    expert_dtype: list[str | None] | None = Field(default=None, min_length=1)
+    kv_cache_dtype: list[str | None] | None = Field(default=None, min_length=1)
+    # a profile file per GPU type (absent: the one shipped for it, as --profile null)
+    profile: dict[str, str] | None = None
+    # dollars per GPU-hour per GPU type (a number: every type); absent: the study's
+    # price_per_gpu_hour for every type, else no cost (ranked by GPUs instead)
+    price_per_gpu_hour: dict[str, float] | float | None = None
+    target_rate: float | None = Field(default=None, gt=0, le=1e9)  # total req/s to size for
+    seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
+    confidence: float = Field(default=0.9, gt=0, lt=1)
+    rel_tol: float = Field(default=0.05, gt=0, lt=1)  # bisection stops within this of a miss
+    max_probes: int = Field(default=12, ge=1, le=100)  # per configuration and seed
+    jobs: int | None = Field(default=None, ge=0, le=4096)  # pool processes (0: in this process)
+    ray: bool = False
+    ray_address: str | None = None
+    store: str | None = None  # probe store folder (default: ~/.cache/layersim/probes)
+
+    def price(self, gpu: str, study: Study) -> float | None:
+        p = self.price_per_gpu_hour
+        if isinstance(p, dict):
+            return p.get(gpu)
+        return p if p is not None else study.price_per_gpu_hour
+
+
+# The `search:` keys that are not axes (each is also a flag of the search command)
+SETTINGS = tuple(k for k in SearchSpec.model_fields if k not in AXES)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: the study it runs (one policy; rate and seed set per probe)."""
+    label: str
+    study: Study
+    values: dict[str, Any]  # axis -> value, as the grid gave it
+
+
+@dataclass(frozen=True)
+class Pruned:
+    label: str
+    values: dict[str, Any]
+    reason: str
+
+
+def make_spec(values: dict[str, Any], source: str) -> SearchSpec:
+    """A SearchSpec, or a one-line ConfigError naming the key (`source: key 'search.KEY'`)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: key 'search' is a mapping of grid axes and settings")
+    try:
+        return SearchSpec.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "search"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key (valid keys: {', '.join(SearchSpec.model_fields)})"
+        if source == "flags":
+            raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}: {msg}") from None
+        raise ConfigError(f"{source}: key 'search.{key}': {msg}") from None
+
+
+def axis_values(spec: SearchSpec, base: Study) -> dict[str, list[Any]]:
+    """Each axis's values: the grid's list, else the study's own value (policies: its list)."""
+    out: dict[str, list[Any]] = {}
+    for axis in AXES:
+        given = getattr(spec, axis)
+        if given is None:
+            given = list(base.policies) if axis == "policies" else [getattr(base, axis)]
+        dupes = sorted({str(v) for v in given if given.count(v) > 1})
+        if dupes:
+            raise ConfigError(f"search.{axis}: listed twice: {', '.join(dupes)}")
+        out[axis] = list(given)
+    return out
+
+
+def label(values: dict[str, Any]) -> str:
+    """'h200 tp2 ep2 x4 layered:8 seqs128 fp8/mxfp4/fp8': defaults left out, so short."""
+    parts = [str(values["gpu"] or "gpu?"), f"tp{values['tp']}"]
+    if values["ep"] != 1:
+        parts.append(f"ep{values['ep']}")
+    if values["replicas"] != 1:
+        parts.append(f"x{values['replicas']}")
+    parts.append(values["policies"])
+    if values["max_num_seqs"] is not None:
+        parts.append(f"seqs{values['max_num_seqs']}")
+    dtypes = [values[k] or "-" for k in ("dtype", "expert_dtype", "kv_cache_dtype")]
+    if any(d != "-" for d in dtypes):
+        parts.append("/".join(dtypes))
+    return " ".join(parts)
+
+
+def expand(spec: SearchSpec, base: Study) -> tuple[list[Config], list[Pruned]]:
+    """Every configuration of the grid in order, split into those that run and those pruned."""
+    axes = axis_values(spec, base)
+    total = 1
+    for vals in axes.values():
+        total *= len(vals)
+    if total > MAX_CONFIGS:
+        raise ConfigError(f"search: the grid has {total:,} configurations, at most "
+                          f"{MAX_CONFIGS:,} (each is a bisection of simulations)")
+    configs: list[Config] = []
+    pruned: list[Pruned] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo, strict=True))
+        name = label(values)
+        if name in seen:  # e.g. dtype null and its resolved value: the same study twice
+            raise ConfigError(f"search: two configurations are both '{name}'")
+        seen.add(name)
+        try:
+            configs.append(Config(name, _study(spec, base, values), values))
+        except ConfigError as e:
+            pruned.append(Pruned(name, values, str(e)))
+    return configs, pruned
+
+
+def _study(spec: SearchSpec, base: Study, values: dict[str, Any]) -> Study:
+    """The configuration's study, checked: raises ConfigError with the reason it cannot run."""
+    changes = {**values, "policies": [values["policies"]]}
+    gpu = values["gpu"] or "h100"
+    if spec.profile is not None:
+        changes["profile"] = spec.profile.get(gpu, base.profile)
+    study = make_study({**base.model_dump(), **changes}, source=f"configuration {label(values)}")
+    cm = study.cost_model()  # tp/ep divide the model, the weights fit
+    make_policy(values["policies"], max_num_seqs=study.max_num_seqs)
+    _check_kv(cm, study)
+    return study
+
+
+def _check_kv(cm: CostModel, study: Study) -> None:
+    """The weights fit, but a KV cache for at least one block must fit beside them."""
+    free = cm.hw.hbm_bytes * study.gpu_memory_utilization - cm.weight_bytes_per_gpu
+    if free < cm.kv_bytes_per_token_per_gpu * study.block_size:
+        raise ConfigError(f"{cm.model.name} leaves no room for a KV cache on {cm.hw.name} with "
+                          f"tp={cm.parallel.tp} ep={cm.parallel.ep} at gpu_memory_utilization "
+                          f"{study.gpu_memory_utilization:g}")
+
+
+def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict[str, Any]
+                ) -> tuple[Study, SearchSpec]:
+    """The base study (the file's keys but `search`, flags winning) and the search spec (the
+    file's `search:` mapping, grid flags winning)."""
+    from search.files import read_with_extras
+
+    base, extras = read_with_extras(path, ("search",), flags)
+    raw = extras.get("search") or {}
+    source = str(path) if path is not None else "flags"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: key 'search' is a mapping of grid axes and settings")
+    spec = make_spec(raw, source)  # the file's mistakes named as its keys, then the flags'
+    if grid_flags:
+        spec = make_spec({**raw, **grid_flags}, "flags")
+    return base, spec

@@ -1,0 +1,111 @@
+"""One probe: one simulation of one configuration at one rate, replica count and seed.
+
+A probe is a pure function of its inputs: the Study (one policy; rate = replicas x the rate per
+replica; seed) and the requests built from it. `run_probe` is what an executor runs; it keeps
+the few metrics a search needs (KEEP), rounded through JSON so that a result read back from the
+store and one just computed are the same floats.
+
+Its key (`probe_key`) is the SHA-256 of a canonical JSON of everything the simulation reads:
+the study's keys (bar those that only steer a search: SEARCH_ONLY), a digest of the requests
+themselves (so a trace file edited in place is a new key), digests of the model spec and of
+the resolved hardware profile (its measured tables included), the layersim version and the
+probe format. Two probes with one key are the same simulation; a search with any other input
+gets other keys and never reads a stale result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from costmodel.errors import ConfigError
+from costmodel.price import CostModel
+from sim.cluster import simulate
+from sim.results import layersim_version
+from sim.study import Study
+from traces.request import Request
+
+FORMAT = 1  # bump when a probe's record changes meaning
+# What a search reads from a simulation (and what the probe store keeps).
+KEEP = ("slo_attainment", "mean_ttft_ms", "p99_ttft_ms", "p99_itl_ms", "energy_per_token_j",
+        "total_token_throughput", "request_throughput", "gpus", "replicas", "completed",
+        "num_requests", "preemptions")
+# Study keys that steer a search but not the simulation (`workers` splits it over processes
+# with identical results)
+SEARCH_ONLY = ("target", "price_per_gpu_hour", "start_rate", "workers")
+# Study keys that `Study.build_workload` reads: two probes equal in these share their requests
+WORKLOAD_KEYS = ("workload", "rate", "arrival", "cv", "duration_s", "num_requests", "speed", "seed",
+                 "max_context", "max_concurrency", "warmup_requests", "stagger_s")
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+def requests_digest(requests: tuple[Request, ...]) -> str:
+    """Over every field of every request, in order (Request is a frozen dataclass: exact repr)."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(repr(r).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def cost_model_digest(cm: CostModel) -> str:
+    """The model spec and the resolved profile, measured tables included."""
+    return sha256_json({"model": repr(cm.model), "profile": cm.profile.model_dump(mode="json"),
+                        "gpu": repr(cm.hw), "tp": cm.parallel.tp, "ep": cm.parallel.ep})
+
+
+def workload_key(study: Study, max_context: int) -> str:
+    return sha256_json({"study": {k: getattr(study, k) for k in WORKLOAD_KEYS},
+                        "model_context": max_context})
+
+
+def probe_key(study: Study, requests_sha: str, cost_sha: str) -> str:
+    settings = study.model_dump(mode="json", exclude=set(SEARCH_ONLY))
+    return sha256_json({"format": FORMAT, "layersim": layersim_version(), "study": settings,
+                        "requests": requests_sha, "cost_model": cost_sha})
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """What a worker needs besides the requests (passed apart: shared, see executor.py)."""
+    key: str
+    study: Study
+    cost_sha: str  # cost_model_digest as the driver saw it
+
+
+@lru_cache(maxsize=16)
+def _cost_model(study_json: str, cost_sha: str) -> CostModel:
+    """Per worker process, built once: it reads and indexes the profile's tables. Cached by the
+    digest too, so a profile file edited in place is read again; and checked against it, so a
+    worker never simulates under a key whose inputs it did not see."""
+    cm = Study.model_validate_json(study_json).cost_model()
+    if cost_model_digest(cm) != cost_sha:
+        raise ConfigError("the model or profile files changed while the search ran; run it again")
+    return cm
+
+
+def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
+    """Simulate the probe; its record: the key and the KEEP metrics (JSON-exact floats)."""
+    study = task.study
+    cost_keys = ("model", "gpu", "tp", "ep", "profile", "routing_skew", "dtype", "expert_dtype",
+                 "kv_cache_dtype")
+    cm = _cost_model(study.model_dump_json(include=set(cost_keys)), task.cost_sha)
+    result = simulate(requests, cm, study.policy_factory(study.policies[0]),
+                      num_replicas=study.replicas, router=study.router, seed=study.seed,
+                      block_size=study.block_size,
+                      gpu_memory_utilization=study.gpu_memory_utilization,
+                      slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
+                      slo_tpot_ms=study.slo_tpot_ms, slo_e2el_ms=study.slo_e2el_ms,
+                      metric_percentiles=study.metric_percentiles,
+                      max_concurrency=study.max_concurrency,
+                      warmup_requests=study.warmup(len(requests)),
+                      enable_prefix_caching=study.enable_prefix_caching)
+    metrics = {k: result.metrics.get(k) for k in KEEP}
+    return json.loads(json.dumps({"key": task.key, "metrics": metrics}))

@@ -1,0 +1,175 @@
+"""Running a search: every configuration's bisection, per seed, as probes on an executor.
+
+Each (configuration, seed) is a chain: the rate search of sim.capacity.rate_steps, which
+yields the next rate per replica once it is told whether the last one met the target. All
+chains advance together: the driver asks each chain for its next rate, looks the probe up in
+the store (a finished probe is never run again), and otherwise submits it to the executor;
+when any probe finishes, its record is written to the store at once and the chains waiting on
+it advance. Two chains that need the same probe (same key) share one task.
+
+Determinism: a chain's probes depend only on the results of its own earlier probes, and a
+probe's result only on its key, so every chain makes the same probes and ends at the same
+answer whatever order tasks finish in, on any executor, fresh or resumed from the store.
+
+Requests are built once per distinct workload (the study keys that shape it, WORKLOAD_KEYS,
+and the model's context) in the driver and handed to the executor's `share`, so a Ray cluster
+holds one copy in its object store for every task that uses it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from costmodel.errors import ConfigError
+from search.executor import Executor
+from search.grid import Config, SearchSpec
+from search.probe import (
+    ProbeTask,
+    cost_model_digest,
+    probe_key,
+    requests_digest,
+    run_probe,
+    workload_key,
+)
+from search.rank import Answer, ProbePoint, make_answer
+from search.store import ProbeStore
+from sim.capacity import rate_steps
+from sim.study import Study
+
+
+@dataclass
+class Chain:
+    config: int  # index into the configurations
+    seed: int
+    steps: Generator[float, bool, float | None]
+    rate: float | None = None  # the rate per replica waiting for its probe
+    points: list[ProbePoint] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the driver reports after each probe (search/cli progress bar)."""
+    probes_done: int
+    probes_run: int  # of them, simulated now (the rest came from the store)
+    probes_left_estimate: int
+    configs_done: int
+    configs: int
+    best: Answer | None
+    elapsed_s: float
+
+
+@dataclass
+class _Workloads:
+    """Requests per distinct workload, built once; with their digest and shared handle."""
+    executor: Executor
+    built: dict[str, tuple[tuple[Any, ...], str, Any]] = field(default_factory=dict)
+
+    def get(self, study: Study, max_context: int) -> tuple[tuple[Any, ...], str, Any]:
+        wkey = workload_key(study, max_context)
+        if wkey not in self.built:
+            requests = tuple(study.build_workload(max_context).requests)
+            self.built[wkey] = (requests, requests_digest(requests), self.executor.share(requests))
+        return self.built[wkey]
+
+
+def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: Executor,
+               store: ProbeStore, on_progress: Callable[[Progress], None] | None = None,
+               rank_key: Callable[[list[Answer]], list[Answer]] | None = None,
+               ) -> tuple[list[Answer], list[ProbePoint]]:
+    """The answer of every configuration (in grid order) and every probe the search used."""
+    start = time.monotonic()
+    seeds = [base.seed + j for j in range(spec.seeds)]
+    chains = [Chain(i, s, rate_steps(base.start_rate, spec.rel_tol, spec.max_probes))
+              for i in range(len(configs)) for s in seeds]
+    cost_sha: dict[int, str] = {}
+    contexts: dict[int, int] = {}
+    for i, c in enumerate(configs):
+        cm = c.study.cost_model()
+        cost_sha[i], contexts[i] = cost_model_digest(cm), cm.model.max_context
+    workloads = _Workloads(executor)
+    inflight: dict[str, Any] = {}  # probe key -> executor handle
+    waiting: dict[str, list[Chain]] = {}
+    answers: dict[int, Answer] = {}
+    counts = {"done": 0, "run": 0}
+
+    def answer_of(i: int) -> Answer:
+        c = configs[i]
+        cm_study = c.study
+        points = [ch.points for ch in chains if ch.config == i]
+        gpus = cm_study.tp * cm_study.ep
+        return make_answer(c.label, c.values, gpus, points, spec.confidence,
+                           spec.price(cm_study.gpu or "h100", base), spec.target_rate)
+
+    def report() -> None:
+        if on_progress is None:
+            return
+        left = sum(spec.max_probes - len(ch.points) for ch in chains if not ch.done)
+        found = [a for a in answers.values() if a.found]
+        best = (rank_key(found) if rank_key else found)[:1]
+        on_progress(Progress(counts["done"], counts["run"], left, len(answers), len(configs),
+                             best[0] if best else None, time.monotonic() - start))
+
+    def feed(chain: Chain, record: dict[str, Any] | None, key: str) -> None:
+        """The chain's pending probe finished (record None: it could not run): advance it."""
+        assert chain.rate is not None
+        metrics = record["metrics"] if record else {}
+        meets = bool(record) and (metrics.get("slo_attainment") or 0.0) >= base.target
+        chain.points.append(ProbePoint(configs[chain.config].label, chain.seed, chain.rate, key,
+                                       metrics, meets))
+        try:
+            chain.rate = chain.steps.send(meets)
+        except StopIteration:
+            chain.rate, chain.done = None, True
+            if all(ch.done for ch in chains if ch.config == chain.config):
+                answers[chain.config] = answer_of(chain.config)
+
+    def start_probe(chain: Chain) -> None:
+        """Look the chain's next probe up, or submit it; repeat while the store answers."""
+        while not chain.done:
+            assert chain.rate is not None
+            cfg = configs[chain.config]
+            try:
+                study = Study.model_validate({**cfg.study.model_dump(), "seed": chain.seed,
+                                              "rate": chain.rate * cfg.study.replicas})
+                requests, req_sha, shared = workloads.get(study, contexts[chain.config])
+            except (ConfigError, ValueError) as e:  # e.g. more requests than a run may draw
+                feed(chain, None, f"not run: {str(e).splitlines()[0]}")
+                continue
+            key = probe_key(study, req_sha, cost_sha[chain.config])
+            record = store.get(key)
+            if record is None:
+                waiting.setdefault(key, []).append(chain)
+                if key not in inflight:
+                    inflight[key] = executor.submit(run_probe, ProbeTask(key, study, cost_sha[chain.config]),
+                                                     shared)
+                return
+            counts["done"] += 1
+            feed(chain, record, key)
+            report()
+
+    for chain in chains:
+        chain.rate = next(chain.steps)
+        start_probe(chain)
+    while inflight:
+        for handle_key in _finished(executor, inflight):
+            record = executor.result(inflight.pop(handle_key))
+            store.put(handle_key, record)  # at once: a kill after this loses nothing
+            counts["done"] += 1
+            counts["run"] += 1
+            for chain in waiting.pop(handle_key):
+                feed(chain, record, handle_key)
+                start_probe(chain)
+            report()
+    probes = [p for ch in chains for p in ch.points]
+    return [answers[i] for i in range(len(configs))], probes
+
+
+def _finished(executor: Executor, inflight: dict[str, Any]) -> list[str]:
+    """Keys of finished probes, in submission order (dicts keep it): deterministic handling."""
+    handles = list(inflight.values())
+    done = {id(h) for h in executor.wait(handles)}
+    return [k for k, h in inflight.items() if id(h) in done]
