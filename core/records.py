@@ -28,6 +28,7 @@ count only iterations that start at or after `count_from_s`, when the measured w
 
 from __future__ import annotations
 
+import heapq
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,10 +82,10 @@ class Table:
         if not self.rows:  # typed columns even when empty, so parts concatenate cleanly
             return pd.DataFrame({c: np.zeros(0, dtype="int64" if c in self.ints else "float64")
                                  for c in self.columns})
-        df = pd.DataFrame.from_records(self.rows, columns=list(self.columns))
-        for c in self.ints:
-            df[c] = df[c].astype("int64")
-        return df
+        # Column by column from the transposed rows (C loops): int columns as int64, the others
+        # as numpy infers them (float64; bool for flags), as pandas' row inference would.
+        return pd.DataFrame({c: np.array(values, dtype="int64" if c in self.ints else None)
+                             for c, values in zip(self.columns, zip(*self.rows, strict=True), strict=True)})
 
     def flush(self) -> None:
         if self.stream_dir is None or not self.rows:
@@ -217,8 +218,9 @@ class Recorder:
             if self.itl_hist is not None and len(self.itl) >= 1 << 20:
                 self._bin_gaps()
         if gaps:
-            p99 = _percentile(gaps, 99.0) * 1e3
-            max_itl = max(gaps) * 1e3
+            p99, max_itl = _p99_and_max(gaps)
+            p99 *= 1e3
+            max_itl *= 1e3
         else:
             p99 = max_itl = 0.0
         first = req.first_token_s if req.first_token_s is not None else float("nan")
@@ -337,11 +339,15 @@ def prefill_tokens_once(cost: IterationCost) -> int:
     return round(x[_EMBED] * model.parallel.ep) - int(cost.decode_tokens)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """numpy's default (linear) percentile without numpy's per-call overhead: this runs once per
-    finished request."""
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
+def _p99_and_max(values: Sequence[float]) -> tuple[float, float]:
+    """numpy's default (linear) 99th percentile, and the largest value, without numpy's per-call
+    overhead or a full sort: this runs once per finished request. The percentile interpolates
+    between sorted positions lo and lo + 1 of pos = (n - 1) * 0.99, both among the n - lo
+    largest values, which a heap selects."""
+    n = len(values)
+    pos = (n - 1) * 99.0 / 100
     lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    top = heapq.nlargest(n - lo, values)  # descending: sorted position n - 1 - i is top[i]
+    v_lo = top[-1]
+    v_hi = top[-2] if len(top) > 1 else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo), top[0]

@@ -89,6 +89,21 @@ def _seq_len_for_pairs(pairs: float) -> float:
     return (math.sqrt(8 * pairs + 1) - 1) / 2
 
 
+def _memo(fn: Callable[[Any], float], most: int = 65536) -> Callable[[Any], float]:
+    """`fn` remembered by argument (a dict lookup where lru_cache's wrapper costs more); the
+    memory is dropped whole when it holds `most` sizes."""
+    seen: dict[Any, float] = {}
+
+    def remembered(x: Any) -> float:
+        t = seen.get(x)
+        if t is None:
+            if len(seen) >= most:
+                seen.clear()
+            t = seen[x] = fn(x)
+        return t
+    return remembered
+
+
 class MeasuredKernels:
     """Per-layer kernel times of `model` at tp x ep from measured tables (see module doc)."""
 
@@ -100,7 +115,7 @@ class MeasuredKernels:
         self.iteration_overhead_s = profile.iteration_overhead_s
         self.layer_overhead_s = profile.layer_overhead_s
         self._sliding_prefix = sliding_prefix
-        self._embedding_s = embedding_s
+        self._embedding_s = _memo(embedding_s)  # the same few sizes recur every iteration
         tables = profile.tables
         self.hw = Hardware(spec.peak_flops, spec.hbm_bytes_per_s, spec.link_bytes_per_s)
         self.model, self.tp, self.ep = model, tp, ep
@@ -132,7 +147,7 @@ class MeasuredKernels:
         self._x_range: dict[str, tuple[float, float]] = {}  # measured sizes, for `op_sources`
         self._gemms = {name: [self._gemm(name, n, k, dt) for n, k, dt in shapes]
                        for name, shapes in gemms.items()}
-        self._lm_head = self._gemm("lm_head", m.vocab // tp, h, "bfloat16")
+        self._lm_head = _memo(self._gemm("lm_head", m.vocab // tp, h, "bfloat16"))
         self._experts = self._moe(moe_distribution) if m.is_moe else None
         self._allreduce = self._comm("allreduce", tp) if tp > 1 else None
         self._alltoall = self._comm("alltoall", ep) if ep > 1 and m.is_moe else None

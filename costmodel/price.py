@@ -126,6 +126,7 @@ class CostModel:
         self._sliding_prefix = [0]
         for s in model.sliding_layers:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
+        self._datasheet_terms: dict[tuple[str, str], tuple[float, ...]] = {}
         self.measured = self._measured_kernels() if self.profile.tables else None
 
     def _measured_kernels(self) -> MeasuredKernels:
@@ -140,11 +141,17 @@ class CostModel:
 
     def _datasheet_op(self, op: str, tokens: float, feature: str = "tm") -> float:
         """One launch of a token-proportional op by the profile's roofline (no table has it)."""
-        i, f = _OP_INDEX[op], FEATURES.index(feature)
-        flops = self._K[_QUANTITIES.index("flops"), i, f] * tokens
-        hbm = sum(self._K[_QUANTITIES.index(q), i, f] for q in _HBM)
-        t_c, t_m = flops * self._inv_compute[i], hbm * tokens * self._inv_memory[i]
-        return float(self._overhead[i] + max(t_c, t_m))
+        key = (op, feature)
+        terms = self._datasheet_terms.get(key)
+        if terms is None:  # the op's constants, as Python floats: the same IEEE products
+            i, f = _OP_INDEX[op], FEATURES.index(feature)
+            terms = self._datasheet_terms[key] = (
+                float(self._K[_QUANTITIES.index("flops"), i, f]),
+                float(sum(self._K[_QUANTITIES.index(q), i, f] for q in _HBM)),
+                float(self._inv_compute[i]), float(self._inv_memory[i]), float(self._overhead[i]))
+        k_flops, k_hbm, inv_compute, inv_memory, overhead = terms
+        t_c, t_m = k_flops * tokens * inv_compute, k_hbm * tokens * inv_memory
+        return overhead + max(t_c, t_m)
 
     # ---- validation -------------------------------------------------------------------------
     def _check_parallelism(self) -> None:

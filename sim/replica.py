@@ -212,8 +212,13 @@ class Replica:
         def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
             return start + (j + 1) * l0 + slope * j * (j + 1) / 2
 
+        # One event: the stretch's own end, or an arrival (submit) first. The timer triggers this
+        # stretch's wake-up event if nothing else did; a stale timer finds it triggered and
+        # does nothing (cheaper than a condition over both).
         wake = self._sleep()
-        yield env.timeout(end(k - 1) - start) | wake
+        env.timeout(end(k - 1) - start).callbacks.append(  # type: ignore[union-attr]
+            lambda _, wake=wake: None if wake.triggered else wake.succeed())
+        yield wake
         done = k
         if env.now < end(k - 1) - 1e-15:  # an arrival: finish the step in flight, then stop
             lo, hi = 0, k - 1  # the first step that ends at or after now
