@@ -32,12 +32,12 @@ busiest-rank load (tests/test_routing_tables.py).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import ndtri
 
 Placement = Literal["round_robin", "random"]
 PLACEMENT_SAMPLES = 2048  # random placements averaged by ep_imbalance(..., "random")
@@ -45,10 +45,134 @@ _PLACEMENT_SEED = 0
 _MAX_SKEW = 5.0  # the same ceiling as costmodel.model.MAX_ROUTING_SKEW
 
 
+# The two numerical routines below replace scipy.special.ndtri and scipy.optimize.brentq with
+# the same arithmetic, so that pricing (and with it every command but calibrate) does not
+# import scipy (0.3 s) and every result stays the same to the last bit.
+
+# The inverse normal CDF of the Cephes Math Library (S. L. Moshier, 1989), which
+# scipy.special.ndtri evaluates: rational approximations in y - 0.5 near the centre and in
+# 1/z, z = sqrt(-2 log y), in the tails; coefficients highest power first, the denominators'
+# leading 1 implied. Relative error below 7.2e-16 (Cephes' own test). A refined rational
+# approximation of another source (Acklam's plus Halley steps) is as accurate, but not the same
+# to the last bit, which `--json` output and results folders show.
+_CENTRE_P = (-5.99633501014107895267E1, 9.80010754185999661536E1, -5.66762857469070293439E1,
+             1.39312609387279679503E1, -1.23916583867381258016E0)
+_CENTRE_Q = (1.95448858338141759834E0, 4.67627912898881538453E0, 8.63602421390890590575E1,
+             -2.25462687854119370527E2, 2.00260212380060660359E2, -8.20372256168333339912E1,
+             1.59056225126211695515E1, -1.18331621121330003142E0)
+# 2 <= z < 8: y down to exp(-32)
+_NEAR_P = (4.05544892305962419923E0, 3.15251094599893866154E1, 5.71628192246421288162E1,
+           4.40805073893200834700E1, 1.46849561928858024014E1, 2.18663306850790267539E0,
+           -1.40256079171354495875E-1, -3.50424626827848203418E-2, -8.57456785154685413611E-4)
+_NEAR_Q = (1.57799883256466749731E1, 4.53907635128879210584E1, 4.13172038254672030440E1,
+           1.50425385692907503408E1, 2.50464946208309415979E0, -1.42182922854787788574E-1,
+           -3.80806407691578277194E-2, -9.33259480895457427372E-4)
+# z >= 8
+_FAR_P = (3.23774891776946035970E0, 6.91522889068984211695E0, 3.93881025292474443415E0,
+          1.33303460815807542389E0, 2.01485389549179081538E-1, 1.23716634817820021358E-2,
+          3.01581553508235416007E-4, 2.65806974686737550832E-6, 6.23974539184983293730E-9)
+_FAR_Q = (6.02427039364742014255E0, 3.67983563856160859403E0, 1.37702099489081330271E0,
+          2.16236993594496635890E-1, 1.34204006088543189037E-2, 3.28014464682127739104E-4,
+          2.89247864745380683936E-6, 6.79019408009981274425E-9)
+_EXP_M2 = 0.13533528323661269189  # exp(-2): the centre's edge
+_SQRT_2PI = 2.50662827463100050242
+
+
+def _poly(coefs: tuple[float, ...], x: float, monic: bool = False) -> float:
+    """Horner's rule; `monic`: with a leading coefficient 1 before `coefs`."""
+    acc = 1.0 if monic else 0.0
+    for c in coefs:
+        acc = acc * x + c
+    return acc
+
+
+def ndtri(p: float) -> float:
+    """The standard normal quantile: x with Phi(x) = p, bit for bit scipy.special.ndtri.
+
+    p = 0 and 1 give -inf and inf; p outside [0, 1], or NaN, gives NaN.
+    """
+    if not 0.0 < p < 1.0:
+        return -math.inf if p == 0.0 else math.inf if p == 1.0 else math.nan
+    upper = p > 1.0 - _EXP_M2
+    y = 1.0 - p if upper else p
+    if y > _EXP_M2:
+        y -= 0.5
+        y2 = y * y
+        x = y + y * (y2 * _poly(_CENTRE_P, y2) / _poly(_CENTRE_Q, y2, monic=True))
+        return x * _SQRT_2PI
+    z = math.sqrt(-2.0 * math.log(y))
+    tail_p, tail_q = (_NEAR_P, _NEAR_Q) if z < 8.0 else (_FAR_P, _FAR_Q)
+    inv = 1.0 / z
+    x = z - math.log(z) / z - inv * _poly(tail_p, inv) / _poly(tail_q, inv, monic=True)
+    return x if upper else -x
+
+
+def brentq(f: Callable[[float], float], a: float, b: float, xtol: float = 2e-12,
+           rtol: float = 4 * np.finfo(float).eps, maxiter: int = 100) -> float:
+    """A root of f in [a, b], where f(a) and f(b) differ in sign: Brent's method (inverse
+    quadratic interpolation, secant steps and bisection) as scipy.optimize.brentq runs it,
+    with its tolerances: the root is within xtol + rtol * |root|.
+    """
+    def value(x: float) -> float:
+        fx = float(f(x))
+        if math.isnan(fx):
+            raise ValueError(f"The function value at x={x} is NaN; solver cannot continue.")
+        return fx
+
+    # x: the newest estimate, fx = f(x); prev: the estimate before; far: the end of the
+    # bracket opposite x (f(far) and f(x) differ in sign); step, last_step: the latest steps
+    prev, x = float(a), float(b)
+    fprev, fx = value(prev), value(x)
+    if fprev == 0:
+        return prev
+    if fx == 0:
+        return x
+    if (fprev < 0) == (fx < 0):
+        raise ValueError("f(a) and f(b) must have different signs")
+    far = ffar = last_step = step = 0.0
+    for _ in range(maxiter):
+        if (fprev < 0) != (fx < 0):  # the root lies between prev and x: a new bracket
+            far, ffar = prev, fprev
+            last_step = step = x - prev
+        if abs(ffar) < abs(fx):  # keep the better end as x
+            prev, x, far = x, far, x
+            fprev, fx, ffar = fx, ffar, fx
+        tol = (xtol + rtol * abs(x)) / 2
+        half = (far - x) / 2
+        if fx == 0 or abs(half) < tol:
+            return x
+        if abs(last_step) > tol and abs(fx) < abs(fprev):
+            if prev == far:  # secant
+                trial = -fx * (x - prev) / (fx - fprev)
+            else:  # inverse quadratic interpolation through prev, x, far
+                slope_prev = (fprev - fx) / (prev - x)
+                slope_far = (ffar - fx) / (far - x)
+                trial = -fx * (ffar * slope_far - fprev * slope_prev) / (
+                    slope_far * slope_prev * (ffar - fprev))
+            if 2 * abs(trial) < min(abs(last_step), 3 * abs(half) - tol):
+                last_step, step = step, trial
+            else:
+                last_step = step = half
+        else:
+            last_step = step = half
+        prev, fprev = x, fx
+        x += step if abs(step) > tol else (tol if half > 0 else -tol)
+        fx = value(x)
+    raise RuntimeError(f"Failed to converge after {maxiter} iterations, value is {x}.")
+
+
+@lru_cache(maxsize=256)
+def _normal_ranks(num_experts: int) -> np.ndarray:
+    """Descending normal quantiles at (i + 0.5) / E (read-only: shared by every call)."""
+    ranks = (np.arange(num_experts) + 0.5) / num_experts
+    z = -np.array([ndtri(r) for r in ranks.tolist()], dtype=float)
+    z.flags.writeable = False
+    return z
+
+
 def popularity(num_experts: int, skew: float) -> np.ndarray:
     """Routing mass per expert, most popular first; sums to 1."""
-    ranks = (np.arange(num_experts) + 0.5) / num_experts
-    z = -ndtri(ranks)  # descending normal quantiles
+    z = _normal_ranks(num_experts)  # descending normal quantiles
     weights = np.exp(skew * z)
     return np.asarray(weights / weights.sum())
 
