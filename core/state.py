@@ -106,12 +106,27 @@ class ReplicaState:
     # them from its decode to its prefill columns (core.records.Recorder.iteration_row).
     prompt_tokens_as_decodes: int = field(default=0, init=False, repr=False)
     enable_prefix_caching: bool = True
+    # Tokens still to compute through the whole stack, summed over the requests held here
+    # (waiting or running, each prompt + max_tokens - 1 - num_computed_tokens): the jsq-tokens
+    # router's load, kept as a running sum at every change below (recount_pending_tokens checks it)
+    pending_tokens: int = field(default=0, init=False)
     pool: BlockPool = field(init=False, repr=False)
     _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.pool = BlockPool(self.num_total_blocks, self.block_size, self.enable_prefix_caching)
-        self.prompt_tokens_as_decodes = 0  # an instance attribute from the start (policies.base)
+        self.prompt_tokens_as_decodes = 0  # instance attributes from the start (policies.base)
+        self.pending_tokens = 0
+
+    def enqueue(self, req: RequestState) -> None:
+        """An arrival joins the waiting queue."""
+        self.waiting.append(req)
+        self.pending_tokens += req.num_prompt_tokens + req.max_tokens - 1 - req.num_computed_tokens
+
+    def recount_pending_tokens(self) -> int:
+        """`pending_tokens` counted afresh (checked mode compares the two)."""
+        return sum(r.num_prompt_tokens + r.max_tokens - 1 - r.num_computed_tokens
+                   for reqs in (self.waiting, self.running) for r in reqs)
 
     def set_prefix_caching(self, enabled: bool) -> None:
         """Turn prefix caching on or off before the replica serves anything."""
@@ -211,7 +226,9 @@ class ReplicaState:
             return
         for r in self.waiting:
             if r.block_table.block_hashes:
-                r.num_computed_tokens = pool.match_prefix(r.block_table)
+                hit = pool.match_prefix(r.block_table)
+                self.pending_tokens -= hit - r.num_computed_tokens
+                r.num_computed_tokens = hit
 
     def memory_error(self) -> str | None:
         """What is wrong with the block accounting, if anything: the references the requests'
@@ -322,6 +339,7 @@ class ReplicaState:
             if whole_stack and t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
                 as_decodes += 1  # a prompt's last token alone with logits: priced as a decode
             if whole_stack and req.layer_tokens is None:
+                self.pending_tokens -= t1 - req.num_computed_tokens
                 req.num_computed_tokens = t1
             else:
                 lt = req.layer_tokens
@@ -332,6 +350,7 @@ class ReplicaState:
                 low = lt[L - 1]
                 if lt[0] == low:
                     req.layer_tokens = None
+                self.pending_tokens -= low - req.num_computed_tokens
                 req.num_computed_tokens = low
         for req in touched.values():
             self._hold(req)
@@ -361,6 +380,7 @@ class ReplicaState:
         if len(self.decodes) != len(running):
             raise PlanError("internal: a steady stretch with a prompt still running")
         self.futile_preemptions = 0  # tokens emitted: progress
+        self.pending_tokens -= steps * len(running)
         for r in running:
             r.itl_s.append(first_end_s - (r.last_token_s if r.last_token_s is not None else first_end_s))
             r.itl_s.frombytes(gaps)
@@ -391,6 +411,8 @@ class ReplicaState:
         for req in finished:
             self.running.remove(req)
             self._release(req)
+            self.pending_tokens -= (req.num_prompt_tokens + req.max_tokens - 1
+                                    - req.num_computed_tokens)
 
     # ---- preemption -----------------------------------------------------------------------------
     def preempt_for_decodes(self) -> list[RequestState]:
@@ -416,6 +438,7 @@ class ReplicaState:
         else:
             self.futile_preemptions += 1
         self._release(victim)
+        self.pending_tokens += victim.num_computed_tokens  # prompt + max_tokens stays the same
         victim.num_computed_tokens = 0
         victim.layer_tokens = None
         # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).

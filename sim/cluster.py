@@ -279,6 +279,9 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
     for rep in replicas:
         rep.state.set_prefix_caching(enable_prefix_caching)
     picker = make_router(router, seed)
+    if picker.ordered:  # it keeps the replicas ordered by load: tell it when a load changes
+        for rep in replicas:
+            rep.on_load = picker.changed
 
     def submit(state: RequestState) -> None:
         replicas[picker.pick(replicas)].submit(state)

@@ -71,24 +71,25 @@ class Replica:
         self._on_finish = on_finish
         self.busy_s = 0.0
         self.outstanding = 0  # requests routed here and not finished (for routers)
+        # told this replica's index whenever its load (outstanding, pending_tokens) may have
+        # changed: a router that keeps replicas ordered by load (sim/router.py)
+        self.on_load: Callable[[int], None] | None = None
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
     def submit(self, req: RequestState) -> None:
-        self.state.waiting.append(req)
+        self.state.enqueue(req)
         self.outstanding += 1
+        if self.on_load is not None:
+            self.on_load(self.idx)
         if not self._wakeup.triggered:
             self._wakeup.succeed()
 
     @property
     def pending_tokens(self) -> int:
-        """Tokens still to compute through the whole stack here (the jsq-tokens router's load).
-
-        Computed when asked rather than kept as a running sum, which drifted with preemptions,
-        rejections and part-way layer groups."""
-        st = self.state
-        return sum(r.num_prompt_tokens + r.max_tokens - 1 - r.num_computed_tokens
-                   for reqs in (st.waiting, st.running) for r in reqs)
+        """Tokens still to compute through the whole stack here (the jsq-tokens router's load):
+        core's running sum, which checked mode compares with a recount."""
+        return self.state.pending_tokens
 
     def _sleep(self) -> simpy.Event:
         if self._wakeup.triggered:
@@ -105,6 +106,11 @@ class Replica:
             step = prepare(state, self.policy, env.now, checked=self.check,
                            on_preempt=recorder.preempted, replica=self.idx,
                            fast_forward=self.fast_forward)
+            # The load changed since the last report (the last step's tokens and finishes,
+            # preemptions, prefix hits) and will not again before this step ends (nor before
+            # sleeping: an empty replica's last finish reported).
+            if self.on_load is not None:
+                self.on_load(self.idx)
             if step.action is STEADY:
                 if self.check:
                     self._verify_steady_claim()
@@ -156,6 +162,9 @@ class Replica:
         memory = st.memory_error()
         if memory is not None:
             self._internal(memory)
+        if st.pending_tokens != st.recount_pending_tokens():
+            self._internal(f"pending tokens {st.pending_tokens} kept, "
+                           f"{st.recount_pending_tokens()} counted")
         for r in st.running:
             too_many = r.num_computed_tokens > r.num_prompt_tokens + r.max_tokens
             if r.num_output_tokens > r.max_tokens or too_many:
@@ -186,6 +195,8 @@ class Replica:
     def _finish_accounting(self, req: RequestState) -> None:
         self.outstanding -= 1
         self.num_finished += 1
+        if self.on_load is not None:
+            self.on_load(self.idx)
         if self._on_finish is not None:
             self._on_finish()
 

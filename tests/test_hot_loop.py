@@ -65,3 +65,89 @@ def test_a_run_restores_the_garbage_collector() -> None:
     simulate([Request(i, 0.1 * i, 64, 8) for i in range(5)], cm, "chunked:512")
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+# ---- load-ordered routers: a heap, exactly the scan's answer ---------------------------------
+
+class _Fake:
+    def __init__(self, outstanding: int, pending_tokens: int) -> None:
+        self.outstanding, self.pending_tokens = outstanding, pending_tokens
+
+
+@pytest.mark.parametrize("name,attr", [("least-outstanding", "outstanding"),
+                                       ("jsq-tokens", "pending_tokens")])
+def test_ordered_routers_pick_what_a_scan_picks(name: str, attr: str) -> None:
+    """Random load changes, each reported; after each, the pick is the first replica of least
+    load (the scan the heap replaced). Small loads make ties common."""
+    from sim.router import make_router
+    rng = random.Random(7)
+    reps = [_Fake(rng.randrange(4), rng.randrange(4)) for _ in range(9)]
+    router = make_router(name)
+    for _ in range(3000):
+        for _ in range(rng.randrange(4)):
+            i = rng.randrange(len(reps))
+            setattr(reps[i], attr, max(0, getattr(reps[i], attr) + rng.choice([-1, 1, 2])))
+            router.changed(i)
+        want = min(range(len(reps)), key=lambda i: getattr(reps[i], attr))
+        assert router.pick(reps) == want
+    assert len(router._heap) <= 4 * len(reps) + 9 * 3000  # type: ignore[attr-defined]
+
+
+def test_an_unreported_change_is_what_the_heap_relies_on() -> None:
+    """The contract: a change must be reported. A replica whose load fell unreported is not
+    seen (the test above would fail if `changed` were ignored)."""
+    from sim.router import make_router
+    reps = [_Fake(2, 0), _Fake(3, 0)]
+    router = make_router("least-outstanding")
+    assert router.pick(reps) == 0
+    reps[1].outstanding = 0
+    assert router.pick(reps) == 0  # not told
+    router.changed(1)
+    assert router.pick(reps) == 1
+
+
+def _checked_runs():  # type: ignore[no-untyped-def]
+    """Runs whose pending tokens move every way: preemptions (tight KV), prefix hits,
+    part-way layer groups; in checked mode the replica compares its running sum with a
+    recount after every step."""
+    from traces import WorkloadSpec, build_workload
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    tight = cm.hw.hbm_bytes - cm.weight_bytes_per_gpu - 400 * 16 * cm.kv_bytes_per_token_per_gpu
+    burst = [Request(i, i * 0.02, 3000, 300) for i in range(12)]
+    shared = build_workload(WorkloadSpec("shared-prefix:3:1024:100:40", rate=8.0, duration_s=4,
+                                         seed=2)).requests
+    return cm, [(burst, {"gpu_memory_utilization": 1.0, "activation_reserve_bytes": tight}),
+                (shared, {})]
+
+
+@pytest.mark.parametrize("policy", ["chunked:512", "layered", "hybrid:512"])
+def test_pending_tokens_running_sum_equals_a_recount(policy: str) -> None:
+    cm, runs = _checked_runs()
+    for requests, kw in runs:
+        res = simulate(requests, cm, policy, num_replicas=2, router="jsq-tokens", check=True, **kw)
+        assert res.metrics["completed"] == len(requests)
+    assert simulate(runs[0][0], cm, policy, num_replicas=1, check=True,
+                    **runs[0][1]).metrics["preemptions"] > 0
+
+
+def test_ordered_routers_route_as_the_scan_did() -> None:
+    """The same run with the heap routers and with scanning ones (the code they replaced)."""
+    import sim.router as router_mod
+    cm, runs = _checked_runs()
+    requests = runs[1][0]
+
+    class ScanJsq(router_mod.Router):
+        name = "jsq-tokens"
+
+        def pick(self, replicas):  # type: ignore[no-untyped-def]
+            return min(range(len(replicas)), key=lambda i: replicas[i].pending_tokens)
+
+    heap = simulate(requests, cm, "chunked:512", num_replicas=3, router="jsq-tokens")
+    saved = router_mod.ROUTERS["jsq-tokens"]
+    router_mod.ROUTERS["jsq-tokens"] = ScanJsq
+    try:
+        scan = simulate(requests, cm, "chunked:512", num_replicas=3, router="jsq-tokens")
+    finally:
+        router_mod.ROUTERS["jsq-tokens"] = saved
+    pd.testing.assert_frame_equal(heap.requests, scan.requests)
+    assert heap.requests["replica"].nunique() == 3
