@@ -158,3 +158,16 @@ def test_profile_helper_is_constant(tmp_path: Path) -> None:
     prof = load_profile(constant_profile("h100", tmp_path / "p.json"))
     cm = CostModel(load_model("tiny-moe"), prof.gpu, prof)
     assert cm.price_decodes(8, 1000).latency_s == pytest.approx(0.02, rel=1e-6)
+
+
+def test_seeds_give_an_interval_ranked_at_its_low_end(tmp_path: Path) -> None:
+    study = write_study(tmp_path, ep=[1], gpu=["h200"], max_num_seqs=[2], seeds=3)
+    rc = session.run(str(study), {"arrival": "poisson"}, {}, out=tmp_path / "out", progress=False)
+    assert rc == 0
+    (r,) = json.loads((tmp_path / "out" / "search.json").read_text())["ranked"]
+    per_seed = [float(v) for v in r["per_seed"].split(",")]
+    assert r["seeds"] == 3 and len(set(per_seed)) > 1  # Poisson arrivals: seeds differ
+    assert r["rate_per_replica_low"] < min(per_seed) <= max(per_seed) < r["rate_per_replica_high"]
+    assert all(v < capacity("h200", 2) for v in per_seed)  # bursts need slack below 1/D
+    assert r["conservative_rate_per_replica"] == r["rate_per_replica_low"]
+    assert r["gpus"] == -(-400 // r["rate_per_replica_low"])  # sized at the low end

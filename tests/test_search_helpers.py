@@ -41,7 +41,7 @@ def constant_profile(gpu: str, path: Path) -> Path:
     return path
 
 
-def write_study(tmp: Path, **search: object) -> Path:
+def write_study(tmp: Path, duration_s: float = 5.0, **search: object) -> Path:
     """The closed-form study file in `tmp` (profiles beside it); `search` overrides grid keys."""
     profiles = {g: str(constant_profile(g, tmp / f"{g}-constant.json")) for g in D}
     grid = {"gpu": ["h100", "h200"], "ep": [1, 3], "max_num_seqs": [1, 2], "profile": profiles,
@@ -49,7 +49,7 @@ def write_study(tmp: Path, **search: object) -> Path:
             "max_probes": 12, "jobs": 0, "store": str(tmp / "store")}
     grid.update(search)
     study = {"model": "tiny-moe", "tp": 1, "workload": "fixed:32:1", "arrival": "fixed",
-             "duration_s": 5.0, "policies": ["prefill-first"], "slo_ttft_ms": 50.0,
+             "duration_s": duration_s, "policies": ["prefill-first"], "slo_ttft_ms": 50.0,
              "slo_itl_ms": 1e6, "start_rate": 25.0, "target": 0.9, "search": grid}
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
