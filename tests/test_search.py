@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 
-import search.runner
 from costmodel import ConfigError
 from search import session
 from search.grid import expand, read_search
 from search.pareto import front
 from search.store import ProbeStore
-from tests.test_search_helpers import PRICE, TOKENS, capacity, constant_profile, write_study
+from tests.test_search_helpers import (
+    PRICE,
+    TOKENS,
+    capacity,
+    constant_profile,
+    counted_fixture,  # noqa: F401 (the fixture `counted`)
+    write_study,
+)
 
 
 def _search(study: Path, out: Path, **grid: object) -> dict:
@@ -21,18 +27,6 @@ def _search(study: Path, out: Path, **grid: object) -> dict:
     assert rc == 0
     return json.loads((out / "search.json").read_text())
 
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The keys of the probes simulated (the serial executor runs them in this process)."""
-    ran: list[str] = []
-    real = search.runner.run_probe
-
-    def run_probe(task, requests):  # type: ignore[no-untyped-def]
-        ran.append(task.key)
-        return real(task, requests)
-    monkeypatch.setattr(search.runner, "run_probe", run_probe)
-    return ran
 
 
 def test_closed_form_cheapest_configuration(tmp_path: Path) -> None:

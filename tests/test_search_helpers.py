@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+import search.runner
 from costmodel.gpu import load_gpu
 from costmodel.profile import EnergyParams, default_profile, save_profile
 
@@ -59,3 +61,16 @@ def write_study(tmp: Path, duration_s: float = 5.0, **search: object) -> Path:
 def run_cli(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli.search", *args], cwd=ROOT,
                           capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture(name="counted")
+def counted_fixture(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the probes simulated in this process (the serial executor runs them here)."""
+    ran: list[str] = []
+    real = search.runner.run_probe
+
+    def run_probe(task, requests):  # type: ignore[no-untyped-def]
+        ran.append(task.key)
+        return real(task, requests)
+    monkeypatch.setattr(search.runner, "run_probe", run_probe)
+    return ran

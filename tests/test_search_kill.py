@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-import search.runner
 from search import session
 from search.store import ProbeStore
 from sim.results import check_complete
-from tests.test_search_helpers import ROOT, write_study
+from tests.test_search_helpers import (
+    ROOT,
+    counted_fixture,  # noqa: F401 (the fixture `counted`)
+    write_study,
+)
 
 
 def _reference(study: Path, tmp: Path) -> bytes:
@@ -92,17 +95,6 @@ def _kill_and_resume(tmp: Path, kills: int, jobs: int, seed: int, counted: list[
     assert (out / "search.json").read_bytes() == ref
     check_complete(out)
 
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    ran: list[str] = []
-    real = search.runner.run_probe
-
-    def run_probe(task, requests):  # type: ignore[no-untyped-def]
-        ran.append(task.key)
-        return real(task, requests)
-    monkeypatch.setattr(search.runner, "run_probe", run_probe)
-    return ran
 
 
 def test_kill_once_then_resume(tmp_path: Path, counted: list[str]) -> None:
