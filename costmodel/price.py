@@ -215,22 +215,7 @@ class CostModel:
             n = t1 - t0
             prefill += n
             prefill_layer_tokens += n * (l1 - l0)
-            a = agg.get((l0, l1))
-            if a is None:
-                a = agg[(l0, l1)] = [0] * len(LAYER_SUMS)
-            a[SUM_TOKENS] += n
-            if n == 1:
-                a[SUM_DEC_TOKENS] += 1
-                a[SUM_DEC_KV] += c + 1
-                a[SUM_DEC_KV_WIN] += (c + 1 if c < w else w) if w else c + 1
-            else:
-                a[SUM_PF_TOKENS] += n
-                a[SUM_PF_SEQS] += 1
-                a[SUM_PF_PAIRS] += (2 * c + n + 1) * n // 2
-                a[SUM_PF_KV] += c + n
-                if w:
-                    a[SUM_PF_PAIRS_WIN] += _window_pairs(c, n, w)
-                    a[SUM_PF_KV_WIN] += c + n - max(0, c - w + 1)
+            self._fold(agg, n, l0, l1, c)
             if logits:
                 num_logits += 1
             if l0 == 0:
@@ -240,6 +225,41 @@ class CostModel:
             self._add_decodes(agg, dn, dkv + dn, dkv_win)
         return self._price_segments(agg, num_logits + dn, embed_tokens + dn, dn, prefill,
                                     prefill_layer_tokens, len(plan))
+
+    def _fold(self, agg: dict[tuple[int, int], list[int]], n: int, l0: int, l1: int,
+              c: int) -> None:
+        """Add one tile of `n` tokens after `c` of context through layers [l0, l1) to `agg`."""
+        w = self.model.sliding_window
+        a = agg.get((l0, l1))
+        if a is None:
+            a = agg[(l0, l1)] = [0] * len(LAYER_SUMS)
+        a[SUM_TOKENS] += n
+        if n == 1:
+            a[SUM_DEC_TOKENS] += 1
+            a[SUM_DEC_KV] += c + 1
+            a[SUM_DEC_KV_WIN] += (c + 1 if c < w else w) if w else c + 1
+        else:
+            a[SUM_PF_TOKENS] += n
+            a[SUM_PF_SEQS] += 1
+            a[SUM_PF_PAIRS] += (2 * c + n + 1) * n // 2
+            a[SUM_PF_KV] += c + n
+            if w:
+                a[SUM_PF_PAIRS_WIN] += _window_pairs(c, n, w)
+                a[SUM_PF_KV_WIN] += c + n - max(0, c - w + 1)
+
+    def price_chunk(self, num_decodes: int, kv_tokens: int, kv_tokens_window: int,
+                    chunk_tokens: int, chunk_context: int) -> IterationCost:
+        """`price` of a plan of `num_decodes` whole-stack decodes (kv_tokens, kv_tokens_window as
+        in price_decodes) and one whole-stack prompt chunk of `chunk_tokens` after
+        `chunk_context` tokens, without logits, from its totals alone: the prefill
+        fast-forward's path, the same sums in the same order as `price` folds them."""
+        L = self.model.num_layers
+        agg: dict[tuple[int, int], list[int]] = {}
+        self._fold(agg, chunk_tokens, 0, L, chunk_context)
+        if num_decodes:
+            self._add_decodes(agg, num_decodes, kv_tokens, kv_tokens_window)
+        return self._price_segments(agg, num_decodes, chunk_tokens + num_decodes, num_decodes,
+                                    chunk_tokens, chunk_tokens * L, num_decodes + 1)
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
                      kv_tokens_window: int) -> None:

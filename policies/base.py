@@ -8,6 +8,13 @@ are held to it: a plan that skips a running decode is an error.
 `steady_decode = True` promises: when nothing is waiting and no prompt is part-way, the plan is
 exactly one decode tile for every running request. The simulator then fast-forwards runs of
 identical decode iterations in closed form. Leave it False if your policy might do otherwise.
+
+`steady_chunks = True` promises more: a plan of every running decode plus one whole-stack chunk
+of a part-way prompt that stops short of the prompt's end is followed, while the running
+requests stay the same and the KV blocks suffice, by the same plan advanced (every decode one
+token, the prompt a chunk of the same size), whatever arrives meanwhile. The simulator then
+runs such prefill stretches without asking again (core/stretch.py). Only built-in policies are
+taken at this word: checked mode cannot verify it without asking every iteration.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,8 @@ from core.records import Recorder
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
 from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
-from costmodel.plan import decode_tile
+from core.stretch import apply_chunk_stretch, chunk_stretch_steps
+from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, schedule_checked
 from policies.registry import is_trusted
@@ -64,6 +66,9 @@ class Replica:
         if why is not None:
             raise PlanError(f"policy {guard.policy_label(policy)}: reading its 'steady_decode' {why}")
         self.fast_forward = fast_forward and steady is True
+        # prefill stretches: a built-in's promise (policies/base.py), not checked per iteration
+        self.chunk_stretches = (fast_forward and self.trusted and not self.check
+                                and getattr(policy, "steady_chunks", False) is True)
         self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
         self.declined = False  # asleep after an empty plan although it holds runnable work
         self.stall_note: str | None = None  # set when the run ended with work the policy declined
@@ -96,6 +101,18 @@ class Replica:
             self._wakeup = self.env.event()
         return self._wakeup
 
+    def _sleep_until(self, delay_s: float) -> simpy.Event:
+        """The wake-up event, triggered after `delay_s` unless an arrival (submit) triggers it
+        first: one event rather than a condition over two; a stale timer finds it triggered
+        and does nothing."""
+        wake = self._sleep()
+
+        def ring(_: simpy.Event) -> None:
+            if not wake.triggered:
+                wake.succeed()
+        self.env.timeout(delay_s).callbacks.append(ring)  # type: ignore[union-attr]
+        return wake
+
     # ---- the loop ---------------------------------------------------------------------------
     def run(self):  # type: ignore[no-untyped-def]
         env, state, recorder = self.env, self.state, self.recorder
@@ -125,6 +142,11 @@ class Replica:
                 self.declined = False
                 continue
             plan = step.plan
+            if self.chunk_stretches:
+                stretch = self._chunk_stretch(plan)
+                if stretch is not None:
+                    yield from self._run_chunk_stretch(*stretch)
+                    continue
             cost = self.cost.price(plan)
             start = env.now
             yield env.timeout(cost.latency_s)
@@ -223,13 +245,7 @@ class Replica:
         def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
             return start + (j + 1) * l0 + slope * j * (j + 1) / 2
 
-        # One event: the stretch's own end, or an arrival (submit) first. The timer triggers this
-        # stretch's wake-up event if nothing else did; a stale timer finds it triggered and
-        # does nothing (cheaper than a condition over both).
-        wake = self._sleep()
-        env.timeout(end(k - 1) - start).callbacks.append(  # type: ignore[union-attr]
-            lambda _, wake=wake: None if wake.triggered else wake.succeed())
-        yield wake
+        yield self._sleep_until(end(k - 1) - start)
         done = k
         if env.now < end(k - 1) - 1e-15:  # an arrival: finish the step in flight, then stop
             lo, hi = 0, k - 1  # the first step that ends at or after now
@@ -249,6 +265,70 @@ class Replica:
         self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
         self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac)
+        for r in finished:
+            self._finish_accounting(r)
+            self.recorder.finished(r, self.idx)
+
+    # ---- fast-forward of prefill stretches (core/stretch.py) ---------------------------------
+    def _chunk_stretch(self, plan: tuple[Tile, ...]
+                       ) -> tuple[list[RequestState], RequestState, int, int] | None:
+        """(decodes, prompt, chunk tokens, iterations) when `plan` is every running decode plus
+        one whole-stack middle chunk of a running prompt and at least two such iterations are
+        known; else None (the plan runs alone)."""
+        state = self.state
+        decodes = state.decodes
+        if len(plan) != len(decodes) + 1:
+            return None
+        rid, t0, t1, l0, l1, _cached, logits = plan[-1]
+        if l0 or l1 != state.num_layers or logits or t1 - t0 < 2:
+            return None
+        prompt = next((r for r in state.running if r.req_id == rid), None)
+        if prompt is None or prompt.layer_tokens is not None or t0 != prompt.num_computed_tokens:
+            return None
+        L = state.num_layers
+        for tile, r in zip(plan, decodes, strict=False):  # each decode's own tile, in order
+            if tile[0] != r.req_id or tile[3] or tile[4] != L or tile[2] - tile[1] != 1:
+                return None
+        chunk = t1 - t0
+        k = chunk_stretch_steps(state, decodes, prompt, chunk)
+        return (list(decodes), prompt, chunk, k) if k >= 2 else None
+
+    def _run_chunk_stretch(self, decodes: list[RequestState], prompt: RequestState, chunk: int,
+                           k: int):  # type: ignore[no-untyped-def]
+        """Price the stretch's k iterations one by one (exact: no interpolation), wait for them
+        in one event, stop after the iteration in flight when a request arrives, apply."""
+        env, state, cm = self.env, self.state, self.cost
+        n = len(decodes)
+        contexts = [r.num_computed_tokens for r in decodes]
+        kv = sum(contexts) + n
+        w = cm.model.sliding_window
+        c = prompt.num_computed_tokens
+        start = t = env.now
+        costs: list[IterationCost] = []
+        ends: list[float] = []
+        for j in range(k):
+            kv_win = sum(x + j + 1 if x + j < w else w for x in contexts) if w else 0
+            cost = cm.price_chunk(n, kv + j * n, kv_win, chunk, c + j * chunk)
+            t = t + cost.latency_s  # as SimPy adds each iteration's timeout to its start
+            costs.append(cost)
+            ends.append(t)
+        yield self._sleep_until(t - start)
+        done = k
+        if env.now < t - 1e-15:  # an arrival: finish the iteration in flight, then stop
+            done = bisect_left(ends, env.now) + 1
+            yield env.timeout(max(0.0, ends[done - 1] - env.now))
+        finished = apply_chunk_stretch(state, decodes, prompt, chunk, ends[:done])
+        end_s = ends[done - 1]
+        self.busy_s += end_s - start
+        ran = costs[:done]
+        self.recorder.iteration_row(
+            replica=self.idx, start_s=start, latency_s=end_s - start, iterations=done,
+            prefill_tokens=done * chunk, decode_tokens=done * n, num_tiles=n + 1,
+            prefill_layer_tokens=done * chunk * state.num_layers,
+            energy_j=sum(x.energy_j for x in ran), flops=sum(x.flops for x in ran),
+            expert_bytes=sum(x.hbm_bytes.expert_weights for x in ran),
+            hbm_bytes=sum(x.hbm_bytes.total for x in ran),
+            kv_read_bytes=sum(x.hbm_bytes.kv_read for x in ran))
         for r in finished:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)

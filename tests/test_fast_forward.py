@@ -1,4 +1,5 @@
-"""Fast-forward of steady decoding (sim/replica.py) against step-by-step simulation.
+"""Fast-forward of steady decoding and of prefill stretches (sim/replica.py) against
+step-by-step simulation.
 
 Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
 pressure with preemptions, a sliding-window model, prefix caching that hits, with and without
@@ -124,6 +125,9 @@ def test_fast_forward_equals_step_by_step(policy, workload):
     assert fast.metrics["completed"] == len(requests)
     # it did fast-forward: fewer iteration rows than iterations
     assert len(fast.iterations) < fast.metrics["iterations"] == len(slow.iterations)
+    if policy == "chunked:512" and workload in ("arxiv", "kv-pressure", "sliding-window"):
+        it = fast.iterations
+        assert ((it["prefill_tokens"] > 0) & (it["iterations"] > 1)).any()  # chunk stretches
     if workload == "kv-pressure":
         assert slow.metrics["preemptions"] > 0
     if workload.startswith("prefix-caching"):
