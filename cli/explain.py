@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from cli.simulate import _add_dtypes
 from costmodel import ConfigError, CostModel, Parallelism, Tile, decode_tile, load_model, resolve_profile
 from traces._checks import MAX_TOKENS
 
 # One tile is priced per decode: more running decodes than any engine batches (vLLM's
 # max_num_seqs defaults to 256) would take minutes and gigabytes to price one iteration.
 MAX_DECODES = 65_536
+
+
+def _add_dtypes(p: argparse.ArgumentParser) -> None:
+    """The dtype flags; values are checked where they are used."""
+    p.add_argument("--dtype", help="bf16 | fp8: weights (default: the model's config.json)")
+    p.add_argument("--expert-dtype", help="bf16 | fp8 | mxfp4: expert weights (default: the "
+                   "checkpoint's expert format, mxfp4 for gpt-oss, else --dtype)")
+    p.add_argument("--kv-cache-dtype", help="bf16 | fp8 (default: bf16)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from costmodel.errors import ConfigError
-from policies.state import PlanError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +26,17 @@ def _fail(prog: str, msg: str) -> int:
     return 2
 
 
+def _plan_error() -> type[Exception]:
+    """A policy's illegal plan (core.state.PlanError), looked up when an error is caught: only
+    code that imported core.state can raise it, and `explain` and `--help` import no policy."""
+    return getattr(sys.modules.get("core.state"), "PlanError", ConfigError)
+
+
 def _guard(prog: str, fn: Callable[[], int]) -> int:
     """Users see one line for their mistakes, never a traceback."""
     try:
         return fn()
-    except (ConfigError, PlanError) as e:
+    except (ConfigError, _plan_error()) as e:  # evaluated only once something is raised
         return _fail(prog, str(e))
     except ValueError as e:  # TraceError and the reports' input errors are ValueErrors
         return _fail(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -53,12 +59,51 @@ def _delegate(module: str, func: str) -> Callable[[list[str]], int]:
     return run
 
 
+class _Version(argparse._VersionAction):
+    """--version, looked up when asked for (sim.results reads the installed metadata)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from sim.results import layersim_version
+
+        self.version = f"layersim {layersim_version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+# Commands of the cli modules: name -> (module, its function that adds the command's parser,
+# the help line). Only the command being run is built in full (its module imported, its flags
+# added), so `layersim --help` imports none of them; tests/test_startup.py checks that these
+# help lines are the ones the modules give.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "simulate": ("cli.simulate", "add_parsers", "simulate one policy on a workload"),
+    "compare": ("cli.simulate", "add_parsers",
+                "simulate several policies on the same arrivals (bare: the default study)"),
+    "explain": ("cli.explain", "add_parser", "price one iteration and show where its time goes"),
+    "capacity": ("cli.capacity", "add_parser",
+                 "search the highest rate (or fewest GPUs) meeting the SLO"),
+    "replay-silicon": ("cli.silicon", "add_parser",
+                       "simulate measured serving runs and print the error of each"),
+}
+
 # Commands implemented in their own packages' cli modules take their raw arguments.
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "calibrate": ("calibrate.cli", "main", "fit the cost model to this machine's kernels"),
     "validate": ("engine.cli", "validate_main", "run a trace on the real engine and the simulator"),
     "report": ("reports.cli", "report_main", "turn a results folder into one offline HTML file"),
 }
+
+
+def add_commands(sub: argparse._SubParsersAction, command: str | None) -> None:  # type: ignore[type-arg]
+    """Every command, `command` (the one given, if any) built by its module and the others
+    by name and help line only (enough for `layersim --help` and for argparse's errors)."""
+    module, add, _ = COMMANDS.get(command or "", ("", "", ""))
+    if module:
+        getattr(importlib.import_module(module), add)(sub)
+    for name, (other, _, help_text) in COMMANDS.items():
+        if other != module:
+            sub.add_parser(name, help=help_text)
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,20 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:
             return _fail(f"layersim {args[0]}", f"needs an optional dependency: {e.name or e} "
                          "(pip install -e '.[cpu]' or '.[gpu]')")
-    from cli import capacity, explain, silicon, simulate
-
     parser = _Parser(prog="layersim", allow_abbrev=False, description=(
         "Capacity planning and scheduling-policy design for MoE LLM serving."))
-    from sim.results import layersim_version
-
-    parser.add_argument("--version", action="version", version=f"layersim {layersim_version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    simulate.add_parsers(sub)
-    explain.add_parser(sub)
-    capacity.add_parser(sub)
-    silicon.add_parser(sub)
-    for name, (_, _, help_text) in DELEGATED.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    add_commands(sub, next((a for a in args if not a.startswith("-")), None))
     ns = parser.parse_args(args)
     ns.argv = args  # recorded in results folders (sim/results.py)
     if ns.command is None:

@@ -17,14 +17,6 @@ from sim.vllm_result import vllm_result, write_vllm_result
 from traces import Workload
 
 
-def _add_dtypes(p: argparse.ArgumentParser) -> None:
-    """The dtype flags (also used by `explain`); values are checked where they are used."""
-    p.add_argument("--dtype", help="bf16 | fp8: weights (default: the model's config.json)")
-    p.add_argument("--expert-dtype", help="bf16 | fp8 | mxfp4: expert weights (default: the "
-                   "checkpoint's expert format, mxfp4 for gpt-oss, else --dtype)")
-    p.add_argument("--kv-cache-dtype", help="bf16 | fp8 (default: bf16)")
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("simulate", help="simulate one policy on a workload", allow_abbrev=False,
                        description="Simulate one policy (--policies with one entry).")

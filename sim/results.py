@@ -27,12 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from costmodel import ConfigError, CostModel
+from costmodel import ConfigError
 from costmodel.files import atomic_write
+
+if TYPE_CHECKING:
+    from costmodel import CostModel
 
 MARKER = "run.json"
 COMPLETE = "COMPLETE"  # written last: what the finished folder holds (see write_manifest)
@@ -284,6 +285,8 @@ def _absolute_policy(spec: str) -> str:
 
 
 def write_provenance(folder: Path, study: Any, setup: dict[str, Any], command: list[str]) -> None:
+    import yaml  # here: only a run with --out writes study.yaml
+
     # defaults resolved (GPU, data types, skew); the profile stays as given: null is the one
     # shipped for the GPU (run.json names it), a path stays a path
     resolved = study.model_copy(update={**{k: setup[k] for k in (

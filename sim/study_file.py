@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from costmodel.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 MAX_DEPTH = 16  # a study's deepest value is a list in the mapping (depth 2)
 
 
 def read_yaml(path: Path) -> Any:
     """The file's YAML, or a one-line ConfigError naming the file (and the line when known)."""
+    import yaml  # here: a run without a study file does not load PyYAML
+
     try:
         text = path.read_text(encoding="utf-8")
         check_events(path, yaml.parse(text, Loader=yaml.SafeLoader))
@@ -44,6 +47,8 @@ def read_yaml(path: Path) -> Any:
 def check_events(path: Path, events: Iterator[yaml.Event]) -> None:
     """From the parser's flat events, before PyYAML's recursive composer runs: nesting deeper
     than MAX_DEPTH, and a key given twice (PyYAML would keep the last one without a word)."""
+    import yaml
+
     depth, top_mapping, is_key, keys = 0, False, True, dict[str, int]()
     for event in events:
         line = event.start_mark.line + 1
