@@ -35,7 +35,7 @@ def test_closed_form_cheapest_configuration(tmp_path: Path) -> None:
     assert len(ranked) == 4 and all(r["found"] for r in ranked)
     for r in ranked:  # the bisection stops within rel_tol below the service rate
         cap = capacity(r["gpu"], r["max_num_seqs"])
-        assert cap * (1 - 0.05) <= r["rate_per_replica"] <= cap * 1.01, r
+        assert cap * (1 - 0.05) <= r["rate_per_replica"] <= cap * 1.02, r
     # cost per req/s: price x D / seqs -> h200 seqs2 (0.0075) < h100 seqs2 (0.01) < h200 seqs1 ...
     assert [r["config"] for r in ranked] == [
         "h200 tp1 prefill-first seqs2", "h100 tp1 prefill-first seqs2",
@@ -52,7 +52,7 @@ def test_closed_form_cheapest_configuration(tmp_path: Path) -> None:
 
 
 def test_same_results_serial_and_pool(tmp_path: Path) -> None:
-    study = write_study(tmp_path, ep=[1], max_num_seqs=[2])
+    study = write_study(tmp_path, ep=[1], max_num_seqs=[2], gpu=["h200"])
     _search(study, tmp_path / "a", store=str(tmp_path / "s1"))
     _search(study, tmp_path / "b", store=str(tmp_path / "s2"), jobs=2)
     for name in ("search.json", "search.parquet", "probes.parquet"):
@@ -77,7 +77,7 @@ def test_rerun_skips_finished_probes(tmp_path: Path, counted: list[str]) -> None
 
 
 def test_a_different_search_never_reuses_a_stale_result(tmp_path: Path, counted: list[str]) -> None:
-    study = write_study(tmp_path, ep=[1], gpu=["h200"])
+    study = write_study(tmp_path, ep=[1], gpu=["h200"], max_num_seqs=[2])
     first = _search(study, tmp_path / "a")
     n, before = len(counted), set(ProbeStore(tmp_path / "store").keys())
     # the target steers the search, not a simulation: every probe it needs is reused
@@ -94,7 +94,7 @@ def test_a_different_search_never_reuses_a_stale_result(tmp_path: Path, counted:
     prof.write_text(json.dumps(data))
     counted.clear()
     slower = _search(study, tmp_path / "c")
-    assert len(counted) >= n // 2 and not set(counted) & before
+    assert len(counted) >= n - 2 and not set(counted) & before
     rates = {r["config"]: r["rate_per_replica"] for r in slower["ranked"]}
     assert rates["h200 tp1 prefill-first seqs2"] == pytest.approx(2 / 0.0125, rel=0.05)
     assert slower["ranked"] != first["ranked"]

@@ -43,7 +43,7 @@ def constant_profile(gpu: str, path: Path) -> Path:
     return path
 
 
-def write_study(tmp: Path, duration_s: float = 5.0, **search: object) -> Path:
+def write_study(tmp: Path, duration_s: float = 2.5, **search: object) -> Path:
     """The closed-form study file in `tmp` (profiles beside it); `search` overrides grid keys."""
     profiles = {g: str(constant_profile(g, tmp / f"{g}-constant.json")) for g in D}
     grid = {"gpu": ["h100", "h200"], "ep": [1, 3], "max_num_seqs": [1, 2], "profile": profiles,

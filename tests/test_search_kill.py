@@ -68,7 +68,7 @@ def _check_out(out: Path) -> None:
 
 
 def _kill_and_resume(tmp: Path, kills: int, jobs: int, seed: int, counted: list[str],
-                     duration_s: float = 5.0, **grid: object) -> None:
+                     duration_s: float = 2.5, **grid: object) -> None:
     study = write_study(tmp, duration_s, **grid)
     ref = _reference(study, tmp)
     total = len(ProbeStore(tmp / "ref-store").keys())
