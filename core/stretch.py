@@ -1,19 +1,18 @@
-"""Prefill stretches: runs of chunked-prefill iterations applied at once (the simulator's
-fast-forward; the engine runs every iteration).
+"""Prefill stretches: runs of prefill iterations applied at once (the simulator's fast-forward;
+the engine runs every iteration).
 
-A policy that promises `steady_chunks` (policies/base.py) continues a plan of every running
-decode plus one whole-stack chunk of a part-way prompt, short of the prompt's end, with the same
-plan advanced: each decode one token, the prompt by a chunk of the same size, for as long as the
-running requests stay the same and the KV blocks suffice. Such a stretch of K iterations is then
-known without asking the policy again: `chunk_stretch_steps` bounds K (the prompt's last chunk,
-which emits its first token and may admit waiting prompts, is left to the policy; so is every
-step after the first decode to finish, and any step the free blocks could not hold), the
-executor prices each iteration from its totals (CostModel.price_chunk) and waits for their sum,
-and `apply_chunk_stretch` applies the iterations done as K `apply`s of those plans would. Its
-KV blocks are taken at once: the same blocks, free ones first and then cached ones in LRU order,
-that K steps would take, only shared out between the requests in another order (each request's
-blocks hold the same tokens; which block ids they are changes nothing observable), and no other
-request can look up the prefix cache in between (nothing is admitted inside a stretch).
+A built-in policy may say, with `prefill_ahead(state, plan)` (policies/base.py), which prompt
+tiles follow a plan of every running decode plus prompt tiles: the iterations it would plan
+next for certain while the running requests stay the same and nothing is admitted (the middle
+chunks of a chunked prompt, the middle layer groups of a layered batch). Such a stretch of K
+iterations is then known without asking the policy again: `stretch_steps` bounds K (a decode's
+last token ends it, and so do the free blocks), the executor prices each iteration from its
+totals (CostModel.price_with_decodes) and waits for their sum, and `apply_stretch` applies the
+iterations done as K `apply`s of those plans would: the prompt tiles through `apply` itself,
+the decodes' tokens in bulk. Their KV blocks are taken at once: the same blocks, free ones
+first and then cached ones in LRU order, that K steps would take, only shared out between the
+requests in another order (each request's blocks hold the same tokens; which block ids they
+are changes nothing observable), and no other request looks up the prefix cache in between.
 """
 
 from __future__ import annotations
@@ -23,28 +22,38 @@ from collections.abc import Sequence
 
 from core.request import RequestState
 from core.state import ReplicaState
+from costmodel.plan import Tile
 
 
-def chunk_stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
-                        prompt: RequestState, chunk_tokens: int) -> int:
-    """How many iterations of the stretch starting now (this one included) are known: chunks
-    that stop short of the prompt's end, no decode past its last token, and the blocks all of
-    them take free now."""
-    c = prompt.num_computed_tokens
-    most = (prompt.num_prompt_tokens - 1 - c) // chunk_tokens
+def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
+                  steps: Sequence[Sequence[Tile]]) -> int:
+    """How many of the iterations `steps` (their prompt tiles; the decodes run in each) can run
+    from now: none after a decode's last token, and the blocks all of them take free now."""
+    most = len(steps)
     if decodes:
         most = min(most, min(r.max_tokens - r.num_output_tokens for r in decodes))
     if most <= 0:
         return 0
+    by_id = {r.req_id: r for r in state.running}
+    num_layers = state.num_layers
 
-    def growth(steps: int) -> int:
-        return (state.decode_growth(decodes, steps)
-                + max(0, state.blocks_for(c + steps * chunk_tokens) - prompt.num_blocks))
+    def growth(k: int) -> int:
+        """Blocks the first k iterations take: the decodes' KV, and each prompt's KV up to the
+        tokens through its first layer (with hidden states while its layers are uneven)."""
+        reach: dict[int, tuple[int, bool]] = {}
+        for tiles in steps[:k]:
+            for rid, _t0, t1, l0, l1, _c, _logits in tiles:
+                top, partial = reach.get(rid, (by_id[rid].tokens_at(0), by_id[rid].is_partial))
+                reach[rid] = (max(top, t1) if l0 == 0 else top,
+                              l1 < num_layers if l0 == 0 else partial and l1 < num_layers)
+        prompts = sum(max(0, state.blocks_for(top, partial) - by_id[rid].num_blocks)
+                      for rid, (top, partial) in reach.items())
+        return state.decode_growth(decodes, k) + prompts
 
     free = state.num_free_blocks
     if growth(most) <= free:
         return most
-    lo, hi = 0, most  # growth only rises with the steps
+    lo, hi = 0, most  # growth only rises with the iterations
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if growth(mid) <= free:
@@ -54,20 +63,17 @@ def chunk_stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
     return lo
 
 
-def apply_chunk_stretch(state: ReplicaState, decodes: Sequence[RequestState],
-                        prompt: RequestState, chunk_tokens: int,
-                        ends_s: Sequence[float]) -> list[RequestState]:
-    """The stretch's first len(ends_s) iterations, the j-th ending at ends_s[j]: each decode
-    emits a token at every end, the prompt advances a chunk per iteration. Returns the requests
-    that finished (at the last end), KV freed."""
-    steps = len(ends_s)
-    hold = state._hold
+def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
+                  steps: Sequence[Sequence[Tile]], ends_s: Sequence[float]) -> list[RequestState]:
+    """The iterations `steps` (their prompt tiles), the j-th ending at ends_s[j]: each decode
+    emits a token at every end. Returns the requests that finished (at the last end), KV freed."""
+    for tiles, end_s in zip(steps, ends_s, strict=True):
+        state.apply(tiles, end_s)  # prompt tiles short of their prompts' ends: no token, no finish
+    n = len(steps)
     for r in decodes:
-        r.num_computed_tokens += steps
-        hold(r)
-    prompt.num_computed_tokens += chunk_tokens * steps
-    hold(prompt)
-    state.pending_tokens -= steps * (len(decodes) + chunk_tokens)
+        r.num_computed_tokens += n
+        state._hold(r)
+    state.pending_tokens -= n * len(decodes)
     first, last = ends_s[0], ends_s[-1]
     # the gaps between consecutive ends, as step-by-step time differences give them
     later_gaps = array("d", [b - a for a, b in zip(ends_s, ends_s[1:], strict=False)]).tobytes()
@@ -75,14 +81,13 @@ def apply_chunk_stretch(state: ReplicaState, decodes: Sequence[RequestState],
         r.itl_s.append(first - (r.last_token_s or first))  # as ReplicaState._emit does
         r.itl_s.frombytes(later_gaps)
         r.last_token_s = last
-        r.num_output_tokens += steps
+        r.num_output_tokens += n
         if r.is_finished:
             r.finish_s = last
     if decodes:
         state.futile_preemptions = 0  # tokens emitted: progress
     finished = [r for r in decodes if r.is_finished]
     state._retire(finished)
-    state.now_s = last
     state._decodes = None
     state.prompt_tokens_as_decodes = 0
     return finished

@@ -24,6 +24,7 @@ tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -247,19 +248,24 @@ class CostModel:
                 a[SUM_PF_PAIRS_WIN] += _window_pairs(c, n, w)
                 a[SUM_PF_KV_WIN] += c + n - max(0, c - w + 1)
 
-    def price_chunk(self, num_decodes: int, kv_tokens: int, kv_tokens_window: int,
-                    chunk_tokens: int, chunk_context: int) -> IterationCost:
+    def price_with_decodes(self, num_decodes: int, kv_tokens: int, kv_tokens_window: int,
+                           tiles: Sequence[Tile]) -> IterationCost:
         """`price` of a plan of `num_decodes` whole-stack decodes (kv_tokens, kv_tokens_window as
-        in price_decodes) and one whole-stack prompt chunk of `chunk_tokens` after
-        `chunk_context` tokens, without logits, from its totals alone: the prefill
-        fast-forward's path, the same sums in the same order as `price` folds them."""
-        L = self.model.num_layers
+        in price_decodes) and the prompt `tiles` (none with logits), from the decodes' totals
+        alone: the prefill fast-forward's path, the same sums in the same order as `price`."""
         agg: dict[tuple[int, int], list[int]] = {}
-        self._fold(agg, chunk_tokens, 0, L, chunk_context)
+        embed = prefill = prefill_layer_tokens = 0
+        for _rid, t0, t1, l0, l1, c, _logits in tiles:
+            n = t1 - t0
+            self._fold(agg, n, l0, l1, c)
+            prefill += n
+            prefill_layer_tokens += n * (l1 - l0)
+            if l0 == 0:
+                embed += n
         if num_decodes:
             self._add_decodes(agg, num_decodes, kv_tokens, kv_tokens_window)
-        return self._price_segments(agg, num_decodes, chunk_tokens + num_decodes, num_decodes,
-                                    chunk_tokens, chunk_tokens * L, num_decodes + 1)
+        return self._price_segments(agg, num_decodes, embed + num_decodes, num_decodes, prefill,
+                                    prefill_layer_tokens, num_decodes + len(tiles))
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
                      kv_tokens_window: int) -> None:

@@ -20,12 +20,14 @@ decodes running, the target protects nobody: the prompts run through all their l
 from __future__ import annotations
 
 from costmodel.plan import Plan, Tile
-from policies.base import decode_tiles, prompt_tile
+from policies.base import decode_tiles, no_prefill_ahead, prompt_tile
 from policies.layered import LayeredPrefill, uncached_tokens
 from policies.state import ReplicaState, RequestState
 
 
 class AdaptiveLayered(LayeredPrefill):
+    prefill_ahead = staticmethod(no_prefill_ahead)  # tiles sized by prices at run time
+
     def __init__(self, tbt_ms: float = 100.0, queue_saturation: int = 4,
                  chunk_tokens: int = 512, max_num_seqs: int = 256) -> None:
         super().__init__(max_groups=None, chunk_tokens=chunk_tokens, max_num_seqs=max_num_seqs)

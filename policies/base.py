@@ -9,12 +9,13 @@ are held to it: a plan that skips a running decode is an error.
 exactly one decode tile for every running request. The simulator then fast-forwards runs of
 identical decode iterations in closed form. Leave it False if your policy might do otherwise.
 
-`steady_chunks = True` promises more: a plan of every running decode plus one whole-stack chunk
-of a part-way prompt that stops short of the prompt's end is followed, while the running
-requests stay the same and the KV blocks suffice, by the same plan advanced (every decode one
-token, the prompt a chunk of the same size), whatever arrives meanwhile. The simulator then
-runs such prefill stretches without asking again (core/stretch.py). Only built-in policies are
-taken at this word: checked mode cannot verify it without asking every iteration.
+A built-in policy may also say which iterations follow a plan for certain:
+`prefill_ahead(state, plan)` returns the prompt tiles of the iterations after `plan` that it
+would plan, each beside every running decode, while the running requests stay the same and the
+KV blocks suffice, whatever arrives meanwhile (chunked: a prompt's middle chunks; layered: a
+batch's middle layer groups); none that would emit a token or admit a request. The simulator
+then runs such prefill stretches without asking again (core/stretch.py). Only built-ins are
+taken at their word: checked mode cannot verify it without asking every iteration.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def schedule_checked(policy: Policy, state: ReplicaState,
         return state.check(tuple(items), stall_free)
     except PlanError as e:
         raise PlanError(f"policy {guard.policy_label(policy)}: {e}") from None
+
+
+def no_prefill_ahead(state: ReplicaState, plan: Plan) -> list[tuple[Tile, ...]]:
+    """`prefill_ahead` for a policy whose next tiles are not known before it is asked."""
+    return []
 
 
 def decode_tiles(state: ReplicaState) -> list[Tile]:

@@ -18,7 +18,6 @@ from policies.state import ReplicaState, RequestState
 class ChunkedPrefill:
     stall_free = True
     steady_decode = True
-    steady_chunks = True  # a middle chunk's plan repeats, advanced (policies/base.py)
 
     def __init__(self, max_num_batched_tokens: int = 512, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1:
@@ -30,6 +29,26 @@ class ChunkedPrefill:
     def prompt_order(self, state: ReplicaState) -> list[RequestState]:
         """Waiting prompts in the order they are started. Subclasses may reorder (e.g. SJF)."""
         return state.waiting
+
+    def prefill_ahead(self, state: ReplicaState, plan: Plan) -> list[tuple[Tile, ...]]:
+        """After a plan whose one prompt tile is a part-way prompt's full chunk (the budget the
+        decodes leave) short of its end: the same prompt's next chunks of that size while they
+        stay short of its end (the budget goes to it alone; nothing waiting is started)."""
+        L = state.num_layers
+        prompts = plan[len(state.decodes):]
+        if len(prompts) != 1:
+            return []
+        rid, t0, t1, l0, l1, _cached, _logits = prompts[0]
+        req = next((r for r in state.running if r.req_id == rid), None)
+        n = t1 - t0
+        if (req is None or l0 or l1 != L or n != self.max_num_batched_tokens - len(state.decodes)
+                or t0 != req.num_computed_tokens):
+            return []
+        out: list[tuple[Tile, ...]] = []
+        while t1 + n < req.num_prompt_tokens:
+            out.append((Tile(rid, t1, t1 + n, 0, L, t1, False),))
+            t1 += n
+        return out
 
     def schedule(self, state: ReplicaState) -> Plan:
         L = state.num_layers

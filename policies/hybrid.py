@@ -14,7 +14,7 @@ tokens; a part-way prompt resumes at its lowest unfinished layer, group by group
 from __future__ import annotations
 
 from costmodel.plan import Tile
-from policies.base import prompt_tile
+from policies.base import no_prefill_ahead, prompt_tile
 from policies.layered import LayeredPrefill, uncached_tokens
 from policies.state import ReplicaState, RequestState
 
@@ -23,6 +23,8 @@ class HybridPrefill(LayeredPrefill):
     def __init__(self, budget: int = 512, max_num_seqs: int = 256) -> None:
         super().__init__(max_groups=None, chunk_tokens=budget, max_num_seqs=max_num_seqs)
         self.name = f"hybrid:{budget}"
+
+    prefill_ahead = staticmethod(no_prefill_ahead)  # token-chunked groups: asked each time
 
     def _tile(self, req: RequestState, groups: list[tuple[int, int]], L: int) -> Tile:
         # The lowest layer that has not seen the whole prompt, and the group it belongs to.

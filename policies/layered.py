@@ -105,6 +105,20 @@ class LayeredPrefill:
         l0, l1 = self.next_group(batch, state)
         return [prompt_tile(r, r.num_prompt_tokens, l0, l1, state.num_layers) for r in batch]
 
+    def prefill_ahead(self, state: ReplicaState, plan: Plan) -> list[tuple[Tile, ...]]:
+        """After a plan that runs the part-way batch through a layer group: the batch through
+        each later group but the last (which emits the batch's first tokens). Layers not reached
+        yet still stand where the batch started, so the tiles are known now."""
+        batch = [r for r in state.running if not r.is_prefill_done]
+        prompts = plan[len(state.decodes):]
+        if not batch or len(prompts) != len(batch):
+            return []
+        L = state.num_layers
+        l1 = prompts[0][4]
+        later = [g for g in self.groups_for(sum(map(uncached_tokens, batch)), state) if g[0] >= l1]
+        return [tuple(prompt_tile(r, r.num_prompt_tokens, a, b, L) for r in batch)
+                for a, b in later[:-1]]
+
     def schedule(self, state: ReplicaState) -> Plan:
         tiles: list[Tile] = decode_tiles(state)
         batch = self.current_batch(state)

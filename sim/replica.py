@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from core.records import Recorder
+from core.records import Recorder, prefill_tokens_once
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
 from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
-from core.stretch import apply_chunk_stretch, chunk_stretch_steps
+from core.stretch import apply_stretch, stretch_steps
 from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, schedule_checked
@@ -66,9 +66,9 @@ class Replica:
         if why is not None:
             raise PlanError(f"policy {guard.policy_label(policy)}: reading its 'steady_decode' {why}")
         self.fast_forward = fast_forward and steady is True
-        # prefill stretches: a built-in's promise (policies/base.py), not checked per iteration
-        self.chunk_stretches = (fast_forward and self.trusted and not self.check
-                                and getattr(policy, "steady_chunks", False) is True)
+        # prefill stretches: a built-in's word (policies/base.py), not checked per iteration
+        self.prefill_ahead = (getattr(policy, "prefill_ahead", None)
+                              if fast_forward and self.trusted and not self.check else None)
         self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
         self.declined = False  # asleep after an empty plan although it holds runnable work
         self.stall_note: str | None = None  # set when the run ended with work the policy declined
@@ -142,10 +142,10 @@ class Replica:
                 self.declined = False
                 continue
             plan = step.plan
-            if self.chunk_stretches:
-                stretch = self._chunk_stretch(plan)
+            if self.prefill_ahead is not None:
+                stretch = self._prefill_stretch(plan)
                 if stretch is not None:
-                    yield from self._run_chunk_stretch(*stretch)
+                    yield from self._run_prefill_stretch(*stretch)
                     continue
             cost = self.cost.price(plan)
             start = env.now
@@ -270,61 +270,60 @@ class Replica:
             self.recorder.finished(r, self.idx)
 
     # ---- fast-forward of prefill stretches (core/stretch.py) ---------------------------------
-    def _chunk_stretch(self, plan: tuple[Tile, ...]
-                       ) -> tuple[list[RequestState], RequestState, int, int] | None:
-        """(decodes, prompt, chunk tokens, iterations) when `plan` is every running decode plus
-        one whole-stack middle chunk of a running prompt and at least two such iterations are
-        known; else None (the plan runs alone)."""
+    def _prefill_stretch(self, plan: tuple[Tile, ...]
+                         ) -> tuple[list[RequestState], list[tuple[Tile, ...]]] | None:
+        """(decodes, each iteration's prompt tiles) when `plan` is a tile for every running
+        decode, in order, plus prompt tiles of running prompts that emit nothing, and the
+        policy knows at least one more such iteration; else None (the plan runs alone)."""
         state = self.state
         decodes = state.decodes
-        if len(plan) != len(decodes) + 1:
-            return None
-        rid, t0, t1, l0, l1, _cached, logits = plan[-1]
-        if l0 or l1 != state.num_layers or logits or t1 - t0 < 2:
-            return None
-        prompt = next((r for r in state.running if r.req_id == rid), None)
-        if prompt is None or prompt.layer_tokens is not None or t0 != prompt.num_computed_tokens:
-            return None
         L = state.num_layers
+        if len(plan) <= len(decodes):
+            return None
         for tile, r in zip(plan, decodes, strict=False):  # each decode's own tile, in order
             if tile[0] != r.req_id or tile[3] or tile[4] != L or tile[2] - tile[1] != 1:
                 return None
-        chunk = t1 - t0
-        k = chunk_stretch_steps(state, decodes, prompt, chunk)
-        return (list(decodes), prompt, chunk, k) if k >= 2 else None
+        prompts = plan[len(decodes):]
+        running = {r.req_id for r in state.running}
+        if any(t[0] not in running or t[6] or t[2] - t[1] < 1 for t in prompts):
+            return None
+        assert self.prefill_ahead is not None
+        steps = [prompts, *self.prefill_ahead(state, plan)]
+        k = stretch_steps(state, decodes, steps) if len(steps) > 1 else 0
+        return (list(decodes), steps[:k]) if k >= 2 else None
 
-    def _run_chunk_stretch(self, decodes: list[RequestState], prompt: RequestState, chunk: int,
-                           k: int):  # type: ignore[no-untyped-def]
-        """Price the stretch's k iterations one by one (exact: no interpolation), wait for them
+    def _run_prefill_stretch(self, decodes: list[RequestState],
+                             steps: list[tuple[Tile, ...]]):  # type: ignore[no-untyped-def]
+        """Price the stretch's iterations one by one (exact: no interpolation), wait for them
         in one event, stop after the iteration in flight when a request arrives, apply."""
         env, state, cm = self.env, self.state, self.cost
         n = len(decodes)
         contexts = [r.num_computed_tokens for r in decodes]
         kv = sum(contexts) + n
         w = cm.model.sliding_window
-        c = prompt.num_computed_tokens
         start = t = env.now
         costs: list[IterationCost] = []
         ends: list[float] = []
-        for j in range(k):
+        for j, tiles in enumerate(steps):
             kv_win = sum(x + j + 1 if x + j < w else w for x in contexts) if w else 0
-            cost = cm.price_chunk(n, kv + j * n, kv_win, chunk, c + j * chunk)
+            cost = cm.price_with_decodes(n, kv + j * n, kv_win, tiles)
             t = t + cost.latency_s  # as SimPy adds each iteration's timeout to its start
             costs.append(cost)
             ends.append(t)
         yield self._sleep_until(t - start)
-        done = k
+        done = len(steps)
         if env.now < t - 1e-15:  # an arrival: finish the iteration in flight, then stop
             done = bisect_left(ends, env.now) + 1
             yield env.timeout(max(0.0, ends[done - 1] - env.now))
-        finished = apply_chunk_stretch(state, decodes, prompt, chunk, ends[:done])
+        finished = apply_stretch(state, decodes, steps[:done], ends[:done])
         end_s = ends[done - 1]
         self.busy_s += end_s - start
         ran = costs[:done]
         self.recorder.iteration_row(
             replica=self.idx, start_s=start, latency_s=end_s - start, iterations=done,
-            prefill_tokens=done * chunk, decode_tokens=done * n, num_tiles=n + 1,
-            prefill_layer_tokens=done * chunk * state.num_layers,
+            prefill_tokens=sum(prefill_tokens_once(x) for x in ran), decode_tokens=done * n,
+            num_tiles=n + len(steps[0]),
+            prefill_layer_tokens=sum(x.prefill_layer_tokens for x in ran),
             energy_j=sum(x.energy_j for x in ran), flops=sum(x.flops for x in ran),
             expert_bytes=sum(x.hbm_bytes.expert_weights for x in ran),
             hbm_bytes=sum(x.hbm_bytes.total for x in ran),
