@@ -4,14 +4,22 @@ Compares against that target: a 48-layer MoE (Qwen3-30B-A3B, TP 2 on H100) with 
 decodes at 4,096 context and one prefill tile (a 512-token chunk through all layers, or a
 layered pass of an 8,192-token prompt through 3 layers). Prints plans priced per second of
 this process's CPU time: on a shared machine wall time would also count other processes' turns.
+Beside each, what one priced plan costs in this machine's bare SimPy events (the bare SimPy and
+heapq event rates, benchmarks/baseline.py, are measured in the same run, also in CPU time).
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 import time
+from pathlib import Path
 
-from costmodel import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.baseline import describe, event_rates, versus  # noqa: E402
+from costmodel import (  # noqa: E402
     CostModel,
     Parallelism,
     Tile,
@@ -46,12 +54,17 @@ def main() -> None:
         "64 decodes + layered pass (8192 tok, 3 layers)": decodes + [Tile(64, 0, 8192, 0, 3, 0, False)],
         "64 decodes only": decodes,
     }
-    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    rates = event_rates()
+    print(describe(rates))
     print("target: >= 20,000 plans/s on one core")
     for label, prof in profiles.items():
         cm = CostModel(model, "h100", prof, Parallelism(tp=2))
         for name, plan in cases.items():
-            print(f"{label:<22} {name:<50} {rate(cm, plan):>10,.0f} plans/s")
+            per_s = rate(cm, plan)
+            print(f"{label:<22} {name:<50} {per_s:>10,.0f} plans/s  = "
+                  f"{versus(per_s, rates, 'plan')}")
 
 
 if __name__ == "__main__":

@@ -3,44 +3,58 @@
 Targets (issue 3): the default study (Qwen3-30B-A3B, 2 x H100 TP 2, arxiv-long Poisson 1.3
 req/s for 120 s, chunked:512 and layered) in <= 1 s, and the Azure 2023 conversation trace
 (19,366 requests over an hour, real arrival times) on 8 replicas in <= 10 s, on one core.
-Each case runs in a fresh process so that peak RSS (ru_maxrss) is its own.
+Each case runs in a fresh process so that peak RSS (ru_maxrss) is its own. Beside each, the
+simulated scheduler iterations per CPU second of its run (steady decode stretches simulate many
+iterations in one step), in proportion to this machine's bare SimPy and heapq event rates
+measured in the same run (benchmarks/baseline.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.baseline import describe, event_rates, versus  # noqa: E402
 
 CASES = {
     "default study (2 policies)": "from sim.study import make_study, run_study\n"
-                                  "run_study(make_study({}))",
+                                  "_, _, results = run_study(make_study({}))",
     "azure-conv hour, 8 replicas, chunked:512": (
         "from sim.study import make_study, run_study\n"
-        "run_study(make_study({'workload': 'azure-conv', 'rate': None, 'duration_s': None,"
-        " 'num_requests': 10**9, 'replicas': 8, 'policies': ['chunked:512']}))"),
+        "_, _, results = run_study(make_study({'workload': 'azure-conv', 'rate': None,"
+        " 'duration_s': None, 'num_requests': 10**9, 'replicas': 8, 'policies': ['chunked:512']}))"),
     "azure-conv hour, 8 replicas, layered": (
         "from sim.study import make_study, run_study\n"
-        "run_study(make_study({'workload': 'azure-conv', 'rate': None, 'duration_s': None,"
-        " 'num_requests': 10**9, 'replicas': 8, 'policies': ['layered']}))"),
+        "_, _, results = run_study(make_study({'workload': 'azure-conv', 'rate': None,"
+        " 'duration_s': None, 'num_requests': 10**9, 'replicas': 8, 'policies': ['layered']}))"),
 }
 
 RUNNER = """
 import resource, time, json
 t0 = time.perf_counter()
 import sim.study  # imports are not part of the figure
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 exec(compile({code!r}, 'case', 'exec'))
-t2 = time.perf_counter()
-print(json.dumps({{"import_s": t1 - t0, "run_s": t2 - t1,
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({{"import_s": t1 - t0, "run_s": t2 - t1, "cpu_s": c2 - c1,
+                   "iterations": sum(r.metrics["iterations"] for r in results),
+                   "records": sum(len(r.iterations) for r in results),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 
 def main() -> None:
-    print(f"machine: {platform.machine()}, {platform.processor() or '?'}, Python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, {platform.processor() or '?'}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    rates = event_rates()
+    print(describe(rates))
     for name, code in CASES.items():
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", RUNNER.format(code=code)], check=True,
@@ -48,6 +62,9 @@ def main() -> None:
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{name:<45} run {r['run_s']:6.2f} s  (imports {r['import_s']:.2f} s)  "
               f"peak RSS {r['peak_rss_mb']:6.0f} MB  [{time.perf_counter() - start:.1f} s total]")
+        per_s = r["iterations"] / r["cpu_s"]
+        print(f"{'':<45} {r['iterations']:,} iterations ({r['records']:,} records: one per "
+              f"step or steady stretch), {per_s:,.0f} per CPU s = {versus(per_s, rates, 'iteration')}")
 
 
 if __name__ == "__main__":
