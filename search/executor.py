@@ -36,7 +36,7 @@ class Executor(Protocol):
     def wait(self, handles: list[Any]) -> list[Any]: ...
     def result(self, handle: Any) -> Any: ...
     def share(self, obj: Any) -> Any: ...
-    def close(self) -> None: ...
+    def close(self, cancel: bool = False) -> None: ...
 
 
 class SerialExecutor:
@@ -59,7 +59,7 @@ class SerialExecutor:
     def share(self, obj: Any) -> Any:
         return obj
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         pass
 
 
@@ -78,8 +78,10 @@ class PoolExecutor(SerialExecutor):
         done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
         return [h for h in handles if h in done]  # the caller's order, not completion order
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, cancel: bool = False) -> None:
+        # cancel (an error or Ctrl-C): queued probes are dropped and running ones are not
+        # waited for; each worker exits when its probe ends (finished probes are stored already)
+        self._pool.shutdown(wait=not cancel, cancel_futures=True)
 
 
 class RayExecutor:
@@ -119,7 +121,8 @@ class RayExecutor:
     def share(self, obj: Any) -> Any:
         return self._ray.put(obj)
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        del cancel  # shutting down a Ray instance this executor started ends its tasks
         if self._started:
             self._ray.shutdown()
 

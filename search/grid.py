@@ -120,7 +120,7 @@ def axis_values(spec: SearchSpec, base: Study) -> dict[str, list[Any]]:
 
 
 def label(values: dict[str, Any]) -> str:
-    """'h200 tp2 ep2 x4 layered:8 seqs128 fp8/mxfp4/fp8': defaults left out, so short."""
+    """'h200 tp2 ep2 x4 layered:8 seqs128 fp8 experts-mxfp4 kv-fp8': defaults left out."""
     parts = [str(values["gpu"] or "gpu?"), f"tp{values['tp']}"]
     if values["ep"] != 1:
         parts.append(f"ep{values['ep']}")
@@ -129,9 +129,9 @@ def label(values: dict[str, Any]) -> str:
     parts.append(values["policies"])
     if values["max_num_seqs"] is not None:
         parts.append(f"seqs{values['max_num_seqs']}")
-    dtypes = [values[k] or "-" for k in ("dtype", "expert_dtype", "kv_cache_dtype")]
-    if any(d != "-" for d in dtypes):
-        parts.append("/".join(dtypes))
+    for key, prefix in (("dtype", ""), ("expert_dtype", "experts-"), ("kv_cache_dtype", "kv-")):
+        if values[key] is not None:  # given: named, even when it is the model's default
+            parts.append(f"{prefix}{values[key]}")
     return " ".join(parts)
 
 
@@ -193,6 +193,10 @@ def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict
     source = str(path) if path is not None else "flags"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: key 'search' is a mapping of grid axes and settings")
+    if base.rate is not None:
+        where = "--rate" if "rate" in flags else f"{source}: key 'rate'"
+        raise ConfigError(f"{where}: a search chooses the rate of each probe; give "
+                          "search.target_rate (--target-rate) for the total rate to size for")
     spec = make_spec(raw, source)  # the file's mistakes named as its keys, then the flags'
     if grid_flags:
         spec = make_spec({**raw, **grid_flags}, "flags")

@@ -68,9 +68,12 @@ def run(study_path: str | None, flags: dict[str, Any], grid: dict[str, Any], *,
     start = time.monotonic()
     try:
         answers, probes = run_search(configs, spec, base, executor, store, bar, rank)
+    except BaseException:
+        executor.close(cancel=True)
+        raise
     finally:
         bar.close()
-        executor.close()
+    executor.close()
     wall = time.monotonic() - start
     ranked = rank(answers)
     if out is not None:

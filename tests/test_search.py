@@ -125,6 +125,8 @@ def test_grid_mistakes_are_one_line(tmp_path: Path) -> None:
     study.write_text(text)
     with pytest.raises(ConfigError, match=r"^--seeds: "):
         read_search(str(study), {}, {"seeds": 0})
+    with pytest.raises(ConfigError, match=r"^--rate: a search chooses the rate"):
+        read_search(str(study), {"rate": 3.0}, {})
     base, spec = read_search(str(study), {}, {"tp": [1, 1]})
     with pytest.raises(ConfigError, match="search.tp: listed twice"):
         expand(spec, base)
