@@ -173,8 +173,14 @@ class ReplicaState:
 
     def decode_growth(self, requests: Sequence[RequestState], steps: int = 1) -> int:
         """Blocks `requests` take to decode `steps` more tokens each."""
-        return sum(max(0, self.blocks_for(r.num_computed_tokens + steps) - r.num_blocks)
-                   for r in requests)
+        bs = self.block_size
+        total = 0
+        for r in requests:  # blocks_for(tokens) - num_blocks, inlined: this runs every iteration
+            t = r.block_table
+            grow = -(-(r.num_computed_tokens + steps) // bs) - len(t.block_ids) - len(t.extra_block_ids)
+            if grow > 0:
+                total += grow
+        return total
 
     def decode_steps_that_fit(self, requests: Sequence[RequestState], most: int) -> int:
         """The largest j <= `most` such that every one of `requests` can decode j more tokens in
@@ -250,7 +256,10 @@ class ReplicaState:
         `apply` and preemption drop the cache, and an executor that changes requests any other
         way must call `changed()`. Treat the list as read-only."""
         if self._decodes is None:
-            self._decodes = [r for r in self.running if r.is_prefill_done and not r.is_finished]
+            # is_prefill_done and not is_finished, inlined: this runs every iteration
+            self._decodes = [r for r in self.running if r.layer_tokens is None
+                             and r.num_computed_tokens >= r.num_prompt_tokens
+                             and r.num_output_tokens < r.max_tokens]
         return self._decodes
 
     def changed(self) -> None:

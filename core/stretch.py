@@ -32,8 +32,8 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
     most = len(steps)
     if decodes:
         most = min(most, min(r.max_tokens - r.num_output_tokens for r in decodes))
-    if most <= 0:
-        return 0
+    if most <= 1:  # one iteration is no stretch
+        return most
     by_id = {r.req_id: r for r in state.running}
     num_layers = state.num_layers
 

@@ -278,18 +278,21 @@ class Replica:
         state = self.state
         decodes = state.decodes
         L = state.num_layers
-        if len(plan) <= len(decodes):
+        prompts = plan[len(decodes):]
+        if not prompts or any(t[6] for t in prompts):  # a token, or no prompt: not a stretch
+            return None
+        assert self.prefill_ahead is not None
+        ahead = self.prefill_ahead(state, plan)  # cheap checks first: this runs every iteration
+        if not ahead:
             return None
         for tile, r in zip(plan, decodes, strict=False):  # each decode's own tile, in order
             if tile[0] != r.req_id or tile[3] or tile[4] != L or tile[2] - tile[1] != 1:
                 return None
-        prompts = plan[len(decodes):]
         running = {r.req_id for r in state.running}
-        if any(t[0] not in running or t[6] or t[2] - t[1] < 1 for t in prompts):
+        if any(t[0] not in running or t[2] - t[1] < 1 for t in prompts):
             return None
-        assert self.prefill_ahead is not None
-        steps = [prompts, *self.prefill_ahead(state, plan)]
-        k = stretch_steps(state, decodes, steps) if len(steps) > 1 else 0
+        steps = [prompts, *ahead]
+        k = stretch_steps(state, decodes, steps)
         return (list(decodes), steps[:k]) if k >= 2 else None
 
     def _run_prefill_stretch(self, decodes: list[RequestState],
