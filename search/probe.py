@@ -23,6 +23,7 @@ from typing import Any
 
 from costmodel.errors import ConfigError
 from costmodel.price import CostModel
+from costmodel.profile import Profile
 from sim.cluster import simulate
 from sim.results import layersim_version
 from sim.study import Study
@@ -55,9 +56,25 @@ def requests_digest(requests: tuple[Request, ...]) -> str:
     return h.hexdigest()
 
 
+# id(profile) -> (the profile, its digest): a shipped profile is one object per process (its
+# loader caches it) and holds ~10^5 table values, so it is hashed once, not once per probe
+_PROFILE_SHA: dict[int, tuple[Profile, str]] = {}
+
+
+def profile_digest(profile: Profile) -> str:
+    hit = _PROFILE_SHA.get(id(profile))
+    if hit is not None and hit[0] is profile:  # the entry holds it: its id cannot be reused
+        return hit[1]
+    if len(_PROFILE_SHA) >= 32:  # profiles read from files are new objects each time
+        _PROFILE_SHA.clear()
+    sha = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()  # field order: fixed
+    _PROFILE_SHA[id(profile)] = (profile, sha)
+    return sha
+
+
 def cost_model_digest(cm: CostModel) -> str:
     """The model spec and the resolved profile, measured tables included."""
-    return sha256_json({"model": repr(cm.model), "profile": cm.profile.model_dump(mode="json"),
+    return sha256_json({"model": repr(cm.model), "profile": profile_digest(cm.profile),
                         "gpu": repr(cm.hw), "tp": cm.parallel.tp, "ep": cm.parallel.ep})
 
 
