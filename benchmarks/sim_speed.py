@@ -4,9 +4,10 @@ Targets (issue 3): the default study (Qwen3-30B-A3B, 2 x H100 TP 2, arxiv-long P
 req/s for 120 s, chunked:512 and layered) in <= 1 s, and the Azure 2023 conversation trace
 (19,366 requests over an hour, real arrival times) on 8 replicas in <= 10 s, on one core.
 Each case runs in a fresh process so that peak RSS (ru_maxrss) is its own. Beside each, the
-simulated scheduler iterations per CPU second of its run (steady decode stretches simulate many
-iterations in one step), in proportion to this machine's bare SimPy and heapq event rates
-measured in the same run (benchmarks/baseline.py).
+simulated scheduler iterations and records (a step, or a steady stretch of many iterations
+simulated at once) per CPU second of its run (which includes loading the profile and building
+the cost model), in proportion to this machine's bare SimPy and heapq event rates measured in
+the same run (benchmarks/baseline.py).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def main() -> None:
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{name:<45} run {r['run_s']:6.2f} s  (imports {r['import_s']:.2f} s)  "
               f"peak RSS {r['peak_rss_mb']:6.0f} MB  [{time.perf_counter() - start:.1f} s total]")
-        per_s = r["iterations"] / r["cpu_s"]
-        print(f"{'':<45} {r['iterations']:,} iterations ({r['records']:,} records: one per "
-              f"step or steady stretch), {per_s:,.0f} per CPU s = {versus(per_s, rates, 'iteration')}")
+        it, rec, cpu = r["iterations"], r["records"], r["cpu_s"]
+        print(f"{'':<45} {it:,} iterations in {rec:,} records (a step or a steady stretch each), "
+              f"{cpu:.2f} CPU s: {it / cpu:,.0f} iterations/s = {versus(it / cpu, rates, 'iteration')}"
+              f"; {rec / cpu:,.0f} records/s = {rec / cpu / rates[0]:.4f} x bare SimPy")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ _MODULES = {
     "costmodel.profile": ("OP_CLASSES", "SCHEMA_VERSION", "EnergyParams", "OpParams", "Profile",
                           "default_profile", "load_profile", "resolve_profile", "save_profile"),
 }
+
 __all__ = [
     "ConfigError", "ExpertActivation", "uniform_distinct", "GPUS", "GPUSpec", "load_gpu",
     "ModelSpec", "list_presets", "load_model", "parse_config", "Plan", "Tile", "decode_tile",
@@ -50,7 +51,6 @@ __all__ = [
     "SCHEMA_VERSION", "EnergyParams", "OpParams", "Profile", "default_profile", "load_profile",
     "resolve_profile", "save_profile",
 ]
-
 
 
 def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]

@@ -58,6 +58,21 @@ def test_compare_runs_without_scipy_plotly_or_yaml():
     assert not loaded & {"scipy", "plotly", "yaml", "torch"}, loaded
 
 
+@pytest.mark.parametrize("package", ["costmodel", "traces"])
+def test_lazy_packages_export_every_name(package):
+    """Each name of __all__ loads from its submodule, and nothing else is an attribute."""
+    mod = importlib.import_module(package)
+    home = {name: module for module, names in mod._MODULES.items() for name in names}
+    assert sorted(home) == sorted(mod.__all__)
+    for name in mod.__all__:
+        assert getattr(mod, name) is getattr(importlib.import_module(home[name]), name), name
+    assert set(mod.__all__) <= set(dir(mod))
+    with pytest.raises(AttributeError):
+        mod.no_such_name  # noqa: B018
+    with pytest.raises(ImportError):
+        exec(f"from {package} import no_such_name")
+
+
 def full_parser() -> argparse.ArgumentParser:
     """The parser as it was built before start-up was made lazy: every command in full."""
     parser = argparse.ArgumentParser(prog="layersim", allow_abbrev=False, description=(
