@@ -102,8 +102,10 @@ class RayExecutor:
                 kwargs["num_cpus"] = num_cpus
             try:
                 ray.init(**kwargs)
-            except ConnectionError as e:
-                raise ConfigError(f"--ray-address {address}: cannot connect ({e})") from None
+            except Exception as e:  # Ray's own error types vary by version; one line either way
+                where = f"--ray-address {address}" if address is not None else "--ray"
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{where}: cannot start or reach Ray ({why})") from None
         self.name = f"Ray ({address or 'local instance'})"
         self._remote: dict[Callable[..., Any], Any] = {}
 
