@@ -8,9 +8,9 @@ store and one just computed are the same floats.
 Its key (`probe_key`) is the SHA-256 of a canonical JSON of everything the simulation reads:
 the study's keys (bar those that only steer a search: SEARCH_ONLY), a digest of the requests
 themselves (so a trace file edited in place is a new key), digests of the model spec and of
-the resolved hardware profile (its measured tables included), the layersim version and the
-probe format. Two probes with one key are the same simulation; a search with any other input
-gets other keys and never reads a stale result.
+the resolved hardware profile (its measured tables included), the layersim version, a digest
+of the simulator's own source (CODE) and the probe format. Two probes with one key are the
+same simulation; a search with any other input gets other keys and never reads a stale result.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from costmodel.errors import ConfigError
@@ -83,10 +84,26 @@ def workload_key(study: Study, max_context: int) -> str:
                         "model_context": max_context})
 
 
+# The packages whose code decides a simulation's result
+CODE = ("core", "costmodel", "policies", "sim", "traces")
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Of every .py file of CODE (path and bytes): the version string stays 0.1.0 across edits
+    of the simulator, and a result from other code is a stale result."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in CODE:
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def probe_key(study: Study, requests_sha: str, cost_sha: str) -> str:
     settings = study.model_dump(mode="json", exclude=set(SEARCH_ONLY))
-    return sha256_json({"format": FORMAT, "layersim": layersim_version(), "study": settings,
-                        "requests": requests_sha, "cost_model": cost_sha})
+    return sha256_json({"format": FORMAT, "layersim": layersim_version(), "code": code_digest(),
+                        "study": settings, "requests": requests_sha, "cost_model": cost_sha})
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,14 @@ def test_seeds_give_an_interval_ranked_at_its_low_end(tmp_path: Path) -> None:
     assert all(v < capacity("h200", 2) for v in per_seed)  # bursts need slack below 1/D
     assert r["conservative_rate_per_replica"] == r["rate_per_replica_low"]
     assert r["gpus"] == -(-400 // r["rate_per_replica_low"])  # sized at the low end
+
+
+def test_probe_keys_change_with_the_simulator_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search import probe
+    from sim.study import make_study
+
+    study = make_study({"policies": ["layered"], "rate": 1.0})
+    key = probe.probe_key(study, "r" * 64, "c" * 64)
+    assert key == probe.probe_key(study, "r" * 64, "c" * 64)
+    monkeypatch.setattr(probe, "code_digest", lambda: "another source tree")
+    assert probe.probe_key(study, "r" * 64, "c" * 64) != key
