@@ -28,7 +28,6 @@ count only iterations that start at or after `count_from_s`, when the measured w
 
 from __future__ import annotations
 
-import heapq
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,15 +173,24 @@ class Recorder:
                 "prefill_layer_tokens": row["prefill_layer_tokens"] + n * self.num_layers}
 
     def steady(self, replica: int, start_s: float, latency_s: float, steps: int, batch: int,
-               first: IterationCost, last: IterationCost, frac: float) -> None:
-        """`steps` decode iterations whose figures run affinely from `first` towards `last`."""
+               first: IterationCost, last: IterationCost, frac: float,
+               busy_power_w: float | None = None) -> None:
+        """`steps` decode iterations whose figures run affinely from `first` towards `last`;
+        with `busy_power_w`, their latencies did not (each was priced) and add up to
+        `latency_s`: energy is that power times `latency_s` plus the affine rest."""
         def total(a: float, b: float) -> float:
             return steps * (a + (a + frac * (b - a))) / 2
 
+        if busy_power_w is None:
+            energy = total(first.energy_j, last.energy_j)
+        else:
+            p = busy_power_w
+            energy = p * latency_s + total(first.energy_j - p * first.latency_s,
+                                           last.energy_j - p * last.latency_s)
         self.iteration_row(
             replica=replica, start_s=start_s, latency_s=latency_s, iterations=steps,
             prefill_tokens=0, decode_tokens=steps * batch, num_tiles=batch, prefill_layer_tokens=0,
-            energy_j=total(first.energy_j, last.energy_j), flops=total(first.flops, last.flops),
+            energy_j=energy, flops=total(first.flops, last.flops),
             expert_bytes=total(first.hbm_bytes.expert_weights, last.hbm_bytes.expert_weights),
             hbm_bytes=total(first.hbm_bytes.total, last.hbm_bytes.total),
             kv_read_bytes=total(first.hbm_bytes.kv_read, last.hbm_bytes.kv_read))
@@ -341,13 +349,18 @@ def prefill_tokens_once(cost: IterationCost) -> int:
 
 def _p99_and_max(values: Sequence[float]) -> tuple[float, float]:
     """numpy's default (linear) 99th percentile, and the largest value, without numpy's per-call
-    overhead or a full sort: this runs once per finished request. The percentile interpolates
-    between sorted positions lo and lo + 1 of pos = (n - 1) * 0.99, both among the n - lo
-    largest values, which a heap selects."""
+    overhead for short lists or a full sort of long ones: this runs once per finished request.
+    The percentile interpolates between sorted positions lo and lo + 1 of pos = (n - 1) * 0.99;
+    a partial sort (np.partition) puts both in place. (Token gaps mostly grow with the context,
+    so a sort of a short list is nearly linear, and a heap selection is not.)"""
     n = len(values)
     pos = (n - 1) * 99.0 / 100
     lo = int(pos)
-    top = heapq.nlargest(n - lo, values)  # descending: sorted position n - 1 - i is top[i]
-    v_lo = top[-1]
-    v_hi = top[-2] if len(top) > 1 else v_lo
-    return v_lo + (v_hi - v_lo) * (pos - lo), top[0]
+    hi = min(lo + 1, n - 1)
+    if n <= 64:
+        v = sorted(values)
+        return v[lo] + (v[hi] - v[lo]) * (pos - lo), v[-1]
+    arr = np.frombuffer(values, dtype=np.float64) if isinstance(values, array) else np.asarray(values)
+    part = np.partition(arr, (lo, hi))
+    v_lo, v_hi = float(part[lo]), float(part[hi])
+    return v_lo + (v_hi - v_lo) * (pos - lo), float(arr.max())

@@ -162,11 +162,24 @@ class Curve:
 
     def __init__(self, log_x: list[float], e: list[float], source: str) -> None:
         self.log_x, self.e, self.source = log_x, e, source
+        self._segments: tuple[np.ndarray, ...] | None = None
         self.x_range = (math.exp(log_x[0]), math.exp(log_x[-1]))
 
     def ratio(self, x: float) -> float:
         """exp(e) at x: measured time over roofline time (held constant beyond the range)."""
         return math.exp(self.e_at(math.log(x) if x > 0 else self.log_x[0]))
+
+    def e_many(self, u: np.ndarray) -> np.ndarray:
+        """`e_at` of every element of `u`: the same formula, elementwise."""
+        if self._segments is None:  # (left ends, widths, rises) of the segments, as arrays
+            lx, es = np.asarray(self.log_x), np.asarray(self.e)
+            self._segments = (lx, es, lx[1:] - lx[:-1], es[1:] - es[:-1])
+        lx, es, width, rise = self._segments
+        if len(lx) == 1:
+            return np.full(len(u), es[0])
+        j = np.minimum(np.maximum(lx.searchsorted(u, side="right") - 1, 0), len(lx) - 2)
+        inside = es[j] + (u - lx[j]) / width[j] * rise[j]
+        return np.where(u <= lx[0], es[0], np.where(u >= lx[-1], es[-1], inside))
 
     def e_at(self, u: float) -> float:
         """e at log x = u."""
@@ -304,6 +317,20 @@ class Surface:
 
     def __bool__(self) -> bool:
         return bool(self.curves)
+
+    def ratios(self, b: float, xs: np.ndarray) -> np.ndarray:
+        """`ratio` at every x of `xs` (one batch size), as arrays: the same interpolation."""
+        lb, cs = self.log_b, self.curves
+        u = np.log(xs) if xs.min() > 0 else np.where(xs > 0, np.log(np.where(xs > 0, xs, 1.0)),
+                                                      cs[0].log_x[0])
+        v = math.log(b) if b > 0 else lb[0]
+        if v <= lb[0]:
+            return np.exp(cs[0].e_many(u))
+        if v >= lb[-1]:
+            return np.exp(cs[-1].e_many(u))
+        i = bisect_right(lb, v)
+        w = (v - lb[i - 1]) / (lb[i] - lb[i - 1])
+        return np.exp((1 - w) * cs[i - 1].e_many(u) + w * cs[i].e_many(u))
 
     def ratio(self, b: float, x: float) -> float:
         lb, cs = self.log_b, self.curves

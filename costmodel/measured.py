@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from costmodel.coefficients import (
     SUM_DEC_KV,
     SUM_DEC_KV_WIN,
@@ -279,6 +281,41 @@ class MeasuredKernels:
         t = self._attn(priced, "decode_attn", {"batch": b, "context": ctx}, b, ctx)
         self._last_decode = (key, t)
         return t
+
+    def decode_latencies_s(self, num_decodes: int, kv_tokens: np.ndarray,
+                           window_kv_tokens: np.ndarray | None, request_overhead_s: float
+                           ) -> np.ndarray:
+        """`latency_s` of the whole-stack decode-only plans of `num_decodes` requests reading
+        each of `kv_tokens` (and `window_kv_tokens` on sliding-window layers), as one array, plus
+        the engine's time per request: the steady fast-forward's exact prices, term by term in
+        latency_s's order (only decode attention changes with the KV read)."""
+        n, L = num_decodes, self.model.num_layers
+        lat = self.iteration_overhead_s + self.lm_head_s(n)
+        lat += self._embedding_s(n / self.ep)
+        lat += L * (self.layer_overhead_s + self.layer_time_s(n))
+        n_slide = self._sliding_prefix[L]
+        n_full = L - n_slide
+        out = np.full(len(kv_tokens), lat)
+        if n_full:
+            out = out + n_full * self._decode_attn_many(n, kv_tokens, None)
+        if n_slide:
+            out = out + n_slide * self._decode_attn_many(n, kv_tokens, window_kv_tokens)
+        return out + request_overhead_s * n  # type: ignore[no-any-return]
+
+    def _decode_attn_many(self, num_decodes: int, kv_tokens: np.ndarray,
+                          window_kv_tokens: np.ndarray | None) -> np.ndarray:
+        """`decode_attn_s` over arrays of KV reads (one batch size)."""
+        b = math.ceil(num_decodes / self.ep)
+        priced = self._decode
+        if window_kv_tokens is not None:
+            if self._decode_win is not None:
+                priced = self._decode_win
+            else:
+                kv_tokens = window_kv_tokens
+        ctx = kv_tokens / num_decodes
+        target, roof, surface = priced
+        t = roof.time_s(SPECS["decode_attn"].work({**target, "batch": b, "context": ctx}), self.hw)
+        return t * surface.ratios(b, ctx) if surface is not None else t  # type: ignore[no-any-return]
 
     def _attn(self, priced: tuple[dict[str, Any], Roofline, Surface | None], cls: str,
               shape: dict[str, float], b: float, x: float) -> float:

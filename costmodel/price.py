@@ -287,6 +287,23 @@ class CostModel:
         self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
         return self._price_segments(agg, num, num, num, 0, 0, num)
 
+    def decode_latencies_s(self, num: int, kv_tokens: np.ndarray, kv_tokens_window: np.ndarray
+                           ) -> np.ndarray | None:
+        """`price_decodes(num, kv, kv_window).latency_s` for each pair of the arrays, or None
+        where that is affine in the KV read and two prices give the rest (the datasheet
+        roofline): with measured tables decode attention's time is interpolated between
+        measured contexts in log space, so every step is priced."""
+        if self.measured is None:
+            return None
+        window = kv_tokens_window if self.model.sliding_window else None
+        return self.measured.decode_latencies_s(num, kv_tokens, window,
+                                                self.profile.request_overhead_s)
+
+    @property
+    def busy_power_w(self) -> float:
+        """The replica's static power while it computes (energy = this x latency + the rest)."""
+        return float(self._energy[0])
+
     def _linear_forms(self, is_link: np.ndarray) -> np.ndarray:
         """The roofline pricing as one matrix over the features: one product prices a plan.
 

@@ -27,6 +27,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import simpy
 
 from core.records import Recorder, prefill_tokens_once
@@ -235,39 +236,65 @@ class Replica:
         if k <= 0:  # cannot grow at all: let the normal path preempt or stall
             k = 1
         c0 = self._price_steady(running, 0)
-        if k == 1:
-            c_last, slope = c0, 0.0
-        else:
-            c_last = self._price_steady(running, k - 1)
-            slope = (c_last.latency_s - c0.latency_s) / (k - 1)
-        l0, start = c0.latency_s, env.now
+        c_last = c0 if k == 1 else self._price_steady(running, k - 1)
+        start = env.now
+        latencies = self._steady_latencies(running, k) if k > 1 else None
+        if latencies is None:  # affine: the two ends give every step
+            l0 = c0.latency_s
+            slope = (c_last.latency_s - l0) / (k - 1) if k > 1 else 0.0
 
-        def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
-            return start + (j + 1) * l0 + slope * j * (j + 1) / 2
+            def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
+                return start + (j + 1) * l0 + slope * j * (j + 1) / 2
+        else:  # each step priced: its end as SimPy would add the steps' timeouts one by one
+            latencies[0] += start  # cumsum adds left to right: start, + the first, + the next...
+            ends = np.cumsum(latencies)
+
+            def end(j: int) -> float:
+                return float(ends[j])
 
         yield self._sleep_until(end(k - 1) - start)
         done = k
         if env.now < end(k - 1) - 1e-15:  # an arrival: finish the step in flight, then stop
-            lo, hi = 0, k - 1  # the first step that ends at or after now
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if end(mid) < env.now:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            if latencies is None:
+                lo, hi = 0, k - 1  # the first step that ends at or after now
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if end(mid) < env.now:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+            else:
+                lo = int(ends.searchsorted(env.now, side="left"))
             done = lo + 1
             yield env.timeout(max(0.0, end(lo) - env.now))
         end_s = end(done - 1)
         batch = len(running)
-        finished = apply_steady(state, done, end(0), l0, slope, end_s)
+        if latencies is None:
+            finished = apply_steady(state, done, end(0), l0, slope, end_s)
+        else:  # the gaps as step-by-step time differences give them
+            finished = state.apply_steady(done, end(0), np.diff(ends[:done]).tobytes(), end_s)
         if self.check:
             self._check_invariants()
         self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
-        self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac)
+        self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac,
+                             None if latencies is None else self.cost.busy_power_w)
         for r in finished:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
+
+    def _steady_latencies(self, running: list[RequestState], k: int) -> np.ndarray | None:
+        """Every step's latency of a steady run of k, where the cost model prices them one by
+        one (measured tables; None where two prices give the rest)."""
+        n = len(running)
+        steps = np.arange(k)
+        kv = sum(r.num_computed_tokens for r in running) + n * (steps + 1)
+        w = self.cost.model.sliding_window
+        # below the window (k stops before any request reaches it) a request's read grows
+        below = sum(1 for r in running if r.num_computed_tokens + 1 < w) if w else 0
+        kv_win = (sum(min(r.num_computed_tokens + 1, w) for r in running) + below * steps
+                  if w else kv)
+        return self.cost.decode_latencies_s(n, kv, kv_win)
 
     # ---- fast-forward of prefill stretches (core/stretch.py) ---------------------------------
     def _prefill_stretch(self, plan: tuple[Tile, ...]

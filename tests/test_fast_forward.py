@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from core.state import PlanError, ReplicaState
-from costmodel import CostModel, Parallelism, Tile, load_model
+from costmodel import CostModel, Parallelism, Tile, load_model, resolve_profile
 from policies import ChunkedPrefill
 from sim import simulate
 from traces import Request, WorkloadSpec, build_workload
@@ -34,6 +34,11 @@ METRIC_REL = 1e-9
 
 def _qwen() -> CostModel:
     return CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+
+
+def _qwen_measured() -> CostModel:  # the shipped measured-kernel profile: every step priced
+    return CostModel(load_model("qwen3-30b-a3b"), "h100", resolve_profile("h100"),
+                     Parallelism(tp=2))
 
 
 def _gpt_oss() -> CostModel:  # sliding-window attention on every other layer (window 128)
@@ -81,6 +86,9 @@ WORKLOADS = {
     "arxiv": (_qwen, lambda: _arxiv(2), lambda cm: {}),
     "kv-pressure": (_qwen, _pressure, lambda cm: _tight(cm, 600)),
     "sliding-window": (_gpt_oss, _crossing_the_window, lambda cm: {}),
+    # measured kernel tables: decode attention's time is not affine in the KV read there, so
+    # steady runs price every step (CostModel.decode_latencies_s)
+    "measured-kernels": (_qwen_measured, lambda: _arxiv(4), lambda cm: {}),
     # prefix caching on (the default, said here) on a workload that hits; with KV pressure too,
     # so that cached blocks are evicted and preempted requests hit their own blocks
     "prefix-caching": (_qwen, _shared_prefix, lambda cm: {"enable_prefix_caching": True}),
