@@ -118,6 +118,8 @@ def _decode_work(c: Columns) -> Work:
     ctx = c["context"]
     if isinstance(ctx, int | float) and isinstance(w, int | float):
         ctx = min(ctx, w) if w else ctx
+    elif isinstance(w, int | float):  # one shape's contexts (the fast-forward's)
+        ctx = np.minimum(ctx, w) if w else ctx
     else:
         ctx = np.where(w > 0, np.minimum(ctx, np.where(w > 0, w, 1)), ctx)
     hbm = b * ctx * 2 * kv * d * _bytes_per(c["kv_dtype"]) + 2 * 2 * b * heads * d

@@ -24,6 +24,7 @@ tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -278,14 +279,16 @@ class CostModel:
         a[SUM_DEC_KV] += kv_tokens
         a[SUM_DEC_KV_WIN] += kv_tokens_window if self.model.sliding_window else kv_tokens
 
-    def price_decodes(self, num: int, kv_tokens: int, kv_tokens_window: int = 0) -> IterationCost:
+    def price_decodes(self, num: int, kv_tokens: int, kv_tokens_window: int = 0,
+                      latency_s: float | None = None) -> IterationCost:
         """A plan of `num` whole-stack decodes, from its totals alone: the fast-forward's path.
 
         kv_tokens is the sum over requests of (context + 1); kv_tokens_window the same with each
-        term capped at the sliding window (ignored for models without one)."""
+        term capped at the sliding window (ignored for models without one). `latency_s`: its
+        latency, already priced by decode_latencies_s (measured tables), not priced again."""
         agg: dict[tuple[int, int], list[int]] = {}
         self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
-        return self._price_segments(agg, num, num, num, 0, 0, num)
+        return self._price_segments(agg, num, num, num, 0, 0, num, latency_s)
 
     def decode_latencies_s(self, num: int, kv_tokens: np.ndarray, kv_tokens_window: np.ndarray
                            ) -> np.ndarray | None:
@@ -348,7 +351,8 @@ class CostModel:
 
     def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
                         embed_tokens: int, decode_tokens: int, prefill_tokens: int,
-                        prefill_layer_tokens: int, num_tiles: int) -> IterationCost:
+                        prefill_layer_tokens: int, num_tiles: int,
+                        latency_s: float | None = None) -> IterationCost:
         ep, imb, is_moe = self.parallel.ep, self.ep_imbalance, self._is_moe
         prefix = self._sliding_prefix
         x = [0.0] * len(FEATURES)
@@ -386,12 +390,14 @@ class CostModel:
         if self.measured is not None:
             r = self._linear.dot(x).tolist()
             measured = (segments, num_logits, embed_tokens)  # kept for the breakdown, not copied
-            latency = self.measured.latency_s(*measured)
+            latency = self.measured.latency_s(*measured) if latency_s is None else math.nan
         else:
             r = self._forms.dot(x).tolist()
             latency = (self.profile.iteration_overhead_s + r[_L_SECONDS]
                        + sum(map(abs, r[len(_LINEAR):])))  # see _linear_forms
         latency += self.profile.request_overhead_s * num_tiles  # engine time per running request
+        if latency_s is not None:  # priced already (decode_latencies_s), request overhead included
+            latency = latency_s
         gpus = self.parallel.num_gpus
         dense_w, expert_w = r[_L_WBYTES] * gpus, distinct_layers * self._bytes_per_expert
         kv_read, kv_write, act = r[_L_KVR] * gpus, r[_L_KVW] * gpus, r[_L_ACT] * gpus

@@ -235,10 +235,13 @@ class Replica:
                 k = min(k, max(1, min(below)))
         if k <= 0:  # cannot grow at all: let the normal path preempt or stall
             k = 1
-        c0 = self._price_steady(running, 0)
-        c_last = c0 if k == 1 else self._price_steady(running, k - 1)
-        start = env.now
         latencies = self._steady_latencies(running, k) if k > 1 else None
+        first_s = last_s = None
+        if latencies is not None:
+            first_s, last_s = float(latencies[0]), float(latencies[-1])
+        c0 = self._price_steady(running, 0, first_s)
+        c_last = c0 if k == 1 else self._price_steady(running, k - 1, last_s)
+        start = env.now
         if latencies is None:  # affine: the two ends give every step
             l0 = c0.latency_s
             slope = (c_last.latency_s - l0) / (k - 1) if k > 1 else 0.0
@@ -362,13 +365,15 @@ class Replica:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
 
-    def _price_steady(self, running: list[RequestState], step: int) -> IterationCost:
-        """The decode iteration `step` steps ahead, priced from its context totals."""
+    def _price_steady(self, running: list[RequestState], step: int,
+                      latency_s: float | None = None) -> IterationCost:
+        """The decode iteration `step` steps ahead, priced from its context totals (its
+        latency given when _steady_latencies priced it)."""
         n = len(running)
         kv = sum(r.num_computed_tokens for r in running) + n * (step + 1)
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
-        return self.cost.price_decodes(n, kv, kv_win)
+        return self.cost.price_decodes(n, kv, kv_win, latency_s)
 
 
 class _Probe(simpy.events.Event):
