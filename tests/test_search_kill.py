@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from search import session
+from search.probe import code_digest
 from search.store import ProbeStore
 from sim.results import check_complete
 from tests.test_search_helpers import (
@@ -69,6 +70,9 @@ def _check_out(out: Path) -> None:
 
 def _kill_and_resume(tmp: Path, kills: int, jobs: int, seed: int, counted: list[str],
                      duration_s: float = 2.5, **grid: object) -> None:
+    # the subprocesses hash the source tree now: so must this process (keys include it), not
+    # when an earlier test first asked (in a shared checkout others may have edited it since)
+    code_digest.cache_clear()
     study = write_study(tmp, duration_s, **grid)
     ref = _reference(study, tmp)
     total = len(ProbeStore(tmp / "ref-store").keys())
