@@ -12,6 +12,7 @@ from search import session
 from search.grid import expand, read_search
 from search.pareto import front
 from search.store import ProbeStore
+from sim.results import check_complete
 from tests.test_search_helpers import (
     PRICE,
     TOKENS,
@@ -49,6 +50,11 @@ def test_closed_form_cheapest_configuration(tmp_path: Path) -> None:
     assert len(got["pruned"]) == 4
     assert all("does not divide the 8 experts" in p["reason"] for p in got["pruned"])
     assert "h200 tp1 prefill-first seqs2" in got["fronts"]["cost_vs_p99_ttft"]
+    check_complete(tmp_path / "out")  # written whole, every file listed in COMPLETE
+    page = (tmp_path / "out" / "report.html").read_text()
+    for part in ('id="search-ranked"', 'id="fig-front-ttft"', 'id="fig-front-energy"',
+                 "does not divide the 8 experts"):
+        assert part in page
 
 
 def test_same_results_serial_and_pool(tmp_path: Path) -> None:
