@@ -58,6 +58,10 @@ HELP = {
                              "--no-prefix-caching to compare",
     "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",
     "workers": "processes to split the replicas over (round-robin router; results are the same)",
+    "ray": "run the workers' shards as tasks on a local Ray instance (pip install "
+           "'layersim[ray]'; results are the same)",
+    "ray_address": "run the workers' shards on this Ray cluster (--out and streamed parts "
+                   "need a folder every node shares)",
     "max_concurrency": "closed loop, as vllm bench serve --max-concurrency: N clients, each sending "
                        "its next request when its previous one finishes; with --rate, requests "
                        "generated at that rate wait for a free client (null: open loop)",

@@ -131,6 +131,11 @@ class CostModel:
         self._datasheet_terms: dict[tuple[str, str], tuple[float, ...]] = {}
         self.measured = self._measured_kernels() if self.profile.tables else None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what builds it (its caches hold closures): a shard of a simulation may run
+        in another process or on another machine (sim/cluster.py)."""
+        return CostModel, (self.model, self.hw, self.profile, self.parallel)
+
     def _measured_kernels(self) -> MeasuredKernels:
         ops = self.profile.ops
         datasheet = {c: Roofline(p.compute_eff, p.memory_eff, p.overhead_s) for c, p in ops.items()}

@@ -83,13 +83,17 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
              progress: bool = False, workers: int = 1, max_concurrency: int | None = None,
-             warmup_requests: int = 0, enable_prefix_caching: bool = True) -> SimResult:
+             warmup_requests: int = 0, enable_prefix_caching: bool = True,
+             executor: Any = None) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
 
     `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
     (round-robin) allows it: each process then sees exactly the requests the single-process run
     would route to its replicas, so the results are the same, byte for byte. Closed-loop clients
     (`max_concurrency`) cannot be split so: each one waits on whichever replica finishes first.
+    The shards run in forked processes, or with `executor` (search/executor.py: a process pool,
+    or Ray on this machine or a cluster, where `stream_dir` must be a folder every node shares)
+    as tasks, each given its arguments pickled: the same results.
     """
     requests = _checked_requests(requests)
     _check_args(num_replicas=(num_replicas, 1, MAX_REPLICAS), seed=(seed, 0, 2**63 - 1),
@@ -134,7 +138,9 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     warm_ids, first_measured = warmup_split(ordered, warmup_requests)
     closed = max_concurrency is not None
 
-    def run_shard(shard: int) -> _Shard:
+    def _shard_args(shard: int) -> tuple[Any, ...]:
+        """_run_replicas's arguments for one shard: its replicas and the requests routed to
+        them (round-robin), all picklable (a shard may run in another process or machine)."""
         ids = list(range(shard, num_replicas, workers))
         mine = ordered if closed else servable if workers == 1 else [
             r for i, r in enumerate(servable) if i % num_replicas % workers == shard]
@@ -142,14 +148,21 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
         if stream_dir is not None:
             sub_dir = stream_dir if workers == 1 else stream_dir / f"shard{shard:03d}"
             sub_dir.mkdir(parents=True, exist_ok=True)
-        return _run_replicas(mine, cost_model, policy, ids, router, seed, num_blocks, block_size,
-                             hidden_blocks, check, fast_forward, sub_dir,
-                             progress and shard == 0, len(mine), max_concurrency, warm_ids,
-                             first_measured, frozenset(r.req_id for r in too_long) if closed
-                             else frozenset(), enable_prefix_caching)
+        return (mine, cost_model, policy, ids, router, seed, num_blocks, block_size,
+                hidden_blocks, check, fast_forward, sub_dir, progress and shard == 0, len(mine),
+                max_concurrency, warm_ids, first_measured,
+                frozenset(r.req_id for r in too_long) if closed else frozenset(),
+                enable_prefix_caching)
+
+    def run_shard(shard: int) -> _Shard:
+        return _run_replicas(*_shard_args(shard))
 
     if workers == 1:
         shards = [run_shard(0)]
+    elif executor is not None:  # each shard a task (a local pool, or Ray across machines)
+        from search.executor import map_tasks
+        shards = map_tasks(executor, _run_replicas, [
+            _shard_args(shard) for shard in range(workers)])
     else:
         import multiprocessing as mp
         global _SHARD_JOB

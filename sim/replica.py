@@ -373,6 +373,8 @@ class Replica:
         kv = sum(r.num_computed_tokens for r in running) + n * (step + 1)
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
+        if latency_s is None:
+            return self.cost.price_decodes(n, kv, kv_win)
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
 
 

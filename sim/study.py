@@ -133,6 +133,8 @@ class Study(BaseModel):
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: each policy's own (256)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
+    ray: bool = False  # the workers' shards as tasks on a local Ray instance
+    ray_address: str | None = None  # ... or on this Ray cluster
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop
     warmup_requests: int | None = Field(default=None, ge=0)  # None: see `warmup`
     stagger_s: float | None = Field(default=None, gt=0)  # None: closed-loop clients start together
@@ -414,6 +416,19 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
     _check_policies(study)
     cm = study.cost_model()
     workload = study.build_workload(cm.model.max_context)
+    executor = None
+    if study.ray or study.ray_address is not None:  # Ray is optional: loaded only when asked
+        from search.executor import make_executor
+        executor = make_executor(study.workers, ray=True, ray_address=study.ray_address)
+    try:
+        return workload, cm, _run_policies(study, cm, workload, progress, check, executor)
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: bool, check: bool,
+                  executor: Any) -> list[SimResult]:
     results = [simulate(workload.requests, cm, study.policy_factory(spec),
                         num_replicas=study.replicas,
                         router=study.router, seed=study.seed, block_size=study.block_size,
@@ -424,12 +439,11 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
                         check=check, progress=progress, workers=study.workers,
                         max_concurrency=study.max_concurrency,
                         warmup_requests=study.warmup(len(workload.requests)),
-                        enable_prefix_caching=study.enable_prefix_caching)
+                        enable_prefix_caching=study.enable_prefix_caching, executor=executor)
                for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
-    results = [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
-               for r in results]
-    return workload, cm, results
+    return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
+            for r in results]
 
 
 def _check_policies(study: Study) -> None:

@@ -47,6 +47,14 @@ class ConstantCost(CostModel):
         n = sum(t.t1 - t.t0 for t in plan)
         return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, 0, n, n, (None, (), (), 0, None))
 
-    def price_decodes(self, num, kv_tokens, kv_tokens_window=0):  # type: ignore[no-untyped-def,override]
+    def price_decodes(self, num, kv_tokens, kv_tokens_window=0, latency_s=None):  # type: ignore[no-untyped-def,override]
         zero = HbmBytes(0.0, 0.0, 0.0, 0.0, 0.0)
         return IterationCost(self.latency_s, 0.0, 0.0, zero, 0.0, 1, num, 0, 0, (None, (), (), 0, None))
+
+    def price_with_decodes(self, num, kv_tokens, kv_tokens_window, tiles):  # type: ignore[no-untyped-def,override]
+        n = sum(t.t1 - t.t0 for t in tiles)
+        return self.price(tiles)._replace(decode_tokens=num, prefill_tokens=n,
+                                          prefill_layer_tokens=n)
+
+    def decode_latencies_s(self, num, kv_tokens, kv_tokens_window):  # type: ignore[no-untyped-def,override]
+        return None  # constant: the two ends give every step
