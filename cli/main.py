@@ -83,6 +83,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "search the highest rate (or fewest GPUs) meeting the SLO"),
     "replay-silicon": ("cli.silicon", "add_parser",
                        "simulate measured serving runs and print the error of each"),
+    "search": ("cli.search", "add_parser",
+               "the cheapest configuration of a grid that meets the SLO"),
 }
 
 # Commands implemented in their own packages' cli modules take their raw arguments.
