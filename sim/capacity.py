@@ -28,6 +28,7 @@ from typing import Any
 
 from costmodel.errors import ConfigError
 from sim.study import Study, run_study
+from traces.workload import MAX_RATE
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,13 @@ def replace_study(study: Study, **changes: Any) -> Study:
     return study.model_copy(update=changes)
 
 
-def rate_steps(start_rate: float = 0.5, rel_tol: float = 0.02, max_points: int = 30
-               ) -> Generator[float, bool, float | None]:
+def rate_steps(start_rate: float = 0.5, rel_tol: float = 0.02, max_points: int = 30,
+               highest_rate: float = MAX_RATE) -> Generator[float, bool, float | None]:
     """The rate search of the module note as a coroutine: yields each rate to probe, is sent
     whether that rate met the target, and returns the highest rate that met it (None: none did).
-    Driving it needs no simulator, so that `max_rate` here and the search over many
-    configurations (search/runner.py) share one algorithm."""
+    Doubling stops at `highest_rate` (the fastest arrivals a workload may have): a rate that
+    meets there is the answer. Driving it needs no simulator, so that `max_rate` here and the
+    search over many configurations (search/runner.py) share one algorithm."""
     count = 0
     good: float | None = None
     bad: float | None = None
@@ -106,8 +108,8 @@ def rate_steps(start_rate: float = 0.5, rel_tol: float = 0.02, max_points: int =
         meets = yield rate
         count += 1
         if meets:
-            good, rate = rate, rate * 2
-            if bad is not None:  # bracketed from above already: bisect, never re-probe
+            good, rate = rate, min(rate * 2, highest_rate)
+            if bad is not None or good >= highest_rate:  # bracketed, or nothing faster to try
                 break
         else:
             bad = rate

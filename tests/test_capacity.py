@@ -45,3 +45,19 @@ def test_min_gpus_for_a_rate():
     summary = ans.summary()
     assert summary["gpus"] == 5
     assert summary["cost_per_million_tokens"] > 0
+
+
+def test_rate_search_stops_at_the_fastest_rate_a_workload_may_have():
+    """A replica that meets the SLO at every rate: doubling stops at the bound and answers it
+    (it used to step past it into a workload error)."""
+    from sim.capacity import rate_steps
+    from traces.workload import MAX_RATE
+    steps = rate_steps(start_rate=1e3)
+    tried = [next(steps)]
+    try:
+        while True:
+            tried.append(steps.send(True))
+    except StopIteration as done:
+        answer = done.value
+    assert answer == MAX_RATE and tried[-1] == MAX_RATE and tried.count(MAX_RATE) == 1
+    assert all(r <= MAX_RATE for r in tried) and tried[:3] == [1e3, 2e3, 4e3]
