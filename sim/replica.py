@@ -21,8 +21,6 @@ than one decode tile per running request is a PlanError (_verify_steady_claim).
 
 from __future__ import annotations
 
-import math
-import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -39,6 +37,7 @@ from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, schedule_checked
 from policies.registry import is_trusted
+from sim.stall import StallMonitor
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel, IterationCost
@@ -136,9 +135,9 @@ class Replica:
                 continue
             if step.action is WAIT:
                 # The policy declines work that could run: wait for an arrival (a policy may
-                # wait), watched in case none ever comes (_StallMonitor).
+                # wait), watched in case none ever comes (sim/stall.py).
                 self.declined = True
-                _StallMonitor.of(env).watch(self)
+                StallMonitor.of(env).watch(self)
                 yield self._sleep()
                 self.declined = False
                 continue
@@ -376,61 +375,3 @@ class Replica:
         if latency_s is None:
             return self.cost.price_decodes(n, kv, kv_win)
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
-
-
-class _Probe(simpy.events.Event):
-    """An event that fires after every other event of its time step: SimPy runs events of equal
-    time by priority, URGENT (0) and NORMAL (1) first."""
-
-    def __init__(self, env: simpy.Environment, delay: float) -> None:
-        super().__init__(env)
-        self._ok = True
-        self._value = None
-        env.schedule(self, 2, delay)  # type: ignore[arg-type]
-
-
-class _StallMonitor:
-    """Notices the end of a run that leaves replicas holding work their policies declined.
-
-    A declining replica sleeps until an arrival; if none ever comes, SimPy simply runs out of
-    events. So while any replica declines, one probe follows the event queue, landing after the
-    last event of each time step; when it finds the queue empty, the run is over and each
-    declining replica hears of it (Replica.run_ended). One monitor per environment."""
-
-    _all: weakref.WeakKeyDictionary[simpy.Environment, _StallMonitor] = weakref.WeakKeyDictionary()
-
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env = env
-        self.watched: list[Replica] = []
-        self.armed = False
-
-    @classmethod
-    def of(cls, env: simpy.Environment) -> _StallMonitor:
-        mon = cls._all.get(env)
-        if mon is None:
-            mon = cls._all[env] = cls(env)
-        return mon
-
-    def watch(self, replica: Replica) -> None:
-        if replica not in self.watched:
-            self.watched.append(replica)
-        if not self.armed:
-            self._arm(0.0)
-
-    def _arm(self, delay: float) -> None:
-        self.armed = True
-        probe = _Probe(self.env, delay)
-        probe.callbacks.append(self._fire)  # type: ignore[union-attr]
-
-    def _fire(self, _: simpy.Event) -> None:
-        self.armed = False
-        self.watched = [r for r in self.watched if r.declined]
-        if not self.watched:
-            return
-        nxt = self.env.peek()
-        if nxt != math.inf:  # something may still wake them: look again after it
-            self._arm(nxt - self.env.now)
-            return
-        stalled, self.watched = self.watched, []
-        for r in stalled:
-            r.run_ended()
