@@ -98,6 +98,7 @@ class CostModel:
 
     def __init__(self, model: ModelSpec, gpu: str | GPUSpec = "h100",
                  profile: Profile | None = None, parallel: Parallelism | None = None) -> None:
+        self._built_from = (model, gpu, profile, parallel)  # what pickling rebuilds it from
         hw = load_gpu(gpu) if isinstance(gpu, str) else gpu
         self.profile = profile if profile is not None else default_profile(hw)
         self.hw = self.profile.hardware() if profile is not None else hw
@@ -132,9 +133,10 @@ class CostModel:
         self.measured = self._measured_kernels() if self.profile.tables else None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled as what builds it (its caches hold closures): a shard of a simulation may run
-        in another process or on another machine (sim/cluster.py)."""
-        return CostModel, (self.model, self.hw, self.profile, self.parallel)
+        """Pickled as the arguments it was built from (its caches hold closures), so that a copy
+        prices alike: a shard of a simulation may run in another process or on another machine
+        (sim/cluster.py)."""
+        return CostModel, self._built_from
 
     def _measured_kernels(self) -> MeasuredKernels:
         ops = self.profile.ops

@@ -54,6 +54,8 @@ class Clients:
         self.on_rejected = on_rejected  # done with such a request: it frees its slot
         self.in_flight = 0
         self._freed = env.event()
+        # called when the measured window opens (the first measured request is sent)
+        self.on_window_open: Callable[[], None] | None = None
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -67,6 +69,8 @@ class Clients:
             if r.arrival_s > env.now:
                 yield env.timeout(r.arrival_s - env.now)
             if self.limit is None:  # open loop: the request's own arrival time, exactly
+                if r.req_id == self.first_measured and self.on_window_open is not None:
+                    self.on_window_open()
                 submit(request_state(r, self.block_size))
                 continue
             while self.in_flight >= self.limit:
@@ -76,6 +80,8 @@ class Clients:
             now = env.now
             if r.req_id == self.first_measured:
                 self.recorder.count_from_s = now
+                if self.on_window_open is not None:
+                    self.on_window_open()
             state = request_state(r, self.block_size, now)
             self.in_flight += 1
             if r.req_id in self.rejected:

@@ -292,6 +292,11 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
     for rep in replicas:
         rep.state.set_prefix_caching(enable_prefix_caching)
     picker = make_router(router, seed)
+
+    def open_window() -> None:  # no fast-forwarded run may straddle the window's start
+        for rep in replicas:
+            rep.wake()
+    clients.on_window_open = open_window
     if picker.ordered:  # it keeps the replicas ordered by load: tell it when a load changes
         for rep in replicas:
             rep.on_load = picker.changed

@@ -90,6 +90,12 @@ class Replica:
         if not self._wakeup.triggered:
             self._wakeup.succeed()
 
+    def wake(self) -> None:
+        """End a fast-forwarded run after the iteration in flight, as an arrival does (the
+        measured window opening: no run may straddle it)."""
+        if not self._wakeup.triggered:
+            self._wakeup.succeed()
+
     @property
     def pending_tokens(self) -> int:
         """Tokens still to compute through the whole stack here (the jsq-tokens router's load):

@@ -197,3 +197,16 @@ def test_an_honest_steady_claim_is_fast_forwarded_with_the_same_results():
 def test_a_broken_steady_claim_is_refused_in_checked_mode(liar):
     with pytest.raises(PlanError, match="policy my-chunked.*broke its steady_decode promise"):
         simulate(_steady_requests(), _qwen(), liar, fast_forward=True)
+
+
+def test_a_warm_up_window_cuts_every_replicas_runs():
+    """The measured window opens at the first measured arrival, routed to one replica; the
+    others' fast-forwarded runs must stop there too, or their iterations after it go uncounted
+    (each row counts from its start)."""
+    cm = _qwen()
+    requests = [Request(0, 0.0, 500, 400), Request(1, 0.01, 500, 400), Request(2, 0.5, 500, 50)]
+    kw = {"num_replicas": 2, "warmup_requests": 2}
+    fast = simulate(requests, cm, "chunked:512", fast_forward=True, **kw)
+    slow = simulate(requests, cm, "chunked:512", fast_forward=False, **kw)
+    assert fast.metrics["iterations"] == slow.metrics["iterations"]
+    assert fast.metrics["energy_j"] == pytest.approx(slow.metrics["energy_j"], rel=METRIC_REL)

@@ -73,3 +73,19 @@ def test_shards_on_local_ray_give_one_process_results() -> None:
     finally:
         ray.close()
     _same(one, forked, tasks)
+
+
+def test_a_cost_model_on_a_custom_gpu_pickles_with_that_gpu() -> None:
+    """Rebuilt from what built it: an edited GPUSpec (not a preset) survives, and so its prices."""
+    import dataclasses
+
+    from costmodel.gpu import load_gpu
+    h100 = load_gpu("h100")
+    gpu = dataclasses.replace(h100, name="my-gpu", hbm_bytes=h100.hbm_bytes // 2,
+                              peak_flops=h100.peak_flops / 2)
+    cm = CostModel(load_model("qwen3-30b-a3b"), gpu, parallel=Parallelism(tp=2))
+    again = pickle.loads(pickle.dumps(cm))
+    assert again.hw == cm.hw == gpu
+    L = cm.model.num_layers
+    plan = [decode_tile(i, 300, L) for i in range(4)]
+    assert again.price(plan).latency_s == cm.price(plan).latency_s
