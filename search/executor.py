@@ -14,10 +14,9 @@ does not depend on scheduling; the search itself drives `submit`/`wait` (search/
   Ray's object store once (ray.put) and every task that takes it receives the same object by
   reference. Ray is imported here only, when this executor is made.
 
-The replica shards of one large simulation fit the same interface: with each shard a
-picklable task (its requests shared, its replicas, the settings to build its cost model and
-policy from), `map_tasks` runs them on the pool or a Ray cluster and returns them in shard
-order, ready to merge. sim/cluster.py forks a closure per shard today, so it does not use this.
+The replica shards of one large simulation run on the same interface: `simulate(executor=)`
+(sim/cluster.py) submits each shard's picklable arguments, and `map_tasks` returns the shards
+in order, ready to merge.
 """
 
 from __future__ import annotations
