@@ -36,5 +36,18 @@ class HybridPrefill(LayeredPrefill):
         return prompt_tile(req, min(P, t0 + chunk), l0, l1, L)
 
     def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
+        """Each prompt's next tile, while its KV blocks fit: a running prompt's chunk through
+        the first group takes blocks as it goes (layered prefill takes a prompt's all at once,
+        when new_batch admits it), so it may have to wait for them; later groups take none."""
         groups = self.groups_for(sum(map(uncached_tokens, batch)), state)
-        return [self._tile(r, groups, state.num_layers) for r in batch]
+        L = state.num_layers
+        admission = None
+        tiles = []
+        for r in batch:
+            t = self._tile(r, groups, L)
+            if t.l0 == 0 and r.num_cached_tokens >= 0:  # admitted earlier: growing now
+                admission = admission or state.admission()
+                if not admission.try_admit(r, t.t1, partial=t.l1 < L):
+                    break  # FCFS: a later prompt does not pass one that waits for blocks
+            tiles.append(t)
+        return tiles
