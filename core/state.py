@@ -378,20 +378,21 @@ class ReplicaState:
         self.prompt_tokens_as_decodes = as_decodes
         return finished
 
-    def apply_steady(self, steps: int, first_end_s: float, gaps: bytes,
-                     end_s: float) -> list[RequestState]:
-        """`steps` decode iterations of every running request (all decoding), in closed form:
-        each emits `steps` tokens, the first at `first_end_s`, the last at `end_s`, the gaps
-        between them `gaps` (steps - 1 float64s, the same for every request). Returns the
-        requests that finished (at `end_s`), KV freed. As many `apply`s of one decode tile per
-        request would do, at the cost of one."""
-        running = self.running
-        if len(self.decodes) != len(running):
+    def apply_steady(self, steps: int, first_end_s: float, gaps: bytes, end_s: float,
+                     decodes: Sequence[RequestState] | None = None) -> list[RequestState]:
+        """`steps` decode iterations of `decodes` (default: every running request, all
+        decoding), in closed form: each emits `steps` tokens, the first at `first_end_s`, the
+        last at `end_s`, the gaps between them `gaps` (steps - 1 float64s, the same for every
+        request). Returns the requests that finished (at `end_s`), KV freed. As many `apply`s of
+        one decode tile per request would do, at the cost of one."""
+        running = self.running if decodes is None else decodes
+        if decodes is None and len(self.decodes) != len(running):
             raise PlanError("internal: a steady stretch with a prompt still running")
-        self.futile_preemptions = 0  # tokens emitted: progress
+        if running:
+            self.futile_preemptions = 0  # tokens emitted: progress
         self.pending_tokens -= steps * len(running)
         for r in running:
-            r.itl_s.append(first_end_s - (r.last_token_s if r.last_token_s is not None else first_end_s))
+            r.itl_s.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
             r.itl_s.frombytes(gaps)
             r.last_token_s = end_s
             r.num_output_tokens += steps

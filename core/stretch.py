@@ -9,16 +9,18 @@ iterations is then known without asking the policy again: `stretch_steps` bounds
 last token ends it, and so do the free blocks), the executor prices each iteration from its
 totals (CostModel.price_with_decodes) and waits for their sum, and `apply_stretch` applies the
 iterations done as K `apply`s of those plans would: the prompt tiles through `apply` itself,
-the decodes' tokens in bulk. Their KV blocks are taken at once: the same blocks, free ones
-first and then cached ones in LRU order, that K steps would take, only shared out between the
-requests in another order (each request's blocks hold the same tokens; which block ids they
-are changes nothing observable), and no other request looks up the prefix cache in between.
+the decodes' tokens in bulk through `apply_steady`. The decodes' KV blocks are taken at once:
+the same blocks, free ones first and then cached ones in LRU order, that K steps would take,
+only shared out between the requests in another order (each request's blocks hold the same
+tokens; which block ids they are changes nothing observable), and no other request looks up
+the prefix cache in between.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
+
+import numpy as np
 
 from core.request import RequestState
 from core.state import ReplicaState
@@ -69,25 +71,6 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
     emits a token at every end. Returns the requests that finished (at the last end), KV freed."""
     for tiles, end_s in zip(steps, ends_s, strict=True):
         state.apply(tiles, end_s)  # prompt tiles short of their prompts' ends: no token, no finish
-    n = len(steps)
-    for r in decodes:
-        r.num_computed_tokens += n
-        state._hold(r)
-    state.pending_tokens -= n * len(decodes)
-    first, last = ends_s[0], ends_s[-1]
     # the gaps between consecutive ends, as step-by-step time differences give them
-    later_gaps = array("d", [b - a for a, b in zip(ends_s, ends_s[1:], strict=False)]).tobytes()
-    for r in decodes:
-        r.itl_s.append(first - (r.last_token_s or first))  # as ReplicaState._emit does
-        r.itl_s.frombytes(later_gaps)
-        r.last_token_s = last
-        r.num_output_tokens += n
-        if r.is_finished:
-            r.finish_s = last
-    if decodes:
-        state.futile_preemptions = 0  # tokens emitted: progress
-    finished = [r for r in decodes if r.is_finished]
-    state._retire(finished)
-    state._decodes = None
-    state.prompt_tokens_as_decodes = 0
-    return finished
+    gaps = np.diff(np.asarray(ends_s, dtype=np.float64)).tobytes()
+    return state.apply_steady(len(steps), ends_s[0], gaps, ends_s[-1], decodes)

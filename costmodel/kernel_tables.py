@@ -320,30 +320,34 @@ class Surface:
     def __bool__(self) -> bool:
         return bool(self.curves)
 
-    def ratios(self, b: float, xs: np.ndarray) -> np.ndarray:
-        """`ratio` at every x of `xs` (one batch size), as arrays: the same interpolation."""
-        lb, cs = self.log_b, self.curves
-        u = np.log(xs) if xs.min() > 0 else np.where(xs > 0, np.log(np.where(xs > 0, xs, 1.0)),
-                                                      cs[0].log_x[0])
+    def _bracket(self, b: float) -> tuple[int, float]:
+        """(i, w): b lies between measured batch sizes i - 1 and i, weight w on i; i = 0 (w 0)
+        below the first, the last index (w 1) above the last: held constant beyond them."""
+        lb = self.log_b
         v = math.log(b) if b > 0 else lb[0]
         if v <= lb[0]:
-            return np.exp(cs[0].e_many(u))
+            return 0, 0.0
         if v >= lb[-1]:
-            return np.exp(cs[-1].e_many(u))
+            return len(lb) - 1, 1.0
         i = bisect_right(lb, v)
-        w = (v - lb[i - 1]) / (lb[i] - lb[i - 1])
+        return i, (v - lb[i - 1]) / (lb[i] - lb[i - 1])
+
+    def ratios(self, b: float, xs: np.ndarray) -> np.ndarray:
+        """`ratio` at every x of `xs` (one batch size), as arrays: the same interpolation."""
+        cs = self.curves
+        u = np.log(xs) if xs.min() > 0 else np.where(xs > 0, np.log(np.where(xs > 0, xs, 1.0)),
+                                                      cs[0].log_x[0])
+        i, w = self._bracket(b)
+        if i == 0 or w == 1.0:
+            return np.exp(cs[i].e_many(u))
         return np.exp((1 - w) * cs[i - 1].e_many(u) + w * cs[i].e_many(u))
 
     def ratio(self, b: float, x: float) -> float:
-        lb, cs = self.log_b, self.curves
+        cs = self.curves
         u = math.log(x) if x > 0 else cs[0].log_x[0]
-        v = math.log(b) if b > 0 else lb[0]
-        if v <= lb[0]:
-            return math.exp(cs[0].e_at(u))
-        if v >= lb[-1]:
-            return math.exp(cs[-1].e_at(u))
-        i = bisect_right(lb, v)
-        w = (v - lb[i - 1]) / (lb[i] - lb[i - 1])
+        i, w = self._bracket(b)
+        if i == 0 or w == 1.0:
+            return math.exp(cs[i].e_at(u))
         return math.exp((1 - w) * cs[i - 1].e_at(u) + w * cs[i].e_at(u))
 
 

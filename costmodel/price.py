@@ -24,7 +24,6 @@ tp * ep GPUs. Figures in `ops` are per GPU on the critical path; totals are for 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -397,14 +396,16 @@ class CostModel:
         if self.measured is not None:
             r = self._linear.dot(x).tolist()
             measured = (segments, num_logits, embed_tokens)  # kept for the breakdown, not copied
-            latency = self.measured.latency_s(*measured) if latency_s is None else math.nan
+            if latency_s is None:
+                latency_s = (self.measured.latency_s(*measured)
+                             + self.profile.request_overhead_s * num_tiles)
         else:
             r = self._forms.dot(x).tolist()
-            latency = (self.profile.iteration_overhead_s + r[_L_SECONDS]
-                       + sum(map(abs, r[len(_LINEAR):])))  # see _linear_forms
-        latency += self.profile.request_overhead_s * num_tiles  # engine time per running request
-        if latency_s is not None:  # priced already (decode_latencies_s), request overhead included
-            latency = latency_s
+            if latency_s is None:
+                latency_s = (self.profile.iteration_overhead_s + r[_L_SECONDS]
+                             + sum(map(abs, r[len(_LINEAR):]))  # see _linear_forms
+                             + self.profile.request_overhead_s * num_tiles)
+        latency = latency_s  # with the engine's time per running request
         gpus = self.parallel.num_gpus
         dense_w, expert_w = r[_L_WBYTES] * gpus, distinct_layers * self._bytes_per_expert
         kv_read, kv_write, act = r[_L_KVR] * gpus, r[_L_KVW] * gpus, r[_L_ACT] * gpus

@@ -35,7 +35,7 @@ from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
 from core.stretch import apply_stretch, stretch_steps
 from costmodel.plan import Tile, decode_tile
 from policies import guard
-from policies.base import Policy, schedule_checked
+from policies.base import Policy, no_prefill_ahead, schedule_checked
 from policies.registry import is_trusted
 from sim.stall import StallMonitor
 
@@ -67,8 +67,9 @@ class Replica:
             raise PlanError(f"policy {guard.policy_label(policy)}: reading its 'steady_decode' {why}")
         self.fast_forward = fast_forward and steady is True
         # prefill stretches: a built-in's word (policies/base.py), not checked per iteration
-        self.prefill_ahead = (getattr(policy, "prefill_ahead", None)
-                              if fast_forward and self.trusted and not self.check else None)
+        ahead = getattr(policy, "prefill_ahead", None) if self.trusted else None
+        self.prefill_ahead = (ahead if fast_forward and not self.check
+                              and ahead is not no_prefill_ahead else None)  # asked every iteration
         self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
         self.declined = False  # asleep after an empty plan although it holds runnable work
         self.stall_note: str | None = None  # set when the run ended with work the policy declined
@@ -87,8 +88,7 @@ class Replica:
         self.outstanding += 1
         if self.on_load is not None:
             self.on_load(self.idx)
-        if not self._wakeup.triggered:
-            self._wakeup.succeed()
+        self.wake()
 
     def wake(self) -> None:
         """End a fast-forwarded run after the iteration in flight, as an arrival does (the
@@ -378,6 +378,4 @@ class Replica:
         kv = sum(r.num_computed_tokens for r in running) + n * (step + 1)
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
-        if latency_s is None:
-            return self.cost.price_decodes(n, kv, kv_win)
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
