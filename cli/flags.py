@@ -29,7 +29,8 @@ HELP = {
     "policies": "comma-separated: chunked[:BUDGET], layered[:MAX_G], prefill-first, "
                 "hybrid[:BUDGET], adaptive[:TBT_MS], file.py:Class, module:Class",
     "workload": "arxiv-long | sharegpt | arxiv | azure-conv | mooncake | fixed:PROMPT:OUTPUT | "
-                "random:IN:OUT[:RANGE_RATIO] (vLLM's random dataset) | a trace file (Azure, "
+                "random:IN:OUT[:RANGE_RATIO] (vLLM's random dataset) | random-legacy:IN:OUT:RATIO "
+                "(the older benchmark_serving.py's: [IN*RATIO, IN]) | a trace file (Azure, "
                 "BurstGPT, Mooncake, length statistics, vLLM's ShareGPT JSON)",
     "rate": "arrivals per second, drawn by --arrival; inf: all at once, as vLLM's --request-rate "
             "inf (null: a trace with timestamps replays its own, other workloads 1.3)",

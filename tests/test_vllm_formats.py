@@ -72,6 +72,34 @@ def test_random_lengths_are_vllms_draws_for_the_seed() -> None:
     assert not has_arrival_times("random:1024:128")
 
 
+def test_random_legacy_reads_the_ratio_as_the_older_benchmark_did() -> None:
+    """benchmark_serving.py before vLLM moved it (and InferenceX's copy): randint(int(L*r), L+1)
+    after np.random.seed(seed), all prompt lengths then all output lengths."""
+    assert parse_random("random-legacy:1024:128:0.8").bounds() == (819, 1024, 102, 128)
+    assert parse_random("random-legacy:10:3:0.35").bounds() == (3, 10, 1, 3)  # int() truncates
+    assert parse_random("random-legacy:300:20:1").bounds() == (300, 300, 20, 20)  # 1: fixed
+    w = build_workload(WorkloadSpec("random-legacy:1024:128:0.8", rate=2.0, num_requests=40,
+                                    seed=5))
+    np.random.seed(5)  # the older script's global generator
+    assert [r.prompt_tokens for r in w.requests] == np.random.randint(819, 1025, size=40).tolist()
+    assert [r.output_tokens for r in w.requests] == np.random.randint(102, 129, size=40).tolist()
+    assert "older benchmark_serving.py random (range ratio 0.8): prompts uniform 819-1024" in (
+        w.description)
+    assert not has_arrival_times("random-legacy:1024:128:0.8")
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("random-legacy:1024:128", "random-legacy:INPUT:OUTPUT:RATIO"),
+    ("random-legacy:1024:128:0", "must be in (0, 1]"),
+    ("random-legacy:1024:128:1.5", "must be in (0, 1]"),
+    ("random-legacy:1:128:0.5", "empty prompts"),
+])
+def test_random_legacy_spec_errors_are_one_line(spec: str, fragment: str) -> None:
+    with pytest.raises(TraceError) as err:
+        build_workload(WorkloadSpec(spec, rate=1.0, num_requests=4))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_random_without_ratio_is_fixed_lengths() -> None:
     w = build_workload(WorkloadSpec("random:300:20", rate=1.0, num_requests=5))
     assert {(r.prompt_tokens, r.output_tokens) for r in w.requests} == {(300, 20)}

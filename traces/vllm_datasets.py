@@ -13,8 +13,13 @@ same generators, so the same ``--seed`` picks the same lengths or conversations.
   ``RandomDataset.get_sampling_params`` draws them: ``numpy.random.default_rng(seed).integers``,
   all prompt lengths then all output lengths. With ``num_requests`` = ``--num-prompts`` they are
   vLLM's lengths for that seed whenever the tokenizer adds no special tokens (Qwen's); vLLM first
-  subtracts ``num_special_tokens_to_add()`` from INPUT (1 for Llama's BOS). Older
-  ``benchmark_serving.py`` read the ratio differently: ``[INPUT*RATIO, INPUT]``.
+  subtracts ``num_special_tokens_to_add()`` from INPUT (1 for Llama's BOS).
+* ``random-legacy:INPUT:OUTPUT:RATIO`` is the same flags read by the older
+  ``benchmarks/benchmark_serving.py`` (vLLM before the benchmark moved into the package) and by
+  the copies public serving benchmarks still run (InferenceX's ``utils/bench_serving``, forked
+  from ``kimbochen/bench_serving``): lengths uniform integers in ``[int(INPUT*RATIO), INPUT]`` and
+  ``[int(OUTPUT*RATIO), OUTPUT]`` (RATIO in (0, 1]; 1: fixed lengths), drawn with numpy's legacy
+  ``np.random.seed(seed); np.random.randint``, all prompt lengths then all output lengths.
 * A ShareGPT JSON file (``ShareGPT_V3_unfiltered_cleaned_split.json``: a list of
   ``{"id", "conversations": [{"from", "value"}, ...]}``) as vLLM's ``ShareGPTDataset`` reads it:
   conversations with fewer than two turns are dropped; the rest are shuffled with Python's
@@ -64,6 +69,7 @@ class RandomLengths:
     input_len: int
     output_len: int
     range_ratio: float = 0.0
+    legacy: bool = False  # the older benchmark_serving.py's reading of the ratio (module note)
 
     def __post_init__(self) -> None:
         for label, value in (("input", self.input_len), ("output", self.output_len)):
@@ -74,7 +80,11 @@ class RandomLengths:
                 raise TraceError(f"random {label} length must be at most {MAX_TOKENS:,} "
                                  f"tokens: {shown(value)}")
         r = self.range_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+        if self.legacy:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise TraceError(f"random-legacy range ratio must be in (0, 1], as the older "
+                                 f"benchmark_serving.py's: {r!r}")
+        elif isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise TraceError(f"random range ratio must be in [0, 1), as vLLM's: {r!r}")
         in_lo, in_hi, _, out_hi = self.bounds()
         if in_lo < 1:
@@ -88,18 +98,29 @@ class RandomLengths:
     def bounds(self) -> tuple[int, int, int, int]:
         """(input low, input high, output low, output high), both ends included."""
         r = float(self.range_ratio)
+        if self.legacy:  # np.random.randint(int(L * r), L + 1): int() truncates, L included
+            return (int(self.input_len * r), self.input_len,
+                    int(self.output_len * r), self.output_len)
         return (math.floor(self.input_len * (1 - r)), math.ceil(self.input_len * (1 + r)),
                 max(1, math.floor(self.output_len * (1 - r))),
                 max(1, math.ceil(self.output_len * (1 + r))))
 
     def sample_seeded(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         in_lo, in_hi, out_lo, out_hi = self.bounds()
+        if self.legacy:
+            old = np.random.RandomState(seed)  # what np.random.seed(seed) seeds
+            return (old.randint(in_lo, in_hi + 1, size=n).astype(np.int64),
+                    old.randint(out_lo, out_hi + 1, size=n).astype(np.int64))
         rng = np.random.default_rng(seed)
         prompt = rng.integers(in_lo, in_hi + 1, size=n).astype(np.int64)
         output = rng.integers(out_lo, out_hi + 1, size=n).astype(np.int64)
         return prompt, output
 
     def describe(self) -> str:
+        if self.legacy:
+            in_lo, in_hi, out_lo, out_hi = self.bounds()
+            return (f"older benchmark_serving.py random (range ratio {self.range_ratio:g}): "
+                    f"prompts uniform {in_lo}-{in_hi}, outputs {out_lo}-{out_hi} tokens")
         if self.range_ratio == 0:
             return f"vLLM random: {self.input_len} prompt / {self.output_len} output tokens"
         in_lo, in_hi, out_lo, out_hi = self.bounds()
@@ -108,9 +129,14 @@ class RandomLengths:
 
 
 def parse_random(spec: str) -> RandomLengths:
-    """Parse ``'random:INPUT:OUTPUT[:RATIO]'`` (e.g. ``'random:1024:128:0.5'``)."""
+    """Parse ``'random:INPUT:OUTPUT[:RATIO]'`` (e.g. ``'random:1024:128:0.5'``) or
+    ``'random-legacy:INPUT:OUTPUT:RATIO'``."""
     parts = spec.split(":")
-    if parts[0] != "random" or len(parts) not in (3, 4):
+    legacy = parts[0] == "random-legacy"
+    if legacy and len(parts) != 4:
+        raise TraceError(f"random-legacy workload must look like "
+                         f"'random-legacy:INPUT:OUTPUT:RATIO', got {shown(spec)}")
+    if parts[0] not in ("random", "random-legacy") or len(parts) not in (3, 4):
         raise TraceError(f"random workload must look like 'random:INPUT:OUTPUT[:RATIO]', "
                          f"got {shown(spec)}")
     try:  # int() and float() as vLLM's argparse flags read them
@@ -119,7 +145,7 @@ def parse_random(spec: str) -> RandomLengths:
     except ValueError:
         raise TraceError(f"random workload needs integer lengths and a number ratio, "
                          f"got {shown(spec)}") from None
-    return RandomLengths(input_len, output_len, ratio)
+    return RandomLengths(input_len, output_len, ratio, legacy)
 
 
 @dataclass(frozen=True, eq=False)

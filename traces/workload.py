@@ -6,7 +6,8 @@ rate, cv, caps) and never on the length source, and vice versa; comparing polici
 with the same seed therefore uses identical arrivals.
 
 * Length sources without arrivals ('sharegpt', 'arxiv', a length-statistics CSV, 'arxiv-long',
-  'fixed:P:O', vLLM's 'random:IN:OUT[:RATIO]', 'shared-prefix:N:PREFIX:QUESTION:OUTPUT'
+  'fixed:P:O', vLLM's 'random:IN:OUT[:RATIO]', the older benchmark's
+  'random-legacy:IN:OUT:RATIO', 'shared-prefix:N:PREFIX:QUESTION:OUTPUT'
   (traces/shared_prefix.py: its system prompts from the length generator) and a ShareGPT JSON
   file): arrival times come
   from the arrival process at ``rate`` (required) until the cap(s) ``num_requests`` /
@@ -64,7 +65,8 @@ NAMED_FILES = {
     "mooncake": "mooncake_synthetic.jsonl",
 }
 VALID_NAMES = ("sharegpt", "arxiv", "arxiv-long", "azure-conv", "mooncake", "fixed:PROMPT:OUTPUT",
-               "random:INPUT:OUTPUT[:RATIO]", SHARED_PREFIX_SPEC)
+               "random:INPUT:OUTPUT[:RATIO]", "random-legacy:INPUT:OUTPUT:RATIO",
+               SHARED_PREFIX_SPEC)
 
 
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
@@ -178,7 +180,7 @@ def resolve_workload(
         return arxiv_long(max_context)
     if name.startswith("fixed:"):
         return parse_fixed(name)
-    if name.startswith("random:"):
+    if name.startswith(("random:", "random-legacy:")):
         return parse_random(name)
     if name in NAMED_FILES:
         path = data_dir() / NAMED_FILES[name]
@@ -212,7 +214,7 @@ def has_arrival_times(name: str) -> bool:
     if name in ("azure-conv", "mooncake"):
         return True
     if name in NAMED_FILES or name == "arxiv-long" or name.startswith(
-            ("fixed:", "random:", SHARED_PREFIX)):
+            ("fixed:", "random:", "random-legacy:", SHARED_PREFIX)):
         return False
     path = _file(name)
     try:
