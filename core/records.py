@@ -361,6 +361,7 @@ def _p99_and_max(values: Sequence[float]) -> tuple[float, float]:
         v = sorted(values)
         return v[lo] + (v[hi] - v[lo]) * (pos - lo), v[-1]
     arr = np.frombuffer(values, dtype=np.float64) if isinstance(values, array) else np.asarray(values)
-    part = np.partition(arr, (lo, hi))
+    # the largest in the same partition (the last place), not another pass: arr.max()'s value
+    part = np.partition(arr, (lo, hi) if hi == n - 1 else (lo, hi, n - 1))
     v_lo, v_hi = float(part[lo]), float(part[hi])
-    return v_lo + (v_hi - v_lo) * (pos - lo), float(arr.max())
+    return v_lo + (v_hi - v_lo) * (pos - lo), float(part[n - 1])
