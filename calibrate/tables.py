@@ -269,7 +269,7 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
     import tempfile
 
     from costmodel import save_profile
-    from sim.silicon import errors, fit_overhead, read_rows, replay
+    from sim.silicon import DEFAULT_PROTOCOL, errors, fit_overhead, read_rows, replay
 
     frame = read_rows(silicon_csv)
     frame = frame[frame.backend == "vllm"]
@@ -298,10 +298,12 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
 
     provenance = {**profile.provenance, "iteration_overhead_s": (
         f"fitted with request_overhead_s (2 parameters) to the mean TPOT of {len(fit_err)} vLLM "
-        f"serving runs of {', '.join(fit_models)} in {silicon_csv.name}")}
+        f"serving runs of {', '.join(fit_models)} in {silicon_csv.name}, replayed with the "
+        f"'{DEFAULT_PROTOCOL}' protocol (sim/silicon.py)")}
     return tuned.model_copy(update={"provenance": provenance, "fit_errors": {
         **profile.fit_errors, "engine_overhead": {"fit": stats(fit_err), "held_out": stats(held),
-                                                  "file": silicon_csv.name}}})
+                                                  "file": silicon_csv.name,
+                                                  "protocol": DEFAULT_PROTOCOL}}})
 
 
 def engine_overhead_from(profile: Profile, donor: Profile) -> Profile:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from costmodel import ConfigError
 from sim.results import check_out, results_folder
-from sim.silicon import VLLM_CHUNK, errors, read_rows, replay, summary
+from sim.silicon import DEFAULT_PROTOCOL, VLLM_CHUNK, check_protocol, errors, read_rows, replay, summary
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,17 +23,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--gpu", default="h100", help="the GPU the runs used (default: h100)")
     p.add_argument("--profile", default=None, help="a profile file, or 'datasheet' (default: the "
                    "one shipped for --gpu)")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL,
+                   help="how the runs were measured, which the rows do not record: inferencex "
+                   "(InferenceX's recipe: lengths uniform in [0.8 L, L], --max-num-seqs = clients, "
+                   "no prefix caching) | vllm-random:R (vllm bench serve --random-range-ratio R "
+                   "against vLLM's defaults) (default: inferencex)")
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
     p.add_argument("--out", type=Path, help="write replay.csv here (a results folder)")
     p.set_defaults(handler=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    for flag in ("backend", "gpu", "profile"):  # empty: a typo (--gpu=), never a choice
+    for flag in ("backend", "gpu", "profile", "protocol"):  # empty: a typo (--gpu=), never a choice
         if getattr(ns, flag) is not None and not getattr(ns, flag).strip():
             raise ConfigError(f"--{flag}: empty; give a value or leave the flag out for its default")
     check_out(ns.out)
-    replays = replay(read_rows(ns.file), ns.gpu, ns.backend, ns.profile)
+    check_protocol(ns.protocol)
+    replays = replay(read_rows(ns.file), ns.gpu, ns.backend, ns.profile, ns.protocol)
     table = errors(replays)
     skipped: dict[str, int] = {}
     for r in replays:
@@ -49,7 +55,8 @@ def run(ns: argparse.Namespace) -> int:
             (folder / "report.html").write_text(
                 render_page(table, summaries, skipped, ns.file.name), encoding="utf-8")
             (folder / "run.json").write_text(json.dumps(
-                {"command": ["layersim", *getattr(ns, "argv", [])], "file": str(ns.file)}) + "\n")
+                {"command": ["layersim", *getattr(ns, "argv", [])], "file": str(ns.file),
+                 "protocol": ns.protocol}) + "\n")
     if ns.json:
         for r in table.to_dict("records"):
             print(json.dumps(r, sort_keys=True))

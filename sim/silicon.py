@@ -6,18 +6,20 @@ Input: a CSV of serving benchmarks in AIConfigurator's `silicon_*.csv` format, o
 `moe_ep_size`, and the measured means `silicon_ttft_ms`, `silicon_tpot_ms`.
 
 A supported row becomes a study that replays the runs' protocol, as the public collectors run
-it (InferenceX's `benchmark_lib.sh`, AIConfigurator's eval runners; benchmarks/results/
-silicon_protocol.md): `batch_size` closed-loop clients that all start together, PROTOCOL_ROUNDS
-requests per client, every one measured (vLLM's warm-ups run and finish apart), lengths drawn
-by vLLM's random dataset around the row's `isl` and `osl` (LENGTH_RANGE_RATIO: the rows do not
-record it; an assumption, stated), chunked prefill at vLLM's default token budget, the shipped
-profile of the GPU. The burst start and the length spread matter: every first wave queues
-behind ceil(clients * isl / budget) full prefill passes, and without spread the clients would
-stay in lockstep for ever, while with it they drift apart as in the measured runs. Rows are
-skipped, each with its reason, when layersim cannot price them honestly: disaggregated
-prefill/decode, pipeline or attention data parallelism, expert parallelism inside the
-tensor-parallel group, or an architecture with no preset. Nothing here is keyed to particular
-rows.
+it (benchmarks/results/silicon_protocol.md). The rows do not record their collector; `protocol`
+names it. `inferencex` (the default) is InferenceX's fixed-sequence-length recipe for vLLM on
+H100, as its repository runs it: the older `benchmark_serving.py` copy with `--random-range-ratio
+0.8` (lengths uniform in [0.8 L, L]), `--num-prompts 10 x clients`, `--request-rate inf
+--max-concurrency clients`, no warm-ups, and a server with `--max-num-seqs clients`, prefix
+caching off and `max-num-batched-tokens 8192`. `vllm-random:R` is vLLM's own `vllm bench serve`
+with `--random-range-ratio R` (lengths uniform in [L (1 - R), L (1 + R)]) against vLLM's
+defaults. Either way `batch_size` closed-loop clients start together, every request is measured,
+and the shipped profile of the GPU prices the plans. The burst start and the length spread
+matter: every first wave queues behind ceil(clients * isl / budget) full prefill passes, and
+without spread the clients would stay in lockstep for ever. Rows are skipped, each with its
+reason, when layersim cannot price them honestly: disaggregated prefill/decode, pipeline or
+attention data parallelism, expert parallelism inside the tensor-parallel group, or an
+architecture with no preset. Nothing here is keyed to particular rows.
 
 Engine overhead (what a serving engine adds to its kernels per iteration): two parameters,
 `iteration_overhead_s` (scheduler, launches) and `request_overhead_s` (per running request:
@@ -43,11 +45,28 @@ from sim.study import Study, make_study, run_study
 COLUMNS = ("backend", "model_path", "precision", "mode", "isl", "osl", "batch_size", "tp_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
 PROTOCOL_ROUNDS = 10  # requests per client (the collectors' --num-prompts = 10 x concurrency)
-# vLLM's --random-range-ratio: lengths uniform in [L(1 - r), L(1 + r)]. InferenceX passes a
-# ratio the rows do not record; 0.1 is our assumption (its spread breaks lockstep clients).
-LENGTH_RANGE_RATIO = 0.1
-# vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB
+# InferenceX's RANDOM_RANGE_RATIO (.github/workflows/benchmark-tmpl.yml), read by its older
+# benchmark_serving.py as lengths uniform in [ratio * L, L]
+INFERENCEX_RANGE_RATIO = 0.8
+DEFAULT_PROTOCOL = "inferencex"
+# vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB, and what
+# InferenceX's recipes set
 VLLM_CHUNK = 8192
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if it names one (module note), else a one-line error."""
+    if protocol == "inferencex":
+        return protocol
+    if protocol.startswith("vllm-random:"):
+        try:
+            ratio = float(protocol.removeprefix("vllm-random:"))
+        except ValueError:
+            ratio = -1.0
+        if 0 <= ratio < 1:
+            return protocol
+    raise ConfigError(f"--protocol: {protocol!r} is not a protocol; valid: inferencex, "
+                      "vllm-random:R (R in [0, 1))")
 
 
 @dataclass(frozen=True)
@@ -99,19 +118,26 @@ def skip_reason(row: Any) -> str | None:
     return None
 
 
-def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
+def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_PROTOCOL,
+              **extra: Any) -> Study:
     """The row as a study that replays the runs' protocol (see the module note)."""
     preset, dtype = hf_preset(str(row["model_path"]))
     precision = str(row["precision"]).lower()
     clients = int(row["batch_size"])
+    isl, osl = int(row["isl"]), int(row["osl"])
+    server: dict[str, Any]
+    if check_protocol(protocol) == "inferencex":
+        server = {"workload": f"random-legacy:{isl}:{osl}:{INFERENCEX_RANGE_RATIO:g}",
+                  "max_num_seqs": clients, "enable_prefix_caching": False}
+    else:
+        server = {"workload": f"random:{isl}:{osl}:{protocol.removeprefix('vllm-random:')}"}
     values: dict[str, Any] = {
         "model": preset, "gpu": gpu, "tp": int(row["tp_size"]), "profile": profile,
         "policies": [f"chunked:{VLLM_CHUNK}"],
-        "workload": f"random:{int(row['isl'])}:{int(row['osl'])}:{LENGTH_RANGE_RATIO:g}",
         "max_concurrency": clients,
         "num_requests": PROTOCOL_ROUNDS * clients,
-        "warmup_requests": 0,  # vLLM counts the first wave too (its warm-ups run apart)
-        "slo_ttft_ms": 1e9, "slo_itl_ms": 1e9, **extra,
+        "warmup_requests": 0,  # the first wave is measured too (warm-ups, if any, run apart)
+        "slo_ttft_ms": 1e9, "slo_itl_ms": 1e9, **server, **extra,
     }
     if precision == "fp8" or dtype == "fp8":
         values["dtype"] = "fp8"
@@ -119,7 +145,7 @@ def row_study(row: Any, gpu: str, profile: str | None, **extra: Any) -> Study:
 
 
 def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
-           profile: str | None = None) -> list[Replay]:
+           profile: str | None = None, protocol: str = DEFAULT_PROTOCOL) -> list[Replay]:
     """Simulate every supported row (of `backend`, if given); skipped rows keep their reason."""
     out = []
     done: dict[str, tuple[float | None, float | None, str | None]] = {}  # rows run twice
@@ -129,7 +155,7 @@ def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
         reason = skip_reason(row)
         ttft = tpot = None
         if reason is None:
-            study = row_study(row, gpu, profile)
+            study = row_study(row, gpu, profile, protocol)
             key = study.model_dump_json()
             if key not in done:
                 try:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from costmodel import ConfigError
-from sim.silicon import Replay, fit_overhead, row_study, skip_reason
+from sim.silicon import Replay, check_protocol, fit_overhead, row_study, skip_reason
 
 ROW = {"backend": "vllm", "model_path": "meta-llama/Llama-3.1-70B", "precision": "fp8",
        "mode": "agg", "isl": 1024, "osl": 128, "batch_size": 8, "tp_size": 4, "pp_size": 1,
@@ -30,9 +30,25 @@ def test_rows_are_skipped_with_their_reason(change: dict, reason: str | None) ->
 def test_a_row_becomes_a_closed_loop_study() -> None:
     study = row_study(pd.Series(ROW), "h100", None)
     assert study.model == "llama-3.1-70b" and study.dtype == "fp8" and study.tp == 4
-    # the collectors' protocol: 10 requests per client, all clients at once, lengths spread
-    assert study.workload == "random:1024:128:0.1" and study.max_concurrency == 8
+    # InferenceX's recipe: 10 requests per client, all clients at once, lengths in [0.8 L, L],
+    # a server that runs at most `clients` sequences, no prefix caching, 8192-token budget
+    assert study.workload == "random-legacy:1024:128:0.8" and study.max_concurrency == 8
     assert study.num_requests == 80 and study.warmup_requests == 0 and study.stagger_s is None
+    assert study.max_num_seqs == 8 and study.enable_prefix_caching is False
+    assert study.policies == ["chunked:8192"]
+    # vllm bench serve against vLLM's defaults
+    own = row_study(pd.Series(ROW), "h100", None, "vllm-random:0.25")
+    assert own.workload == "random:1024:128:0.25" and own.max_num_seqs is None
+    assert own.enable_prefix_caching is True and own.num_requests == 80
+
+
+@pytest.mark.parametrize("protocol", ["", "inferencex:0.8", "vllm-random", "vllm-random:1",
+                                      "vllm-random:x", "vllm-random:-0.1"])
+def test_unknown_protocols_are_one_line_errors(protocol: str) -> None:
+    with pytest.raises(ConfigError, match="is not a protocol; valid: inferencex, vllm-random:R"):
+        check_protocol(protocol)
+    with pytest.raises(ConfigError):
+        row_study(pd.Series(ROW), "h100", None, protocol)
 
 
 def replay_row(clients: int, predicted_ms: float, measured_ms: float) -> Replay:
