@@ -114,6 +114,7 @@ def run(ns: argparse.Namespace) -> int:
     if "cost_per_million_tokens" in a:
         line += f", ${a['cost_per_million_tokens']:.3f} per million tokens"
     print(line)
+    print(cm.profile.accuracy_line())
     return 0
 
 
@@ -152,4 +153,5 @@ def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: flo
         print("\nno seed's search met the target")
         return 1
     print("\n" + answer.answer_line())
+    print(study.cost_model().profile.accuracy_line())
     return 0

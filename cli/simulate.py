@@ -71,6 +71,7 @@ def run(ns: argparse.Namespace) -> int:
         print(f"skipped {workload.skipped_zero} zero-token rows of the trace")
     print(f"SLO: {study.slo_text()}\n")
     print(format_comparison([r.metrics for r in results]))
+    print(f"\n{cm.profile.accuracy_line()}")
     if ns.out is not None:
         print(f"\nwrote {ns.out}/")
     return 0

@@ -113,6 +113,36 @@ class Profile(BaseModel):
         return "calibrated profile" if self.is_calibrated else "datasheet profile"
 
 
+    def accuracy_line(self) -> str:
+        """One line for every result table: how far predictions priced by this profile were
+        from measurements they were not fitted to, or that nothing measured backs them."""
+        if not self.tables and not self.is_calibrated:
+            return ("error against measurements: none known: datasheet peaks and guessed "
+                    "efficiencies (a guess)")
+        parts = []
+        engine = self.fit_errors.get("engine_overhead", {})
+        held = engine.get("held_out", {})
+        if held.get("rows"):
+            moved = (f", engine overhead transferred from {engine['transferred_from']}"
+                     if engine.get("transferred_from") else "")
+            parts.append(f"mean TTFT {held['ttft_median_abs_err']:.0%} (median; p90 "
+                         f"{held['ttft_p90_abs_err']:.0%}), mean TPOT "
+                         f"{held['tpot_median_abs_err']:.0%} (p90 {held['tpot_p90_abs_err']:.0%}) "
+                         f"on {held['rows']} held-out measured vLLM runs ({engine.get('file', '?')}"
+                         f"{moved})")
+        else:
+            parts.append("no measured serving runs (the engine's own time is a guess)")
+        power = self.fit_errors.get("energy", {}).get("held_out", {})
+        if power.get("rows"):
+            moved = ", transferred" if "transferred" in str(
+                self.fit_errors["energy"].get("source", "")) else ""
+            parts.append(f"energy {power['median_rel_err']:.0%} (p90 {power['p90_rel_err']:.0%}) "
+                         f"on held-out measured power{moved}")
+        else:
+            parts.append("energy a datasheet guess")
+        return "error against measurements: " + "; ".join(parts)
+
+
 def default_profile(gpu: GPUSpec) -> Profile:
     """Datasheet-only guesses: typical kernel efficiencies and launch costs of a modern GPU.
 

@@ -86,4 +86,12 @@ def run(study_path: str | None, flags: dict[str, Any], grid: dict[str, Any], *,
         print(f"executor: {executor.name}; {done} probes ({ran} simulated, {done - ran} read "
               f"from the store) in {wall:.1f} s")
         print(format_table(ranked, pruned, spec))
+        accuracy: dict[tuple[str | None, str | None], str] = {}  # per GPU type and profile
+        for c in configs:
+            key = (c.study.gpu, c.study.profile)
+            if key not in accuracy:
+                prof = c.study.resolved_profile()
+                accuracy[key] = f"{prof.gpu}: {prof.accuracy_line()}"
+        for line in accuracy.values():
+            print(line)
     return 0 if any(a.found for a in ranked) else 1

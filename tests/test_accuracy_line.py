@@ -1,0 +1,58 @@
+"""Every result table ends with how far its profile's predictions were from measurements it was
+not fitted to, or says that nothing measured backs them."""
+
+from __future__ import annotations
+
+from costmodel import default_profile, load_gpu
+from costmodel.profile import Profile
+
+HELD = {"rows": 162, "ttft_median_abs_err": 0.404, "ttft_p90_abs_err": 0.586,
+        "tpot_median_abs_err": 0.0951, "tpot_p90_abs_err": 0.325}
+
+
+def _profile(**fit_errors: object) -> Profile:
+    base = default_profile(load_gpu("h100"))
+    return base.model_copy(update={"fit_errors": fit_errors,
+                                   "provenance": {**base.provenance, "calibrated": True}})
+
+
+def test_fitted_engine_and_energy_errors_are_stated_with_their_source() -> None:
+    line = _profile(engine_overhead={"held_out": HELD, "file": "runs.csv"},
+                    energy={"held_out": {"rows": 9, "median_rel_err": 0.2, "p90_rel_err": 0.33},
+                            "source": "fitted to NVML power"}).accuracy_line()
+    assert line == ("error against measurements: mean TTFT 40% (median; p90 59%), mean TPOT 10% "
+                    "(p90 32%) on 162 held-out measured vLLM runs (runs.csv); energy 20% (p90 33%) "
+                    "on held-out measured power")
+
+
+def test_transferred_fits_say_so() -> None:
+    line = _profile(engine_overhead={"held_out": HELD, "file": "runs.csv", "transferred_from": "h100"},
+                    energy={"held_out": {"rows": 9, "median_rel_err": 0.2, "p90_rel_err": 0.33},
+                            "source": "fitted to H200 NVML power, transferred"}).accuracy_line()
+    assert "(runs.csv, engine overhead transferred from h100)" in line
+    assert line.endswith("on held-out measured power, transferred")
+
+
+def test_what_no_measurement_backs_is_called_a_guess() -> None:
+    assert _profile().accuracy_line() == ("error against measurements: no measured serving runs "
+                                          "(the engine's own time is a guess); energy a datasheet "
+                                          "guess")
+    datasheet = default_profile(load_gpu("h100"))
+    assert "datasheet peaks and guessed efficiencies (a guess)" in datasheet.accuracy_line()
+
+
+def test_compare_and_capacity_print_the_shipped_profiles_line(capsys) -> None:
+    from cli.main import main
+    from costmodel import resolve_profile
+
+    want = resolve_profile("h100", None).accuracy_line()
+    assert "held-out measured vLLM runs" in want  # the shipped H100 profile has the fit
+    assert main(["compare", "--workload", "fixed:64:8", "--rate", "2", "--num-requests", "6",
+                 "--policies", "chunked:512"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == want
+    assert main(["compare", "--profile", "datasheet", "--workload", "fixed:64:8", "--rate", "2",
+                 "--num-requests", "6", "--policies", "chunked:512"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").endswith("guessed efficiencies (a guess)")
+    assert main(["capacity", "--workload", "fixed:64:8", "--duration", "20", "--policies",
+                 "chunked:512"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == want
