@@ -15,6 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
+from costmodel import ConfigError
 from sim.silicon import read_rows, row_study, skip_reason
 from sim.study import run_study
 
@@ -39,7 +40,11 @@ def main() -> int:
             continue
         seen.add(key)
         start = time.process_time()
-        _, _, (result,) = run_study(study)
+        try:
+            _, _, (result,) = run_study(study)
+        except ConfigError as e:  # replay() reports such a row as skipped, with the reason
+            print(f"row {idx}: skipped: {e}")
+            continue
         cpu_s = time.process_time() - start
         it = result.iterations
         steps = int(it["iterations"].sum())

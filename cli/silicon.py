@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "one shipped for --gpu)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL,
                    help="how the runs were measured, which the rows do not record: inferencex "
-                   "(InferenceX's recipe: lengths uniform in [0.8 L, L], --max-num-seqs = clients, "
+                   "(InferenceX's recipe: lengths uniform in [int(0.8 L), L], --max-num-seqs = clients, "
                    "no prefix caching) | vllm-random:R (vllm bench serve --random-range-ratio R "
                    "against vLLM's defaults) (default: inferencex)")
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -53,7 +53,7 @@ def run(ns: argparse.Namespace) -> int:
         with results_folder(ns.out) as folder:
             table.to_csv(folder / "replay.csv", index=False)
             (folder / "report.html").write_text(
-                render_page(table, summaries, skipped, ns.file.name), encoding="utf-8")
+                render_page(table, summaries, skipped, ns.file.name, ns.protocol), encoding="utf-8")
             (folder / "run.json").write_text(json.dumps(
                 {"command": ["layersim", *getattr(ns, "argv", [])], "file": str(ns.file),
                  "protocol": ns.protocol}) + "\n")
@@ -73,7 +73,8 @@ def run(ns: argparse.Namespace) -> int:
             print(f"\n{', '.join(others)}: simulated with vLLM's scheduler (chunked prefill, "
                   f"{VLLM_CHUNK} tokens); their own schedulers are not modelled and nothing is "
                   "fitted to their rows, so their errors stand apart.")
-    print(f"\nsimulated {len(table)} rows; skipped {sum(skipped.values())}:")
+    print(f"\nsimulated {len(table)} rows with the {ns.protocol} protocol; skipped "
+          f"{sum(skipped.values())}:")
     for reason, n in skipped.items():
         print(f"  {n:>4}  {reason}")
     return 0

@@ -89,14 +89,16 @@ def _summary_html(summary: pd.DataFrame, by: str) -> str:
 
 
 def render_page(table: pd.DataFrame, summaries: Mapping[str, pd.DataFrame],
-                skipped: Mapping[str, int], source: str) -> str:
+                skipped: Mapping[str, int], source: str, protocol: str = "") -> str:
     """The whole page: scatter, |error| per backend and per model, skipped rows."""
     title = f"layersim replay-silicon: {source}"
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
              f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<p>{len(table)} rows simulated; error = predicted / measured − 1.</p>"]
+             f"<p>{len(table)} rows simulated; error = predicted / measured − 1"
+             + (f"; replayed with the {html.escape(protocol)} protocol" if protocol else "")
+             + ".</p>"]
     fig = scatter(table)
     if fig is not None:
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,

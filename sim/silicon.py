@@ -9,9 +9,10 @@ A supported row becomes a study that replays the runs' protocol, as the public c
 it (benchmarks/results/silicon_protocol.md). The rows do not record their collector; `protocol`
 names it. `inferencex` (the default) is InferenceX's fixed-sequence-length recipe for vLLM on
 H100, as its repository runs it: the older `benchmark_serving.py` copy with `--random-range-ratio
-0.8` (lengths uniform in [0.8 L, L]), `--num-prompts 10 x clients`, `--request-rate inf
---max-concurrency clients`, no warm-ups, and a server with `--max-num-seqs clients`, prefix
-caching off and `max-num-batched-tokens 8192`. `vllm-random:R` is vLLM's own `vllm bench serve`
+0.8` (lengths uniform in [int(0.8 L), L]), `--num-prompts 10 x clients`, `--request-rate inf
+--max-concurrency clients`, and a server with `--max-num-seqs clients`, prefix caching off and
+`max-num-batched-tokens 8192`; warm-up requests, where a script sends them, finish before the
+measured ones and are not replayed. `vllm-random:R` is vLLM's own `vllm bench serve`
 with `--random-range-ratio R` (lengths uniform in [L (1 - R), L (1 + R)]) against vLLM's
 defaults. Either way `batch_size` closed-loop clients start together, every request is measured,
 and the shipped profile of the GPU prices the plans. The burst start and the length spread
@@ -147,6 +148,7 @@ def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_P
 def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
            profile: str | None = None, protocol: str = DEFAULT_PROTOCOL) -> list[Replay]:
     """Simulate every supported row (of `backend`, if given); skipped rows keep their reason."""
+    check_protocol(protocol)  # also when every row is skipped
     out = []
     done: dict[str, tuple[float | None, float | None, str | None]] = {}  # rows run twice
     for idx, row in frame.iterrows():

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from costmodel import ConfigError
-from sim.silicon import Replay, check_protocol, fit_overhead, row_study, skip_reason
+from sim.silicon import Replay, check_protocol, fit_overhead, replay, row_study, skip_reason
 
 ROW = {"backend": "vllm", "model_path": "meta-llama/Llama-3.1-70B", "precision": "fp8",
        "mode": "agg", "isl": 1024, "osl": 128, "batch_size": 8, "tp_size": 4, "pp_size": 1,
@@ -49,6 +49,9 @@ def test_unknown_protocols_are_one_line_errors(protocol: str) -> None:
         check_protocol(protocol)
     with pytest.raises(ConfigError):
         row_study(pd.Series(ROW), "h100", None, protocol)
+    skipped_only = pd.DataFrame([{**ROW, "mode": "disagg"}])  # no row reaches row_study
+    with pytest.raises(ConfigError, match="is not a protocol"):
+        replay(skipped_only, protocol=protocol)
 
 
 def replay_row(clients: int, predicted_ms: float, measured_ms: float) -> Replay:
@@ -89,12 +92,15 @@ def test_replay_out_writes_the_table_and_a_scatter_of_predicted_against_measured
     assert main(["replay-silicon", str(csv), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "sglang: simulated with vLLM's scheduler" in out and "skipped 1:" in out
+    assert "simulated 2 rows with the inferencex protocol" in out
     table = pd.read_csv(tmp_path / "out" / "replay.csv")
     assert list(table["backend"]) == ["vllm", "sglang"]
     assert table["ttft_err"].tolist() == pytest.approx(
         (table.predicted_ttft_ms / table.measured_ttft_ms - 1).tolist())
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'id="fig-silicon"' in page and "disaggregated" in page
+    assert "replayed with the inferencex protocol" in page
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["protocol"] == "inferencex"
     spec = json.loads(re.search(r'Plotly.newPlot\(\s*"fig-silicon",\s*(\[.*?\]),\s*\{', page,
                                 re.S).group(1))
     def values(v: dict | list) -> list[float]:  # plotly writes arrays as base64 typed arrays

@@ -80,9 +80,9 @@ def test_random_legacy_reads_the_ratio_as_the_older_benchmark_did() -> None:
     assert parse_random("random-legacy:300:20:1").bounds() == (300, 300, 20, 20)  # 1: fixed
     w = build_workload(WorkloadSpec("random-legacy:1024:128:0.8", rate=2.0, num_requests=40,
                                     seed=5))
-    np.random.seed(5)  # the older script's global generator
-    assert [r.prompt_tokens for r in w.requests] == np.random.randint(819, 1025, size=40).tolist()
-    assert [r.output_tokens for r in w.requests] == np.random.randint(102, 129, size=40).tolist()
+    old = np.random.RandomState(5)  # what the older script's np.random.seed(5) seeds
+    assert [r.prompt_tokens for r in w.requests] == old.randint(819, 1025, size=40).tolist()
+    assert [r.output_tokens for r in w.requests] == old.randint(102, 129, size=40).tolist()
     assert "older benchmark_serving.py random (range ratio 0.8): prompts uniform 819-1024" in (
         w.description)
     assert not has_arrival_times("random-legacy:1024:128:0.8")
@@ -92,12 +92,23 @@ def test_random_legacy_reads_the_ratio_as_the_older_benchmark_did() -> None:
     ("random-legacy:1024:128", "random-legacy:INPUT:OUTPUT:RATIO"),
     ("random-legacy:1024:128:0", "must be in (0, 1]"),
     ("random-legacy:1024:128:1.5", "must be in (0, 1]"),
-    ("random-legacy:1:128:0.5", "empty prompts"),
+    ("random-legacy:1:128:0.5", "draw empty prompts: raise the length or the ratio"),
+    ("random-legacy:1024:128:0.0001", "draw empty prompts: raise the length or the ratio"),
+    ("random-legacy:1024:1:0.5", "draw empty outputs"),
+    ("random-legacy:1024:3:0.3", "draw empty outputs"),
+    ("random-legacy:x:3:0.3", "random-legacy workload needs integer lengths"),
 ])
 def test_random_legacy_spec_errors_are_one_line(spec: str, fragment: str) -> None:
     with pytest.raises(TraceError) as err:
         build_workload(WorkloadSpec(spec, rate=1.0, num_requests=4))
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_random_legacy_seeds_beyond_the_legacy_generator_are_one_line_errors() -> None:
+    spec = "random-legacy:1024:128:0.8"
+    assert build_workload(WorkloadSpec(spec, rate=1.0, num_requests=2, seed=2**32 - 1)).requests
+    with pytest.raises(TraceError, match=r"seed must be in \[0, 2\*\*32\): --seed 4294967296"):
+        build_workload(WorkloadSpec(spec, rate=1.0, num_requests=2, seed=2**32))
 
 
 def test_random_without_ratio_is_fixed_lengths() -> None:

@@ -18,7 +18,8 @@ same generators, so the same ``--seed`` picks the same lengths or conversations.
   ``benchmarks/benchmark_serving.py`` (vLLM before the benchmark moved into the package) and by
   the copies public serving benchmarks still run (InferenceX's ``utils/bench_serving``, forked
   from ``kimbochen/bench_serving``): lengths uniform integers in ``[int(INPUT*RATIO), INPUT]`` and
-  ``[int(OUTPUT*RATIO), OUTPUT]`` (RATIO in (0, 1]; 1: fixed lengths), drawn with numpy's legacy
+  ``[int(OUTPUT*RATIO), OUTPUT]`` (RATIO in (0, 1]; 1: fixed lengths; a low end of 0 is refused),
+  drawn with numpy's legacy
   ``np.random.seed(seed); np.random.randint``, all prompt lengths then all output lengths.
 * A ShareGPT JSON file (``ShareGPT_V3_unfiltered_cleaned_split.json``: a list of
   ``{"id", "conversations": [{"from", "value"}, ...]}``) as vLLM's ``ShareGPTDataset`` reads it:
@@ -80,16 +81,20 @@ class RandomLengths:
                 raise TraceError(f"random {label} length must be at most {MAX_TOKENS:,} "
                                  f"tokens: {shown(value)}")
         r = self.range_ratio
-        if self.legacy:
+        name = "random-legacy" if self.legacy else "random"
+        if self.legacy:  # lengths in [int(L * r), L]: 1 is fixed lengths, 0 could draw none
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-                raise TraceError(f"random-legacy range ratio must be in (0, 1], as the older "
-                                 f"benchmark_serving.py's: {r!r}")
+                raise TraceError(f"random-legacy range ratio must be in (0, 1]: {r!r}")
         elif isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise TraceError(f"random range ratio must be in [0, 1), as vLLM's: {r!r}")
-        in_lo, in_hi, _, out_hi = self.bounds()
+        in_lo, in_hi, out_lo, out_hi = self.bounds()
+        fix = "raise the length or the ratio" if self.legacy else "raise the length or lower the ratio"
         if in_lo < 1:
-            raise TraceError(f"random input length {self.input_len} with range ratio {r:g} can "
-                             "draw empty prompts: raise the length or lower the ratio")
+            raise TraceError(f"{name} input length {self.input_len} with range ratio {r:g} can "
+                             f"draw empty prompts: {fix}")
+        if out_lo < 1:  # only the legacy reading can reach 0 (vLLM's clamps it at 1)
+            raise TraceError(f"{name} output length {self.output_len} with range ratio {r:g} "
+                             f"can draw empty outputs (max_tokens 0, which vLLM refuses): {fix}")
         if max(in_hi, out_hi) > MAX_TOKENS:
             raise TraceError(f"random lengths {self.input_len}:{self.output_len} with range "
                              f"ratio {r:g} can draw {max(in_hi, out_hi):,} tokens, over the "
@@ -108,6 +113,9 @@ class RandomLengths:
     def sample_seeded(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         in_lo, in_hi, out_lo, out_hi = self.bounds()
         if self.legacy:
+            if not 0 <= seed < 2**32:
+                raise TraceError(f"random-legacy draws with numpy's legacy generator, whose seed "
+                                 f"must be in [0, 2**32): --seed {seed}")
             old = np.random.RandomState(seed)  # what np.random.seed(seed) seeds
             return (old.randint(in_lo, in_hi + 1, size=n).astype(np.int64),
                     old.randint(out_lo, out_hi + 1, size=n).astype(np.int64))
@@ -143,7 +151,7 @@ def parse_random(spec: str) -> RandomLengths:
         input_len, output_len = int(parts[1]), int(parts[2])
         ratio = float(parts[3]) if len(parts) == 4 else 0.0
     except ValueError:
-        raise TraceError(f"random workload needs integer lengths and a number ratio, "
+        raise TraceError(f"{parts[0]} workload needs integer lengths and a number ratio, "
                          f"got {shown(spec)}") from None
     return RandomLengths(input_len, output_len, ratio, legacy)
 
