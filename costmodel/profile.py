@@ -231,13 +231,26 @@ def _shipped(path: Path) -> Profile:
     return load_profile(path)
 
 
+@lru_cache(maxsize=8)
+def _profile_file(path: Path, mtime_ns: int, size: int) -> Profile:
+    """A profile file named by path, read once while it is unchanged: as the shipped ones, and
+    for the same reason. Without it every study of a replay or a search loaded its own copy, and
+    each copy (~85 MB of tables) lived on in reference cycles until a full collection."""
+    return load_profile(path)
+
+
 def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile:
     """An explicit file (or 'datasheet'), else the profile shipped for this GPU (fitted to
     measured kernel tables for h100, h200 and a100), else the datasheet."""
     if profile_path is not None and str(profile_path) == DATASHEET:
         return default_profile(load_gpu(gpu))
     if profile_path is not None:
-        return load_profile(profile_path)
+        path = Path(profile_path)
+        try:
+            stat = path.stat()
+        except (OSError, ValueError):
+            return load_profile(path)  # its own one-line error
+        return _profile_file(path.resolve(), stat.st_mtime_ns, stat.st_size)
     for name in (f"{gpu.lower()}.json", f"{gpu.lower()}.json.gz"):
         if (SHIPPED_DIR / name).is_file():
             return _shipped(SHIPPED_DIR / name)

@@ -56,3 +56,4 @@ def test_compare_and_capacity_print_the_shipped_profiles_line(capsys) -> None:
     assert main(["capacity", "--workload", "fixed:64:8", "--duration", "20", "--policies",
                  "chunked:512"]) == 0
     assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == want
+
