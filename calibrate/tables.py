@@ -283,6 +283,7 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
         iteration_s, request_s = fit_overhead(fitted)
         tuned = profile.model_copy(update={"iteration_overhead_s": round(iteration_s, 7),
                                            "request_overhead_s": round(request_s, 8)})
+        path = Path(tmp) / "tuned.json.gz"
         save_profile(tuned, path)
         held = errors(replay(held_rows, profile.gpu, "vllm", str(path)))
         fit_err = errors(replay(fit_rows, profile.gpu, "vllm", str(path)))

@@ -32,6 +32,7 @@ Without a profile, `default_profile` derives all of this from the datasheet pres
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -232,10 +233,12 @@ def _shipped(path: Path) -> Profile:
 
 
 @lru_cache(maxsize=8)
-def _profile_file(path: Path, mtime_ns: int, size: int) -> Profile:
-    """A profile file named by path, read once while it is unchanged: as the shipped ones, and
-    for the same reason. Without it every study of a replay or a search loaded its own copy, and
-    each copy (~85 MB of tables) lived on in reference cycles until a full collection."""
+def _profile_file(digest: str, path: Path) -> Profile:
+    """A profile file read once per content (its SHA-256; the path only reads it), as the
+    shipped ones are, and for the same reason: without it every study of a replay or a search
+    loaded its own copy, and each copy (~85 MB of tables) lived on in reference cycles until a
+    full collection. Keyed by content, not by path and mtime: a file rewritten within the
+    file system's mtime granularity at the same size is still read anew."""
     return load_profile(path)
 
 
@@ -247,10 +250,10 @@ def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile
     if profile_path is not None:
         path = Path(profile_path)
         try:
-            stat = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except (OSError, ValueError):
             return load_profile(path)  # its own one-line error
-        return _profile_file(path.resolve(), stat.st_mtime_ns, stat.st_size)
+        return _profile_file(digest, path)
     for name in (f"{gpu.lower()}.json", f"{gpu.lower()}.json.gz"):
         if (SHIPPED_DIR / name).is_file():
             return _shipped(SHIPPED_DIR / name)

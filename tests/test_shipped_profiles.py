@@ -197,7 +197,19 @@ def test_a_profile_file_is_read_once_while_unchanged(tmp_path) -> None:
     save_profile(default_profile(load_gpu("h100")), path)
     first = resolve_profile("h100", str(path))
     assert resolve_profile("h100", path) is first
-    changed = default_profile(load_gpu("h100")).model_copy(update={"iteration_overhead_s": 0.25})
-    save_profile(changed, path)
+    # rewritten at the same size and mtime (within a coarse file system's granularity)
+    import os
+
+    before = path.stat()
+    base = default_profile(load_gpu("h100"))
+    a = base.model_copy(update={"iteration_overhead_s": 0.25})
+    b = base.model_copy(update={"iteration_overhead_s": 0.75})
+    save_profile(a, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert resolve_profile("h100", path).iteration_overhead_s == 0.25
+    size_a = path.stat().st_size
+    save_profile(b, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == size_a
     again = resolve_profile("h100", path)
-    assert again is not first and again.iteration_overhead_s == 0.25
+    assert again is not first and again.iteration_overhead_s == 0.75
