@@ -269,6 +269,7 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
     import tempfile
 
     from costmodel import save_profile
+    from costmodel.profile import forget_profile_files
     from sim.silicon import DEFAULT_PROTOCOL, errors, fit_overhead, read_rows, replay
 
     frame = read_rows(silicon_csv)
@@ -287,6 +288,7 @@ def with_engine_overhead(profile: Profile, silicon_csv: Path,
         save_profile(tuned, path)
         held = errors(replay(held_rows, profile.gpu, "vllm", str(path)))
         fit_err = errors(replay(fit_rows, profile.gpu, "vllm", str(path)))
+    forget_profile_files()  # the two temporary profiles, read once each (~85 MB apiece)
 
     def stats(t: pd.DataFrame) -> dict[str, Any]:
         if not len(t):

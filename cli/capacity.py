@@ -107,6 +107,7 @@ def run(ns: argparse.Namespace) -> int:
     if not a["found"]:
         print("\nno point met the target" + (" (even at the lowest rate tried)" if given_rate is None
                                              else " within the replica limit"))
+        print(cm.profile.accuracy_line())
         return 1
     line = (f"\nanswer: {a['rate_per_replica']:.3f} req/s per replica" if given_rate is None else
             f"\nanswer: {a['gpus']} GPUs ({a['replicas']} replicas) for {a['rate']:g} req/s")
@@ -149,9 +150,11 @@ def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: flo
     if ns.json:
         print(json.dumps(a, sort_keys=True))
         return 0
+    accuracy = study.resolved_profile().accuracy_line()
     if not a["found"]:
         print("\nno seed's search met the target")
+        print(accuracy)
         return 1
     print("\n" + answer.answer_line())
-    print(study.cost_model().profile.accuracy_line())
+    print(accuracy)
     return 0

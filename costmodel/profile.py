@@ -34,6 +34,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -116,32 +117,55 @@ class Profile(BaseModel):
 
     def accuracy_line(self) -> str:
         """One line for every result table: how far predictions priced by this profile were
-        from measurements they were not fitted to, or that nothing measured backs them."""
+        from measurements they were not fitted to, or that nothing measured backs them. Fit
+        records a hand-written or older profile lacks read as unknown, never as an error."""
         if not self.tables and not self.is_calibrated:
             return ("error against measurements: none known: datasheet peaks and guessed "
                     "efficiencies (a guess)")
-        parts = []
-        engine = self.fit_errors.get("engine_overhead", {})
-        held = engine.get("held_out", {})
-        if held.get("rows"):
-            moved = (f", engine overhead transferred from {engine['transferred_from']}"
-                     if engine.get("transferred_from") else "")
-            parts.append(f"mean TTFT {held['ttft_median_abs_err']:.0%} (median; p90 "
-                         f"{held['ttft_p90_abs_err']:.0%}), mean TPOT "
-                         f"{held['tpot_median_abs_err']:.0%} (p90 {held['tpot_p90_abs_err']:.0%}) "
-                         f"on {held['rows']} held-out measured vLLM runs ({engine.get('file', '?')}"
-                         f"{moved})")
-        else:
-            parts.append("no measured serving runs (the engine's own time is a guess)")
-        power = self.fit_errors.get("energy", {}).get("held_out", {})
-        if power.get("rows"):
-            moved = ", transferred" if "transferred" in str(
-                self.fit_errors["energy"].get("source", "")) else ""
-            parts.append(f"energy {power['median_rel_err']:.0%} (p90 {power['p90_rel_err']:.0%}) "
-                         f"on held-out measured power{moved}")
-        else:
-            parts.append("energy a datasheet guess")
-        return "error against measurements: " + "; ".join(parts)
+        return f"error against measurements: {self._engine_error()}; {self._energy_error()}"
+
+    def _engine_error(self) -> str:
+        engine = _record(self.fit_errors.get("engine_overhead"))
+        held = _record(engine.get("held_out"))
+        figures = [held.get(k) for k in ("ttft_median_abs_err", "ttft_p90_abs_err",
+                                         "tpot_median_abs_err", "tpot_p90_abs_err")]
+        rows = held.get("rows")
+        counted = isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
+        if not (counted and all(_is_number(f) for f in figures)):
+            return "no measured serving runs (the engine's own time is a guess)"
+        ttft, ttft90, tpot, tpot90 = figures
+        measured = (f"mean TTFT {ttft:.0%} (median; p90 {ttft90:.0%}), mean TPOT {tpot:.0%} "
+                    f"(p90 {tpot90:.0%}) on {rows} held-out measured vLLM runs "
+                    f"({engine.get('file', '?')})")
+        donor = engine.get("transferred_from")
+        if donor:
+            return (f"engine overhead not measured on {self.gpu} but transferred from {donor} "
+                    f"(a guess here); on {donor}: {measured}")
+        return measured
+
+    def _energy_error(self) -> str:
+        fit = _record(self.fit_errors.get("energy"))
+        held = _record(fit.get("held_out"))
+        if not (_is_number(held.get("median_rel_err")) and _is_number(held.get("p90_rel_err"))):
+            own = _record(self.provenance.get("energy"))
+            if own.get("measured") is True and _is_number(own.get("median_rel_err")):
+                return (f"energy fitted to this GPU's measured power, {own['median_rel_err']:.0%} "
+                        "median error on the windows it was fitted to (no held-out figure)")
+            return "energy a datasheet guess"
+        error = f"{held['median_rel_err']:.0%} (p90 {held['p90_rel_err']:.0%})"
+        source = str(fit.get("source", ""))
+        if "transferred" in source and "not transferred" not in source:
+            return (f"energy fitted to another GPU's measured power and transferred (a guess "
+                    f"here; held-out error there {error})")
+        return f"energy {error} on held-out measured power"
+
+
+def _record(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def default_profile(gpu: GPUSpec) -> Profile:
@@ -240,6 +264,11 @@ def _profile_file(digest: str, path: Path) -> Profile:
     full collection. Keyed by content, not by path and mtime: a file rewritten within the
     file system's mtime granularity at the same size is still read anew."""
     return load_profile(path)
+
+
+def forget_profile_files() -> None:
+    """Drop the profile files read so far (a caller done with temporary ones)."""
+    _profile_file.cache_clear()
 
 
 def resolve_profile(gpu: str, profile_path: str | Path | None = None) -> Profile:
