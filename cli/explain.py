@@ -147,4 +147,5 @@ def run(ns: argparse.Namespace) -> int:
         touched = [x for x in cost.experts_touched_per_layer if x]
         print(f"experts touched per active layer: {sum(touched) / len(touched):.1f} of "
               f"{model.num_experts} (expected, routing skew {model.routing_skew})")
+    print(prof.accuracy_line())
     return 0

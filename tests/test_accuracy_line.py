@@ -101,3 +101,12 @@ def test_the_line_ends_a_failed_capacity_search_and_never_enters_json(capsys) ->
                  "--policies", "chunked:512,layered", "--json"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_explain_ends_with_the_line(capsys) -> None:
+    from cli.main import main
+    from costmodel import resolve_profile
+
+    assert main(["explain", "--decode", "4", "--gpu", "h200"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == (
+        resolve_profile("h200", None).accuracy_line())

@@ -296,3 +296,17 @@ def test_streamed_run_keeps_no_per_request_itls(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="per-request ITLs were not kept"):
         vllm_result(make_study({"model": "tiny-moe"}), result, Workload(tuple(reqs), 0, "x"))
     assert UNFINISHED.startswith("not finished")
+
+
+def test_multi_seed_runs_check_the_legacy_seed_range_before_they_start(capsys) -> None:
+    from cli.main import main
+    from traces.vllm_datasets import legacy_seed_problem
+
+    assert legacy_seed_problem("random-legacy:64:8:0.5", 2**32 - 2, 2) is None
+    assert "reaches 4294967296" in str(legacy_seed_problem("random-legacy:64:8:0.5", 2**32 - 1, 2))
+    assert legacy_seed_problem("random:64:8:0.5", 2**32 - 1, 2) is None  # vLLM's takes any seed
+    assert main(["capacity", "--workload", "random-legacy:64:8:0.5", "--seed", str(2**32 - 1),
+                 "--seeds", "2", "--duration", "10"]) == 2
+    got = capsys.readouterr()
+    assert "--seed 4294967295 with 2 seeds reaches 4294967296" in got.err
+    assert "seed 4294967295" not in got.out  # refused before the first seed's search

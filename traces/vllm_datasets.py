@@ -113,7 +113,7 @@ class RandomLengths:
     def sample_seeded(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         in_lo, in_hi, out_lo, out_hi = self.bounds()
         if self.legacy:
-            if not 0 <= seed < 2**32:
+            if not 0 <= seed < LEGACY_SEEDS:
                 raise TraceError(f"random-legacy draws with numpy's legacy generator, whose seed "
                                  f"must be in [0, 2**32): --seed {seed}")
             old = np.random.RandomState(seed)  # what np.random.seed(seed) seeds
@@ -134,6 +134,19 @@ class RandomLengths:
         in_lo, in_hi, out_lo, out_hi = self.bounds()
         return (f"vLLM random (range ratio {self.range_ratio:g}): prompts uniform "
                 f"{in_lo}-{in_hi}, outputs {out_lo}-{out_hi} tokens")
+
+
+LEGACY_SEEDS = 2**32  # numpy's legacy generator (np.random.seed) takes seeds below this
+
+
+def legacy_seed_problem(workload: str, first_seed: int, num_seeds: int) -> str | None:
+    """Why seeds first_seed .. first_seed + num_seeds - 1 cannot draw `workload`, if they
+    cannot: found before a multi-seed run starts rather than at its last seed."""
+    last = first_seed + num_seeds - 1
+    if workload.startswith("random-legacy:") and last >= LEGACY_SEEDS:
+        return (f"random-legacy draws with numpy's legacy generator, whose seed must be in "
+                f"[0, 2**32): --seed {first_seed} with {num_seeds} seeds reaches {last}")
+    return None
 
 
 def parse_random(spec: str) -> RandomLengths:
