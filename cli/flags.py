@@ -57,6 +57,8 @@ HELP = {
     "enable_prefix_caching": "vLLM's automatic prefix caching: requests sharing a prompt prefix "
                              "(Mooncake's hash_ids, shared-prefix:...) reuse its KV blocks; "
                              "--no-prefix-caching to compare",
+    "async_scheduling": "vLLM's --async-scheduling: each iteration is planned while the one "
+                        "before runs, so a request arriving mid-iteration joins the one after next",
     "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",
     "workers": "processes to split the replicas over (round-robin router; results are the same)",
     "ray": "run the workers' shards as tasks on a local Ray instance (pip install "

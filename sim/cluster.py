@@ -84,7 +84,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
              progress: bool = False, workers: int = 1, max_concurrency: int | None = None,
              warmup_requests: int = 0, enable_prefix_caching: bool = True,
-             executor: Any = None) -> SimResult:
+             async_scheduling: bool = False, executor: Any = None) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
 
     `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
@@ -152,7 +152,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                 hidden_blocks, check, fast_forward, sub_dir, progress and shard == 0, len(mine),
                 max_concurrency, warm_ids, first_measured,
                 frozenset(r.req_id for r in too_long) if closed else frozenset(),
-                enable_prefix_caching)
+                enable_prefix_caching, async_scheduling)
 
     def run_shard(shard: int) -> _Shard:
         return _run_replicas(*_shard_args(shard))
@@ -262,7 +262,7 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   total: int, max_concurrency: int | None = None,
                   warmup_ids: set[int] | None = None, first_measured: Request | None = None,
                   rejected: frozenset[int] = frozenset(),
-                  enable_prefix_caching: bool = True) -> _Shard:
+                  enable_prefix_caching: bool = True, async_scheduling: bool = False) -> _Shard:
     def new_policy() -> Policy:
         return make_policy(policy) if isinstance(policy, str) else policy()
 
@@ -287,7 +287,8 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                       block_size)
 
     replicas = [Replica(env, rid, new_policy(), cost_model, num_blocks, block_size, hidden_blocks,
-                        recorder, check=check, fast_forward=fast_forward, on_finish=on_finish)
+                        recorder, check=check, fast_forward=fast_forward, on_finish=on_finish,
+                        async_scheduling=async_scheduling)
                 for rid in replica_ids]
     for rep in replicas:
         rep.state.set_prefix_caching(enable_prefix_caching)

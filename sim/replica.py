@@ -17,6 +17,13 @@ sliding window (past it that layer's KV read stops growing), so the form is exac
 In checked mode (a user's policy, or --check) the promise is verified where it is used: at the
 start of each steady run the policy is asked once, through schedule_checked, and a plan other
 than one decode tile per running request is a PlanError (_verify_steady_claim).
+
+Async scheduling (vLLM's --async-scheduling, `async_scheduling`): the engine plans iteration n+1
+while n runs, so a request that arrives while an iteration is in flight is first seen when n+2
+is planned. Such a request waits here, outside the state, for two planning points (the end of
+the iteration in flight, then the end of the next); while one waits, no run is fast-forwarded
+past the next planning point. A replica with nothing else to plan (none running or waiting, or
+a policy that plans nothing) takes it at once, as vLLM's engine does with no batch queued.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ class Replica:
     def __init__(self, env: simpy.Environment, idx: int, policy: Policy, cost_model: CostModel,
                  num_blocks: int, block_size: int, hidden_blocks_per_token: float,
                  recorder: Recorder, check: bool = False, fast_forward: bool = True,
-                 on_finish: Callable[[], None] | None = None, trusted: bool | None = None) -> None:
+                 on_finish: Callable[[], None] | None = None, trusted: bool | None = None,
+                 async_scheduling: bool = False) -> None:
         """`trusted`: run the policy unchecked (default: only the registry's built-ins are)."""
         self.env = env
         self.idx = idx
@@ -80,11 +88,17 @@ class Replica:
         # told this replica's index whenever its load (outstanding, pending_tokens) may have
         # changed: a router that keeps replicas ordered by load (sim/router.py)
         self.on_load: Callable[[int], None] | None = None
+        self.async_scheduling = async_scheduling
+        self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
+        self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
     def submit(self, req: RequestState) -> None:
-        self.state.enqueue(req)
+        if self.async_scheduling and self._in_flight:  # the next iteration is planned already
+            self._deferred.append((2, req))
+        else:
+            self.state.enqueue(req)
         self.outstanding += 1
         if self.on_load is not None:
             self.on_load(self.idx)
@@ -123,32 +137,42 @@ class Replica:
     def run(self):  # type: ignore[no-untyped-def]
         env, state, recorder = self.env, self.state, self.recorder
         while True:
+            if self._deferred:
+                self._planning_point()
             if not state.running and not state.waiting:
+                self._in_flight = False
                 yield self._sleep()
                 continue
+            deferring = bool(self._deferred)  # a run must not pass the next planning point
             step = prepare(state, self.policy, env.now, checked=self.check,
                            on_preempt=recorder.preempted, replica=self.idx,
-                           fast_forward=self.fast_forward)
+                           fast_forward=self.fast_forward and not deferring)
             # The load changed since the last report (the last step's tokens and finishes,
             # preemptions, prefix hits) and will not again before this step ends (nor before
             # sleeping: an empty replica's last finish reported).
             if self.on_load is not None:
                 self.on_load(self.idx)
             if step.action is STEADY:
+                self._in_flight = True
                 if self.check:
                     self._verify_steady_claim()
                 yield from self._steady_decode()
                 continue
             if step.action is WAIT:
+                if self._deferred:  # no batch planned: vLLM's engine takes new requests at once
+                    self._planning_point(release_all=True)
+                    continue
                 # The policy declines work that could run: wait for an arrival (a policy may
                 # wait), watched in case none ever comes (sim/stall.py).
+                self._in_flight = False
                 self.declined = True
                 StallMonitor.of(env).watch(self)
                 yield self._sleep()
                 self.declined = False
                 continue
             plan = step.plan
-            if self.prefill_ahead is not None:
+            self._in_flight = True
+            if self.prefill_ahead is not None and not deferring:
                 stretch = self._prefill_stretch(plan)
                 if stretch is not None:
                     yield from self._run_prefill_stretch(*stretch)
@@ -164,6 +188,18 @@ class Replica:
             for req in finished:
                 self._finish_accounting(req)
                 recorder.finished(req, self.idx)
+
+    def _planning_point(self, release_all: bool = False) -> None:
+        """Async scheduling: one planning point passes for every request waiting to be seen;
+        those it was the second for enter the state, all of them when nothing else is planned."""
+        idle = release_all or (not self.state.running and not self.state.waiting)
+        keep = []
+        for left, req in self._deferred:
+            if idle or left <= 1:
+                self.state.enqueue(req)
+            else:
+                keep.append((left - 1, req))
+        self._deferred = keep
 
     def _verify_steady_claim(self) -> None:
         """Checked mode: a policy fast-forwarded on its `steady_decode` promise (policies/base.py)

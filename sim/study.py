@@ -131,6 +131,7 @@ class Study(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     block_size: int = Field(default=16, ge=1)
     enable_prefix_caching: bool = True
+    async_scheduling: bool = False  # vLLM's --async-scheduling: sim/replica.py
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: each policy's own (256)
     workers: int = Field(default=1, ge=1)  # processes; round-robin routing only
     ray: bool = False  # the workers' shards as tasks on a local Ray instance
@@ -439,7 +440,8 @@ def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: boo
                         check=check, progress=progress, workers=study.workers,
                         max_concurrency=study.max_concurrency,
                         warmup_requests=study.warmup(len(workload.requests)),
-                        enable_prefix_caching=study.enable_prefix_caching, executor=executor)
+                        enable_prefix_caching=study.enable_prefix_caching,
+                        async_scheduling=study.async_scheduling, executor=executor)
                for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
     return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
