@@ -25,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "one shipped for --gpu)")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL,
                    help="how the runs were measured, which the rows do not record: inferencex "
-                   "(InferenceX's recipe: lengths uniform in [int(0.8 L), L], --max-num-seqs = clients, "
-                   "no prefix caching) | vllm-random:R (vllm bench serve --random-range-ratio R "
-                   "against vLLM's defaults) (default: inferencex)")
+                   "(InferenceX's recipe: lengths uniform in [int(0.8 L), L], --max-num-seqs = "
+                   "clients, no prefix caching, async scheduling) | vllm-random:R (vllm bench "
+                   "serve --random-range-ratio R against vLLM's defaults) (default: inferencex)")
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
     p.add_argument("--out", type=Path, help="write replay.csv here (a results folder)")
     p.set_defaults(handler=run)

@@ -10,9 +10,9 @@ it (benchmarks/results/silicon_protocol.md). The rows do not record their collec
 names it. `inferencex` (the default) is InferenceX's fixed-sequence-length recipe for vLLM on
 H100, as its repository runs it: the older `benchmark_serving.py` copy with `--random-range-ratio
 0.8` (lengths uniform in [int(0.8 L), L]), `--num-prompts 10 x clients`, `--request-rate inf
---max-concurrency clients`, and a server with `--max-num-seqs clients`, prefix caching off and
-`max-num-batched-tokens 8192`; warm-up requests, where a script sends them, finish before the
-measured ones and are not replayed. `vllm-random:R` is vLLM's own `vllm bench serve`
+--max-concurrency clients`, and a server with `--max-num-seqs clients`, prefix caching off,
+`max-num-batched-tokens 8192` and `async-scheduling`; warm-up requests, where a script sends
+them, finish before the measured ones and are not replayed. `vllm-random:R` is vLLM's own `vllm bench serve`
 with `--random-range-ratio R` (lengths uniform in [L (1 - R), L (1 + R)]) against vLLM's
 defaults. Either way `batch_size` closed-loop clients start together, every request is measured,
 and the shipped profile of the GPU prices the plans. The burst start and the length spread
@@ -129,7 +129,8 @@ def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_P
     server: dict[str, Any]
     if check_protocol(protocol) == "inferencex":
         server = {"workload": f"random-legacy:{isl}:{osl}:{INFERENCEX_RANGE_RATIO:g}",
-                  "max_num_seqs": clients, "enable_prefix_caching": False}
+                  "max_num_seqs": clients, "enable_prefix_caching": False,
+                  "async_scheduling": True}
     else:
         server = {"workload": f"random:{isl}:{osl}:{protocol.removeprefix('vllm-random:')}"}
     values: dict[str, Any] = {

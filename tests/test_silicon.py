@@ -35,11 +35,13 @@ def test_a_row_becomes_a_closed_loop_study() -> None:
     assert study.workload == "random-legacy:1024:128:0.8" and study.max_concurrency == 8
     assert study.num_requests == 80 and study.warmup_requests == 0 and study.stagger_s is None
     assert study.max_num_seqs == 8 and study.enable_prefix_caching is False
+    assert study.async_scheduling is True
     assert study.policies == ["chunked:8192"]
     # vllm bench serve against vLLM's defaults
     own = row_study(pd.Series(ROW), "h100", None, "vllm-random:0.25")
     assert own.workload == "random:1024:128:0.25" and own.max_num_seqs is None
     assert own.enable_prefix_caching is True and own.num_requests == 80
+    assert own.async_scheduling is False
 
 
 @pytest.mark.parametrize("protocol", ["", "inferencex:0.8", "vllm-random", "vllm-random:1",
