@@ -314,8 +314,8 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
         except simpy.core.EmptySchedule:  # a policy holds work it no longer schedules
             pass
     end_s = env.now
-    for rep in replicas:  # report what never finished
-        for req in rep.state.running + rep.state.waiting:
+    for rep in replicas:  # report what never finished (async scheduling: or was never planned)
+        for req in rep.state.running + rep.state.waiting + rep.deferred_requests():
             recorder.rejected(req, end_s, rep.idx)
     recorded = recorder.recorded_ids
     for r in requests:  # and what never arrived because the run stopped first

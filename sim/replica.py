@@ -91,12 +91,14 @@ class Replica:
         self.async_scheduling = async_scheduling
         self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
         self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
+        self._deferred_tokens = 0  # their pending tokens: routers see them (vLLM queued them)
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
     def submit(self, req: RequestState) -> None:
         if self.async_scheduling and self._in_flight:  # the next iteration is planned already
             self._deferred.append((2, req))
+            self._deferred_tokens += _pending(req)
         else:
             self.state.enqueue(req)
         self.outstanding += 1
@@ -113,8 +115,9 @@ class Replica:
     @property
     def pending_tokens(self) -> int:
         """Tokens still to compute through the whole stack here (the jsq-tokens router's load):
-        core's running sum, which checked mode compares with a recount."""
-        return self.state.pending_tokens
+        core's running sum, which checked mode compares with a recount, and those of requests
+        waiting to be planned (async scheduling)."""
+        return self.state.pending_tokens + self._deferred_tokens
 
     def _sleep(self) -> simpy.Event:
         if self._wakeup.triggered:
@@ -189,6 +192,10 @@ class Replica:
                 self._finish_accounting(req)
                 recorder.finished(req, self.idx)
 
+    def deferred_requests(self) -> list[RequestState]:
+        """Requests that arrived here and are not yet planned (async scheduling)."""
+        return [req for _, req in self._deferred]
+
     def _planning_point(self, release_all: bool = False) -> None:
         """Async scheduling: one planning point passes for every request waiting to be seen;
         those it was the second for enter the state, all of them when nothing else is planned."""
@@ -197,6 +204,7 @@ class Replica:
         for left, req in self._deferred:
             if idle or left <= 1:
                 self.state.enqueue(req)
+                self._deferred_tokens -= _pending(req)
             else:
                 keep.append((left - 1, req))
         self._deferred = keep
@@ -416,3 +424,8 @@ class Replica:
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
+
+
+def _pending(req: RequestState) -> int:
+    """Tokens `req` has still to compute, as core's `pending_tokens` counts them."""
+    return req.num_prompt_tokens + req.max_tokens - 1 - req.num_computed_tokens

@@ -68,3 +68,16 @@ def test_closed_loop_clients_join_the_iteration_after_next() -> None:
     assert _first_token_s(sync, 2) == pytest.approx(6 * C)
     assert _first_token_s(both, 2) == pytest.approx(7 * C)
     assert _first_token_s(both, 1) == _first_token_s(sync, 1) == pytest.approx(C)
+
+
+def test_jsq_tokens_counts_requests_waiting_to_be_planned() -> None:
+    """A (27 tokens to go) and B (199) start at once on idle replicas 0 and 1; C (309) arrives
+    mid-iteration and goes to replica 0, where it waits to be planned. D then sees replica 0
+    holding 27 + 309 tokens against replica 1's 199, and goes to replica 1 (as vLLM's queue
+    would count it), not to a replica 0 that looks nearly idle."""
+    reqs = [Request(0, 0.0, 8, 20), Request(1, 0.5 * C, 100, 100), Request(2, 0.6 * C, 300, 10),
+            Request(3, 0.7 * C, 8, 4)]
+    res = simulate(reqs, ConstantCost(C), "chunked:512", num_replicas=2, router="jsq-tokens",
+                   async_scheduling=True)
+    replica = res.requests.set_index("req_id")["replica"]
+    assert [int(replica.loc[i]) for i in range(4)] == [0, 1, 0, 1]
