@@ -23,7 +23,7 @@ from sim.capacity import (
 )
 from sim.results import check_out, results_folder, setup_record, write_provenance
 from sim.study import Study
-from traces.vllm_datasets import legacy_seed_problem
+from traces.vllm_datasets import check_legacy_seeds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,9 +56,7 @@ def _study(ns: argparse.Namespace) -> tuple[Study, int | None, float]:
     where = f"{ns.study}: key" if ns.study else "--"
     if seeds is not None:
         seeds = check_seeds(seeds, "--seeds" if ns.seeds is not None else f"{where} 'seeds'")
-        problem = legacy_seed_problem(study.workload, study.seed, seeds)
-        if problem is not None:
-            raise ConfigError(problem)
+        check_legacy_seeds(study.workload, study.seed, seeds)
     conf = check_confidence(conf, "--confidence" if ns.confidence is not None
                             else f"{where} 'confidence'")
     return study, seeds, conf

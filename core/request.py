@@ -77,6 +77,12 @@ class RequestState:
         return self.layer_tokens is not None
 
     @property
+    def tokens_to_go(self) -> int:
+        """Tokens still to compute through the whole stack (prompt, then every output token
+        but the last, which no iteration feeds back): the jsq-tokens router's load."""
+        return self.num_prompt_tokens + self.max_tokens - 1 - self.num_computed_tokens
+
+    @property
     def num_prefill_remaining(self) -> int:
         return max(0, self.num_prompt_tokens - self.num_computed_tokens)
 

@@ -121,12 +121,11 @@ class ReplicaState:
     def enqueue(self, req: RequestState) -> None:
         """An arrival joins the waiting queue."""
         self.waiting.append(req)
-        self.pending_tokens += req.num_prompt_tokens + req.max_tokens - 1 - req.num_computed_tokens
+        self.pending_tokens += req.tokens_to_go
 
     def recount_pending_tokens(self) -> int:
         """`pending_tokens` counted afresh (checked mode compares the two)."""
-        return sum(r.num_prompt_tokens + r.max_tokens - 1 - r.num_computed_tokens
-                   for reqs in (self.waiting, self.running) for r in reqs)
+        return sum(r.tokens_to_go for reqs in (self.waiting, self.running) for r in reqs)
 
     def set_prefix_caching(self, enabled: bool) -> None:
         """Turn prefix caching on or off before the replica serves anything."""
@@ -421,8 +420,7 @@ class ReplicaState:
         for req in finished:
             self.running.remove(req)
             self._release(req)
-            self.pending_tokens -= (req.num_prompt_tokens + req.max_tokens - 1
-                                    - req.num_computed_tokens)
+            self.pending_tokens -= req.tokens_to_go
 
     # ---- preemption -----------------------------------------------------------------------------
     def preempt_for_decodes(self) -> list[RequestState]:

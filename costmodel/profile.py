@@ -114,7 +114,6 @@ class Profile(BaseModel):
             return f"measured-kernel profile ({versions})" if versions else "measured-kernel profile"
         return "calibrated profile" if self.is_calibrated else "datasheet profile"
 
-
     def accuracy_line(self) -> str:
         """One line for every result table: how far predictions priced by this profile were
         from measurements they were not fitted to, or that nothing measured backs them. Fit

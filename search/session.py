@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from costmodel import ConfigError
 from search.executor import make_executor
 from search.grid import expand, read_search
 from search.output import format_table, summary, write_results
@@ -23,7 +22,7 @@ from search.rank import rank
 from search.runner import Progress, run_search
 from search.store import ProbeStore, default_root
 from sim.results import check_out
-from traces.vllm_datasets import legacy_seed_problem
+from traces.vllm_datasets import check_legacy_seeds
 
 
 class _Bar:
@@ -59,9 +58,7 @@ def run(study_path: str | None, flags: dict[str, Any], grid: dict[str, Any], *,
         command: list[str] | None = None) -> int:
     check_out(out)
     base, spec = read_search(study_path, flags, grid)
-    problem = legacy_seed_problem(base.workload, base.seed, spec.seeds)
-    if problem is not None:
-        raise ConfigError(problem)
+    check_legacy_seeds(base.workload, base.seed, spec.seeds)
     configs, pruned = expand(spec, base)
     store = ProbeStore(spec.store if spec.store is not None else default_root())
     if not as_json:

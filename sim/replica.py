@@ -98,7 +98,7 @@ class Replica:
     def submit(self, req: RequestState) -> None:
         if self.async_scheduling and self._in_flight:  # the next iteration is planned already
             self._deferred.append((2, req))
-            self._deferred_tokens += _pending(req)
+            self._deferred_tokens += req.tokens_to_go
         else:
             self.state.enqueue(req)
         self.outstanding += 1
@@ -146,6 +146,7 @@ class Replica:
                 self._in_flight = False
                 yield self._sleep()
                 continue
+            self._in_flight = True  # from planning on: the WAIT below is the one way back
             deferring = bool(self._deferred)  # a run must not pass the next planning point
             step = prepare(state, self.policy, env.now, checked=self.check,
                            on_preempt=recorder.preempted, replica=self.idx,
@@ -156,7 +157,6 @@ class Replica:
             if self.on_load is not None:
                 self.on_load(self.idx)
             if step.action is STEADY:
-                self._in_flight = True
                 if self.check:
                     self._verify_steady_claim()
                 yield from self._steady_decode()
@@ -174,7 +174,6 @@ class Replica:
                 self.declined = False
                 continue
             plan = step.plan
-            self._in_flight = True
             if self.prefill_ahead is not None and not deferring:
                 stretch = self._prefill_stretch(plan)
                 if stretch is not None:
@@ -204,7 +203,7 @@ class Replica:
         for left, req in self._deferred:
             if idle or left <= 1:
                 self.state.enqueue(req)
-                self._deferred_tokens -= _pending(req)
+                self._deferred_tokens -= req.tokens_to_go
             else:
                 keep.append((left - 1, req))
         self._deferred = keep
@@ -424,8 +423,3 @@ class Replica:
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
         kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
-
-
-def _pending(req: RequestState) -> int:
-    """Tokens `req` has still to compute, as core's `pending_tokens` counts them."""
-    return req.num_prompt_tokens + req.max_tokens - 1 - req.num_computed_tokens

@@ -300,11 +300,12 @@ def test_streamed_run_keeps_no_per_request_itls(tmp_path: Path) -> None:
 
 def test_multi_seed_runs_check_the_legacy_seed_range_before_they_start(capsys) -> None:
     from cli.main import main
-    from traces.vllm_datasets import legacy_seed_problem
+    from traces.vllm_datasets import check_legacy_seeds
 
-    assert legacy_seed_problem("random-legacy:64:8:0.5", 2**32 - 2, 2) is None
-    assert "reaches 4294967296" in str(legacy_seed_problem("random-legacy:64:8:0.5", 2**32 - 1, 2))
-    assert legacy_seed_problem("random:64:8:0.5", 2**32 - 1, 2) is None  # vLLM's takes any seed
+    check_legacy_seeds("random-legacy:64:8:0.5", 2**32 - 2, 2)  # the last is 2**32 - 1: fine
+    with pytest.raises(TraceError, match="reaches 4294967296"):
+        check_legacy_seeds("random-legacy:64:8:0.5", 2**32 - 1, 2)
+    check_legacy_seeds("random:64:8:0.5", 2**32 - 1, 2)  # vLLM's generator takes any seed
     assert main(["capacity", "--workload", "random-legacy:64:8:0.5", "--seed", str(2**32 - 1),
                  "--seeds", "2", "--duration", "10"]) == 2
     got = capsys.readouterr()

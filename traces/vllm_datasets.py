@@ -113,9 +113,7 @@ class RandomLengths:
     def sample_seeded(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         in_lo, in_hi, out_lo, out_hi = self.bounds()
         if self.legacy:
-            if not 0 <= seed < LEGACY_SEEDS:
-                raise TraceError(f"random-legacy draws with numpy's legacy generator, whose seed "
-                                 f"must be in [0, 2**32): --seed {seed}")
+            _check_legacy_seeds(seed, 1)
             old = np.random.RandomState(seed)  # what np.random.seed(seed) seeds
             return (old.randint(in_lo, in_hi + 1, size=n).astype(np.int64),
                     old.randint(out_lo, out_hi + 1, size=n).astype(np.int64))
@@ -139,14 +137,19 @@ class RandomLengths:
 LEGACY_SEEDS = 2**32  # numpy's legacy generator (np.random.seed) takes seeds below this
 
 
-def legacy_seed_problem(workload: str, first_seed: int, num_seeds: int) -> str | None:
-    """Why seeds first_seed .. first_seed + num_seeds - 1 cannot draw `workload`, if they
-    cannot: found before a multi-seed run starts rather than at its last seed."""
+def check_legacy_seeds(workload: str, first_seed: int, num_seeds: int) -> None:
+    """A one-line TraceError if seeds first_seed .. first_seed + num_seeds - 1 cannot draw
+    `workload` (random-legacy's generator): a multi-seed run checks before its first seed."""
+    if workload.startswith("random-legacy:"):
+        _check_legacy_seeds(first_seed, num_seeds)
+
+
+def _check_legacy_seeds(first_seed: int, num_seeds: int) -> None:
     last = first_seed + num_seeds - 1
-    if workload.startswith("random-legacy:") and last >= LEGACY_SEEDS:
-        return (f"random-legacy draws with numpy's legacy generator, whose seed must be in "
-                f"[0, 2**32): --seed {first_seed} with {num_seeds} seeds reaches {last}")
-    return None
+    if not 0 <= first_seed <= last < LEGACY_SEEDS:
+        reach = f" with {num_seeds} seeds reaches {last}" if num_seeds > 1 else ""
+        raise TraceError(f"random-legacy draws with numpy's legacy generator, whose seed must be "
+                         f"in [0, 2**32): --seed {first_seed}{reach}")
 
 
 def parse_random(spec: str) -> RandomLengths:
