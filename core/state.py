@@ -40,6 +40,7 @@ import numpy as np
 from core.blocks import (
     Admission,
     BlockPool,
+    BlockTable,
     NoFreeBlocksError,
     blocks_needed,
     hidden_state_blocks,
@@ -58,6 +59,20 @@ class PlanError(ValueError):
 
 _PLAIN = (int,) * 6 + (bool,)
 
+
+
+def _grow_in_place(table: BlockTable, num_tokens: int, block_size: int) -> bool:
+    """What ReplicaState._hold does for a whole-stack request whose admitted table already has
+    the blocks for `num_tokens` and no block newly full to offer the cache (most decode steps):
+    extend it, without the pool. False, changing nothing, where _hold has more to do."""
+    if (num_tokens <= len(table.block_ids) * block_size and table.num_cached_tokens >= 0
+            and not table.extra_block_ids
+            and (table.num_hashed >= len(table.block_hashes)
+                 or num_tokens // block_size <= table.num_hashed)):
+        if num_tokens > table.num_tokens:
+            table.num_tokens = num_tokens
+        return True
+    return False
 
 def as_tile(item: object, index: int) -> Tile:
     """Plan item `index` as a Tile of plain ints (numpy integers converted) and a bool `logits`.
@@ -183,13 +198,26 @@ class ReplicaState:
 
     def decode_steps_that_fit(self, requests: Sequence[RequestState], most: int) -> int:
         """The largest j <= `most` such that every one of `requests` can decode j more tokens in
-        the free blocks (a binary search: growth only rises with j)."""
-        if self.decode_growth(requests, most) <= self.num_free_blocks:
+        the free blocks. A request with room for r more tokens in the blocks it holds takes
+        ceil((j - r) / block_size) blocks for j > r; growth only rises with j, so a binary
+        search over j, each growth summed in numpy (this runs once per steady run)."""
+        free = self.num_free_blocks
+        if not requests:
+            return most
+        bs = self.block_size
+        room = np.fromiter(
+            ((len(r.block_table.block_ids) + len(r.block_table.extra_block_ids)) * bs
+             - r.num_computed_tokens for r in requests), dtype=np.int64, count=len(requests))
+
+        def growth(j: int) -> int:
+            return int(np.maximum(0, -((room - j) // bs)).sum())  # sum of ceil((j - room) / bs)+
+
+        if growth(most) <= free:
             return most
         lo, hi = 0, most
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.decode_growth(requests, mid) <= self.num_free_blocks:
+            if growth(mid) <= free:
                 lo = mid
             else:
                 hi = mid - 1
@@ -360,8 +388,11 @@ class ReplicaState:
                     req.layer_tokens = None
                 self.pending_tokens -= low - req.num_computed_tokens
                 req.num_computed_tokens = low
+        bs = self.block_size
         for req in touched.values():
-            self._hold(req)
+            if req.layer_tokens is not None or not _grow_in_place(
+                    req.block_table, req.num_computed_tokens, bs):
+                self._hold(req)
             # Every known token (prompt and outputs so far) is through the stack: the LM head
             # produced the next one.
             if (req.layer_tokens is None
@@ -390,16 +421,19 @@ class ReplicaState:
         if running:
             self.futile_preemptions = 0  # tokens emitted: progress
         self.pending_tokens -= steps * len(running)
+        bs = self.block_size
+        finished = []
         for r in running:
             r.itl_s.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
             r.itl_s.frombytes(gaps)
             r.last_token_s = end_s
             r.num_output_tokens += steps
-            r.num_computed_tokens += steps
-            if r.is_finished:
+            c = r.num_computed_tokens = r.num_computed_tokens + steps
+            if r.num_output_tokens >= r.max_tokens:  # is_finished, inlined
                 r.finish_s = end_s
-            self._hold(r)
-        finished = [r for r in running if r.is_finished]
+                finished.append(r)
+            if not _grow_in_place(r.block_table, c, bs):
+                self._hold(r)
         self._retire(finished)
         self.now_s = end_s
         self._decodes = None

@@ -4,8 +4,8 @@
     RUN:    tables = reserve(state, step.plan)    # optional: the plan's KV blocks, taken now
             execute step.plan (the simulator prices and waits; the engine runs the model)
             commit(state, step.plan, end_s)       # tokens emitted at end_s, finished freed
-    STEADY: every running request decodes and nothing waits: the simulator may apply K
-            identical decode steps at once, apply_steady(state, K, ...)
+    STEADY: every running request decodes and nothing else can start: the simulator may apply
+            K identical decode steps at once, apply_steady(state, K, ...)
     WAIT:   the policy declines the work it holds: wait for an arrival
 
 `prepare` first preempts (recompute) the newest running requests until every decode has its
@@ -18,6 +18,15 @@ the policy asked again. Every victim goes to `on_preempt` (the recorder; the eng
 hidden states: the core has freed the victim's KV blocks, which are the engine's pages).
 Preemptions in a row that undo no new work with no token between them are a livelock, a
 PlanError naming the policy.
+
+STEADY comes before asking the policy when nothing waits and every running request decodes
+(its `steady_decode` promise). With `blocked_steady` it also comes after asking, when requests
+wait but the plan is every running decode and nothing else, and the policy promised (a
+built-in's `steady_while_blocked`, policies/base.py) that it admits in order only what fits
+beside the decodes' growth: the free blocks then only shrink (each step takes what the
+admission reserved for it), so a prompt refused now is refused at every step until a request
+finishes, and the same plan follows. Only without prefix caching: with it, a block another
+request caches or evicts could change a waiting prompt's hit, and so its cost.
 
 `commit` contract, so that several plans may be in flight (one per pipeline stage): it reads
 and changes only the requests its plan's tiles name, looked up by id when it runs, and takes
@@ -81,10 +90,11 @@ _STEADY, _WAIT = Step(STEADY), Step(WAIT)
 
 def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
             on_preempt: Callable[[RequestState], object], replica: int = 0,
-            fast_forward: bool = False) -> Step:
+            fast_forward: bool = False, blocked_steady: bool = False) -> Step:
     """The next step at `now_s` for a replica holding work (see the module note). `checked`:
     run the policy under guard and check its plan (a user's policy); `fast_forward`: the
-    executor can apply steady decoding in closed form (the policy promised `steady_decode`)."""
+    executor can apply steady decoding in closed form (the policy promised `steady_decode`);
+    `blocked_steady`: also while requests wait that the policy cannot admit (its promise)."""
     state.now_s = now_s
     for victim in state.preempt_for_decodes():
         on_preempt(victim)
@@ -96,6 +106,9 @@ def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
         state.match_waiting()  # prefix hits as of now: waiting prompts start after them
         plan = schedule_checked(policy, state) if checked else policy.schedule(state)
         if plan:
+            if (blocked_steady and len(plan) == len(state.running) == len(state.decodes)
+                    and not state.pool.enable_prefix_caching):
+                return _STEADY  # the plan is every decode: it repeats until a request finishes
             return Step(RUN, plan)
         if not state.running or state.decodes:
             return _WAIT

@@ -16,6 +16,13 @@ KV blocks suffice, whatever arrives meanwhile (chunked: a prompt's middle chunks
 batch's middle layer groups); none that would emit a token or admit a request. The simulator
 then runs such prefill stretches without asking again (core/stretch.py). Only built-ins are
 taken at their word: checked mode cannot verify it without asking every iteration.
+
+`steady_while_blocked = True` (built-ins only, the same way) promises more than
+`steady_decode`: when the plan is exactly every running decode although requests wait, those
+were refused by the state's admission helper, taken in an order that does not change while
+the waiting requests stay the same (chunked: arrival order, stopping at the first refusal).
+Then the same plan follows until a request finishes (core/step.py says why), and the simulator
+fast-forwards it as steady decoding.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from policies.state import ReplicaState, RequestState
 class ChunkedPrefill:
     stall_free = True
     steady_decode = True
+    steady_while_blocked = True
 
     def __init__(self, max_num_batched_tokens: int = 512, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1:

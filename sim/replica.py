@@ -78,6 +78,9 @@ class Replica:
         ahead = getattr(policy, "prefill_ahead", None) if self.trusted else None
         self.prefill_ahead = (ahead if fast_forward and not self.check
                               and ahead is not no_prefill_ahead else None)  # asked every iteration
+        # steady decoding while requests wait that cannot be admitted: a built-in's word too
+        self.blocked_steady = (self.fast_forward and not self.check
+                               and getattr(policy, "steady_while_blocked", False) is True)
         self.num_finished = 0  # requests finished here (a policy that finishes none may be stuck)
         self.declined = False  # asleep after an empty plan although it holds runnable work
         self.stall_note: str | None = None  # set when the run ended with work the policy declined
@@ -150,7 +153,7 @@ class Replica:
             deferring = bool(self._deferred)  # a run must not pass the next planning point
             step = prepare(state, self.policy, env.now, checked=self.check,
                            on_preempt=recorder.preempted, replica=self.idx,
-                           fast_forward=self.fast_forward and not deferring)
+                           fast_forward=self.fast_forward, blocked_steady=self.blocked_steady)
             # The load changed since the last report (the last step's tokens and finishes,
             # preemptions, prefix hits) and will not again before this step ends (nor before
             # sleeping: an empty replica's last finish reported).
@@ -159,7 +162,7 @@ class Replica:
             if step.action is STEADY:
                 if self.check:
                     self._verify_steady_claim()
-                yield from self._steady_decode()
+                yield from self._steady_decode(max_steps=1 if deferring else None)
                 continue
             if step.action is WAIT:
                 if self._deferred:  # no batch planned: vLLM's engine takes new requests at once
@@ -272,23 +275,27 @@ class Replica:
             self._on_finish()
 
     # ---- fast-forward of steady decoding ----------------------------------------------------
-    def _steady_decode(self):  # type: ignore[no-untyped-def]
+    def _steady_decode(self, max_steps: int | None = None):  # type: ignore[no-untyped-def]
         env, state = self.env, self.state
         running = state.running
         k = steady_steps(state)
+        if max_steps is not None:  # up to the next planning point (async scheduling)
+            k = min(k, max_steps)
+        context = np.fromiter((r.num_computed_tokens for r in running), np.int64,
+                              len(running))  # [running]: every sum below reads it
         w = self.cost.model.sliding_window
         if w:  # a window's KV read stops growing at w: stop there so every step stays affine
-            below = [w - r.num_computed_tokens for r in running if r.num_computed_tokens + 1 < w]
-            if below:
-                k = min(k, max(1, min(below)))
+            below = context[context + 1 < w]
+            if len(below):
+                k = min(k, max(1, w - int(below.max())))
         if k <= 0:  # cannot grow at all: let the normal path preempt or stall
             k = 1
-        latencies = self._steady_latencies(running, k) if k > 1 else None
+        latencies = self._steady_latencies(context, k) if k > 1 else None
         first_s = last_s = None
         if latencies is not None:
             first_s, last_s = float(latencies[0]), float(latencies[-1])
-        c0 = self._price_steady(running, 0, first_s)
-        c_last = c0 if k == 1 else self._price_steady(running, k - 1, last_s)
+        c0 = self._price_steady(context, 0, first_s)
+        c_last = c0 if k == 1 else self._price_steady(context, k - 1, last_s)
         start = env.now
         if latencies is None:  # affine: the two ends give every step
             l0 = c0.latency_s
@@ -335,17 +342,17 @@ class Replica:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
 
-    def _steady_latencies(self, running: list[RequestState], k: int) -> np.ndarray | None:
-        """Every step's latency of a steady run of k, where the cost model prices them one by
-        one (measured tables; None where two prices give the rest)."""
-        n = len(running)
+    def _steady_latencies(self, context: np.ndarray, k: int) -> np.ndarray | None:
+        """Every step's latency of a steady run of k from the running requests' contexts, where
+        the cost model prices them one by one (measured tables; None where two prices give the
+        rest)."""
+        n = len(context)
         steps = np.arange(k)
-        kv = sum(r.num_computed_tokens for r in running) + n * (steps + 1)
+        kv = int(context.sum()) + n * (steps + 1)
         w = self.cost.model.sliding_window
         # below the window (k stops before any request reaches it) a request's read grows
-        below = sum(1 for r in running if r.num_computed_tokens + 1 < w) if w else 0
-        kv_win = (sum(min(r.num_computed_tokens + 1, w) for r in running) + below * steps
-                  if w else kv)
+        below = int((context + 1 < w).sum()) if w else 0
+        kv_win = (int(np.minimum(context + 1, w).sum()) + below * steps if w else kv)
         return self.cost.decode_latencies_s(n, kv, kv_win)
 
     # ---- fast-forward of prefill stretches (core/stretch.py) ---------------------------------
@@ -414,12 +421,12 @@ class Replica:
             self._finish_accounting(r)
             self.recorder.finished(r, self.idx)
 
-    def _price_steady(self, running: list[RequestState], step: int,
+    def _price_steady(self, context: np.ndarray, step: int,
                       latency_s: float | None = None) -> IterationCost:
-        """The decode iteration `step` steps ahead, priced from its context totals (its
-        latency given when _steady_latencies priced it)."""
-        n = len(running)
-        kv = sum(r.num_computed_tokens for r in running) + n * (step + 1)
+        """The decode iteration `step` steps ahead of the running requests' contexts, priced
+        from its totals (its latency given when _steady_latencies priced it)."""
+        n = len(context)
+        kv = int(context.sum()) + n * (step + 1)
         w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
-        kv_win = sum(min(r.num_computed_tokens + step + 1, w) for r in running) if w else 0
+        kv_win = int(np.minimum(context + step + 1, w).sum()) if w else 0
         return self.cost.price_decodes(n, kv, kv_win, latency_s)
