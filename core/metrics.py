@@ -48,15 +48,19 @@ def _name(p: float) -> str:
     return f"p{p:g}"  # benchmark_serving's p99, p99.9
 
 
-def _stats(prefix: str, values: np.ndarray, percentiles: tuple[float, ...]) -> dict[str, float]:
-    """mean, median, std and the percentiles, as benchmark_serving names them."""
+def _stats(prefix: str, values: np.ndarray, percentiles: tuple[float, ...],
+           scratch: bool = False) -> dict[str, float]:
+    """mean, median, std and the percentiles, as benchmark_serving names them. `scratch`: the
+    caller gives up `values`, so the order statistics may reorder it in place rather than copy
+    (every gap of a long run: hundreds of MB), after the order-dependent sums are taken."""
     if not len(values):
         nan = float("nan")
         return {f"mean_{prefix}": nan, f"median_{prefix}": nan, f"std_{prefix}": nan,
                 **{f"{_name(p)}_{prefix}": nan for p in percentiles}}
-    pct = np.percentile(values, percentiles) if percentiles else []
-    return {f"mean_{prefix}": float(np.mean(values)), f"median_{prefix}": float(np.median(values)),
-            f"std_{prefix}": float(np.std(values)),
+    mean, std = float(np.mean(values)), float(np.std(values))
+    pct = np.percentile(values, percentiles, overwrite_input=scratch) if percentiles else []
+    median = float(np.median(values, overwrite_input=scratch))
+    return {f"mean_{prefix}": mean, f"median_{prefix}": median, f"std_{prefix}": std,
             **{f"{_name(p)}_{prefix}": float(v) for p, v in zip(percentiles, pct, strict=True)}}
 
 
@@ -96,7 +100,9 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
     tpot = done.loc[done["output_tokens"] > 1, "tpot_ms"].to_numpy()
     out |= _stats("tpot_ms", tpot, pcts)
     if rec.itl_hist is None:
-        out |= _stats("itl_ms", np.sort(rec.itl_values_s()) * 1e3, pcts)  # sorted: order-free sums
+        itl_ms = np.sort(rec.itl_values_s())  # sorted: order-free sums
+        itl_ms *= 1e3  # in place: x -> 1e3 x keeps the order
+        out |= _stats("itl_ms", itl_ms, pcts, scratch=True)
     else:  # fleet runs keep gaps as a histogram: no mean or std, percentiles from its bins
         values = rec.itl_percentiles_ms((50, *pcts))
         out |= {"mean_itl_ms": float("nan"), "std_itl_ms": float("nan"), "median_itl_ms": values[0],
