@@ -121,6 +121,11 @@ class ReplicaState:
     # them from its decode to its prefill columns (core.records.Recorder.iteration_row).
     prompt_tokens_as_decodes: int = field(default=0, init=False, repr=False)
     enable_prefix_caching: bool = True
+    # P/D disaggregation (core/handoff.py): a prefill worker keeps a finished request's KV until
+    # its transfer ends; a decode worker holds blocks for a request whose KV is on its way.
+    # Both hold blocks outside `waiting` and `running`.
+    keep_finished_kv: bool = False
+    in_transit: list[RequestState] = field(default_factory=list)
     # Tokens still to compute through the whole stack, summed over the requests held here
     # (waiting or running, each prompt + max_tokens - 1 - num_computed_tokens): the jsq-tokens
     # router's load, kept as a running sum at every change below (recount_pending_tokens checks it)
@@ -266,7 +271,7 @@ class ReplicaState:
     def memory_error(self) -> str | None:
         """What is wrong with the block accounting, if anything: the references the requests'
         tables hold must be the pool's, and free blocks within [0, total]."""
-        held = sum(r.num_blocks for r in self.running) + sum(r.num_blocks for r in self.waiting)
+        held = sum(r.num_blocks for r in (*self.running, *self.waiting, *self.in_transit))
         free = self.num_free_blocks
         if 0 <= free <= self.num_total_blocks and held == self.pool.num_refs and (
                 self.pool.num_used_blocks <= held):
@@ -453,7 +458,10 @@ class ReplicaState:
     def _retire(self, finished: list[RequestState]) -> None:
         for req in finished:
             self.running.remove(req)
-            self._release(req)
+            if self.keep_finished_kv:  # its transfer frees it (core/handoff.py)
+                self.in_transit.append(req)
+            else:
+                self._release(req)
             self.pending_tokens -= req.tokens_to_go
 
     # ---- preemption -----------------------------------------------------------------------------

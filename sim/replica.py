@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
+from core.handoff import start_decoding
 from core.records import Recorder, prefill_tokens_once
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
@@ -91,6 +92,10 @@ class Replica:
         # told this replica's index whenever its load (outstanding, pending_tokens) may have
         # changed: a router that keeps replicas ordered by load (sim/router.py)
         self.on_load: Callable[[int], None] | None = None
+        # a prefill worker's (P/D disaggregation, sim/disagg.py): told each finished request
+        # instead of recording it; its KV stays held (keep_finished_kv) until the transfer ends
+        self.hand_off: Callable[[Replica, RequestState], None] | None = None
+        self._received: list[RequestState] = []  # a decode worker's: KV arrived, not yet running
         self.async_scheduling = async_scheduling
         self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
         self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
@@ -98,6 +103,16 @@ class Replica:
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
+    def receive(self, req: RequestState) -> None:
+        """A decode worker: `req`'s KV has arrived (core/handoff.py). It joins the running
+        requests at the next planning point (the iteration in flight, or a fast-forwarded run,
+        ends first, as for an arrival) and decodes from then on."""
+        self._received.append(req)
+        self.outstanding += 1
+        if self.on_load is not None:
+            self.on_load(self.idx)
+        self.wake()
+
     def submit(self, req: RequestState) -> None:
         if self.async_scheduling and self._in_flight:  # the next iteration is planned already
             self._deferred.append((2, req))
@@ -145,6 +160,10 @@ class Replica:
         while True:
             if self._deferred:
                 self._planning_point()
+            if self._received:
+                for req in self._received:
+                    start_decoding(state, req)
+                self._received.clear()
             if not state.running and not state.waiting:
                 self._in_flight = False
                 yield self._sleep()
@@ -191,8 +210,7 @@ class Replica:
             self.busy_s += cost.latency_s
             recorder.iteration(self.idx, start, cost, len(plan), 1, state.prompt_tokens_as_decodes)
             for req in finished:
-                self._finish_accounting(req)
-                recorder.finished(req, self.idx)
+                self._finished(req)
 
     def deferred_requests(self) -> list[RequestState]:
         """Requests that arrived here and are not yet planned (async scheduling)."""
@@ -266,11 +284,16 @@ class Replica:
         self.stall_note = (f"policy {label} returned an empty plan for the {held} requests left "
                            f"on replica {self.idx} until the run ended")
 
-    def _finish_accounting(self, req: RequestState) -> None:
+    def _finished(self, req: RequestState) -> None:
+        """A request finished here: recorded, or handed on (a prefill worker's, `hand_off`)."""
         self.outstanding -= 1
         self.num_finished += 1
         if self.on_load is not None:
             self.on_load(self.idx)
+        if self.hand_off is not None:
+            self.hand_off(self, req)
+            return
+        self.recorder.finished(req, self.idx)
         if self._on_finish is not None:
             self._on_finish()
 
@@ -339,8 +362,7 @@ class Replica:
         self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac,
                              None if latencies is None else self.cost.busy_power_w)
         for r in finished:
-            self._finish_accounting(r)
-            self.recorder.finished(r, self.idx)
+            self._finished(r)
 
     def _steady_latencies(self, context: np.ndarray, k: int) -> np.ndarray | None:
         """Every step's latency of a steady run of k from the running requests' contexts, where
@@ -418,8 +440,7 @@ class Replica:
             hbm_bytes=sum(x.hbm_bytes.total for x in ran),
             kv_read_bytes=sum(x.hbm_bytes.kv_read for x in ran))
         for r in finished:
-            self._finish_accounting(r)
-            self.recorder.finished(r, self.idx)
+            self._finished(r)
 
     def _price_steady(self, context: np.ndarray, step: int,
                       latency_s: float | None = None) -> IterationCost:

@@ -1,0 +1,141 @@
+"""Prefill/decode disaggregation (sim/disagg.py, core/handoff.py): closed forms on constant
+iterations and a known link, and conservation of every request's KV."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import sim.disagg
+from core.state import PlanError
+from costmodel import CostModel, Parallelism, load_model
+from costmodel.errors import ConfigError
+from costmodel.transfer import KVLink, kv_link, transfer_s
+from sim.disagg import Pool, simulate_disagg
+from tests.helpers import ConstantCost
+from traces import Request
+
+C = 0.01  # every iteration takes 10 ms
+P = 64  # prompt tokens
+
+
+def _link(cm: CostModel, wire_s: float, latency_s: float = 0.001) -> KVLink:
+    """A link on which P tokens' KV takes `wire_s` in all."""
+    return KVLink(P * cm.kv_bytes_per_token_per_gpu / (wire_s - latency_s), latency_s, "test")
+
+
+def _rows(res):  # type: ignore[no-untyped-def]
+    return res.requests.set_index("req_id")
+
+
+def _second_token_gap(res, req_id: int) -> float:  # type: ignore[no-untyped-def]
+    return float(res.itls.per_request([req_id])[0][0])
+
+
+def test_one_request_ttft_and_second_token_gap_by_hand() -> None:
+    """Prompt at the prefill worker: first token at C (TTFT). The KV then takes X on the wire;
+    the idle decode worker starts at C + X and emits the second token a C later, so the gap
+    before it is C + X, and the other three follow every C."""
+    cm = ConstantCost(C)
+    x = 0.004
+    res = simulate_disagg([Request(0, 0.0, P, 5)], Pool(cm, "chunked:512"),
+                          Pool(cm, "chunked:512"), _link(cm, x))
+    row = _rows(res).loc[0]
+    assert row["ttft_ms"] == pytest.approx(C * 1e3)
+    assert _second_token_gap(res, 0) == pytest.approx(C + x)
+    assert row["e2el_ms"] == pytest.approx((5 * C + x) * 1e3)
+    assert row["tpot_ms"] == pytest.approx((4 * C + x) / 4 * 1e3)
+    assert res.metrics["mean_kv_transfer_ms"] == pytest.approx(x * 1e3)
+    assert res.metrics["mean_kv_wait_ms"] == pytest.approx(0.0)
+    assert res.metrics["gpus"] == 2 * cm.parallel.num_gpus
+
+
+def test_transfers_from_one_worker_take_turns_on_its_link() -> None:
+    """Two prompts prefilled together: both first tokens at C. The link carries one KV then the
+    other: the second waits X and arrives at C + 2X, while the decode worker runs the first's
+    iteration [C + X, 2C + X]; it joins the next one, its second token at 3C + X."""
+    cm = ConstantCost(C)
+    x = 0.004
+    res = simulate_disagg([Request(0, 0.0, P, 3), Request(1, 0.0, P, 3)],
+                          Pool(cm, "chunked:512"), Pool(cm, "chunked:512"), _link(cm, x))
+    rows = _rows(res)
+    assert rows["ttft_ms"].tolist() == pytest.approx([C * 1e3, C * 1e3])
+    assert rows.loc[1, "kv_start_s"] == pytest.approx(C + x)
+    assert rows.loc[1, "kv_end_s"] == pytest.approx(C + 2 * x)
+    assert _second_token_gap(res, 0) == pytest.approx(C + x)
+    assert _second_token_gap(res, 1) == pytest.approx(2 * C + x)
+    assert res.metrics["mean_kv_wait_ms"] == pytest.approx(x / 2 * 1e3)
+
+
+def test_a_one_token_request_ends_at_the_prefill_worker() -> None:
+    cm = ConstantCost(C)
+    res = simulate_disagg([Request(0, 0.0, P, 1)], Pool(cm, "chunked:512"),
+                          Pool(cm, "chunked:512"), _link(cm, 0.004))
+    assert res.metrics["completed"] == 1 and res.metrics["kv_transfers"] == 0
+    assert _rows(res).loc[0, "e2el_ms"] == pytest.approx(C * 1e3)
+
+
+def _pressure() -> list[Request]:
+    """Eighty long requests in two bursts on small real pools: the decode workers run out of
+    blocks (transfers wait for them, decodes are preempted)."""
+    rng = np.random.default_rng(7)
+    return [Request(i, 0.05 * (i // 40), int(rng.integers(500, 3000)), int(rng.integers(2, 600)))
+            for i in range(80)]
+
+
+@pytest.mark.parametrize("max_concurrency", [None, 8])
+def test_every_kv_moves_once_and_no_decode_starts_before_it_arrives(max_concurrency) -> None:
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    requests = _pressure()
+    res = simulate_disagg(requests, Pool(cm, "chunked:512", 2), Pool(cm, "chunked:256", 2),
+                          gpu_memory_utilization=0.45, check=True,
+                          max_concurrency=max_concurrency)
+    rows = _rows(res)
+    assert res.metrics["completed"] == len(requests)
+    assert res.metrics["kv_transfers"] == sum(r.output_tokens > 1 for r in requests)
+    moved = rows[rows["output_tokens"] > 1]
+    assert np.isfinite(moved[["kv_ready_s", "kv_start_s", "kv_end_s"]].to_numpy()).all()
+    assert (moved["kv_ready_s"] == moved["first_token_s"]).all()  # it moves once the token is out
+    assert (moved["kv_start_s"] >= moved["kv_ready_s"]).all()
+    second = moved["first_token_s"] + [_second_token_gap(res, rid) for rid in moved.index]
+    assert (second > moved["kv_end_s"]).all()  # no decode before the KV is there
+    if max_concurrency is None:  # the bursts: blocks ran short on the decode side
+        assert res.metrics["preemptions"] > 0
+        assert res.metrics["p99_kv_wait_ms"] > 100 * res.metrics["p99_kv_transfer_ms"]
+
+
+def test_memory_left_behind_is_an_error(monkeypatch) -> None:
+    """The end-of-run check that every block came back: a prefill worker that never frees what
+    it sent is caught."""
+    monkeypatch.setattr(sim.disagg, "release_sent", lambda state, req: state.in_transit.remove(req))
+    cm = ConstantCost(C)
+    with pytest.raises(PlanError, match="worker 0 still holds"):
+        simulate_disagg([Request(0, 0.0, P, 5)], Pool(cm, "chunked:512"),
+                        Pool(cm, "chunked:512"), _link(cm, 0.004))
+
+
+def test_the_link_presets_and_the_transfer_time() -> None:
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    net = kv_link("h100")
+    assert (net.bytes_per_s, net.latency_s) == (50e9, 10e-6)
+    assert kv_link("h100", same_node=True).bytes_per_s == 450e9
+    # 1,000 tokens of Qwen3-30B-A3B's KV (48 layers x 4 KV heads x 128 x 2 (K, V) x 2 bytes),
+    # halved per GPU by TP 2
+    per_gpu = 48 * 4 * 128 * 2 * 2 / 2
+    assert cm.kv_bytes_per_token_per_gpu == per_gpu
+    assert transfer_s(cm, 1000, net) == pytest.approx(10e-6 + 1000 * per_gpu / 50e9)
+    assert transfer_s(cm, 0, net) == 0.0
+    with pytest.raises(ConfigError, match="no network figure for cpu"):
+        kv_link("cpu")
+    with pytest.raises(ConfigError, match="bandwidth"):
+        KVLink(0.0, 0.0, "x")
+    assert math.isfinite(transfer_s(cm, 1, net))
+
+
+def test_pools_of_different_models_are_refused() -> None:
+    a = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    b = CostModel(load_model("tiny-moe"), "h100")
+    with pytest.raises(ConfigError, match="different models"):
+        simulate_disagg([Request(0, 0.0, P, 5)], Pool(a, "chunked:512"), Pool(b, "chunked:512"))
