@@ -57,6 +57,16 @@ HELP = {
     "enable_prefix_caching": "vLLM's automatic prefix caching: requests sharing a prompt prefix "
                              "(Mooncake's hash_ids, shared-prefix:...) reuse its KV blocks; "
                              "--no-prefix-caching to compare",
+    "prefill_replicas": "prefill workers of a disaggregated run (with --decode-replicas; "
+                        "--replicas is then left out)",
+    "decode_replicas": "decode workers of a disaggregated run (with --prefill-replicas)",
+    "decode_tp": "tensor-parallel GPUs per decode worker (null: --tp)",
+    "decode_policy": "the decode workers' policy (null: each compared policy on both pools)",
+    "kv_link_gb_per_s": "each prefill GPU's link to the decode pool, GB/s one way (null: the "
+                        "GPU's network port, 50 on H100/H200/B200, 25 on A100)",
+    "kv_link_latency_us": "latency of each KV transfer, us (null: 10 across nodes)",
+    "stream_kv": "send each iteration's KV as it is made (layered prefill: layer group by "
+                 "layer group) instead of the whole prompt's after its first token",
     "async_scheduling": "vLLM's --async-scheduling: each iteration is planned while the one "
                         "before runs, so a request arriving mid-iteration joins the one after next",
     "max_num_seqs": "most requests a replica runs at once, as vLLM's (null: each policy's, 256)",

@@ -65,9 +65,14 @@ def kv_link(gpu: str, same_node: bool = False) -> KVLink:
     return KVLink(bw, NETWORK_LATENCY_S, source)
 
 
-def transfer_s(cost_model: CostModel, num_tokens: int, link: KVLink) -> float:
-    """Seconds to send `num_tokens` tokens' KV cache from a worker of `cost_model` (see the
-    module note); no time for no tokens."""
-    if num_tokens <= 0:
+def transfer_s(cost_model: CostModel, num_tokens: int, link: KVLink, num_layers: int | None = None
+               ) -> float:
+    """Seconds to send `num_tokens` tokens' KV cache through `num_layers` layers (default: all)
+    from a worker of `cost_model` (see the module note; every layer holds the same KV per
+    token); no time for nothing."""
+    layers = cost_model.model.num_layers
+    num_layers = layers if num_layers is None else num_layers
+    if num_tokens <= 0 or num_layers <= 0:
         return 0.0
-    return link.latency_s + num_tokens * cost_model.kv_bytes_per_token_per_gpu / link.bytes_per_s
+    per_gpu = num_tokens * cost_model.kv_bytes_per_token_per_gpu * num_layers / layers
+    return link.latency_s + per_gpu / link.bytes_per_s

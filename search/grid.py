@@ -167,6 +167,7 @@ def _study(spec: SearchSpec, base: Study, values: dict[str, Any]) -> Study:
     if spec.profile is not None:
         changes["profile"] = spec.profile.get(gpu, base.profile)
     study = make_study({**base.model_dump(), **changes}, source=f"configuration {label(values)}")
+    study.refuse_disaggregated("search")
     cm = study.cost_model()  # tp/ep divide the model, the weights fit
     make_policy(values["policies"], max_num_seqs=study.max_num_seqs)
     _check_kv(cm, study)
@@ -189,6 +190,7 @@ def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict
     from search.files import read_with_extras
 
     base, extras = read_with_extras(path, ("search",), flags)
+    base.refuse_disaggregated("search")
     raw = extras.get("search") or {}
     source = str(path) if path is not None else "flags"
     if not isinstance(raw, dict):

@@ -77,6 +77,7 @@ Evaluate = Callable[[float, int], dict[str, Any]]  # (total rate, replicas) -> m
 
 
 def study_evaluator(study: Study) -> Evaluate:
+    study.refuse_disaggregated("capacity")
     def evaluate(rate: float, replicas: int) -> dict[str, Any]:
         _, _, (result,) = run_study(replace_study(study, rate=rate, replicas=replicas))
         return result.metrics

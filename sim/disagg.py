@@ -13,12 +13,22 @@ worker reserves blocks for the prompt's KV and a sequence slot (its policy's max
 waiting in arrival order while it cannot. Transfers leave one prefill worker one after another
 (its TP ranks each send their shard over their own link: costmodel/transfer.py), so transfers
 contend for the sender's links; the receiving side is not a bottleneck here. A request of one
-output token finishes at the prefill worker. Both pools' iterations, energy and idle energy are
-summed; the metrics add the KV transfer (the wire) and the wait before it (blocks, a slot, the
-link) per request, and the second-token gap they end in.
+output token finishes at the prefill worker.
 
-Not yet: layer-wise transfer (layered prefill sending each layer group's KV while the next
-computes), async scheduling, warm-up requests, worker processes.
+With `stream_kv` the KV leaves as it is made: each prompt tile's rectangle (its tokens through
+its layers) goes on the link when its iteration ends, the decode worker picked and its blocks
+reserved at the first piece, so layered prefill sends layer group by layer group while the next
+group computes, and chunked prefill chunk by chunk; what is left after the first token is the
+last piece (or a backlog on the link). A prefill worker then runs no prefill stretches (they
+commit several iterations at once), and a prompt preempted part-way sends its KV again as it
+is recomputed.
+
+Both pools' iterations, energy and idle energy are summed; the metrics add, per request, the
+transfer (first byte to last), the wait before it when it starts after the first token (for
+blocks, a slot, the link), and what of it is exposed after the first token, which the gap
+before the second token contains.
+
+Not yet: async scheduling, warm-up requests, worker processes.
 """
 
 from __future__ import annotations
@@ -32,19 +42,21 @@ import numpy as np
 import simpy
 
 from core.admission import REJECTIONS, kv_blocks, screen
-from core.handoff import decode_side, release_sent, reserve_incoming
+from core.handoff import decode_side, release_sent
 from core.metrics import DEFAULT_PERCENTILES, summarize
 from core.records import Recorder
 from core.request import RequestState
 from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
 from core.state import PlanError
 from costmodel.errors import ConfigError
+from costmodel.plan import Tile
 from costmodel.price import CostModel
-from costmodel.transfer import KVLink, kv_link, transfer_s
+from costmodel.transfer import NETWORK_BYTES_PER_S, KVLink, kv_link, transfer_s
+from policies.base import Policy
 from policies.registry import make_policy
-from sim.clients import Clients
-from sim.replica import Replica
+from sim.clients import Clients, warmup_split
 from sim.router import make_router
+from sim.workers import DecodeWorker, PrefillWorker
 from traces.request import Request
 
 
@@ -54,7 +66,7 @@ class Pool:
     how many, and the router that spreads requests over them."""
 
     cost_model: CostModel
-    policy: str
+    policy: str | Callable[[], Policy]  # a spec, or a factory (a user's class, max_num_seqs)
     num_replicas: int = 1
     router: str = "round-robin"
 
@@ -72,9 +84,13 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                     gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                     max_concurrency: int | None = None, slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS,
                     slo_itl_ms: float = DEFAULT_SLO_ITL_MS, check: bool = False,
-                    fast_forward: bool = True) -> SimResult:
+                    fast_forward: bool = True, stream_kv: bool = False,
+                    warmup_requests: int = 0) -> SimResult:
     """Serve `requests` on a prefill pool and a decode pool (see the module note). `link`:
-    each prefill GPU's link to the decode pool (default: its GPU's network port)."""
+    each prefill GPU's link to the decode pool (default: its GPU's network port).
+    `stream_kv`: send each tile's KV when its iteration ends (layer-wise for layered prefill)
+    instead of the whole prompt's after its first token. `warmup_requests`: the first ones
+    sent run but are left out of the metrics (sim/clients.py)."""
     pm, dm = prefill.cost_model, decode.cost_model
     if pm.model.name != dm.model.name:
         raise ConfigError(f"the pools serve different models: {pm.model.name} and {dm.model.name}")
@@ -94,8 +110,15 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
     reasons = {**d_screen.reasons, **p_screen.reasons}
     outputs = {r.req_id: r.output_tokens for r in ordered}
 
+    if not 0 <= warmup_requests < len(ordered):
+        raise ConfigError(f"--warmup-requests {warmup_requests} must be >= 0 and leave some of the "
+                          f"{len(ordered)} requests to measure")
+    warm_ids, first_measured = warmup_split(ordered, warmup_requests)
     env = simpy.Environment()
     recorder = Recorder(pm.model.num_layers)
+    recorder.warmup_ids = warm_ids
+    if first_measured is not None:  # the window opens at its arrival; closed loop: when sent
+        recorder.count_from_s = math.inf if max_concurrency is not None else first_measured.arrival_s
     pending = [len(ordered) if max_concurrency is not None else len(ordered) - len(reasons)]
     done = env.event()
     transfers: dict[int, _Transfer] = {}
@@ -107,68 +130,87 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         if pending[0] == 0 and not done.triggered:
             done.succeed()
 
-    clients = Clients(env, max_concurrency, recorder, on_finish, None, frozenset(reasons), block_size)
+    clients = Clients(env, max_concurrency, recorder, on_finish,
+                      first_measured.req_id if first_measured is not None else None,
+                      frozenset(reasons), block_size)
 
-    def workers(pool: Pool, first_id: int, cm: CostModel, blocks: int, hidden: float,
-                caching: bool) -> list[Replica]:
-        reps = [Replica(env, first_id + i, make_policy(pool.policy), cm, blocks, block_size,
-                        hidden, recorder, check=check, fast_forward=fast_forward)
-                for i in range(pool.num_replicas)]
-        for rep in reps:
-            rep.state.set_prefix_caching(caching)
-        return reps
-
-    p_reps = workers(prefill, 0, pm, p_blocks, p_hidden, enable_prefix_caching)
-    d_reps = workers(decode, prefill.num_replicas, dm, d_blocks, d_hidden, False)
-    p_router, d_router = make_router(prefill.router, seed), make_router(decode.router, seed + 1)
-    links = {rep.idx: simpy.Resource(env, capacity=1) for rep in p_reps}
-    waiting: dict[int, list[tuple[RequestState, simpy.Event]]] = {rep.idx: [] for rep in d_reps}
-
-    def seq_limit(rep: Replica) -> int | None:
-        limit = getattr(rep.policy, "max_num_seqs", None)
-        return limit if isinstance(limit, int) else None
-
-    def reserve_waiting(rep: Replica) -> None:
-        """Blocks freed on a decode worker: reserve for the transfers waiting there, in order."""
-        queue = waiting[rep.idx]
-        while queue and reserve_incoming(rep.state, queue[0][0], seq_limit(rep)):
-            queue.pop(0)[1].succeed()
-
-    for rep in d_reps:
-        def finished(rep: Replica = rep) -> None:
-            on_finish()
-            reserve_waiting(rep)
-        rep._on_finish = finished
-
-    def move(src: Replica, sent: RequestState) -> Any:
-        """One request's KV from the prefill worker `src` to a decode worker (a SimPy process)."""
-        dst = d_reps[d_router.pick(d_reps)]
-        req = decode_side(sent, outputs[sent.req_id])
-        record = transfers[sent.req_id] = _Transfer(sent.req_id, env.now)
-        if waiting[dst.idx] or not reserve_incoming(dst.state, req, seq_limit(dst)):
-            reserved = env.event()
-            waiting[dst.idx].append((req, reserved))
-            yield reserved
+    def send(src: PrefillWorker, seconds: float, record: _Transfer) -> Any:
+        """One piece on `src`'s links, after the pieces before it."""
         with links[src.idx].request() as slot:
             yield slot
-            record.start_s = env.now
-            yield env.timeout(transfer_s(pm, sent.prompt_len, link))
+            if math.isnan(record.start_s):
+                record.start_s = env.now
+            yield env.timeout(seconds)
             record.end_s = env.now
+
+    def move(src: PrefillWorker, sent: RequestState, pieces: simpy.Store | None) -> Any:
+        """One request's KV from the prefill worker `src` to a decode worker (a SimPy process):
+        the whole prompt's at once, or the `pieces` (seconds on the wire; None after the last)
+        as its iterations make them."""
+        dst = d_reps[d_router.pick(d_reps)]
+        req = decode_side(sent, outputs[sent.req_id])
+        record = transfers[sent.req_id]
+        yield dst.reserve(req)
+        if pieces is None:
+            yield from send(src, transfer_s(pm, sent.prompt_len, link), record)
+        else:
+            while (seconds := (yield pieces.get())) is not None:
+                yield from send(src, seconds, record)
         release_sent(src.state, sent)
         src.wake()  # its policy may have been waiting for those blocks
+        req.first_token_s = req.last_token_s = sent.first_token_s
         dst.receive(req)
 
-    def hand_off(src: Replica, sent: RequestState) -> None:
-        if outputs[sent.req_id] == 1:  # nothing to decode: it ends here
+    streams: dict[int, simpy.Store] = {}
+
+    def stream(src: PrefillWorker, plan: tuple[Tile, ...], end_s: float) -> None:
+        """The KV each prompt tile made this iteration leaves now (stream_kv)."""
+        held = {r.req_id: r for r in (*src.state.running, *src.state.in_transit)}
+        for rid, t0, t1, l0, l1, _cached, _logits in plan:
+            if outputs[rid] == 1 or t1 <= t0:  # a one-token request ends at the prefill worker
+                continue
+            if rid not in streams:
+                streams[rid] = simpy.Store(env)
+                transfers[rid] = _Transfer(rid, math.nan)
+                env.process(move(src, held[rid], streams[rid]))
+            streams[rid].put(transfer_s(pm, t1 - t0, link, l1 - l0))
+
+    def hand_off(src: PrefillWorker, sent: RequestState) -> None:
+        rid = sent.req_id
+        if outputs[rid] == 1:  # nothing to decode: it ends here
             release_sent(src.state, sent)
             recorder.finished(sent, src.idx)
             on_finish()
             return
-        env.process(move(src, sent))
+        if stream_kv:
+            transfers[rid].ready_s = env.now
+            streams.pop(rid).put(None)  # after its last piece
+        else:
+            transfers[rid] = _Transfer(rid, env.now)
+            env.process(move(src, sent, None))
 
+    def args(pool: Pool, i: int, cm: CostModel, blocks: int, hidden: float) -> tuple[Any, ...]:
+        policy = make_policy(pool.policy) if isinstance(pool.policy, str) else pool.policy()
+        return (env, i, policy, cm, blocks, block_size, hidden, recorder)
+
+    p_reps = [PrefillWorker(*args(prefill, i, pm, p_blocks, p_hidden), check=check,
+                            fast_forward=fast_forward, hand_off=hand_off,
+                            stream=stream if stream_kv else None)
+              for i in range(prefill.num_replicas)]
+    d_reps = [DecodeWorker(*args(decode, prefill.num_replicas + i, dm, d_blocks, d_hidden),
+                           check=check, fast_forward=fast_forward, on_finish=on_finish)
+              for i in range(decode.num_replicas)]
     for rep in p_reps:
-        rep.state.keep_finished_kv = True
-        rep.hand_off = hand_off
+        rep.state.set_prefix_caching(enable_prefix_caching)
+    for worker in d_reps:  # the KV arrives whole: nothing is matched there
+        worker.state.set_prefix_caching(False)
+    p_router, d_router = make_router(prefill.router, seed), make_router(decode.router, seed + 1)
+    links = {rep.idx: simpy.Resource(env, capacity=1) for rep in p_reps}
+
+    def open_window() -> None:  # no fast-forwarded run may straddle the window's start
+        for worker in (*p_reps, *d_reps):
+            worker.wake()
+    clients.on_window_open = open_window
 
     def submit(state: RequestState) -> None:
         state.max_tokens = 1  # the prefill worker's share: the prompt and its first token
@@ -183,10 +225,10 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             break
     end_s = env.now
     if pending[0] == 0:  # all served: every block on both sides is back (core/handoff.py)
-        for rep in (*p_reps, *d_reps):
-            st = rep.state
+        for any_worker in (*p_reps, *d_reps):
+            st = any_worker.state
             if st.running or st.waiting or st.in_transit or st.pool.num_refs:
-                raise PlanError(f"internal: worker {rep.idx} still holds {st.pool.num_refs} KV "
+                raise PlanError(f"internal: worker {any_worker.idx} still holds {st.pool.num_refs} KV "
                                 f"block references after the run ({len(st.in_transit)} in transit)")
     for r in ordered:  # rejected up front (open loop) or never finished
         if r.req_id not in recorder.recorded_ids:
@@ -196,10 +238,51 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                    {"slo_ttft_ms": slo_ttft_ms, "slo_itl_ms": slo_itl_ms})
 
 
-def _result(recorder: Recorder, p_reps: list[Replica], d_reps: list[Replica],
+def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
+                      check: bool) -> list[SimResult]:
+    """A study's disaggregated runs (sim/study.py's keys): each compared policy on the prefill
+    pool, the decode policy (default: the same) on the decode pool."""
+    if study.prefill_replicas is None or study.decode_replicas is None:
+        raise ConfigError("prefill_replicas and decode_replicas: give both (a disaggregated run "
+                          "needs both pools) or neither")
+    for key, bad, why in (("replicas", study.replicas != 1, "the pools' counts replace it"),
+                          ("workers", study.workers != 1, "one process only, for now"),
+                          ("async_scheduling", study.async_scheduling, "not modelled with "
+                           "disaggregation yet")):
+        if bad:
+            raise ConfigError(f"{key}: leave it out of a disaggregated run ({why})")
+    dm = cm if study.decode_tp in (None, study.tp) else (
+        study.model_copy(update={"tp": study.decode_tp}).cost_model())
+    link = None
+    if study.kv_link_gb_per_s is not None or study.kv_link_latency_us is not None:
+        preset = kv_link(cm.hw.name) if cm.hw.name in NETWORK_BYTES_PER_S else None
+        bw = (study.kv_link_gb_per_s * 1e9 if study.kv_link_gb_per_s is not None
+              else preset.bytes_per_s if preset else None)
+        if bw is None:
+            raise ConfigError(f"kv_link_gb_per_s: no preset for {cm.hw.name}; give it")
+        lat = (study.kv_link_latency_us * 1e-6 if study.kv_link_latency_us is not None
+               else preset.latency_s if preset else 0.0)
+        link = KVLink(bw, lat, "the study's kv_link_gb_per_s / kv_link_latency_us")
+    out = []
+    for spec in study.policies:
+        decode = study.policy_factory(study.decode_policy or spec)
+        out.append(simulate_disagg(
+            requests, Pool(cm, study.policy_factory(spec), study.prefill_replicas, study.router),
+            Pool(dm, decode, study.decode_replicas, study.router), link, seed=study.seed,
+            block_size=study.block_size, gpu_memory_utilization=study.gpu_memory_utilization,
+            enable_prefix_caching=study.enable_prefix_caching,
+            max_concurrency=study.max_concurrency, slo_ttft_ms=study.slo_ttft_ms,
+            slo_itl_ms=study.slo_itl_ms, check=check, stream_kv=study.stream_kv,
+            warmup_requests=study.warmup(len(requests))))
+    return out
+
+
+def _result(recorder: Recorder, p_reps: list[PrefillWorker], d_reps: list[DecodeWorker],
             ordered: list[Request], end_s: float, transfers: dict[int, _Transfer],
             reasons: dict[int, str], slo: dict[str, Any]) -> SimResult:
     start_s = ordered[0].arrival_s
+    if recorder.count_from_s is not None and math.isfinite(recorder.count_from_s):  # a warm-up
+        start_s = recorder.count_from_s
     idle_j = sum(max(0.0, end_s - start_s - recorder.busy_s.get(rep.idx, 0.0)) * rep.cost.idle_power_w()
                  for rep in (*p_reps, *d_reps))
     req_df = recorder.requests_frame()
@@ -212,21 +295,26 @@ def _result(recorder: Recorder, p_reps: list[Replica], d_reps: list[Replica],
                         percentiles=DEFAULT_PERCENTILES, **slo)
     moved = [t for t in transfers.values() if math.isfinite(t.end_s)]
     wire_ms = np.array([t.end_s - t.start_s for t in moved]) * 1e3
-    wait_ms = np.array([t.start_s - t.ready_s for t in moved]) * 1e3
+    wait_ms = np.array([max(0.0, t.start_s - t.ready_s) for t in moved]) * 1e3
+    exposed_ms = np.array([t.end_s - t.ready_s for t in moved]) * 1e3  # after the first token
 
     def stat(values: np.ndarray, fn: Callable[[np.ndarray], float]) -> float | None:
         return float(fn(values)) if len(values) else None
-    policy = f"{p_reps[0].policy.name} | {d_reps[0].policy.name}"
+    p_name, d_name = p_reps[0].policy.name, d_reps[0].policy.name
+    policy = p_name if p_name == d_name else f"{p_name}+{d_name}"  # names its results folder
     p_gpus = len(p_reps) * p_reps[0].cost.parallel.num_gpus
     d_gpus = len(d_reps) * d_reps[0].cost.parallel.num_gpus
     metrics = {"policy": policy, "replicas": len(p_reps) + len(d_reps), "gpus": p_gpus + d_gpus,
                "prefill_replicas": len(p_reps), "decode_replicas": len(d_reps),
-               "prefill_gpus": p_gpus, "decode_gpus": d_gpus, **metrics,
+               "prefill_gpus": p_gpus, "decode_gpus": d_gpus, "prefill_policy": p_name,
+               "decode_policy": d_name, **metrics,
                "kv_transfers": len(moved),
                "mean_kv_transfer_ms": stat(wire_ms, np.mean),
                "p99_kv_transfer_ms": stat(wire_ms, lambda v: np.percentile(v, 99)),
                "mean_kv_wait_ms": stat(wait_ms, np.mean),
                "p99_kv_wait_ms": stat(wait_ms, lambda v: np.percentile(v, 99)),
+               "mean_kv_exposed_ms": stat(exposed_ms, np.mean),
+               "p99_kv_exposed_ms": stat(exposed_ms, lambda v: np.percentile(v, 99)),
                **{key: list(reasons.values()).count(key) for key in REJECTIONS}}
     return SimResult(policy, metrics, req_df, it_df.reset_index(drop=True), recorder.request_gaps(),
                      rejections={rid: REJECTIONS[key] for rid, key in reasons.items()})

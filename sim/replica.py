@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from core.handoff import start_decoding
 from core.records import Recorder, prefill_tokens_once
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
@@ -92,10 +91,6 @@ class Replica:
         # told this replica's index whenever its load (outstanding, pending_tokens) may have
         # changed: a router that keeps replicas ordered by load (sim/router.py)
         self.on_load: Callable[[int], None] | None = None
-        # a prefill worker's (P/D disaggregation, sim/disagg.py): told each finished request
-        # instead of recording it; its KV stays held (keep_finished_kv) until the transfer ends
-        self.hand_off: Callable[[Replica, RequestState], None] | None = None
-        self._received: list[RequestState] = []  # a decode worker's: KV arrived, not yet running
         self.async_scheduling = async_scheduling
         self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
         self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
@@ -103,16 +98,6 @@ class Replica:
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
-    def receive(self, req: RequestState) -> None:
-        """A decode worker: `req`'s KV has arrived (core/handoff.py). It joins the running
-        requests at the next planning point (the iteration in flight, or a fast-forwarded run,
-        ends first, as for an arrival) and decodes from then on."""
-        self._received.append(req)
-        self.outstanding += 1
-        if self.on_load is not None:
-            self.on_load(self.idx)
-        self.wake()
-
     def submit(self, req: RequestState) -> None:
         if self.async_scheduling and self._in_flight:  # the next iteration is planned already
             self._deferred.append((2, req))
@@ -160,10 +145,7 @@ class Replica:
         while True:
             if self._deferred:
                 self._planning_point()
-            if self._received:
-                for req in self._received:
-                    start_decoding(state, req)
-                self._received.clear()
+            self._planning_point_hook()
             if not state.running and not state.waiting:
                 self._in_flight = False
                 yield self._sleep()
@@ -205,12 +187,20 @@ class Replica:
             start = env.now
             yield env.timeout(cost.latency_s)
             finished = commit(state, plan, env.now).finished
+            self._committed(plan, env.now)
             if self.check:
                 self._check_invariants()
             self.busy_s += cost.latency_s
             recorder.iteration(self.idx, start, cost, len(plan), 1, state.prompt_tokens_as_decodes)
             for req in finished:
                 self._finished(req)
+
+    # ---- what the workers of disaggregated serving add (sim/workers.py) --------------------
+    def _planning_point_hook(self) -> None:
+        """Called at every planning point, before the step is prepared."""
+
+    def _committed(self, plan: tuple[Tile, ...], end_s: float) -> None:
+        """Called with every plan executed one by one, once committed."""
 
     def deferred_requests(self) -> list[RequestState]:
         """Requests that arrived here and are not yet planned (async scheduling)."""
@@ -285,17 +275,17 @@ class Replica:
                            f"on replica {self.idx} until the run ended")
 
     def _finished(self, req: RequestState) -> None:
-        """A request finished here: recorded, or handed on (a prefill worker's, `hand_off`)."""
+        """A request finished here: recorded (a prefill worker hands it on instead)."""
+        self._count_finished()
+        self.recorder.finished(req, self.idx)
+        if self._on_finish is not None:
+            self._on_finish()
+
+    def _count_finished(self) -> None:
         self.outstanding -= 1
         self.num_finished += 1
         if self.on_load is not None:
             self.on_load(self.idx)
-        if self.hand_off is not None:
-            self.hand_off(self, req)
-            return
-        self.recorder.finished(req, self.idx)
-        if self._on_finish is not None:
-            self._on_finish()
 
     # ---- fast-forward of steady decoding ----------------------------------------------------
     def _steady_decode(self, max_steps: int | None = None):  # type: ignore[no-untyped-def]

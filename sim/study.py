@@ -139,6 +139,14 @@ class Study(BaseModel):
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop
     warmup_requests: int | None = Field(default=None, ge=0)  # None: see `warmup`
     stagger_s: float | None = Field(default=None, gt=0)  # None: closed-loop clients start together
+    # prefill/decode disaggregation (sim/disagg.py): with both counts the replicas are two pools
+    prefill_replicas: int | None = Field(default=None, ge=1)
+    decode_replicas: int | None = Field(default=None, ge=1)
+    decode_tp: int | None = Field(default=None, ge=1)  # None: tp
+    decode_policy: str | None = None  # None: each compared policy on both pools
+    kv_link_gb_per_s: float | None = Field(default=None, gt=0)  # None: the GPU's network port
+    kv_link_latency_us: float | None = Field(default=None, ge=0)  # None: the preset's
+    stream_kv: bool = False  # each tile's KV leaves when made (layered: group by group)
     # capacity searches (sim/capacity.py)
     target: float = Field(default=0.9, gt=0, le=1)
     price_per_gpu_hour: float | None = Field(default=None, ge=0)
@@ -348,11 +356,25 @@ class Study(BaseModel):
             parts.append(f"E2E <= {self.slo_e2el_ms:g} ms")
         return ", ".join(parts) + f" and per-request P99 ITL <= {self.slo_itl_ms:g} ms"
 
+    def refuse_disaggregated(self, command: str) -> None:
+        """`command` does not search disaggregated pools yet: say so rather than ignore the keys."""
+        if self.prefill_replicas is not None or self.decode_replicas is not None:
+            raise ConfigError(f"{command}: prefill_replicas / decode_replicas: disaggregated pools "
+                              "are not searched yet; run them with `layersim compare` or "
+                              "`simulate`")
+
     def setup_line(self, cm: CostModel) -> str:
         par = cm.parallel
         gpus = f"{self.replicas * par.num_gpus} x {cm.hw.name}"
         shape = f"tp {par.tp}" + (f", ep {par.ep}" if par.ep > 1 else "")
         reps = f", {self.replicas} replicas ({self.router})" if self.replicas > 1 else ""
+        if self.prefill_replicas is not None and self.decode_replicas is not None:
+            d_tp = self.decode_tp or par.tp
+            n = self.prefill_replicas * par.num_gpus + self.decode_replicas * d_tp * par.ep
+            gpus = f"{n} x {cm.hw.name}"
+            reps = (f", disaggregated: {self.prefill_replicas} prefill + {self.decode_replicas} "
+                    f"decode workers (decode tp {d_tp}), KV "
+                    f"{'streamed as made' if self.stream_kv else 'sent after the first token'}")
         prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
@@ -430,6 +452,12 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False
 
 def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: bool, check: bool,
                   executor: Any) -> list[SimResult]:
+    if study.prefill_replicas is not None or study.decode_replicas is not None:
+        from sim.disagg import run_disaggregated
+
+        results = run_disaggregated(study, cm, workload.requests, check)
+        return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
+                for r in results]
     results = [simulate(workload.requests, cm, study.policy_factory(spec),
                         num_replicas=study.replicas,
                         router=study.router, seed=study.seed, block_size=study.block_size,

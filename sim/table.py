@@ -34,6 +34,10 @@ ROWS = (
     ("HBM GB / request", lambda m: _f(m["hbm_bytes_per_request"], 1e-9, "{:.0f}")),
     ("preemptions", lambda m: str(m["preemptions"])),
 )
+# shown only for disaggregated runs (sim/disagg.py)
+KV_ROW = ("KV transfer / after TTFT (ms)",
+          lambda m: f"{_f(m.get('mean_kv_transfer_ms'), fmt='{:.1f}')} / "
+                    f"{_f(m.get('mean_kv_exposed_ms'), fmt='{:.1f}')}")
 # shown only when some run hit the prefix cache (a workload with shared content)
 PREFIX_ROW = ("prefix cache hit rate",
               lambda m: _f(m.get("prefix_cache_hit_rate"), 100, "{:.1f}%"))
@@ -68,6 +72,8 @@ def format_comparison(metrics: Sequence[dict[str, Any]]) -> str:
     rows += ROWS[1:]
     if any(m.get("prefix_cache_hits") for m in metrics):
         rows.append(PREFIX_ROW)
+    if any("kv_transfers" in m for m in metrics):
+        rows.append(KV_ROW)
     cells = [[cell(m) for m in metrics] for _, cell in rows]
     width = max(14, *(len(n) + 2 for n in names), *(len(c) + 2 for row in cells for c in row))
     label = max(len(r[0]) for r in rows) + 2

@@ -139,3 +139,101 @@ def test_pools_of_different_models_are_refused() -> None:
     b = CostModel(load_model("tiny-moe"), "h100")
     with pytest.raises(ConfigError, match="different models"):
         simulate_disagg([Request(0, 0.0, P, 5)], Pool(a, "chunked:512"), Pool(b, "chunked:512"))
+
+
+# ---- layer-wise transfer (stream_kv) ----------------------------------------------------------
+
+LONG = 2048  # layered:4 runs this prompt in 4 groups of one layer each (tiny-moe has 4 layers)
+
+
+def _long_link(cm: CostModel, piece_s: float, latency_s: float = 0.001) -> KVLink:
+    """A link on which one layer of LONG tokens' KV takes `piece_s` in all."""
+    bytes_one_layer = LONG * cm.kv_bytes_per_token_per_gpu / cm.model.num_layers
+    return KVLink(bytes_one_layer / (piece_s - latency_s), latency_s, "test")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_layer_wise_transfer_hides_all_but_the_last_group(stream: bool) -> None:
+    """Layered prefill in 4 groups: the first token at 4C. Whole-prompt transfer then sends 4
+    layers (latency + 4 x 1 ms: 5 ms); layer-wise, each group's layer left at the end of its
+    iteration (2 ms each, done before the next group ends), so only the last is exposed: the
+    second-token gap is C + 5 ms against C + 2 ms."""
+    cm = ConstantCost(C)
+    y = 0.002
+    res = simulate_disagg([Request(0, 0.0, LONG, 3)], Pool(cm, "layered:4"),
+                          Pool(cm, "chunked:512"), _long_link(cm, y), stream_kv=stream)
+    row = _rows(res).loc[0]
+    assert row["ttft_ms"] == pytest.approx(4 * C * 1e3)
+    exposed = y if stream else 0.001 + 4 * (y - 0.001)
+    assert _second_token_gap(res, 0) == pytest.approx(C + exposed)
+    assert res.metrics["mean_kv_exposed_ms"] == pytest.approx(exposed * 1e3)
+    assert row["kv_start_s"] == pytest.approx(C if stream else 4 * C)  # the first group's end
+    assert res.metrics["kv_transfers"] == 1
+
+
+def test_streamed_pieces_queue_on_a_slow_link() -> None:
+    """Pieces of 3C each on the wire, made every C: they back up, the last leaves at
+    C + 3 x 3C = 10C and lands at 13C, 9C after the first token."""
+    cm = ConstantCost(C)
+    res = simulate_disagg([Request(0, 0.0, LONG, 3)], Pool(cm, "layered:4"),
+                          Pool(cm, "chunked:512"), _long_link(cm, 3 * C), stream_kv=True)
+    assert _rows(res).loc[0, "kv_end_s"] == pytest.approx(13 * C)
+    assert _second_token_gap(res, 0) == pytest.approx(9 * C + C)
+
+
+def test_streamed_runs_conserve_kv_under_pressure() -> None:
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    requests = _pressure()
+    for stream in (False, True):
+        res = simulate_disagg(requests, Pool(cm, "layered", 2), Pool(cm, "chunked:256", 2),
+                              gpu_memory_utilization=0.45, check=True, stream_kv=stream)
+        rows = _rows(res)
+        moved = rows[rows["output_tokens"] > 1]
+        assert res.metrics["completed"] == len(requests)
+        assert res.metrics["kv_transfers"] == len(moved)
+        second = moved["first_token_s"] + [_second_token_gap(res, rid) for rid in moved.index]
+        assert (second > moved["kv_end_s"]).all()
+        assert (moved["kv_end_s"] >= moved["kv_ready_s"]).all()
+
+
+# ---- the study keys and flags -------------------------------------------------------------------
+
+def test_a_study_runs_disaggregated_from_its_keys() -> None:
+    from sim.study import make_study, run_study
+
+    base = {"workload": "sharegpt", "rate": 4, "num_requests": 60, "policies": ["chunked:512"]}
+    _, _, (res,) = run_study(make_study({**base, "prefill_replicas": 1, "decode_replicas": 2,
+                                         "decode_policy": "chunked:256", "kv_link_gb_per_s": 25}))
+    m = res.metrics
+    assert (m["prefill_replicas"], m["decode_replicas"], m["gpus"]) == (1, 2, 6)
+    assert (m["prefill_policy"], m["decode_policy"], m["policy"]) == (
+        "chunked:512", "chunked:256", "chunked:512+chunked:256")
+    assert m["completed"] == 60 and m["kv_transfers"] == 60
+    # a prompt of P tokens took 10 us + P x KV bytes per GPU / 25 GB/s on the wire
+    rows = res.requests.set_index("req_id")
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
+    wire = (rows["kv_end_s"] - rows["kv_start_s"]).to_numpy()
+    want = 10e-6 + rows["prompt_tokens"].to_numpy() * cm.kv_bytes_per_token_per_gpu / 25e9
+    assert wire == pytest.approx(want)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"prefill_replicas": 1}, "give both"),
+    ({"prefill_replicas": 1, "decode_replicas": 1, "replicas": 2}, "replicas: leave it out"),
+    ({"prefill_replicas": 1, "decode_replicas": 1, "async_scheduling": True}, "async_scheduling"),
+])
+def test_disaggregated_keys_that_do_not_fit_are_refused(keys, message) -> None:
+    from sim.study import make_study, run_study
+
+    study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 20, **keys})
+    with pytest.raises(ConfigError, match=message):
+        run_study(study)
+
+
+@pytest.mark.parametrize("command", [["capacity"], ["search"]])
+def test_searches_refuse_disaggregated_keys_rather_than_ignore_them(command, capsys) -> None:
+    from cli.main import main
+
+    rc = main([*command, "--prefill-replicas", "1", "--decode-replicas", "1", "--duration", "5"])
+    assert rc == 2
+    assert "disaggregated pools are not searched yet" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""The two kinds of worker of disaggregated serving (sim/disagg.py): replicas (sim/replica.py)
+that hand a request's KV on, and replicas that take it in.
+
+A prefill worker keeps each finished request's KV (core/handoff.py) and hands the request to
+the run instead of recording it; with a `stream` it also hands on every executed plan, whose
+tiles' KV then leaves at once, and it runs no prefill stretches (they commit several iterations
+at once). A decode worker takes incoming KV at its planning points only, in order: blocks and
+a sequence slot reserved (`reserve`) and an arrived request joining the running ones
+(`receive`). Between planning points an iteration or a fast-forwarded run holds blocks counted
+when it was planned, so nothing may take them meanwhile; an incoming request ends a run after
+the iteration in flight, as an arrival does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import simpy
+
+from core.handoff import reserve_incoming, start_decoding
+from core.request import RequestState
+from costmodel.plan import Tile
+from sim.replica import Replica
+
+
+class PrefillWorker(Replica):
+    def __init__(self, *args: Any, hand_off: Callable[[PrefillWorker, RequestState], None],
+                 stream: Callable[[PrefillWorker, tuple[Tile, ...], float], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state.keep_finished_kv = True
+        self.hand_off = hand_off
+        self.stream = stream
+        if stream is not None:
+            self.prefill_ahead = None
+
+    def _finished(self, req: RequestState) -> None:
+        self._count_finished()
+        self.hand_off(self, req)
+
+    def _committed(self, plan: tuple[Tile, ...], end_s: float) -> None:
+        if self.stream is not None:
+            self.stream(self, plan, end_s)
+
+
+class DecodeWorker(Replica):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._received: list[RequestState] = []  # KV arrived, not yet running
+        self._reservations: list[tuple[RequestState, simpy.Event]] = []  # KV yet to get blocks
+
+    def reserve(self, req: RequestState) -> simpy.Event:
+        """Blocks and a sequence slot for `req`'s incoming KV, taken in order at a planning
+        point; the event fires once they are."""
+        taken = self.env.event()
+        self._reservations.append((req, taken))
+        self.wake()
+        return taken
+
+    def receive(self, req: RequestState) -> None:
+        """`req`'s KV has arrived: it joins the running requests at the next planning point."""
+        self._received.append(req)
+        self.outstanding += 1
+        if self.on_load is not None:
+            self.on_load(self.idx)
+        self.wake()
+
+    def _planning_point_hook(self) -> None:
+        for req in self._received:
+            start_decoding(self.state, req)
+        self._received.clear()
+        limit = getattr(self.policy, "max_num_seqs", None)
+        queue = self._reservations
+        while queue and reserve_incoming(self.state, queue[0][0],
+                                         limit if isinstance(limit, int) else None):
+            queue.pop(0)[1].succeed()
