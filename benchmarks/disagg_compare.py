@@ -6,6 +6,11 @@ split into prefill and decode workers (1 + 3 and 2 + 2), KV moved over each pref
 400 Gb/s port (costmodel/transfer.py; a datasheet figure, not a measurement). Prints TTFT, TPOT
 and energy per output token for each, and the KV transfer and its wait.
 
+Then whole-prompt against layer-wise transfer (`stream_kv`) on the default study's long prompts
+(arxiv-long, 1.3 req/s, one prefill and one decode TP-2 worker), for chunked:512 and layered
+prefill, on the preset 400 Gb/s port and on a 50 Gb/s one: how much of the transfer is left
+after the first token (in the gap before the second).
+
     python benchmarks/disagg_compare.py [--requests 2000] [--rates 8 16 24]
 """
 
@@ -13,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from costmodel import CostModel, Parallelism, load_model, resolve_profile
+from costmodel.transfer import NETWORK_LATENCY_S, KVLink
 from sim import simulate
 from sim.disagg import Pool, simulate_disagg
 from traces import WorkloadSpec, build_workload
@@ -47,6 +55,24 @@ def main() -> int:
         for name, m in runs:
             values = [m[k] for k in KEYS] + [m.get("mean_kv_transfer_ms"), m.get("mean_kv_wait_ms")]
             print(f"{rate:>5g} {name:<26}" + "".join(cell(v) for v in values))
+    print("\nwhole-prompt against layer-wise KV transfer: arxiv-long, 1.3 req/s, 120 s, seed 1, "
+          "1 prefill + 1 decode worker (TP 2 each)")
+    print(f"{'link':>10} {'policy':<12} {'transfer':<11}" + "".join(
+        f"{h:>15}" for h in ("ttft_ms", "kv_after_ttft", "2nd_gap_ms", "tpot_ms", "p99_itl_ms")))
+    reqs = build_workload(WorkloadSpec("arxiv-long", rate=1.3, duration_s=120, seed=1)).requests
+    for gbps in (50.0, 6.25):
+        link = KVLink(gbps * 1e9, NETWORK_LATENCY_S, f"{gbps:g} GB/s")
+        for policy in ("chunked:512", "layered"):
+            for stream in (False, True):
+                res = simulate_disagg(reqs, Pool(cm, policy), Pool(cm, policy), link,
+                                      stream_kv=stream)
+                m = res.metrics
+                second = np.mean([g[0] for g in res.itls.per_request(
+                    res.requests.loc[res.requests.output_tokens > 1, "req_id"].tolist())]) * 1e3
+                values = (m["mean_ttft_ms"], m["mean_kv_exposed_ms"], second, m["mean_tpot_ms"],
+                          m["p99_itl_ms"])
+                print(f"{gbps:>6g} GB/s {policy:<12} {'layer-wise' if stream else 'whole':<11}"
+                      + "".join(f"{v:>15.4g}" for v in values))
     print(f"h100 profile: {cm.profile.accuracy_line()}; KV link: a datasheet figure (a guess)")
     return 0
 
