@@ -71,7 +71,7 @@ def main() -> int:
                     res.requests.loc[res.requests.output_tokens > 1, "req_id"].tolist())]) * 1e3
                 values = (m["mean_ttft_ms"], m["mean_kv_exposed_ms"], second, m["mean_tpot_ms"],
                           m["p99_itl_ms"])
-                print(f"{gbps:>6g} GB/s {policy:<12} {'layer-wise' if stream else 'whole':<11}"
+                print(f"{gbps:>6g} GB/s {policy:<12} {'as made' if stream else 'whole':<11}"
                       + "".join(f"{v:>15.4g}" for v in values))
     print(f"h100 profile: {cm.profile.accuracy_line()}; KV link: a datasheet figure (a guess)")
     return 0
