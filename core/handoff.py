@@ -4,10 +4,11 @@ worker, as vLLM's KV connectors (NIXL) and SGLang's disaggregation move it.
 The prefill worker runs the prompt and emits the first token (the request has max_tokens = 1
 there); with `keep_finished_kv` its state keeps the finished request's blocks, in `in_transit`,
 until `release_sent` when the transfer ends. The decode worker first reserves blocks for the
-prompt's KV (`reserve_incoming`: all or nothing, and within the policy's max_num_seqs counting
-what is reserved), the request then waiting in its `in_transit`; when the KV has arrived
-(`start_decoding`) the request joins `running` as a request whose prompt is done and whose first
-token is out: its next iteration computes the first output token's KV and emits the second.
+prompt's KV (`reserve_incoming`: all or nothing, leaving the running decodes' next blocks free,
+and within the policy's max_num_seqs counting what is reserved), the request then waiting in its
+`in_transit`; when the KV has arrived (`start_decoding`) the request joins `running` as a
+request whose prompt is done and whose first token is out: its next iteration computes the
+first output token's KV and emits the second.
 Blocks on both sides are ordinary pool blocks, so every memory check counts them.
 
 The decode side's table carries no prefix hashes: the prompt's blocks arrive whole from the
@@ -43,6 +44,10 @@ def reserve_incoming(state: ReplicaState, req: RequestState, max_num_seqs: int |
     """The decode side: take blocks for `req`'s prompt KV if they are free and a sequence slot is
     (running plus reserved below `max_num_seqs`); False, changing nothing, otherwise."""
     if max_num_seqs is not None and len(state.running) + len(state.in_transit) >= max_num_seqs:
+        return False
+    # the running decodes' next blocks stay free: a reservation must not preempt them
+    need = -(-req.num_computed_tokens // state.block_size)
+    if need + state.decode_growth(state.decodes) > state.num_free_blocks:
         return False
     try:
         state.pool.allocate(req.block_table, req.num_computed_tokens)

@@ -55,6 +55,7 @@ from costmodel.transfer import NETWORK_BYTES_PER_S, KVLink, kv_link, transfer_s
 from policies.base import Policy
 from policies.registry import make_policy
 from sim.clients import Clients, warmup_split
+from sim.replica import Replica
 from sim.router import make_router
 from sim.workers import DecodeWorker, PrefillWorker
 from traces.request import Request
@@ -205,6 +206,12 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
     for worker in d_reps:  # the KV arrives whole: nothing is matched there
         worker.state.set_prefix_caching(False)
     p_router, d_router = make_router(prefill.router, seed), make_router(decode.router, seed + 1)
+    pools: tuple[tuple[Sequence[Replica], Any, int], ...] = (
+        (p_reps, p_router, 0), (d_reps, d_router, prefill.num_replicas))
+    for pool_reps, router, first in pools:
+        if router.ordered:  # it keeps its workers ordered by load: tell it when one changes
+            for member in pool_reps:
+                member.on_load = lambda idx, router=router, first=first: router.changed(idx - first)
     links = {rep.idx: simpy.Resource(env, capacity=1) for rep in p_reps}
 
     def open_window() -> None:  # no fast-forwarded run may straddle the window's start

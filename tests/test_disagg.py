@@ -237,3 +237,47 @@ def test_searches_refuse_disaggregated_keys_rather_than_ignore_them(command, cap
     rc = main([*command, "--prefill-replicas", "1", "--decode-replicas", "1", "--duration", "5"])
     assert rc == 2
     assert "disaggregated pools are not searched yet" in capsys.readouterr().err
+
+
+# ---- found by review ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("router", ["least-outstanding", "jsq-tokens"])
+def test_load_ordered_routers_spread_both_pools(router: str) -> None:
+    """They keep their workers ordered by load, so each worker's load changes must reach its
+    pool's router (they did not: a stale heap, then an IndexError)."""
+    cm = ConstantCost(C)
+    reqs = [Request(i, 0.001 * i, 64, 50) for i in range(6)]
+    res = simulate_disagg(reqs, Pool(cm, "chunked:512", 2, router),
+                          Pool(cm, "chunked:512", 2, router), KVLink(1e12, 0.0, "fast"))
+    assert res.metrics["completed"] == 6
+    assert set(res.requests["replica"]) == {2, 3}  # both decode workers (ids after the prefill's)
+    assert set(res.iterations.loc[res.iterations.replica < 2, "replica"]) == {0, 1}
+
+
+def test_a_prefill_worker_waits_for_its_sent_kv_instead_of_thrashing(monkeypatch) -> None:
+    """A prefill worker whose blocks are held by a KV waiting for a decode worker's room: the
+    next prompt cannot grow, and preempting it frees nothing that would help. It waits for the
+    transfer's end (which wakes it); it used to restart the prompt until the livelock check
+    stopped the run."""
+    pm, dm = ConstantCost(0.001), ConstantCost(C)
+    monkeypatch.setattr(sim.disagg, "kv_blocks",
+                        lambda cm, bs, u, *a: (200, 0.0) if cm is pm else (210, 0.0))
+    reqs = [Request(0, 0.0, 3000, 300), Request(1, 0.1, 2400, 10), Request(2, 0.2, 1000, 10)]
+    res = simulate_disagg(reqs, Pool(pm, "chunked:512"), Pool(dm, "chunked:512"),
+                          KVLink(1e15, 0.0, "fast"), enable_prefix_caching=False)
+    assert res.metrics["completed"] == 3 and res.metrics["preemptions"] == 0
+
+
+def test_a_reservation_leaves_the_running_decodes_next_blocks(monkeypatch) -> None:
+    """Ten decode blocks of 16 tokens. A (64 + 60) decodes there; B's prompt (80 tokens, 5
+    blocks) asks for room at the planning point where A holds 80 tokens in 5 blocks and needs a
+    sixth for its next token: taking the 5 free blocks would preempt A, so B waits for A."""
+    pm, dm = ConstantCost(C), ConstantCost(C)
+    monkeypatch.setattr(sim.disagg, "kv_blocks",
+                        lambda cm, bs, u, *a: (1000, 0.0) if cm is pm else (10, 0.0))
+    reqs = [Request(0, 0.0, 64, 60), Request(1, 0.155, 80, 5)]
+    res = simulate_disagg(reqs, Pool(pm, "chunked:512"), Pool(dm, "chunked:512"),
+                          KVLink(1e15, 0.0, "fast"), enable_prefix_caching=False)
+    rows = _rows(res)
+    assert res.metrics["completed"] == 2 and res.metrics["preemptions"] == 0
+    assert rows.loc[1, "kv_start_s"] >= rows.loc[0, "finish_s"]  # reserved once A was done
