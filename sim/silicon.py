@@ -17,10 +17,16 @@ with `--random-range-ratio R` (lengths uniform in [L (1 - R), L (1 + R)]) agains
 defaults. Either way `batch_size` closed-loop clients start together, every request is measured,
 and the shipped profile of the GPU prices the plans. The burst start and the length spread
 matter: every first wave queues behind ceil(clients * isl / budget) full prefill passes, and
-without spread the clients would stay in lockstep for ever. Rows are skipped, each with its
-reason, when layersim cannot price them honestly: disaggregated prefill/decode, pipeline or
-attention data parallelism, expert parallelism inside the tensor-parallel group, or an
-architecture with no preset. Nothing here is keyed to particular rows.
+without spread the clients would stay in lockstep for ever. A disaggregated row (`mode`
+disagg) runs its pools (sim/disagg.py: `prefill_num_workers` x `prefill_tp_size` and
+`decode_num_workers` x `decode_tp_size`, the KV over the GPUs' preset network ports); it records
+its client count in `silicon_concurrency` (none of the vLLM ones does: they are skipped, as a
+guess such as the decode pools' batch would be far off), `decode_batch_size` sequences per
+worker, without async scheduling (not modelled with disaggregation yet), and it is reported as
+its model "(disaggregated)". Rows are skipped, each with its reason, when layersim cannot price them
+honestly: pipeline or attention data parallelism, expert parallelism inside the
+tensor-parallel group, or an architecture with no preset. Nothing here is keyed to particular
+rows.
 
 Engine overhead (what a serving engine adds to its kernels per iteration): two parameters,
 `iteration_overhead_s` (scheduler, launches) and `request_overhead_s` (per running request:
@@ -31,6 +37,7 @@ iteration serves about `batch_size` requests, so residual = a + b * batch_size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +60,9 @@ DEFAULT_PROTOCOL = "inferencex"
 # vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB, and what
 # InferenceX's recipes set
 VLLM_CHUNK = 8192
+# what a disaggregated row must record to be replayed (its pools)
+DISAGG_SIZES = ("prefill_num_workers", "prefill_tp_size", "decode_num_workers", "decode_tp_size",
+                "decode_batch_size")
 
 
 def check_protocol(protocol: str) -> str:
@@ -104,15 +114,26 @@ def _num(row: Any, key: str, default: float = 1.0) -> float:
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
 
 
+def is_disaggregated(row: Any) -> bool:
+    return str(row["mode"]) == "disagg"
+
+
 def skip_reason(row: Any) -> str | None:
-    if str(row["mode"]) != "agg":
-        return "disaggregated prefill/decode (not modelled yet)"
-    if _num(row, "pp_size") > 1:
-        return "pipeline parallelism (not modelled)"
-    if _num(row, "attention_dp_size") > 1:
-        return "attention data parallelism (not modelled)"
-    if _num(row, "moe_ep_size") > 1:
-        return "expert parallelism inside the TP group (not modelled)"
+    mode = str(row["mode"])
+    if mode not in ("agg", "disagg"):
+        return f"mode {mode!r} (neither agg nor disagg)"
+    pools = ("prefill_", "decode_") if is_disaggregated(row) else ("",)
+    for pool in pools:
+        if _num(row, pool + "pp_size") > 1:
+            return "pipeline parallelism (not modelled)"
+        if _num(row, pool + "attention_dp_size") > 1:
+            return "attention data parallelism (not modelled)"
+        if _num(row, pool + "moe_ep_size") > 1:
+            return "expert parallelism inside the TP group (not modelled)"
+    if is_disaggregated(row) and any(math.isnan(_num(row, key, math.nan)) for key in DISAGG_SIZES):
+        return "disaggregated row without its pools' sizes"
+    if row_clients(row) < 1:
+        return "no client count recorded (batch_size, silicon_concurrency)"
     preset, _ = hf_preset(str(row["model_path"]))
     if preset is None:
         return "architecture without a preset"
@@ -124,17 +145,23 @@ def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_P
     """The row as a study that replays the runs' protocol (see the module note)."""
     preset, dtype = hf_preset(str(row["model_path"]))
     precision = str(row["precision"]).lower()
-    clients = int(row["batch_size"])
+    clients, tp, pools = row_clients(row), int(_num(row, "tp_size", 0)), {}
+    if is_disaggregated(row):  # the row's pools; the decode batch per worker caps each worker
+        tp = int(row["prefill_tp_size"])
+        pools = {"prefill_replicas": int(row["prefill_num_workers"]),
+                 "decode_replicas": int(row["decode_num_workers"]),
+                 "decode_tp": int(row["decode_tp_size"])}
     isl, osl = int(row["isl"]), int(row["osl"])
     server: dict[str, Any]
     if check_protocol(protocol) == "inferencex":
+        seqs = int(row["decode_batch_size"]) if pools else clients
         server = {"workload": f"random-legacy:{isl}:{osl}:{INFERENCEX_RANGE_RATIO:g}",
-                  "max_num_seqs": clients, "enable_prefix_caching": False,
-                  "async_scheduling": True}
+                  "max_num_seqs": seqs, "enable_prefix_caching": False,
+                  "async_scheduling": not pools}  # not modelled with disaggregation yet
     else:
         server = {"workload": f"random:{isl}:{osl}:{protocol.removeprefix('vllm-random:')}"}
     values: dict[str, Any] = {
-        "model": preset, "gpu": gpu, "tp": int(row["tp_size"]), "profile": profile,
+        "model": preset, "gpu": gpu, "tp": tp, "profile": profile, **pools,
         "policies": [f"chunked:{VLLM_CHUNK}"],
         "max_concurrency": clients,
         "num_requests": PROTOCOL_ROUNDS * clients,
@@ -144,6 +171,15 @@ def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_P
     if precision == "fp8" or dtype == "fp8":
         values["dtype"] = "fp8"
     return make_study(values)
+
+
+def row_clients(row: Any) -> int:
+    """The row's closed-loop clients: `batch_size`, else `silicon_concurrency` (disaggregated
+    rows record only that); 0 when neither is recorded."""
+    clients = _num(row, "batch_size", math.nan)
+    if math.isnan(clients):
+        clients = _num(row, "silicon_concurrency", 0.0)
+    return int(clients)
 
 
 def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
@@ -167,9 +203,10 @@ def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
                 except ConfigError as e:  # e.g. the model does not fit this many GPUs
                     done[key] = (None, None, str(e))
             ttft, tpot, reason = done[key]
-        out.append(Replay(int(str(idx)), str(row["backend"]), str(row["model_path"]),
-                          int(_num(row, "isl", 0)), int(_num(row, "osl", 0)),
-                          int(_num(row, "batch_size", 0)), int(_num(row, "tp_size", 0)),
+        model = str(row["model_path"]) + (" (disaggregated)" if is_disaggregated(row) else "")
+        out.append(Replay(int(str(idx)), str(row["backend"]), model,
+                          int(_num(row, "isl", 0)), int(_num(row, "osl", 0)), row_clients(row),
+                          int(_num(row, "prefill_tp_size" if is_disaggregated(row) else "tp_size", 0)),
                           _num(row, "silicon_ttft_ms", float("nan")),
                           _num(row, "silicon_tpot_ms", float("nan")), ttft, tpot, reason))
     return out

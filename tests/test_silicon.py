@@ -117,3 +117,26 @@ def test_replay_out_writes_the_table_and_a_scatter_of_predicted_against_measured
         name = f"{r.model} ({r.backend})"
         assert points[(name, "x")] == ([r.measured_ttft_ms], [pytest.approx(r.predicted_ttft_ms)])
         assert points[(name, "x2")] == ([r.measured_tpot_ms], [pytest.approx(r.predicted_tpot_ms)])
+
+
+DISAGG = {**ROW, "model_path": "Qwen/Qwen3-30B-A3B", "mode": "disagg", "batch_size": float("nan"),
+          "tp_size": float("nan"), "isl": 256, "osl": 16, "prefill_num_workers": 2,
+          "prefill_tp_size": 2, "decode_num_workers": 1, "decode_tp_size": 4,
+          "decode_batch_size": 8, "silicon_concurrency": 6}
+
+
+def test_a_disaggregated_row_runs_its_pools() -> None:
+    row = pd.Series(DISAGG)
+    assert skip_reason(row) is None
+    study = row_study(row, "h100", None)
+    assert (study.prefill_replicas, study.tp, study.decode_replicas, study.decode_tp) == (2, 2, 1, 4)
+    assert study.max_concurrency == 6 and study.num_requests == 60 and study.max_num_seqs == 8
+    assert study.async_scheduling is False  # not modelled with disaggregation yet
+    (got,) = replay(pd.DataFrame([DISAGG]))
+    assert got.skipped is None and got.model == "Qwen/Qwen3-30B-A3B (disaggregated)"
+    assert got.clients == 6 and got.predicted_ttft_ms and got.predicted_tpot_ms
+
+
+def test_a_disaggregated_row_without_its_client_count_is_skipped() -> None:
+    reason = skip_reason(pd.Series({**DISAGG, "silicon_concurrency": float("nan")}))
+    assert reason is not None and "no client count" in reason
