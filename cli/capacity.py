@@ -8,16 +8,18 @@ from collections.abc import Callable
 
 from cli.flags import add_study_flags, study_values
 from cli.simulate import _write_report
-from costmodel import ConfigError
+from costmodel import ConfigError, CostModel
 from search.files import check_confidence, check_seeds, read_with_extras
 from sim.capacity import (
     CapacityAnswer,
     Point,
     SeededAnswer,
+    cheapest_split,
     max_rate,
     min_gpus,
     over_seeds,
     replace_study,
+    split_evaluator,
     study_evaluator,
     with_price,
 )
@@ -82,16 +84,21 @@ def run(ns: argparse.Namespace) -> int:
         m = p.metrics
         ttft = m["mean_ttft_ms"] or float("nan")
         itl = m["p99_itl_ms"] or float("nan")
-        print(f"{p.rate:>9.3f} {p.replicas:>9d} {m['gpus']:>6d} {p.slo_attainment:>8.1%} "
+        workers = str(p.replicas) if p.split is None else f"{p.split[0]}P+{p.split[1]}D"
+        print(f"{p.rate:>9.3f} {workers:>9} {m['gpus']:>6d} {p.slo_attainment:>8.1%} "
               f"{ttft:>9.0f} {itl:>8.1f}  {'meets' if p.meets else 'misses'}", flush=True)
 
     if seeds is not None:
+        if study.split_pools:
+            raise ConfigError("--split-pools: one seed only, for now (leave out --seeds)")
         return _run_seeds(ns, study, seeds, confidence, show)
-    evaluate = study_evaluator(study)
-    if given_rate is None:
-        answer = max_rate(evaluate, study.target, start_rate=study.start_rate, on_point=show)
+    if study.split_pools:
+        answer = _split(study, cm, given_rate, show)
+    elif given_rate is None:
+        answer = max_rate(study_evaluator(study), study.target, start_rate=study.start_rate,
+                          on_point=show)
     else:
-        answer = min_gpus(evaluate, given_rate, study.target, on_point=show)
+        answer = min_gpus(study_evaluator(study), given_rate, study.target, on_point=show)
     answer = with_price(answer, study.price_per_gpu_hour)
     result = answer.to_dict()
     if ns.out is not None:
@@ -113,12 +120,28 @@ def run(ns: argparse.Namespace) -> int:
         return 1
     line = (f"\nanswer: {a['rate_per_replica']:.3f} req/s per replica" if given_rate is None else
             f"\nanswer: {a['gpus']} GPUs ({a['replicas']} replicas) for {a['rate']:g} req/s")
+    if "prefill_replicas" in a:
+        line = (f"\nanswer: {a['gpus']} GPUs ({a['prefill_replicas']} prefill + "
+                f"{a['decode_replicas']} decode workers) for {a['rate']:g} req/s")
     line += f", attainment {a['slo_attainment']:.1%}, {a['energy_per_token_j']:.4f} J/token"
     if "cost_per_million_tokens" in a:
         line += f", ${a['cost_per_million_tokens']:.3f} per million tokens"
     print(line)
     print(cm.profile.accuracy_line())
     return 0
+
+
+def _split(study: Study, cm: CostModel, rate: float | None, show: Callable[[Point], None]
+           ) -> CapacityAnswer:
+    """--split-pools: the cheapest prefill/decode split at the given rate."""
+    if rate is None:
+        raise ConfigError("--split-pools needs --rate: the split is searched at a total rate")
+    if study.prefill_replicas is not None or study.decode_replicas is not None:
+        raise ConfigError("--split-pools searches --prefill-replicas and --decode-replicas: "
+                          "leave them out")
+    decode_gpus = (study.decode_tp or study.tp) * study.ep
+    return cheapest_split(split_evaluator(study), rate, study.target, cm.parallel.num_gpus,
+                          decode_gpus, on_point=show)
 
 
 def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: float,

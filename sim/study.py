@@ -151,6 +151,7 @@ class Study(BaseModel):
     target: float = Field(default=0.9, gt=0, le=1)
     price_per_gpu_hour: float | None = Field(default=None, ge=0)
     start_rate: float = Field(default=0.5, gt=0)
+    split_pools: bool = False  # capacity: the cheapest prefill/decode split at `rate`
 
     @field_validator("policies")
     @classmethod
@@ -375,6 +376,10 @@ class Study(BaseModel):
             reps = (f", disaggregated: {self.prefill_replicas} prefill + {self.decode_replicas} "
                     f"decode workers (decode tp {d_tp}), KV "
                     f"{'streamed as made' if self.stream_kv else 'sent after the first token'}")
+        if self.split_pools:  # capacity searches the pools' sizes
+            gpus = f"{cm.hw.name} workers of {par.num_gpus} GPUs"
+            reps = (f", prefill and decode pools (decode tp {self.decode_tp or par.tp}), "
+                    "their sizes searched")
         prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
