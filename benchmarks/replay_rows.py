@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from costmodel import ConfigError
-from sim.silicon import read_rows, row_study, skip_reason
+from sim.silicon import read_rows, row_clients, row_study, skip_reason
 from sim.study import run_study
 
 TARGET_S = 60.0
@@ -49,15 +49,16 @@ def main() -> int:
         it = result.iterations
         steps = int(it["iterations"].sum())
         folded = int(it.loc[it["iterations"] > 1, "iterations"].sum())
-        timed.append((cpu_s, idx, row, steps, folded, int(result.metrics["preemptions"])))
+        timed.append((cpu_s, idx, row, steps, folded, int(result.metrics["preemptions"]),
+                      study.tp))
     total = sum(t[0] for t in timed)
     print(f"{len(timed)} distinct row studies, {total:.1f} CPU s in all (target: the whole "
           f"replay <= {TARGET_S:.0f} s on one core)")
     print(f"{'row':>5} {'model':<26} {'isl':>5} {'osl':>5} {'clients':>7} {'tp':>3} {'CPU s':>7} "
           f"{'iterations':>10} {'fast-fwd':>9} {'preempt':>8}")
-    for cpu_s, idx, row, steps, folded, preempted in sorted(timed, key=lambda t: -t[0])[:args.top]:
+    for cpu_s, idx, row, steps, folded, preempted, tp in sorted(timed, key=lambda t: -t[0])[:args.top]:
         print(f"{idx:>5} {str(row.model_path):<26} {int(row.isl):>5} {int(row.osl):>5} "
-              f"{int(row.batch_size):>7} {int(row.tp_size):>3} {cpu_s:>7.1f} {steps:>10,} "
+              f"{row_clients(row):>7} {tp:>3} {cpu_s:>7.1f} {steps:>10,} "
               f"{folded:>9,} {preempted:>8,}")
     return 0
 
