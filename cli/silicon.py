@@ -60,7 +60,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         for r in table.to_dict("records"):
             print(json.dumps(r, sort_keys=True))
-        return 0
+        return 0 if len(table) else 1
     cols = ["row", "backend", "model", "isl", "osl", "clients", "tp", "measured_ttft_ms",
             "predicted_ttft_ms", "ttft_err", "measured_tpot_ms", "predicted_tpot_ms", "tpot_err"]
     if len(table):
@@ -77,4 +77,4 @@ def run(ns: argparse.Namespace) -> int:
           f"{sum(skipped.values())}:")
     for reason, n in skipped.items():
         print(f"  {n:>4}  {reason}")
-    return 0
+    return 0 if len(table) else 1  # nothing compared: not a success

@@ -140,3 +140,16 @@ def test_a_disaggregated_row_runs_its_pools() -> None:
 def test_a_disaggregated_row_without_its_client_count_is_skipped() -> None:
     reason = skip_reason(pd.Series({**DISAGG, "silicon_concurrency": float("nan")}))
     assert reason is not None and "no client count" in reason
+
+
+def test_a_file_with_no_row_to_simulate_exits_1(tmp_path, capsys) -> None:
+    """Every row skipped (here: pipeline parallelism): nothing was compared, so not a success,
+    and the reasons are still printed."""
+    from cli.main import main
+
+    csv = tmp_path / "rows.csv"
+    pd.DataFrame([{**ROW, "pp_size": 2}]).to_csv(csv, index=False)
+    assert main(["replay-silicon", str(csv)]) == 1
+    out = capsys.readouterr().out
+    assert "simulated 0 rows" in out and "pipeline parallelism" in out
+    assert main(["replay-silicon", str(csv), "--json"]) == 1
