@@ -63,3 +63,10 @@ def start_decoding(state: ReplicaState, req: RequestState) -> None:
     state.running.append(req)
     state.pending_tokens += req.tokens_to_go
     state.changed()
+
+
+def cancel_incoming(state: ReplicaState, req: RequestState) -> None:
+    """The decode side: a reservation given back (its stream restarts elsewhere)."""
+    if req in state.in_transit:
+        state.in_transit.remove(req)
+        state.pool.free(req.block_table)

@@ -125,6 +125,7 @@ class ReplicaState:
     # its transfer ends; a decode worker holds blocks for a request whose KV is on its way.
     # Both hold blocks outside `waiting` and `running`.
     keep_finished_kv: bool = False
+    streams_kv: bool = False  # its part-way prompts send KV as made (and hold decode blocks)
     in_transit: list[RequestState] = field(default_factory=list)
     # Tokens still to compute through the whole stack, summed over the requests held here
     # (waiting or running, each prompt + max_tokens - 1 - num_computed_tokens): the jsq-tokens

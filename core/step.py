@@ -110,7 +110,8 @@ def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
                     and not state.pool.enable_prefix_caching):
                 return _STEADY  # the plan is every decode: it repeats until a request finishes
             return Step(RUN, plan)
-        if not state.running or state.decodes or (state.keep_finished_kv and state.in_transit):
+        if not state.running or state.decodes or (
+                state.keep_finished_kv and state.in_transit and not state.streams_kv):
             return _WAIT  # (a prefill worker: a transfer's end frees blocks and wakes it)
         # Part-way prompts filled the KV and none can grow: recompute the newest.
         on_preempt(state.preempt_newest())

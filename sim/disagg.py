@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 import numpy as np
 import simpy
 
 from core.admission import REJECTIONS, kv_blocks, screen
+from core.blocks import PrefixCacheStats
 from core.handoff import decode_side, release_sent
-from core.metrics import DEFAULT_PERCENTILES, summarize
+from core.metrics import DEFAULT_PERCENTILES, prefix_cache_metrics, summarize
 from core.records import Recorder
 from core.request import RequestState
 from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult
@@ -51,7 +52,7 @@ from core.state import PlanError
 from costmodel.errors import ConfigError
 from costmodel.plan import Tile
 from costmodel.price import CostModel
-from costmodel.transfer import NETWORK_BYTES_PER_S, KVLink, kv_link, transfer_s
+from costmodel.transfer import NETWORK_BYTES_PER_S, NETWORK_LATENCY_S, KVLink, kv_link, transfer_s
 from policies.base import Policy
 from policies.registry import make_policy
 from sim.clients import Clients, warmup_split
@@ -70,6 +71,9 @@ class Pool:
     policy: str | Callable[[], Policy]  # a spec, or a factory (a user's class, max_num_seqs)
     num_replicas: int = 1
     router: str = "round-robin"
+
+
+DONE, CANCELLED = object(), object()  # a stream's last piece was sent; its prompt was preempted
 
 
 @dataclass
@@ -144,37 +148,58 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             yield env.timeout(seconds)
             record.end_s = env.now
 
-    def move(src: PrefillWorker, sent: RequestState, pieces: simpy.Store | None) -> Any:
-        """One request's KV from the prefill worker `src` to a decode worker (a SimPy process):
-        the whole prompt's at once, or the `pieces` (seconds on the wire; None after the last)
-        as its iterations make them."""
-        dst = d_reps[d_router.pick(d_reps)]
-        req = decode_side(sent, outputs[sent.req_id])
+    def move(src: PrefillWorker, sent: RequestState, dst: DecodeWorker, req: RequestState,
+             reserved: simpy.Event, pieces: simpy.Store | None) -> Any:
+        """One request's KV from the prefill worker `src` to the decode worker `dst` (a SimPy
+        process): the whole prompt's at once, or the `pieces` (seconds on the wire; DONE after
+        the last; CANCELLED when the prompt was preempted) as its iterations make them."""
         record = transfers[sent.req_id]
-        yield dst.reserve(req)
+        if not (yield reserved):  # withdrawn while it waited: the stream was cancelled
+            return
         if pieces is None:
             yield from send(src, transfer_s(pm, sent.prompt_len, link), record)
         else:
-            while (seconds := (yield pieces.get())) is not None:
+            while (seconds := (yield pieces.get())) is not DONE:
+                if seconds is CANCELLED:  # its blocks were given back by cancel()
+                    return
                 yield from send(src, seconds, record)
         release_sent(src.state, sent)
         src.wake()  # its policy may have been waiting for those blocks
         req.first_token_s = req.last_token_s = sent.first_token_s
         dst.receive(req)
 
-    streams: dict[int, simpy.Store] = {}
+    streams: dict[int, tuple[simpy.Store, DecodeWorker, RequestState]] = {}
+
+    def start(src: PrefillWorker, sent: RequestState, pieces: simpy.Store | None) -> None:
+        dst = d_reps[d_router.pick(d_reps)]
+        req = decode_side(sent, outputs[sent.req_id])
+        transfers[sent.req_id] = _Transfer(sent.req_id, env.now if pieces is None else math.nan)
+        if pieces is not None:
+            streams[sent.req_id] = (pieces, dst, req)
+        # asked now, not when the process first runs: a cancel at this instant must find it
+        env.process(move(src, sent, dst, req, dst.reserve(req), pieces))
 
     def stream(src: PrefillWorker, plan: tuple[Tile, ...], end_s: float) -> None:
-        """The KV each prompt tile made this iteration leaves now (stream_kv)."""
+        """The KV each prompt tile made this iteration leaves now (stream_kv); a stream starts
+        with its prompt's cached prefix, which the decode worker needs too."""
         held = {r.req_id: r for r in (*src.state.running, *src.state.in_transit)}
         for rid, t0, t1, l0, l1, _cached, _logits in plan:
             if outputs[rid] == 1 or t1 <= t0:  # a one-token request ends at the prefill worker
                 continue
             if rid not in streams:
-                streams[rid] = simpy.Store(env)
-                transfers[rid] = _Transfer(rid, math.nan)
-                env.process(move(src, held[rid], streams[rid]))
-            streams[rid].put(transfer_s(pm, t1 - t0, link, l1 - l0))
+                start(src, held[rid], simpy.Store(env))
+                if t0 > 0:
+                    streams[rid][0].put(transfer_s(pm, t0, link))
+            streams[rid][0].put(transfer_s(pm, t1 - t0, link, l1 - l0))
+
+    def cancel(sent: RequestState) -> None:
+        """A streaming prompt preempted on its prefill worker: its stream is void and its
+        reservation given back (the recompute starts another)."""
+        entry = streams.pop(sent.req_id, None)
+        if entry is not None:
+            pieces, dst, req = entry
+            dst.withdraw(req)
+            pieces.put(CANCELLED)
 
     def hand_off(src: PrefillWorker, sent: RequestState) -> None:
         rid = sent.req_id
@@ -185,10 +210,9 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             return
         if stream_kv:
             transfers[rid].ready_s = env.now
-            streams.pop(rid).put(None)  # after its last piece
+            streams.pop(rid)[0].put(DONE)  # after its last piece
         else:
-            transfers[rid] = _Transfer(rid, env.now)
-            env.process(move(src, sent, None))
+            start(src, sent, None)
 
     def args(pool: Pool, i: int, cm: CostModel, blocks: int, hidden: float) -> tuple[Any, ...]:
         policy = make_policy(pool.policy) if isinstance(pool.policy, str) else pool.policy()
@@ -196,7 +220,8 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
 
     p_reps = [PrefillWorker(*args(prefill, i, pm, p_blocks, p_hidden), check=check,
                             fast_forward=fast_forward, hand_off=hand_off,
-                            stream=stream if stream_kv else None)
+                            stream=stream if stream_kv else None,
+                            cancel=cancel if stream_kv else None)
               for i in range(prefill.num_replicas)]
     d_reps = [DecodeWorker(*args(decode, prefill.num_replicas + i, dm, d_blocks, d_hidden),
                            check=check, fast_forward=fast_forward, on_finish=on_finish)
@@ -228,8 +253,12 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
     while not done.triggered:
         try:
             env.step()
-        except simpy.core.EmptySchedule:
-            break
+        except simpy.core.EmptySchedule:  # nothing left to happen with requests pending
+            unfinished = pending[0]
+            raise PlanError(f"internal: the disaggregated run stalled at {env.now:.6g} s with "
+                            f"{unfinished} requests unfinished: a policy that stopped "
+                            "scheduling, or KV waiting on both sides"
+                            ) from None
     end_s = env.now
     if pending[0] == 0:  # all served: every block on both sides is back (core/handoff.py)
         for any_worker in (*p_reps, *d_reps):
@@ -258,8 +287,12 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
                            "disaggregation yet")):
         if bad:
             raise ConfigError(f"{key}: leave it out of a disaggregated run ({why})")
-    dm = cm if study.decode_tp in (None, study.tp) else (
-        study.model_copy(update={"tp": study.decode_tp}).cost_model())
+    dm = cm
+    if study.decode_tp not in (None, study.tp):
+        try:
+            dm = study.model_copy(update={"tp": study.decode_tp}).cost_model()
+        except ConfigError as e:  # its checks name --tp: here it is the decode pool's
+            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1)) from None
     link = None
     if study.kv_link_gb_per_s is not None or study.kv_link_latency_us is not None:
         preset = kv_link(cm.hw.name) if cm.hw.name in NETWORK_BYTES_PER_S else None
@@ -268,7 +301,7 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
         if bw is None:
             raise ConfigError(f"kv_link_gb_per_s: no preset for {cm.hw.name}; give it")
         lat = (study.kv_link_latency_us * 1e-6 if study.kv_link_latency_us is not None
-               else preset.latency_s if preset else 0.0)
+               else preset.latency_s if preset else NETWORK_LATENCY_S)
         link = KVLink(bw, lat, "the study's kv_link_gb_per_s / kv_link_latency_us")
     out = []
     for spec in study.policies:
@@ -300,7 +333,8 @@ def _result(recorder: Recorder, p_reps: list[PrefillWorker], d_reps: list[Decode
     it_df = recorder.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
     metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_j,
                         percentiles=DEFAULT_PERCENTILES, **slo)
-    moved = [t for t in transfers.values() if math.isfinite(t.end_s)]
+    moved = [t for t in transfers.values()
+             if math.isfinite(t.end_s) and t.req_id not in recorder.warmup_ids]
     wire_ms = np.array([t.end_s - t.start_s for t in moved]) * 1e3
     wait_ms = np.array([max(0.0, t.start_s - t.ready_s) for t in moved]) * 1e3
     exposed_ms = np.array([t.end_s - t.ready_s for t in moved]) * 1e3  # after the first token
@@ -322,6 +356,9 @@ def _result(recorder: Recorder, p_reps: list[PrefillWorker], d_reps: list[Decode
                "p99_kv_wait_ms": stat(wait_ms, lambda v: np.percentile(v, 99)),
                "mean_kv_exposed_ms": stat(exposed_ms, np.mean),
                "p99_kv_exposed_ms": stat(exposed_ms, lambda v: np.percentile(v, 99)),
-               **{key: list(reasons.values()).count(key) for key in REJECTIONS}}
+               **{key: list(reasons.values()).count(key) for key in REJECTIONS},
+               **prefix_cache_metrics(PrefixCacheStats(*map(sum, zip(
+                   *(astuple(rep.state.pool.stats()) for rep in p_reps), strict=True))),
+                   p_reps[0].state.enable_prefix_caching)}
     return SimResult(policy, metrics, req_df, it_df.reset_index(drop=True), recorder.request_gaps(),
                      rejections={rid: REJECTIONS[key] for rid, key in reasons.items()})

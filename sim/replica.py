@@ -145,7 +145,10 @@ class Replica:
         while True:
             if self._deferred:
                 self._planning_point()
-            self._planning_point_hook()
+            settle = self._planning_point_hook()
+            if settle is not None:
+                yield settle
+                continue
             if not state.running and not state.waiting:
                 self._in_flight = False
                 yield self._sleep()
@@ -153,7 +156,7 @@ class Replica:
             self._in_flight = True  # from planning on: the WAIT below is the one way back
             deferring = bool(self._deferred)  # a run must not pass the next planning point
             step = prepare(state, self.policy, env.now, checked=self.check,
-                           on_preempt=recorder.preempted, replica=self.idx,
+                           on_preempt=self._preempted, replica=self.idx,
                            fast_forward=self.fast_forward, blocked_steady=self.blocked_steady)
             # The load changed since the last report (the last step's tokens and finishes,
             # preemptions, prefix hits) and will not again before this step ends (nor before
@@ -196,8 +199,13 @@ class Replica:
                 self._finished(req)
 
     # ---- what the workers of disaggregated serving add (sim/workers.py) --------------------
-    def _planning_point_hook(self) -> None:
-        """Called at every planning point, before the step is prepared."""
+    def _planning_point_hook(self) -> simpy.Event | None:
+        """Called at every planning point, before the step is prepared; an event returned is
+        waited for, and the planning point taken again after it."""
+        return None
+
+    def _preempted(self, req: RequestState) -> None:
+        self.recorder.preempted(req)
 
     def _committed(self, plan: tuple[Tile, ...], end_s: float) -> None:
         """Called with every plan executed one by one, once committed."""

@@ -193,8 +193,13 @@ def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
             continue
         reason = skip_reason(row)
         ttft = tpot = None
+        study: Study | None = None
         if reason is None:
-            study = row_study(row, gpu, profile, protocol)
+            try:
+                study = row_study(row, gpu, profile, protocol)
+            except ConfigError as e:  # a size no study takes (tp 0, ...): this row only
+                study, reason = None, f"not a study: {e}"
+        if study is not None and reason is None:
             key = study.model_dump_json()
             if key not in done:
                 try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import simpy
 
-from core.handoff import reserve_incoming, start_decoding
+from core.handoff import cancel_incoming, reserve_incoming, start_decoding
 from core.request import RequestState
 from costmodel.plan import Tile
 from sim.replica import Replica
@@ -27,13 +27,22 @@ from sim.replica import Replica
 class PrefillWorker(Replica):
     def __init__(self, *args: Any, hand_off: Callable[[PrefillWorker, RequestState], None],
                  stream: Callable[[PrefillWorker, tuple[Tile, ...], float], None] | None = None,
-                 **kwargs: Any) -> None:
+                 cancel: Callable[[RequestState], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state.keep_finished_kv = True
         self.hand_off = hand_off
         self.stream = stream
+        self.cancel = cancel
         if stream is not None:
             self.prefill_ahead = None
+            # a part-way prompt that streams holds decode blocks: waiting for the KV in
+            # transit could wait on those very blocks, so such a worker preempts instead
+            self.state.streams_kv = True
+
+    def _preempted(self, req: RequestState) -> None:
+        super()._preempted(req)
+        if self.cancel is not None:  # what it streamed so far is void: it restarts
+            self.cancel(req)
 
     def _finished(self, req: RequestState) -> None:
         self._count_finished()
@@ -48,6 +57,7 @@ class DecodeWorker(Replica):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._received: list[RequestState] = []  # KV arrived, not yet running
+        self._settled = False  # this planning point waited for its instant's other events
         self._reservations: list[tuple[RequestState, simpy.Event]] = []  # KV yet to get blocks
 
     def reserve(self, req: RequestState) -> simpy.Event:
@@ -66,7 +76,11 @@ class DecodeWorker(Replica):
             self.on_load(self.idx)
         self.wake()
 
-    def _planning_point_hook(self) -> None:
+    def _planning_point_hook(self) -> simpy.Event | None:
+        if not self._settled:  # first let whatever else happens at this instant happen (a
+            self._settled = True  # first token handed on), as both executors then see it
+            return self.env.timeout(0)
+        self._settled = False
         for req in self._received:
             start_decoding(self.state, req)
         self._received.clear()
@@ -74,4 +88,15 @@ class DecodeWorker(Replica):
         queue = self._reservations
         while queue and reserve_incoming(self.state, queue[0][0],
                                          limit if isinstance(limit, int) else None):
-            queue.pop(0)[1].succeed()
+            queue.pop(0)[1].succeed(True)
+        return None
+
+    def withdraw(self, req: RequestState) -> None:
+        """A reservation asked for and no longer wanted (its stream was cancelled): its event
+        fires with False if it was still waiting, and blocks it took are freed."""
+        for i, (waiting, taken) in enumerate(self._reservations):
+            if waiting is req:
+                del self._reservations[i]
+                taken.succeed(False)
+                return
+        cancel_incoming(self.state, req)

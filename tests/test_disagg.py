@@ -327,3 +327,72 @@ def test_capacity_split_pools_from_the_command_line(capsys) -> None:
                "--duration", "20", "--json"])
     out = capsys.readouterr().out
     assert rc == 0 and '"prefill_replicas": 1' in out and '"decode_replicas": 1' in out
+
+
+# ---- found by the second review -------------------------------------------------------------------
+
+def test_streams_do_not_deadlock_on_each_others_blocks(monkeypatch) -> None:
+    """A streaming prompt reserves decode blocks at its first piece. Here one that is part-way
+    held them while an older, finished prompt waited for them, and the finished one's KV held
+    the prefill blocks the part-way one needed: neither moved. A prefill worker that streams
+    now preempts such a prompt (its stream and reservation given back) rather than wait; and
+    a reservation is asked for at once, so a cancel at the same instant finds it."""
+    pm, dm = ConstantCost(0.002), ConstantCost(C)
+    monkeypatch.setattr(sim.disagg, "kv_blocks",
+                        lambda cm, bs, u, *a: (125, 0.0) if cm is pm else (118, 0.0))
+    reqs = [Request(1, 0.001, 300, 2), Request(3, 0.008, 1400, 2), Request(2, 0.014, 900, 2),
+            Request(4, 0.014, 1500, 2), Request(0, 0.019, 500, 2)]
+    res = simulate_disagg(reqs, Pool(pm, "chunked:1024"), Pool(dm, "chunked:1024"),
+                          KVLink(1e9, 0.0, "t"), stream_kv=True, enable_prefix_caching=False,
+                          check=True)
+    assert res.metrics["completed"] == 5 and res.metrics["preemptions"] > 0
+
+
+def test_a_stream_sends_the_cached_prefix_too() -> None:
+    """Request 1 hits 3 of its 4 blocks of 512 tokens in the prefill worker's cache: only its
+    last 512 tokens are computed there, but the decode worker needs all 2,048 tokens' KV."""
+    cm = ConstantCost(C)
+    long = 2048
+    link = KVLink(long * cm.kv_bytes_per_token_per_gpu / 0.001, 0.0, "test")  # 1 ms the prompt
+    reqs = [Request(0, 0.0, long, 3, (1, 2, 3, 4)), Request(1, 1.0, long, 3, (1, 2, 3, 5))]
+    for stream in (False, True):
+        res = simulate_disagg(reqs, Pool(cm, "chunked:4096"), Pool(cm, "chunked:4096"), link,
+                              stream_kv=stream, check=True)
+        rows = _rows(res)
+        assert res.metrics["prefix_cache_hits"] == 1536  # request 1's three shared blocks
+        wire = (rows["kv_end_s"] - rows["kv_start_s"]).tolist()
+        assert wire == pytest.approx([0.001, 0.001])
+
+
+def test_warm_up_transfers_are_left_out_of_the_kv_metrics() -> None:
+    cm = ConstantCost(C)
+    link = KVLink(64 * cm.kv_bytes_per_token_per_gpu / 0.001, 0.0, "test")  # 1 ms per 64 tokens
+    res = simulate_disagg([Request(0, 0.0, 640, 3), Request(1, 1.0, 64, 3)],
+                          Pool(cm, "chunked:4096"), Pool(cm, "chunked:4096"), link,
+                          warmup_requests=1)
+    assert res.metrics["completed"] == 1 and res.metrics["kv_transfers"] == 1
+    assert res.metrics["mean_kv_transfer_ms"] == pytest.approx(1.0)
+
+
+def test_a_first_token_at_a_decode_iterations_end_is_seen_alike_with_and_without_fast_forward(
+        ) -> None:
+    """Request 2 is sent when request 1 finishes and its first token comes out at 7 C, the end
+    of a decode iteration: both executors take its KV at that planning point."""
+    c = 2.0 ** -7
+    cm = ConstantCost(c)
+    reqs = [Request(0, 0.0, 64, 12), Request(1, 0.0, 64, 5), Request(2, 0.0, 64, 7)]
+    rows = [_rows(simulate_disagg(reqs, Pool(cm, "chunked:512"), Pool(cm, "chunked:512"),
+                                  KVLink(1e15, 0.0, "instant"), fast_forward=ff, check=True,
+                                  max_concurrency=2)) for ff in (True, False)]
+    for col in ("first_token_s", "kv_start_s", "finish_s"):
+        assert rows[0][col].tolist() == pytest.approx(rows[1][col].tolist()), col
+    assert rows[0].loc[2, "kv_start_s"] == pytest.approx(7 * c)
+
+
+def test_a_decode_tp_that_does_not_divide_the_model_names_its_flag() -> None:
+    from sim.study import make_study, run_study
+
+    study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 10,
+                        "prefill_replicas": 1, "decode_replicas": 1, "decode_tp": 3})
+    with pytest.raises(ConfigError, match="--decode-tp 3"):
+        run_study(study)

@@ -153,3 +153,12 @@ def test_a_file_with_no_row_to_simulate_exits_1(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "simulated 0 rows" in out and "pipeline parallelism" in out
     assert main(["replay-silicon", str(csv), "--json"]) == 1
+
+
+def test_a_row_no_study_takes_is_skipped_not_fatal() -> None:
+    """A disaggregated row with 0 prefill workers: that row is skipped with the reason, and the
+    rows around it still run."""
+    rows = pd.DataFrame([{**DISAGG, "prefill_num_workers": 0}, DISAGG])
+    bad, good = replay(rows)
+    assert bad.skipped is not None and "not a study" in bad.skipped
+    assert good.skipped is None and good.predicted_tpot_ms
