@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from costmodel import ConfigError
+from costmodel import ConfigError, CostModel
 from costmodel.model import hf_preset
 from sim.study import Study, make_study, run_study
 
@@ -60,6 +60,9 @@ DEFAULT_PROTOCOL = "inferencex"
 # vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB, and what
 # InferenceX's recipes set
 VLLM_CHUNK = 8192
+# the study keys a cost model is built from (Study.cost_model)
+COST_KEYS = {"model", "gpu", "tp", "ep", "profile", "routing_skew", "dtype", "expert_dtype",
+             "kv_cache_dtype"}
 # what a disaggregated row must record to be replayed (its pools)
 DISAGG_SIZES = ("prefill_num_workers", "prefill_tp_size", "decode_num_workers", "decode_tp_size",
                 "decode_batch_size")
@@ -188,6 +191,7 @@ def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
     check_protocol(protocol)  # also when every row is skipped
     out = []
     done: dict[str, tuple[float | None, float | None, str | None]] = {}  # rows run twice
+    models: dict[str, CostModel] = {}
     for idx, row in frame.iterrows():
         if backend is not None and str(row["backend"]) != backend:
             continue
@@ -203,7 +207,10 @@ def replay(frame: pd.DataFrame, gpu: str = "h100", backend: str | None = None,
             key = study.model_dump_json()
             if key not in done:
                 try:
-                    _, _, (result,) = run_study(study)
+                    cost_key = study.model_dump_json(include=COST_KEYS)
+                    if cost_key not in models:  # rows of one model, GPU and TP share it
+                        models[cost_key] = study.cost_model()
+                    _, _, (result,) = run_study(study, cost_model=models[cost_key])
                     done[key] = (result.metrics["mean_ttft_ms"], result.metrics["mean_tpot_ms"], None)
                 except ConfigError as e:  # e.g. the model does not fit this many GPUs
                     done[key] = (None, None, str(e))

@@ -439,10 +439,12 @@ def make_study(values: dict[str, Any], source: str = "flags") -> Study:
         raise ConfigError(f"{source}: key '{key}': {msg}") from None
 
 
-def run_study(study: Study, *, progress: bool = False, check: bool = False
-              ) -> tuple[Workload, CostModel, list[SimResult]]:
+def run_study(study: Study, *, progress: bool = False, check: bool = False,
+              cost_model: CostModel | None = None) -> tuple[Workload, CostModel, list[SimResult]]:
+    """`cost_model`: the study's own (study.cost_model()), built already by a caller that
+    runs many studies of one model and GPU."""
     _check_policies(study)
-    cm = study.cost_model()
+    cm = study.cost_model() if cost_model is None else cost_model
     workload = study.build_workload(cm.model.max_context)
     executor = None
     if study.ray or study.ray_address is not None:  # Ray is optional: loaded only when asked
