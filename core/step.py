@@ -14,8 +14,11 @@ next KV block; then matches every waiting request's prefix against the cache (it
 plan (under guard and checked, policies.base's
 schedule_checked, unless the executor trusts it). An empty plan while prompts are part-way
 and nothing decodes means they filled the KV and none can grow: the newest is preempted and
-the policy asked again. Every victim goes to `on_preempt` (the recorder; the engine drops its
-hidden states: the core has freed the victim's KV blocks, which are the engine's pages).
+the policy asked again (a prefill worker of disaggregated serving whose blocks wait on KV in
+transit waits instead, as the transfer's end frees them; unless its prompts stream their KV,
+whose decode blocks that transfer may be waiting for: core/handoff.py). Every victim goes to
+`on_preempt` (the recorder; the engine drops its hidden states: the core has freed the
+victim's KV blocks, which are the engine's pages).
 Preemptions in a row that undo no new work with no token between them are a livelock, a
 PlanError naming the policy.
 
