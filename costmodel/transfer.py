@@ -1,11 +1,12 @@
 """Moving a request's KV cache between workers (prefill/decode disaggregation).
 
 Each tensor-parallel rank holds its shard of the KV cache (its KV heads, every layer) and sends
-it over its own link, so a transfer of P tokens takes
+it over its own link, and each rank of the receiving worker takes its own shard over its own,
+so a transfer of P tokens takes
 
-    latency_s + P x kv_bytes_per_token_per_gpu / bytes_per_s
+    latency_s + P x max(sender's, receiver's kv_bytes_per_token_per_gpu) / bytes_per_s
 
-on the sending worker's links, all ranks at once. Across nodes the link is the GPU's network
+all ranks at once: the side with fewer GPUs per KV head bounds it. Across nodes the link is the GPU's network
 port: DGX/HGX H100, H200 and B200 pair every GPU with one 400 Gb/s ConnectX-7 port (50 GB/s
 one way), DGX A100 with one 200 Gb/s HDR port (25 GB/s); 10 us is the point-to-point latency the
 AIConfigurator collector assumes on its H100/H200 systems (`../shared/gpu-data/kernels/systems/
@@ -65,14 +66,16 @@ def kv_link(gpu: str, same_node: bool = False) -> KVLink:
     return KVLink(bw, NETWORK_LATENCY_S, source)
 
 
-def transfer_s(cost_model: CostModel, num_tokens: int, link: KVLink, num_layers: int | None = None
-               ) -> float:
+def transfer_s(cost_model: CostModel, num_tokens: int, link: KVLink, num_layers: int | None = None,
+               receiver: CostModel | None = None) -> float:
     """Seconds to send `num_tokens` tokens' KV cache through `num_layers` layers (default: all)
-    from a worker of `cost_model` (see the module note; every layer holds the same KV per
-    token); no time for nothing."""
+    from a worker of `cost_model` to one of `receiver` (default: the same parallelism; see the
+    module note; every layer holds the same KV per token); no time for nothing."""
     layers = cost_model.model.num_layers
     num_layers = layers if num_layers is None else num_layers
     if num_tokens <= 0 or num_layers <= 0:
         return 0.0
-    per_gpu = num_tokens * cost_model.kv_bytes_per_token_per_gpu * num_layers / layers
-    return link.latency_s + per_gpu / link.bytes_per_s
+    per_token = cost_model.kv_bytes_per_token_per_gpu
+    if receiver is not None:
+        per_token = max(per_token, receiver.kv_bytes_per_token_per_gpu)
+    return link.latency_s + num_tokens * per_token * num_layers / layers / link.bytes_per_s

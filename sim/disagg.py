@@ -10,9 +10,9 @@ A prefill worker runs each request as a request of one output token (any policy:
 are prompts and nothing decodes there); its KV stays held until the transfer ends
 (core/handoff.py). The decode pool's router picks the worker when the first token is out; the
 worker reserves blocks for the prompt's KV and a sequence slot (its policy's max_num_seqs),
-waiting in arrival order while it cannot. Transfers leave one prefill worker one after another
-(its TP ranks each send their shard over their own link: costmodel/transfer.py), so transfers
-contend for the sender's links; the receiving side is not a bottleneck here. A request of one
+waiting in arrival order while it cannot. A transfer holds the prefill worker's links and the
+decode worker's (its TP ranks each send or take their shard over their own: costmodel/
+transfer.py), so transfers from one worker, or to one, go one after another. A request of one
 output token finishes at the prefill worker.
 
 With `stream_kv` the KV leaves as it is made: each prompt tile's rectangle (its tokens through
@@ -139,14 +139,18 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                       first_measured.req_id if first_measured is not None else None,
                       frozenset(reasons), block_size)
 
-    def send(src: PrefillWorker, seconds: float, record: _Transfer) -> Any:
-        """One piece on `src`'s links, after the pieces before it."""
-        with links[src.idx].request() as slot:
-            yield slot
-            if math.isnan(record.start_s):
-                record.start_s = env.now
-            yield env.timeout(seconds)
-            record.end_s = env.now
+    def send(src: PrefillWorker, dst: DecodeWorker, seconds: float, record: _Transfer) -> Any:
+        """One piece, once both `src`'s links and `dst`'s are free (in order on each side; a
+        piece holds the sender's while it waits for the receiver's, which only a piece on the
+        wire holds, so no two wait on each other)."""
+        with links[src.idx].request() as out:
+            yield out
+            with links[dst.idx].request() as into:  # asked for only once the sender's is held
+                yield into
+                if math.isnan(record.start_s):
+                    record.start_s = env.now
+                yield env.timeout(seconds)
+                record.end_s = env.now
 
     def move(src: PrefillWorker, sent: RequestState, dst: DecodeWorker, req: RequestState,
              reserved: simpy.Event, pieces: simpy.Store | None) -> Any:
@@ -157,12 +161,12 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         if not (yield reserved):  # withdrawn while it waited: the stream was cancelled
             return
         if pieces is None:
-            yield from send(src, transfer_s(pm, sent.prompt_len, link), record)
+            yield from send(src, dst, transfer_s(pm, sent.prompt_len, link, receiver=dm), record)
         else:
             while (seconds := (yield pieces.get())) is not DONE:
                 if seconds is CANCELLED:  # its blocks were given back by cancel()
                     return
-                yield from send(src, seconds, record)
+                yield from send(src, dst, seconds, record)
         release_sent(src.state, sent)
         src.wake()  # its policy may have been waiting for those blocks
         req.first_token_s = req.last_token_s = sent.first_token_s
@@ -189,8 +193,8 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             if rid not in streams:
                 start(src, held[rid], simpy.Store(env))
                 if t0 > 0:
-                    streams[rid][0].put(transfer_s(pm, t0, link))
-            streams[rid][0].put(transfer_s(pm, t1 - t0, link, l1 - l0))
+                    streams[rid][0].put(transfer_s(pm, t0, link, receiver=dm))
+            streams[rid][0].put(transfer_s(pm, t1 - t0, link, l1 - l0, receiver=dm))
 
     def cancel(sent: RequestState) -> None:
         """A streaming prompt preempted on its prefill worker: its stream is void and its
@@ -237,7 +241,7 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         if router.ordered:  # it keeps its workers ordered by load: tell it when one changes
             for member in pool_reps:
                 member.on_load = lambda idx, router=router, first=first: router.changed(idx - first)
-    links = {rep.idx: simpy.Resource(env, capacity=1) for rep in p_reps}
+    links = {worker.idx: simpy.Resource(env, capacity=1) for worker in (*p_reps, *d_reps)}
 
     def open_window() -> None:  # no fast-forwarded run may straddle the window's start
         for worker in (*p_reps, *d_reps):

@@ -396,3 +396,28 @@ def test_a_decode_tp_that_does_not_divide_the_model_names_its_flag() -> None:
                         "prefill_replicas": 1, "decode_replicas": 1, "decode_tp": 3})
     with pytest.raises(ConfigError, match="--decode-tp 3"):
         run_study(study)
+
+
+# ---- the receiving side --------------------------------------------------------------------------
+
+def test_transfers_into_one_decode_worker_take_turns_on_its_links() -> None:
+    """Two prefill workers each finish a prompt at C; their KV goes to the one decode worker,
+    whose links take one transfer at a time: the second lands at C + 2X, not C + X."""
+    cm = ConstantCost(C)
+    x = 0.004
+    res = simulate_disagg([Request(0, 0.0, P, 3), Request(1, 0.0, P, 3)],
+                          Pool(cm, "chunked:512", 2), Pool(cm, "chunked:512"), _link(cm, x))
+    ends = sorted(_rows(res)["kv_end_s"])
+    assert ends == pytest.approx([C + x, C + 2 * x])
+
+
+def test_a_decode_worker_with_fewer_gpus_takes_longer_to_receive() -> None:
+    """Prefill TP 4, decode TP 2: each decode GPU takes twice the bytes each prefill GPU sends,
+    so the receiving side bounds the transfer."""
+    model = load_model("qwen3-30b-a3b")
+    p4 = CostModel(model, "h100", parallel=Parallelism(tp=4))
+    d2 = CostModel(model, "h100", parallel=Parallelism(tp=2))
+    link = kv_link("h100")
+    assert transfer_s(p4, 1000, link, receiver=d2) == pytest.approx(
+        transfer_s(d2, 1000, link)) == pytest.approx(10e-6 + 1000 * 48 * 4 * 128 * 2 * 2 / 2 / 50e9)
+    assert transfer_s(p4, 1000, link, receiver=d2) > transfer_s(p4, 1000, link)
