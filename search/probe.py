@@ -140,6 +140,7 @@ def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
                       metric_percentiles=study.metric_percentiles,
                       max_concurrency=study.max_concurrency,
                       warmup_requests=study.warmup(len(requests)),
-                      enable_prefix_caching=study.enable_prefix_caching)
+                      enable_prefix_caching=study.enable_prefix_caching,
+                      async_scheduling=study.async_scheduling)
     metrics = {k: result.metrics.get(k) for k in KEEP}
     return json.loads(json.dumps({"key": task.key, "metrics": metrics}))
