@@ -125,7 +125,9 @@ class ReplicaState:
     # its transfer ends; a decode worker holds blocks for a request whose KV is on its way.
     # Both hold blocks outside `waiting` and `running`.
     keep_finished_kv: bool = False
-    streams_kv: bool = False  # its part-way prompts send KV as made (and hold decode blocks)
+    # a prefill worker's KV in transit waits for decode blocks that its own part-way streaming
+    # prompts may hold: preempt such a prompt rather than wait (set at each planning point)
+    transit_may_wait_on_streams: bool = False
     in_transit: list[RequestState] = field(default_factory=list)
     # Tokens still to compute through the whole stack, summed over the requests held here
     # (waiting or running, each prompt + max_tokens - 1 - num_computed_tokens): the jsq-tokens

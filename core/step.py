@@ -14,9 +14,10 @@ next KV block; then matches every waiting request's prefix against the cache (it
 plan (under guard and checked, policies.base's
 schedule_checked, unless the executor trusts it). An empty plan while prompts are part-way
 and nothing decodes means they filled the KV and none can grow: the newest is preempted and
-the policy asked again (a prefill worker of disaggregated serving whose blocks wait on KV in
-transit waits instead, as the transfer's end frees them; unless its prompts stream their KV,
-whose decode blocks that transfer may be waiting for: core/handoff.py). Every victim goes to
+the policy asked again. A prefill worker of disaggregated serving whose blocks wait on KV in
+transit waits instead, as the transfer's end frees them; when a transfer still waits for
+decode blocks, which its own streaming prompts may hold, it first recomputes them all, their
+streams and decode blocks given back (core/handoff.py), rather than restart one at once. Every victim goes to
 `on_preempt` (the recorder; the engine drops its hidden states: the core has freed the
 victim's KV blocks, which are the engine's pages).
 Preemptions in a row that undo no new work with no token between them are a livelock, a
@@ -113,9 +114,13 @@ def prepare(state: ReplicaState, policy: Policy, now_s: float, *, checked: bool,
                     and not state.pool.enable_prefix_caching):
                 return _STEADY  # the plan is every decode: it repeats until a request finishes
             return Step(RUN, plan)
-        if not state.running or state.decodes or (
-                state.keep_finished_kv and state.in_transit and not state.streams_kv):
-            return _WAIT  # (a prefill worker: a transfer's end frees blocks and wakes it)
+        if not state.running or state.decodes:
+            return _WAIT
+        if state.keep_finished_kv and state.in_transit:  # a prefill worker (core/handoff.py)
+            if state.transit_may_wait_on_streams:  # give every stream's decode blocks back
+                while state.running:
+                    on_preempt(state.preempt_newest())
+            return _WAIT  # a transfer's end frees blocks and wakes it
         # Part-way prompts filled the KV and none can grow: recompute the newest.
         on_preempt(state.preempt_newest())
         _check_progress(state, policy, replica)

@@ -4,9 +4,11 @@ Each tensor-parallel rank holds its shard of the KV cache (its KV heads, every l
 it over its own link, and each rank of the receiving worker takes its own shard over its own,
 so a transfer of P tokens takes
 
-    latency_s + P x max(sender's, receiver's kv_bytes_per_token_per_gpu) / bytes_per_s
+    latency_s + P x max(sender's, receiver's, receiver's x receiver TP / sender TP) / bytes_per_s
 
-all ranks at once: the side with fewer GPUs per KV head bounds it. Across nodes the link is the GPU's network
+in KV bytes per token per GPU, all ranks at once: the side with fewer GPUs per KV head bounds
+it, and where the receiver's TP exceeds the KV heads (each head on several GPUs) every copy
+leaves a sender's link. Across nodes the link is the GPU's network
 port: DGX/HGX H100, H200 and B200 pair every GPU with one 400 Gb/s ConnectX-7 port (50 GB/s
 one way), DGX A100 with one 200 Gb/s HDR port (25 GB/s); 10 us is the point-to-point latency the
 AIConfigurator collector assumes on its H100/H200 systems (`../shared/gpu-data/kernels/systems/
@@ -76,6 +78,8 @@ def transfer_s(cost_model: CostModel, num_tokens: int, link: KVLink, num_layers:
     if num_tokens <= 0 or num_layers <= 0:
         return 0.0
     per_token = cost_model.kv_bytes_per_token_per_gpu
-    if receiver is not None:
-        per_token = max(per_token, receiver.kv_bytes_per_token_per_gpu)
+    if receiver is not None:  # every receiving GPU's copy leaves some sender's link
+        into = receiver.kv_bytes_per_token_per_gpu
+        out = into * receiver.parallel.tp / cost_model.parallel.tp
+        per_token = max(per_token, out, into)
     return link.latency_s + num_tokens * per_token * num_layers / layers / link.bytes_per_s

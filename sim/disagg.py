@@ -82,6 +82,8 @@ class _Transfer:
     ready_s: float  # the first token out: the KV could start moving
     start_s: float = math.nan  # on the wire
     end_s: float = math.nan
+    reserved: bool = False  # the decode worker's blocks are held for it
+    void: bool = False  # its stream was cancelled: nothing more of it goes on the wire
 
 
 def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
@@ -147,6 +149,8 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             yield out
             with links[dst.idx].request() as into:  # asked for only once the sender's is held
                 yield into
+                if record.void:  # cancelled while it waited for the links
+                    return
                 if math.isnan(record.start_s):
                     record.start_s = env.now
                 yield env.timeout(seconds)
@@ -160,11 +164,12 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         record = transfers[sent.req_id]
         if not (yield reserved):  # withdrawn while it waited: the stream was cancelled
             return
+        record.reserved = True
         if pieces is None:
             yield from send(src, dst, transfer_s(pm, sent.prompt_len, link, receiver=dm), record)
         else:
             while (seconds := (yield pieces.get())) is not DONE:
-                if seconds is CANCELLED:  # its blocks were given back by cancel()
+                if record.void:  # its blocks were given back by cancel()
                     return
                 yield from send(src, dst, seconds, record)
         release_sent(src.state, sent)
@@ -172,14 +177,15 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         req.first_token_s = req.last_token_s = sent.first_token_s
         dst.receive(req)
 
-    streams: dict[int, tuple[simpy.Store, DecodeWorker, RequestState]] = {}
+    streams: dict[int, tuple[simpy.Store, DecodeWorker, RequestState, _Transfer]] = {}
 
     def start(src: PrefillWorker, sent: RequestState, pieces: simpy.Store | None) -> None:
         dst = d_reps[d_router.pick(d_reps)]
         req = decode_side(sent, outputs[sent.req_id])
-        transfers[sent.req_id] = _Transfer(sent.req_id, env.now if pieces is None else math.nan)
+        record = transfers[sent.req_id] = _Transfer(
+            sent.req_id, env.now if pieces is None else math.nan)
         if pieces is not None:
-            streams[sent.req_id] = (pieces, dst, req)
+            streams[sent.req_id] = (pieces, dst, req, record)
         # asked now, not when the process first runs: a cancel at this instant must find it
         env.process(move(src, sent, dst, req, dst.reserve(req), pieces))
 
@@ -201,9 +207,14 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         reservation given back (the recompute starts another)."""
         entry = streams.pop(sent.req_id, None)
         if entry is not None:
-            pieces, dst, req = entry
+            pieces, dst, req, record = entry
+            record.void = True  # no piece of it goes on the wire from now on
             dst.withdraw(req)
-            pieces.put(CANCELLED)
+            pieces.put(CANCELLED)  # wakes its process if it waits for a piece
+
+    def unreserved(src: PrefillWorker) -> bool:
+        """Whether some KV finished on `src` still waits for decode blocks."""
+        return any(not transfers[r.req_id].reserved for r in src.state.in_transit)
 
     def hand_off(src: PrefillWorker, sent: RequestState) -> None:
         rid = sent.req_id
@@ -225,7 +236,8 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
     p_reps = [PrefillWorker(*args(prefill, i, pm, p_blocks, p_hidden), check=check,
                             fast_forward=fast_forward, hand_off=hand_off,
                             stream=stream if stream_kv else None,
-                            cancel=cancel if stream_kv else None)
+                            cancel=cancel if stream_kv else None,
+                            unreserved=unreserved if stream_kv else None)
               for i in range(prefill.num_replicas)]
     d_reps = [DecodeWorker(*args(decode, prefill.num_replicas + i, dm, d_blocks, d_hidden),
                            check=check, fast_forward=fast_forward, on_finish=on_finish)

@@ -27,17 +27,24 @@ from sim.replica import Replica
 class PrefillWorker(Replica):
     def __init__(self, *args: Any, hand_off: Callable[[PrefillWorker, RequestState], None],
                  stream: Callable[[PrefillWorker, tuple[Tile, ...], float], None] | None = None,
-                 cancel: Callable[[RequestState], None] | None = None, **kwargs: Any) -> None:
+                 cancel: Callable[[RequestState], None] | None = None,
+                 unreserved: Callable[[PrefillWorker], bool] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state.keep_finished_kv = True
         self.hand_off = hand_off
         self.stream = stream
         self.cancel = cancel
+        self.unreserved = unreserved  # whether some KV sent from here has no decode blocks yet
         if stream is not None:
             self.prefill_ahead = None
-            # a part-way prompt that streams holds decode blocks: waiting for the KV in
-            # transit could wait on those very blocks, so such a worker preempts instead
-            self.state.streams_kv = True
+
+    def _planning_point_hook(self) -> simpy.Event | None:
+        # a part-way prompt that streams holds decode blocks: a transfer still waiting for
+        # decode blocks may wait on those very blocks, so preempt rather than wait for it
+        if self.unreserved is not None:
+            self.state.transit_may_wait_on_streams = self.unreserved(self)
+        return None
 
     def _preempted(self, req: RequestState) -> None:
         super()._preempted(req)
@@ -100,3 +107,4 @@ class DecodeWorker(Replica):
                 taken.succeed(False)
                 return
         cancel_incoming(self.state, req)
+        self.wake()  # the blocks freed may be what the reservations queued here wait for

@@ -421,3 +421,32 @@ def test_a_decode_worker_with_fewer_gpus_takes_longer_to_receive() -> None:
     assert transfer_s(p4, 1000, link, receiver=d2) == pytest.approx(
         transfer_s(d2, 1000, link)) == pytest.approx(10e-6 + 1000 * 48 * 4 * 128 * 2 * 2 / 2 / 50e9)
     assert transfer_s(p4, 1000, link, receiver=d2) > transfer_s(p4, 1000, link)
+
+
+# ---- found by the third review --------------------------------------------------------------------
+
+def test_a_slow_link_does_not_make_a_streaming_prefill_worker_thrash(monkeypatch) -> None:
+    """Two long prompts, 130 prefill blocks, a 1 MB/s link: the first prompt's KV takes long to
+    leave and its blocks with it. Its decode blocks are already reserved, so the worker waits
+    for it (it used to restart the second prompt until the livelock check stopped the run)."""
+    pm, dm = ConstantCost(0.002), ConstantCost(C)
+    monkeypatch.setattr(sim.disagg, "kv_blocks",
+                        lambda cm, bs, u, *a: (130, 0.0) if cm is pm else (1000, 0.0))
+    reqs = [Request(0, 0.0, 1500, 5), Request(1, 0.0, 1500, 5)]
+    for ff in (False, True):
+        res = simulate_disagg(reqs, Pool(pm, "chunked:256"), Pool(dm, "chunked:256"),
+                              KVLink(1e6, 0.0, "slow"), stream_kv=True, check=True,
+                              fast_forward=ff)
+        assert res.metrics["completed"] == 2 and res.metrics["preemptions"] == 0
+
+
+def test_a_receiver_with_more_gpus_than_kv_heads_is_sent_every_copy() -> None:
+    """Qwen3-30B-A3B has 4 KV heads: a decode worker of TP 8 holds each twice, and a prefill
+    worker of TP 1 sends all eight GPUs' shares over its one link."""
+    model = load_model("qwen3-30b-a3b")
+    p1 = CostModel(model, "h100", parallel=Parallelism(tp=1))
+    d8 = CostModel(model, "h100", parallel=Parallelism(tp=8))
+    link = KVLink(1e9, 0.0, "t")
+    per_token = 8 * d8.kv_bytes_per_token_per_gpu
+    assert per_token == 2 * p1.kv_bytes_per_token_per_gpu
+    assert transfer_s(p1, 1000, link, receiver=d8) == pytest.approx(1000 * per_token / 1e9)
