@@ -27,7 +27,7 @@ from costmodel.price import CostModel
 from costmodel.profile import Profile
 from sim.cluster import simulate
 from sim.results import layersim_version
-from sim.study import Study
+from sim.study import COST_KEYS, Study
 from traces.request import Request
 
 FORMAT = 1  # bump when a probe's record changes meaning
@@ -128,9 +128,7 @@ def _cost_model(study_json: str, cost_sha: str) -> CostModel:
 def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
     """Simulate the probe; its record: the key and the KEEP metrics (JSON-exact floats)."""
     study = task.study
-    cost_keys = ("model", "gpu", "tp", "ep", "profile", "routing_skew", "dtype", "expert_dtype",
-                 "kv_cache_dtype")
-    cm = _cost_model(study.model_dump_json(include=set(cost_keys)), task.cost_sha)
+    cm = _cost_model(study.model_dump_json(include=COST_KEYS), task.cost_sha)
     result = simulate(requests, cm, study.policy_factory(study.policies[0]),
                       num_replicas=study.replicas, router=study.router, seed=study.seed,
                       block_size=study.block_size,

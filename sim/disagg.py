@@ -90,8 +90,10 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                     link: KVLink | None = None, *, seed: int = 0, block_size: int = 16,
                     gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                     max_concurrency: int | None = None, slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS,
-                    slo_itl_ms: float = DEFAULT_SLO_ITL_MS, check: bool = False,
-                    fast_forward: bool = True, stream_kv: bool = False,
+                    slo_itl_ms: float = DEFAULT_SLO_ITL_MS, slo_tpot_ms: float | None = None,
+                    slo_e2el_ms: float | None = None,
+                    metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                    check: bool = False, fast_forward: bool = True, stream_kv: bool = False,
                     warmup_requests: int = 0) -> SimResult:
     """Serve `requests` on a prefill pool and a decode pool (see the module note). `link`:
     each prefill GPU's link to the decode pool (default: its GPU's network port).
@@ -287,7 +289,9 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             recorder.rejected(RequestState(r.req_id, r.arrival_s, r.prompt_tokens, r.output_tokens),
                               end_s)
     return _result(recorder, p_reps, d_reps, ordered, end_s, transfers, reasons,
-                   {"slo_ttft_ms": slo_ttft_ms, "slo_itl_ms": slo_itl_ms})
+                   {"slo_ttft_ms": slo_ttft_ms, "slo_itl_ms": slo_itl_ms,
+                    "slo_tpot_ms": slo_tpot_ms, "slo_e2el_ms": slo_e2el_ms,
+                    "percentiles": tuple(metric_percentiles)})
 
 
 def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
@@ -328,7 +332,9 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
             block_size=study.block_size, gpu_memory_utilization=study.gpu_memory_utilization,
             enable_prefix_caching=study.enable_prefix_caching,
             max_concurrency=study.max_concurrency, slo_ttft_ms=study.slo_ttft_ms,
-            slo_itl_ms=study.slo_itl_ms, check=check, stream_kv=study.stream_kv,
+            slo_itl_ms=study.slo_itl_ms, slo_tpot_ms=study.slo_tpot_ms,
+            slo_e2el_ms=study.slo_e2el_ms, metric_percentiles=study.metric_percentiles,
+            check=check, stream_kv=study.stream_kv,
             warmup_requests=study.warmup(len(requests))))
     return out
 
@@ -347,8 +353,7 @@ def _result(recorder: Recorder, p_reps: list[PrefillWorker], d_reps: list[Decode
         times = {rid: getattr(t, field) for rid, t in transfers.items()}
         req_df[col] = [times.get(rid, math.nan) for rid in req_df["req_id"]]
     it_df = recorder.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
-    metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_j,
-                        percentiles=DEFAULT_PERCENTILES, **slo)
+    metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_j, **slo)
     moved = [t for t in transfers.values()
              if math.isfinite(t.end_s) and t.req_id not in recorder.warmup_ids]
     wire_ms = np.array([t.end_s - t.start_s for t in moved]) * 1e3

@@ -143,12 +143,12 @@ class Replica:
     def run(self):  # type: ignore[no-untyped-def]
         env, state, recorder = self.env, self.state, self.recorder
         while True:
-            if self._deferred:
-                self._planning_point()
             settle = self._planning_point_hook()
-            if settle is not None:
+            if settle is not None:  # the hook's planning point is taken again after it
                 yield settle
                 continue
+            if self._deferred:
+                self._planning_point()
             if not state.running and not state.waiting:
                 self._in_flight = False
                 yield self._sleep()

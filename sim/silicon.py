@@ -48,7 +48,7 @@ import pandas as pd
 
 from costmodel import ConfigError, CostModel
 from costmodel.model import hf_preset
-from sim.study import Study, make_study, run_study
+from sim.study import COST_KEYS, Study, make_study, run_study
 
 COLUMNS = ("backend", "model_path", "precision", "mode", "isl", "osl", "batch_size", "tp_size",
            "silicon_ttft_ms", "silicon_tpot_ms")
@@ -60,9 +60,6 @@ DEFAULT_PROTOCOL = "inferencex"
 # vLLM V1's default max_num_batched_tokens for its OpenAI server on GPUs of >= 70 GB, and what
 # InferenceX's recipes set
 VLLM_CHUNK = 8192
-# the study keys a cost model is built from (Study.cost_model)
-COST_KEYS = {"model", "gpu", "tp", "ep", "profile", "routing_skew", "dtype", "expert_dtype",
-             "kv_cache_dtype"}
 # what a disaggregated row must record to be replayed (its pools)
 DISAGG_SIZES = ("prefill_num_workers", "prefill_tp_size", "decode_num_workers", "decode_tp_size",
                 "decode_batch_size")

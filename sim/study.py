@@ -96,6 +96,12 @@ NAMES = ("model", "gpu", "router", "workload", "arrival", "profile", "dtype", "e
          "kv_cache_dtype")
 
 
+# The keys Study.cost_model reads: studies equal in these share a cost model (the replay and
+# the search build one per distinct set)
+COST_KEYS = {"model", "gpu", "tp", "ep", "profile", "routing_skew", "dtype", "expert_dtype",
+             "kv_cache_dtype"}
+
+
 class Study(BaseModel):
     # finite numbers only: rate inf is the one infinity with a meaning (all at once)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)

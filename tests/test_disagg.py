@@ -450,3 +450,17 @@ def test_a_receiver_with_more_gpus_than_kv_heads_is_sent_every_copy() -> None:
     per_token = 8 * d8.kv_bytes_per_token_per_gpu
     assert per_token == 2 * p1.kv_bytes_per_token_per_gpu
     assert transfer_s(p1, 1000, link, receiver=d8) == pytest.approx(1000 * per_token / 1e9)
+
+
+def test_every_slo_and_percentile_key_reaches_a_disaggregated_run() -> None:
+    """slo_tpot_ms, slo_e2el_ms and metric_percentiles were left out of the pools' runs: a
+    TPOT target no request can meet must cost attainment there as co-located."""
+    from sim.study import make_study, run_study
+
+    keys = {"workload": "sharegpt", "rate": 4, "num_requests": 40, "policies": ["chunked:512"],
+            "prefill_replicas": 1, "decode_replicas": 1, "slo_tpot_ms": 0.001,
+            "slo_e2el_ms": 1e9, "metric_percentiles": [50, 75]}
+    _, _, (res,) = run_study(make_study(keys))
+    m = res.metrics
+    assert m["slo_attainment"] < 0.1 and m["slo_tpot_ms"] == 0.001 and m["slo_e2el_ms"] == 1e9
+    assert "p75_ttft_ms" in m
