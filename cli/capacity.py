@@ -14,16 +14,15 @@ from sim.capacity import (
     CapacityAnswer,
     Point,
     SeededAnswer,
-    cheapest_split,
     max_rate,
     min_gpus,
     over_seeds,
     replace_study,
-    split_evaluator,
     study_evaluator,
     with_price,
 )
 from sim.results import check_out, results_folder, setup_record, write_provenance
+from sim.split import cheapest_split, split_evaluator
 from sim.study import Study
 from traces.vllm_datasets import check_legacy_seeds
 
@@ -76,6 +75,9 @@ def run(ns: argparse.Namespace) -> int:
         print(f"policy {study.policies[0]}, workload {study.workload}, SLO: TTFT <= "
               f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms{extra}, "
               f"target attainment {study.target:.0%}")
+        if study.split_pools and seeds is not None and seeds > 1:
+            print(f"each split on {seeds} seeds: its mean attainment, TTFT and ITL; it meets when "
+                  f"the lower end of the {confidence:.0%} Student-t interval over its seeds does")
         print(f"{'rate':>9} {'replicas':>9} {'GPUs':>6} {'attain':>8} {'TTFT ms':>9} {'P99 ITL':>8}  verdict")
 
     def show(p: Point) -> None:
@@ -88,12 +90,10 @@ def run(ns: argparse.Namespace) -> int:
         print(f"{p.rate:>9.3f} {workers:>9} {m['gpus']:>6d} {p.slo_attainment:>8.1%} "
               f"{ttft:>9.0f} {itl:>8.1f}  {'meets' if p.meets else 'misses'}", flush=True)
 
-    if seeds is not None:
-        if study.split_pools:
-            raise ConfigError("--split-pools: one seed only, for now (leave out --seeds)")
+    if seeds is not None and not study.split_pools:
         return _run_seeds(ns, study, seeds, confidence, show)
     if study.split_pools:
-        answer = _split(study, cm, given_rate, show)
+        answer = _split(study, cm, given_rate, seeds or 1, confidence, show)
     elif given_rate is None:
         answer = max_rate(study_evaluator(study), study.target, start_rate=study.start_rate,
                           on_point=show)
@@ -102,8 +102,9 @@ def run(ns: argparse.Namespace) -> int:
     answer = with_price(answer, study.price_per_gpu_hour)
     result = answer.to_dict()
     if ns.out is not None:
+        more = {} if seeds is None else {"seeds": seeds, "confidence": confidence}
         setup = setup_record(study, cm, policy=study.policies[0], target_attainment=study.target,
-                             price_per_gpu_hour=study.price_per_gpu_hour, rate=given_rate)
+                             price_per_gpu_hour=study.price_per_gpu_hour, rate=given_rate, **more)
         with results_folder(ns.out) as folder:
             (folder / "capacity.json").write_text(
                 json.dumps({**result, "setup": setup}, indent=2, sort_keys=True) + "\n")
@@ -123,7 +124,11 @@ def run(ns: argparse.Namespace) -> int:
     if "prefill_replicas" in a:
         line = (f"\nanswer: {a['gpus']} GPUs ({a['prefill_replicas']} prefill + "
                 f"{a['decode_replicas']} decode workers) for {a['rate']:g} req/s")
-    line += f", attainment {a['slo_attainment']:.1%}, {a['energy_per_token_j']:.4f} J/token"
+    line += f", attainment {a['slo_attainment']:.1%}"
+    if "slo_attainment_low" in a:
+        line += (f" (mean over {seeds} seeds; lower end of its {confidence:.0%} Student-t interval "
+                 f"{a['slo_attainment_low']:.1%})")
+    line += f", {a['energy_per_token_j']:.4f} J/token"
     if "cost_per_million_tokens" in a:
         line += f", ${a['cost_per_million_tokens']:.3f} per million tokens"
     print(line)
@@ -131,9 +136,10 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _split(study: Study, cm: CostModel, rate: float | None, show: Callable[[Point], None]
-           ) -> CapacityAnswer:
-    """--split-pools: the cheapest prefill/decode split at the given rate."""
+def _split(study: Study, cm: CostModel, rate: float | None, seeds: int, confidence: float,
+           show: Callable[[Point], None]) -> CapacityAnswer:
+    """--split-pools: the cheapest prefill/decode split at the given rate (sim/split.py); with
+    --seeds, each split tried on every seed."""
     if rate is None:
         raise ConfigError("--split-pools needs --rate: the split is searched at a total rate")
     if study.prefill_replicas is not None or study.decode_replicas is not None:
@@ -141,7 +147,8 @@ def _split(study: Study, cm: CostModel, rate: float | None, show: Callable[[Poin
                           "leave them out")
     decode_gpus = (study.decode_tp or study.tp) * study.ep
     return cheapest_split(split_evaluator(study), rate, study.target, cm.parallel.num_gpus,
-                          decode_gpus, on_point=show)
+                          decode_gpus, seeds=[study.seed + j for j in range(seeds)],
+                          confidence=confidence, on_point=show)
 
 
 def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: float,

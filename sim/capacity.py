@@ -9,7 +9,7 @@ until it passes, then bisect on the count. The answer carries the energy per tok
 price per GPU-hour, the cost per million tokens (prompt + output) at that operating point.
 
 Split search (`split_pools`, with a rate): the fewest GPUs as a prefill and a decode pool
-(sim/disagg.py) that meet the target, and the split (`cheapest_split`).
+(sim/disagg.py) that meet the target, and the split: sim/split.py.
 
 Confidence interval over seeds (`--seeds K`): the search above runs once per seed, seeds
 seed, seed+1, ..., seed+K-1 (independent arrival and length draws), giving K capacities c_j
@@ -68,6 +68,7 @@ class CapacityAnswer:
         m = self.point.metrics
         if self.point.split is not None:
             out |= {"prefill_replicas": self.point.split[0], "decode_replicas": self.point.split[1]}
+            out |= {k: m[k] for k in ("slo_attainment_low", "per_seed_slo_attainment") if k in m}
         out |= {"rate": self.point.rate, "replicas": self.point.replicas, "gpus": m["gpus"],
                 "rate_per_replica": self.point.rate / self.point.replicas,
                 "slo_attainment": self.point.slo_attainment,
@@ -189,49 +190,6 @@ def min_gpus(evaluate: Evaluate, rate: float, target: float = 0.9, max_replicas:
         else:
             lo = mid
     return CapacityAnswer("min-gpus", hit, tuple(search), target, None)
-
-
-SplitEvaluate = Callable[[float, int, int], dict[str, Any]]  # (rate, prefill, decode) -> metrics
-MAX_SPLIT_GPUS = 64  # the split search's limit: every split up to it may be simulated
-
-
-def split_evaluator(study: Study) -> SplitEvaluate:
-    def evaluate(rate: float, prefill: int, decode: int) -> dict[str, Any]:
-        _, _, (result,) = run_study(replace_study(study, rate=rate, prefill_replicas=prefill,
-                                                  decode_replicas=decode, split_pools=False))
-        return result.metrics
-    return evaluate
-
-
-def cheapest_split(evaluate: SplitEvaluate, rate: float, target: float, gpus_per_prefill: int,
-                   gpus_per_decode: int, max_gpus: int = MAX_SPLIT_GPUS,
-                   on_point: Callable[[Point], None] | None = None) -> CapacityAnswer:
-    """The fewest GPUs that meet `target` at total `rate` as a prefill and a decode pool, and
-    how to split them. Splits (p, d >= 1 workers) are tried in order of their GPUs, then of
-    their prefill workers; attainment is not monotone across splits of one size, so every
-    split of the first size where one meets the target is tried, and the one with the highest
-    attainment is the answer (the fewest prefill workers on a tie)."""
-    _check_target(target)
-    splits = sorted((p * gpus_per_prefill + d * gpus_per_decode, p, d)
-                    for p in range(1, max_gpus // gpus_per_prefill + 1)
-                    for d in range(1, (max_gpus - p * gpus_per_prefill) // gpus_per_decode + 1))
-    search: list[Point] = []
-    best: Point | None = None
-    level: int | None = None
-    for gpus, p, d in splits:
-        if level is not None and gpus > level:
-            break
-        metrics = evaluate(rate, p, d)
-        att = metrics["slo_attainment"] or 0.0
-        point = Point(rate, p + d, att, att >= target, metrics, (p, d))
-        search.append(point)
-        if on_point:
-            on_point(point)
-        if point.meets:
-            level = gpus
-            if best is None or att > best.slo_attainment:
-                best = point
-    return CapacityAnswer("min-gpus-split", best, tuple(search), target, None)
 
 
 def with_price(answer: CapacityAnswer, price_per_gpu_hour: float | None) -> CapacityAnswer:

@@ -283,40 +283,7 @@ def test_a_reservation_leaves_the_running_decodes_next_blocks(monkeypatch) -> No
     assert rows.loc[1, "kv_start_s"] >= rows.loc[0, "finish_s"]  # reserved once A was done
 
 
-# ---- capacity over the split ---------------------------------------------------------------------
-
-def _fake(passes):  # type: ignore[no-untyped-def]
-    """An evaluator whose attainment is `passes(p, d)` and whose GPUs are 2 per worker."""
-    calls = []
-
-    def evaluate(rate: float, p: int, d: int) -> dict:
-        calls.append((p, d))
-        return {"slo_attainment": passes(p, d), "gpus": 2 * (p + d), "energy_per_token_j": 0.1}
-    return evaluate, calls
-
-
-def test_the_cheapest_split_is_found_in_order_of_gpus() -> None:
-    from sim.capacity import cheapest_split
-
-    # needs 5 workers; of the 5-worker splits 2P+3D attains most
-    evaluate, calls = _fake(lambda p, d: {(2, 3): 0.97, (3, 2): 0.93}.get((p, d), 0.5))
-    answer = cheapest_split(evaluate, 4.0, 0.9, 2, 2)
-    assert answer.point is not None and answer.point.split == (2, 3)
-    assert answer.summary()["gpus"] == 10 and answer.summary()["prefill_replicas"] == 2
-    # every split of 2, 3 and 4 workers, then all four of 5, and nothing larger
-    assert calls == [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (3, 1),
-                     (1, 4), (2, 3), (3, 2), (4, 1)]
-
-
-def test_the_split_search_stops_at_its_limit() -> None:
-    from sim.capacity import cheapest_split
-
-    evaluate, calls = _fake(lambda p, d: 0.0)
-    answer = cheapest_split(evaluate, 4.0, 0.9, 2, 4, max_gpus=12)
-    assert answer.point is None
-    # prefill workers of 2 GPUs, decode of 4: every split within 12 GPUs, once
-    assert sorted(calls) == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (4, 1)]
-
+# ---- capacity over the split (the walk itself: tests/test_split.py) --------------------------
 
 def test_capacity_split_pools_from_the_command_line(capsys) -> None:
     from cli.main import main
