@@ -36,7 +36,8 @@ _AXIS_HELP = {"gpu": "GPU types", "tp": "tensor-parallel sizes", "ep": "expert-p
               "replicas": "replicas per probed fleet", "policies": "policy specs with their "
               "parameter (chunked:512, layered:8, adaptive:60, ...)", "max_num_seqs": "vLLM "
               "max_num_seqs values (null: the policy's own)", "dtype": "weight data types",
-              "expert_dtype": "expert data types", "kv_cache_dtype": "KV cache data types"}
+              "expert_dtype": "expert data types", "kv_cache_dtype": "KV cache data types",
+              "decode_tp": "decode workers' tensor-parallel sizes (with --split-pools; null: --tp)"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        "reason. Finished probes are kept in a store: a rerun skips them.")
     add_study_flags(p, capacity=True)
     for axis in AXES:  # replace the study's one-value flags: a grid axis takes a list
-        kind = int if axis in ("tp", "ep", "replicas", "max_num_seqs") else str
+        kind = int if axis in ("tp", "ep", "replicas", "max_num_seqs", "decode_tp") else str
         p.add_argument(f"--{axis.replace('_', '-')}", dest=f"grid_{axis}", type=_list(kind),
                        metavar="A,B,...", help=f"grid axis: {_AXIS_HELP[axis]} (search.{axis}; "
                        "default: the study's own value)")

@@ -35,12 +35,20 @@ def _cell(value: Any, fmt: str) -> str:
         return html.escape(str(value))
 
 
+# a split search's rows: each configuration's cheapest prefill/decode split at the target rate
+_SPLIT_COLUMNS = (("config", "configuration", "{}"), ("prefill_replicas", "prefill workers", "{}"),
+                  ("decode_replicas", "decode workers", "{}"),
+                  ("slo_attainment", "attainment", "{:.1%}"),
+                  ("slo_attainment_low", "attainment CI low", "{:.1%}"), *_COLUMNS[4:])
+
+
 def ranked_table(rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in _COLUMNS)
+    columns = _SPLIT_COLUMNS if rows and "prefill_replicas" in rows[0] else _COLUMNS
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
     body = []
     for i, r in enumerate(rows, 1):
         rank = str(i) if r.get("found") else "-"
-        cells = "".join(f"<td>{_cell(r.get(k), f)}</td>" for k, _, f in _COLUMNS)
+        cells = "".join(f"<td>{_cell(r.get(k), f)}</td>" for k, _, f in columns)
         body.append(f"<tr><td>{rank}</td>{cells}</tr>")
     return (f'<div class="wrap"><table id="search-ranked" class="fit"><thead><tr><th>rank</th>'
             f'{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
@@ -73,6 +81,13 @@ def front_figure(rows: list[dict[str, Any]], front: list[str], ykey: str, ytitle
     return fig
 
 
+def _ranked_at(method: dict[str, Any]) -> str:
+    if "target_rate" in method:  # a split search
+        return (f"of the cheapest prefill/decode split at {html.escape(str(method['target_rate']))}"
+                " req/s")
+    return "at the conservative end of the capacity interval"
+
+
 def render(data: dict[str, Any], title: str) -> str:
     rows, fronts = data.get("ranked", []), data.get("fronts", {})
     method = data.get("method", {})
@@ -80,8 +95,8 @@ def render(data: dict[str, Any], title: str) -> str:
              f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
              f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>",
              f"<h1>{html.escape(title)}</h1>",
-             f'<p class="sub">{len(rows)} configurations ranked by cost at the conservative end of '
-             f"the capacity interval ({html.escape(str(method.get('seeds', 1)))} seeds, "
+             f'<p class="sub">{len(rows)} configurations ranked by cost {_ranked_at(method)} '
+             f"({html.escape(str(method.get('seeds', 1)))} seeds, "
              f"{html.escape(str(method.get('confidence', '')))} confidence); "
              f"{len(data.get('pruned', []))} pruned</p>",
              "<h2>Ranked configurations</h2>", ranked_table(rows)]

@@ -30,7 +30,7 @@ from sim.study import Study, make_study
 
 # Grid axes: study keys that may take a list under `search:`.
 AXES = ("gpu", "tp", "ep", "replicas", "policies", "max_num_seqs", "dtype", "expert_dtype",
-        "kv_cache_dtype")
+        "kv_cache_dtype", "decode_tp")
 MAX_CONFIGS = 10_000  # each is a bisection of tens of simulations
 
 
@@ -47,6 +47,7 @@ class SearchSpec(BaseModel):
     dtype: list[str | None] | None = Field(default=None, min_length=1)
     expert_dtype: list[str | None] | None = Field(default=None, min_length=1)
     kv_cache_dtype: list[str | None] | None = Field(default=None, min_length=1)
+    decode_tp: list[int | None] | None = Field(default=None, min_length=1)  # with split_pools
     # a profile file per GPU type (absent: the one shipped for it, as --profile null)
     profile: dict[str, str] | None = None
     # dollars per GPU-hour per GPU type (a number: every type); absent: the study's
@@ -132,6 +133,8 @@ def label(values: dict[str, Any]) -> str:
     for key, prefix in (("dtype", ""), ("expert_dtype", "experts-"), ("kv_cache_dtype", "kv-")):
         if values[key] is not None:  # given: named, even when it is the model's default
             parts.append(f"{prefix}{values[key]}")
+    if values.get("decode_tp") is not None:
+        parts.append(f"decode-tp{values['decode_tp']}")
     return " ".join(parts)
 
 
@@ -171,6 +174,12 @@ def _study(spec: SearchSpec, base: Study, values: dict[str, Any]) -> Study:
     cm = study.cost_model()  # tp/ep divide the model, the weights fit
     make_policy(values["policies"], max_num_seqs=study.max_num_seqs)
     _check_kv(cm, study)
+    if study.split_pools and study.decode_tp not in (None, study.tp):  # the decode workers' too
+        try:
+            _check_kv(study.model_copy(update={"tp": study.decode_tp}).cost_model(), study)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1).replace(
+                "tp=", "decode tp=", 1)) from None
     return study
 
 
@@ -202,4 +211,21 @@ def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict
     spec = make_spec(raw, source)  # the file's mistakes named as its keys, then the flags'
     if grid_flags:
         spec = make_spec({**raw, **grid_flags}, "flags")
+    _check_split(base, spec, source, flags)
     return base, spec
+
+
+def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, Any]) -> None:
+    """split_pools searches each configuration's cheapest prefill/decode split at the target
+    rate (sim/split.py): it needs that rate, and the split replaces the replica count."""
+    where = "--split-pools" if "split_pools" in flags else f"{source}: key 'split_pools'"
+    if not base.split_pools:
+        if spec.decode_tp is not None:
+            raise ConfigError("search.decode_tp: the decode workers' TP is an axis of a "
+                              "split_pools search only")
+        return
+    if spec.target_rate is None:
+        raise ConfigError(f"{where}: a split search sizes both pools for a total rate; give "
+                          "search.target_rate (--target-rate)")
+    if spec.replicas is not None or base.replicas != 1:
+        raise ConfigError(f"{where}: the pools' sizes are searched; leave out replicas")

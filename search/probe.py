@@ -1,4 +1,5 @@
-"""One probe: one simulation of one configuration at one rate, replica count and seed.
+"""One probe: one simulation of one configuration at one rate, replica count and seed (or, in a
+split search, prefill and decode pool sizes).
 
 A probe is a pure function of its inputs: the Study (one policy; rate = replicas x the rate per
 replica; seed) and the requests built from it. `run_probe` is what an executor runs; it keeps
@@ -129,6 +130,11 @@ def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
     """Simulate the probe; its record: the key and the KEEP metrics (JSON-exact floats)."""
     study = task.study
     cm = _cost_model(study.model_dump_json(include=COST_KEYS), task.cost_sha)
+    if study.prefill_replicas is not None:  # a split search's probe: the two pools
+        from sim.disagg import run_disaggregated
+
+        (result,) = run_disaggregated(study, cm, requests, check=False)
+        return _record(task.key, result.metrics)
     result = simulate(requests, cm, study.policy_factory(study.policies[0]),
                       num_replicas=study.replicas, router=study.router, seed=study.seed,
                       block_size=study.block_size,
@@ -140,5 +146,9 @@ def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
                       warmup_requests=study.warmup(len(requests)),
                       enable_prefix_caching=study.enable_prefix_caching,
                       async_scheduling=study.async_scheduling)
-    metrics = {k: result.metrics.get(k) for k in KEEP}
-    return json.loads(json.dumps({"key": task.key, "metrics": metrics}))
+    return _record(task.key, result.metrics)
+
+
+def _record(key: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: metrics.get(k) for k in KEEP}
+    return json.loads(json.dumps({"key": key, "metrics": kept}))

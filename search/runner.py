@@ -7,6 +7,10 @@ the store (a finished probe is never run again), and otherwise submits it to the
 when any probe finishes, its record is written to the store at once and the chains waiting on
 it advance. Two chains that need the same probe (same key) share one task.
 
+A split search (`split_pools`) has one chain per configuration instead: the walk of sim/split.py
+at the target rate, which yields (prefill workers, decode workers, seed) for each simulation,
+every seed of a split before the next split, and is sent each probe's metrics.
+
 Determinism: a chain's probes depend only on the results of its own earlier probes, and a
 probe's result only on its key, so every chain makes the same probes and ends at the same
 answer whatever order tasks finish in, on any executor, fresh or resumed from the store.
@@ -34,20 +38,54 @@ from search.probe import (
     run_probe,
     workload_key,
 )
-from search.rank import Answer, ProbePoint, make_answer
+from search.rank import Answer, ProbePoint, SplitAnswer, make_answer, make_split_answer
 from search.store import ProbeStore
-from sim.capacity import rate_steps
+from sim.capacity import Point, rate_steps
+from sim.split import Split, split_probes
 from sim.study import Study
 
 
 @dataclass
 class Chain:
     config: int  # index into the configurations
-    seed: int
-    steps: Generator[float, bool, float | None]
+    seed: int  # of the probe waiting (a split chain's changes with each)
+    steps: Generator[Any, Any, Any]  # rate_steps, or for a split search split_probes
     rate: float | None = None  # the rate per replica waiting for its probe
     points: list[ProbePoint] = field(default_factory=list)
     done: bool = False
+    split: Split | None = None  # a split chain's probe waiting: (prefill, decode) workers
+    splits: list[Point] | None = None  # a split chain's splits, each over its seeds
+    answer: Split | None = None  # a split chain's cheapest split, once done
+
+    def probe_study(self, study: Study, target_rate: float | None) -> Study:
+        """The configuration's study as this chain's waiting probe runs it."""
+        if self.split is None:
+            assert self.rate is not None
+            changes: dict[str, Any] = {"seed": self.seed, "rate": self.rate * study.replicas}
+        else:
+            changes = {"seed": self.seed, "rate": target_rate, "split_pools": False,
+                       "prefill_replicas": self.split[0], "decode_replicas": self.split[1]}
+        return Study.model_validate({**study.model_dump(), **changes})
+
+    def advance(self, sent: Any) -> None:
+        """Send the last probe's verdict (a rate chain) or metrics (a split chain)."""
+        try:
+            step = self.steps.send(sent)
+        except StopIteration as stop:
+            self.rate, self.split, self.done = None, None, True
+            self.answer = stop.value if self.splits is not None else None
+            return
+        self._take(step)
+
+    def start(self) -> None:
+        self._take(next(self.steps))
+
+    def _take(self, step: Any) -> None:
+        if self.splits is None:
+            self.rate = step
+        else:
+            prefill, decode, self.seed = step
+            self.split, self.rate = (prefill, decode), None
 
 
 @dataclass(frozen=True)
@@ -58,7 +96,7 @@ class Progress:
     probes_left_estimate: int
     configs_done: int
     configs: int
-    best: Answer | None
+    best: Answer | SplitAnswer | None
     elapsed_s: float
 
 
@@ -78,13 +116,17 @@ class _Workloads:
 
 def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: Executor,
                store: ProbeStore, on_progress: Callable[[Progress], None] | None = None,
-               rank_key: Callable[[list[Answer]], list[Answer]] | None = None,
-               ) -> tuple[list[Answer], list[ProbePoint]]:
+               rank_key: Callable[[list[Any]], list[Any]] | None = None,
+               ) -> tuple[list[Answer | SplitAnswer], list[ProbePoint]]:
     """The answer of every configuration (in grid order) and every probe the search used."""
     start = time.monotonic()
     seeds = [base.seed + j for j in range(spec.seeds)]
-    chains = [Chain(i, s, rate_steps(base.start_rate, spec.rel_tol, spec.max_probes))
-              for i in range(len(configs)) for s in seeds]
+    if base.split_pools:
+        chains = [_split_chain(i, c.study, seeds, base.target, spec.confidence)
+                  for i, c in enumerate(configs)]
+    else:
+        chains = [Chain(i, s, rate_steps(base.start_rate, spec.rel_tol, spec.max_probes))
+                  for i in range(len(configs)) for s in seeds]
     cost_sha: dict[int, str] = {}
     contexts: dict[int, int] = {}
     for i, c in enumerate(configs):
@@ -93,21 +135,27 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
     workloads = _Workloads(executor)
     inflight: dict[str, Any] = {}  # probe key -> executor handle
     waiting: dict[str, list[Chain]] = {}
-    answers: dict[int, Answer] = {}
+    answers: dict[int, Answer | SplitAnswer] = {}
     counts = {"done": 0, "run": 0}
 
-    def answer_of(i: int) -> Answer:
+    def answer_of(i: int) -> Answer | SplitAnswer:
         c = configs[i]
         cm_study = c.study
-        points = [ch.points for ch in chains if ch.config == i]
         gpus = cm_study.tp * cm_study.ep
-        return make_answer(c.label, c.values, gpus, points, spec.confidence,
-                           spec.price(cm_study.gpu or "h100", base), spec.target_rate)
+        price = spec.price(cm_study.gpu or "h100", base)
+        if base.split_pools:
+            (chain,) = (ch for ch in chains if ch.config == i)
+            assert chain.splits is not None and spec.target_rate is not None
+            return make_split_answer(c.label, c.values, gpus, decode_gpus(cm_study), chain.splits,
+                                     chain.answer, len(seeds), price, spec.target_rate)
+        points = [ch.points for ch in chains if ch.config == i]
+        return make_answer(c.label, c.values, gpus, points, spec.confidence, price,
+                           spec.target_rate)
 
     def report() -> None:
         if on_progress is None:
             return
-        left = sum(spec.max_probes - len(ch.points) for ch in chains if not ch.done)
+        left = sum(max(spec.max_probes - len(ch.points), 1) for ch in chains if not ch.done)
         found = [a for a in answers.values() if a.found]
         best = (rank_key(found) if rank_key else found)[:1]
         on_progress(Progress(counts["done"], counts["run"], left, len(answers), len(configs),
@@ -115,26 +163,29 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
 
     def feed(chain: Chain, record: dict[str, Any] | None, key: str) -> None:
         """The chain's pending probe finished (record None: it could not run): advance it."""
-        assert chain.rate is not None
         metrics = record["metrics"] if record else {}
         meets = bool(record) and (metrics.get("slo_attainment") or 0.0) >= base.target
-        chain.points.append(ProbePoint(configs[chain.config].label, chain.seed, chain.rate, key,
-                                       metrics, meets))
-        try:
-            chain.rate = chain.steps.send(meets)
-        except StopIteration:
-            chain.rate, chain.done = None, True
-            if all(ch.done for ch in chains if ch.config == chain.config):
-                answers[chain.config] = answer_of(chain.config)
+        if chain.split is None:
+            assert chain.rate is not None
+            chain.points.append(ProbePoint(configs[chain.config].label, chain.seed, chain.rate,
+                                           key, metrics, meets))
+            chain.advance(meets)
+        else:
+            workers = chain.split[0] + chain.split[1]
+            assert spec.target_rate is not None
+            chain.points.append(ProbePoint(configs[chain.config].label, chain.seed,
+                                           spec.target_rate / workers, key, metrics, meets,
+                                           chain.split))
+            chain.advance({"slo_attainment": None, **metrics})
+        if chain.done and all(ch.done for ch in chains if ch.config == chain.config):
+            answers[chain.config] = answer_of(chain.config)
 
     def start_probe(chain: Chain) -> None:
         """Look the chain's next probe up, or submit it; repeat while the store answers."""
         while not chain.done:
-            assert chain.rate is not None
             cfg = configs[chain.config]
             try:
-                study = Study.model_validate({**cfg.study.model_dump(), "seed": chain.seed,
-                                              "rate": chain.rate * cfg.study.replicas})
+                study = chain.probe_study(cfg.study, spec.target_rate)
                 requests, req_sha, shared = workloads.get(study, contexts[chain.config])
             except (ConfigError, ValueError) as e:  # e.g. more requests than a run may draw
                 feed(chain, None, f"not run: {str(e).splitlines()[0]}")
@@ -152,7 +203,7 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
             report()
 
     for chain in chains:
-        chain.rate = next(chain.steps)
+        chain.start()
         start_probe(chain)
     while inflight:
         for handle_key in _finished(executor, inflight):
@@ -166,6 +217,18 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
             report()
     probes = [p for ch in chains for p in ch.points]
     return [answers[i] for i in range(len(configs))], probes
+
+
+def _split_chain(config: int, study: Study, seeds: list[int], target: float,
+                 confidence: float) -> Chain:
+    splits: list[Point] = []
+    walk = split_probes(study.tp * study.ep, decode_gpus(study), seeds, target, splits, confidence)
+    return Chain(config, seeds[0], walk, splits=splits)
+
+
+def decode_gpus(study: Study) -> int:
+    """GPUs of one decode worker of a split search."""
+    return (study.decode_tp or study.tp) * study.ep
 
 
 def _finished(executor: Executor, inflight: dict[str, Any]) -> list[str]:

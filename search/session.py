@@ -62,7 +62,9 @@ def run(study_path: str | None, flags: dict[str, Any], grid: dict[str, Any], *,
     configs, pruned = expand(spec, base)
     store = ProbeStore(spec.store if spec.store is not None else default_root())
     if not as_json:
-        print(f"search: {len(configs) + len(pruned)} configurations ({len(pruned)} pruned), "
+        split = (f", each as the cheapest prefill and decode pools for {spec.target_rate:g} req/s"
+                 if base.split_pools else "")
+        print(f"search: {len(configs) + len(pruned)} configurations ({len(pruned)} pruned){split}, "
               f"{spec.seeds} seed{'s' if spec.seeds > 1 else ''} each, target attainment "
               f"{base.target:.0%}, SLO {base.slo_text()}")
     executor = make_executor(spec.jobs, spec.ray, spec.ray_address)

@@ -364,11 +364,12 @@ class Study(BaseModel):
         return ", ".join(parts) + f" and per-request P99 ITL <= {self.slo_itl_ms:g} ms"
 
     def refuse_disaggregated(self, command: str) -> None:
-        """`command` does not search disaggregated pools yet: say so rather than ignore the keys."""
+        """`command` searches the pools' sizes itself (split_pools): fixed sizes are refused,
+        not ignored."""
         if self.prefill_replicas is not None or self.decode_replicas is not None:
-            raise ConfigError(f"{command}: prefill_replicas / decode_replicas: disaggregated pools "
-                              "are not searched yet; run them with `layersim compare` or "
-                              "`simulate`")
+            raise ConfigError(f"{command}: prefill_replicas / decode_replicas: {command} "
+                              "searches the pools' sizes with split_pools (--split-pools); a "
+                              "fixed split runs with `layersim compare` or `simulate`")
 
     def setup_line(self, cm: CostModel) -> str:
         par = cm.parallel

@@ -236,7 +236,7 @@ def test_searches_refuse_disaggregated_keys_rather_than_ignore_them(command, cap
 
     rc = main([*command, "--prefill-replicas", "1", "--decode-replicas", "1", "--duration", "5"])
     assert rc == 2
-    assert "disaggregated pools are not searched yet" in capsys.readouterr().err
+    assert "searches the pools' sizes with split_pools" in capsys.readouterr().err
 
 
 # ---- found by review ----------------------------------------------------------------------------

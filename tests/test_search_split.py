@@ -1,0 +1,104 @@
+"""`layersim search` with split_pools: each configuration's cheapest prefill/decode split at the
+target rate, against a closed form and against `layersim capacity --split-pools`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from costmodel import ConfigError
+from search import session
+from tests.test_search_helpers import (
+    PRICE,
+    TOKENS,
+    counted_fixture,  # noqa: F401 (the fixture `counted`)
+    write_study,
+)
+
+RATE = 250.0  # req/s: a constant server of D s per iteration and 2 sequences serves 2 / D
+
+
+def _split_study(tmp: Path, **grid: object) -> Path:
+    path = write_study(tmp, ep=[1], max_num_seqs=[2], target_rate=RATE, **grid)
+    study = yaml.safe_load(path.read_text())
+    study["split_pools"] = True
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def _search(study: Path, out: Path, **grid: object) -> dict:
+    assert session.run(str(study), {}, dict(grid), out=out, progress=False) == 0
+    return json.loads((out / "search.json").read_text())
+
+
+def test_split_search_closed_form(tmp_path: Path, counted: list[str]) -> None:
+    """One-token requests finish at the prefill worker, so the prefill pool alone decides: h100
+    (20 ms, 100 req/s per worker) needs 3 prefill workers for 250 req/s, h200 (10 ms) 2; each
+    with the one decode worker a pool needs. 4 h100 GPUs at $1 cost less than 3 h200 at $1.5."""
+    got = _search(_split_study(tmp_path), tmp_path / "out")
+    ranked = {r["config"]: r for r in got["ranked"]}
+    h100, h200 = ranked["h100 tp1 prefill-first seqs2"], ranked["h200 tp1 prefill-first seqs2"]
+    assert (h100["prefill_replicas"], h100["decode_replicas"], h100["gpus"]) == (3, 1, 4)
+    assert (h200["prefill_replicas"], h200["decode_replicas"], h200["gpus"]) == (2, 1, 3)
+    for r, gpu in ((h100, "h100"), (h200, "h200")):
+        assert r["cost_per_million_tokens"] == pytest.approx(
+            r["gpus"] * PRICE[gpu] / (RATE * TOKENS * 3600) * 1e6)
+    assert [r["config"] for r in got["ranked"]][0] == "h100 tp1 prefill-first seqs2"
+    # h100's walk: budget 2 GPUs (1P+1D), 4 (1P+2D, 1P+3D, 2P+1D, 2P+2D, then 3P+1D meets)
+    probes = pd.read_parquet(tmp_path / "out" / "probes.parquet")
+    walk = probes[probes.config == "h100 tp1 prefill-first seqs2"]
+    assert list(zip(walk.prefill_replicas, walk.decode_replicas, strict=True)) == [
+        (1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (3, 1)]
+    assert list(walk.meets) == [False] * 5 + [True]
+    assert got["method"]["target_rate"] == RATE
+    # a rerun reads every probe from the store
+    counted.clear()
+    again = _search(_split_study(tmp_path), tmp_path / "again")
+    assert counted == [] and again["ranked"] == got["ranked"]
+
+
+def test_split_search_over_seeds_and_a_decode_tp_axis(tmp_path: Path) -> None:
+    got = _search(_split_study(tmp_path, gpu=["h200"], seeds=2), tmp_path / "out")
+    (row,) = got["ranked"]
+    assert (row["prefill_replicas"], row["decode_replicas"], row["seeds"]) == (2, 1, 2)
+    # decode tp 3 does not divide tiny-moe's 8 heads: pruned, with the reason
+    got = _search(_split_study(tmp_path, gpu=["h200"], decode_tp=[None, 2, 3]), tmp_path / "tp")
+    rows = {r["config"]: r for r in got["ranked"]}
+    assert rows["h200 tp1 prefill-first seqs2 decode-tp2"]["gpus"] == 2 * 1 + 1 * 2
+    assert rows["h200 tp1 prefill-first seqs2"]["gpus"] == 3
+    (pruned,) = got["pruned"]
+    assert pruned["config"] == "h200 tp1 prefill-first seqs2 decode-tp3"
+    assert pruned["reason"].startswith("--decode-tp 3 does not divide the 8 attention heads")
+
+
+def test_split_search_finds_what_capacity_finds(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from cli.main import main
+
+    args = ["--split-pools", "--policies", "layered", "--duration", "20"]
+    assert main(["capacity", *args, "--rate", "1", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["search", *args, "--target-rate", "1", "--jobs", "0", "--store",
+                 str(tmp_path / "store"), "--no-progress", "--json"]) == 0
+    (got,) = json.loads(capsys.readouterr().out)["ranked"]
+    assert (got["prefill_replicas"], got["decode_replicas"], got["gpus"]) == (
+        want["prefill_replicas"], want["decode_replicas"], want["gpus"])
+    assert got["slo_attainment"] == pytest.approx(want["slo_attainment"])
+
+
+@pytest.mark.parametrize(("grid", "study", "message"), [
+    ({"target_rate": None}, {"split_pools": True}, "give search.target_rate"),
+    ({"replicas": [1, 2]}, {"split_pools": True}, "leave out replicas"),
+    ({"decode_tp": [2]}, {}, "search.decode_tp: the decode workers' TP is an axis of a "
+                             "split_pools search only"),
+])
+def test_split_search_mistakes(tmp_path: Path, grid: dict, study: dict, message: str) -> None:
+    path = write_study(tmp_path, ep=[1], **grid)
+    data = yaml.safe_load(path.read_text())
+    data["search"] = {k: v for k, v in data["search"].items() if v is not None}
+    path.write_text(yaml.safe_dump({**data, **study}, sort_keys=False))
+    with pytest.raises(ConfigError, match=message):
+        session.run(str(path), {}, {}, out=None, progress=False)
