@@ -28,7 +28,7 @@ transfer (first byte to last), the wait before it when it starts after the first
 blocks, a slot, the link), and what of it is exposed after the first token, which the gap
 before the second token contains.
 
-Not yet: async scheduling, warm-up requests, worker processes.
+Not yet: worker processes (the two pools are one SimPy run).
 """
 
 from __future__ import annotations
@@ -94,12 +94,14 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                     slo_e2el_ms: float | None = None,
                     metric_percentiles: Sequence[float] = DEFAULT_PERCENTILES,
                     check: bool = False, fast_forward: bool = True, stream_kv: bool = False,
-                    warmup_requests: int = 0) -> SimResult:
+                    warmup_requests: int = 0, async_scheduling: bool = False) -> SimResult:
     """Serve `requests` on a prefill pool and a decode pool (see the module note). `link`:
     each prefill GPU's link to the decode pool (default: its GPU's network port).
     `stream_kv`: send each tile's KV when its iteration ends (layer-wise for layered prefill)
     instead of the whole prompt's after its first token. `warmup_requests`: the first ones
-    sent run but are left out of the metrics (sim/clients.py)."""
+    sent run but are left out of the metrics (sim/clients.py). `async_scheduling`: both pools'
+    workers plan the next iteration while one runs (sim/replica.py), an arrived KV waiting for
+    the decode worker's planning point as an arrival waits for a prefill worker's."""
     pm, dm = prefill.cost_model, decode.cost_model
     if pm.model.name != dm.model.name:
         raise ConfigError(f"the pools serve different models: {pm.model.name} and {dm.model.name}")
@@ -236,13 +238,15 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         return (env, i, policy, cm, blocks, block_size, hidden, recorder)
 
     p_reps = [PrefillWorker(*args(prefill, i, pm, p_blocks, p_hidden), check=check,
-                            fast_forward=fast_forward, hand_off=hand_off,
+                            fast_forward=fast_forward, async_scheduling=async_scheduling,
+                            hand_off=hand_off,
                             stream=stream if stream_kv else None,
                             cancel=cancel if stream_kv else None,
                             unreserved=unreserved if stream_kv else None)
               for i in range(prefill.num_replicas)]
     d_reps = [DecodeWorker(*args(decode, prefill.num_replicas + i, dm, d_blocks, d_hidden),
-                           check=check, fast_forward=fast_forward, on_finish=on_finish)
+                           check=check, fast_forward=fast_forward, on_finish=on_finish,
+                           async_scheduling=async_scheduling)
               for i in range(decode.num_replicas)]
     for rep in p_reps:
         rep.state.set_prefix_caching(enable_prefix_caching)
@@ -302,9 +306,7 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
         raise ConfigError("prefill_replicas and decode_replicas: give both (a disaggregated run "
                           "needs both pools) or neither")
     for key, bad, why in (("replicas", study.replicas != 1, "the pools' counts replace it"),
-                          ("workers", study.workers != 1, "one process only, for now"),
-                          ("async_scheduling", study.async_scheduling, "not modelled with "
-                           "disaggregation yet")):
+                          ("workers", study.workers != 1, "one process only, for now")):
         if bad:
             raise ConfigError(f"{key}: leave it out of a disaggregated run ({why})")
     dm = cm
@@ -334,7 +336,7 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
             max_concurrency=study.max_concurrency, slo_ttft_ms=study.slo_ttft_ms,
             slo_itl_ms=study.slo_itl_ms, slo_tpot_ms=study.slo_tpot_ms,
             slo_e2el_ms=study.slo_e2el_ms, metric_percentiles=study.metric_percentiles,
-            check=check, stream_kv=study.stream_kv,
+            check=check, stream_kv=study.stream_kv, async_scheduling=study.async_scheduling,
             warmup_requests=study.warmup(len(requests))))
     return out
 

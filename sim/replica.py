@@ -210,6 +210,10 @@ class Replica:
     def _committed(self, plan: tuple[Tile, ...], end_s: float) -> None:
         """Called with every plan executed one by one, once committed."""
 
+    def _enter(self, req: RequestState) -> None:
+        """A deferred request is seen by the scheduler (a decode worker's: its KV arrived)."""
+        self.state.enqueue(req)
+
     def deferred_requests(self) -> list[RequestState]:
         """Requests that arrived here and are not yet planned (async scheduling)."""
         return [req for _, req in self._deferred]
@@ -221,8 +225,8 @@ class Replica:
         keep = []
         for left, req in self._deferred:
             if idle or left <= 1:
-                self.state.enqueue(req)
                 self._deferred_tokens -= req.tokens_to_go
+                self._enter(req)
             else:
                 keep.append((left - 1, req))
         self._deferred = keep

@@ -22,7 +22,8 @@ disagg) runs its pools (sim/disagg.py: `prefill_num_workers` x `prefill_tp_size`
 `decode_num_workers` x `decode_tp_size`, the KV over the GPUs' preset network ports); it records
 its client count in `silicon_concurrency` (none of the vLLM ones does: they are skipped, as a
 guess such as the decode pools' batch would be far off), `decode_batch_size` sequences per
-worker, without async scheduling (not modelled with disaggregation yet), and it is reported as
+worker, without async scheduling (a guess: the rows do not say, and vLLM's KV connectors were
+still being made to work with it in late 2025), and it is reported as
 its model "(disaggregated)". Rows are skipped, each with its reason, when layersim cannot price them
 honestly: pipeline or attention data parallelism, expert parallelism inside the
 tensor-parallel group, or an architecture with no preset. Nothing here is keyed to particular
@@ -157,7 +158,7 @@ def row_study(row: Any, gpu: str, profile: str | None, protocol: str = DEFAULT_P
         seqs = int(row["decode_batch_size"]) if pools else clients
         server = {"workload": f"random-legacy:{isl}:{osl}:{INFERENCEX_RANGE_RATIO:g}",
                   "max_num_seqs": seqs, "enable_prefix_caching": False,
-                  "async_scheduling": not pools}  # not modelled with disaggregation yet
+                  "async_scheduling": not pools}  # not with a KV connector (module note)
     else:
         server = {"workload": f"random:{isl}:{osl}:{protocol.removeprefix('vllm-random:')}"}
     values: dict[str, Any] = {

@@ -6,7 +6,8 @@ the run instead of recording it; with a `stream` it also hands on every executed
 tiles' KV then leaves at once, and it runs no prefill stretches (they commit several iterations
 at once). A decode worker takes incoming KV at its planning points only, in order: blocks and
 a sequence slot reserved (`reserve`) and an arrived request joining the running ones
-(`receive`). Between planning points an iteration or a fast-forwarded run holds blocks counted
+(`receive`; with async scheduling, one planning point later when an iteration was in flight, as
+an arrival joins a replica). Between planning points an iteration or a fast-forwarded run holds blocks counted
 when it was planned, so nothing may take them meanwhile; an incoming request ends a run after
 the iteration in flight, as an arrival does.
 """
@@ -76,8 +77,14 @@ class DecodeWorker(Replica):
         return taken
 
     def receive(self, req: RequestState) -> None:
-        """`req`'s KV has arrived: it joins the running requests at the next planning point."""
-        self._received.append(req)
+        """`req`'s KV has arrived: it joins the running requests at the next planning point, or
+        with async scheduling while an iteration is in flight at the one after (as an arrival
+        does: sim/replica.py)."""
+        if self.async_scheduling and self._in_flight:
+            self._deferred.append((2, req))
+            self._deferred_tokens += req.tokens_to_go
+        else:
+            self._received.append(req)
         self.outstanding += 1
         if self.on_load is not None:
             self.on_load(self.idx)
@@ -97,6 +104,9 @@ class DecodeWorker(Replica):
                                          limit if isinstance(limit, int) else None):
             queue.pop(0)[1].succeed(True)
         return None
+
+    def _enter(self, req: RequestState) -> None:
+        start_decoding(self.state, req)
 
     def withdraw(self, req: RequestState) -> None:
         """A reservation asked for and no longer wanted (its stream was cancelled): its event

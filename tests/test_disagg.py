@@ -69,6 +69,21 @@ def test_transfers_from_one_worker_take_turns_on_its_link() -> None:
     assert res.metrics["mean_kv_wait_ms"] == pytest.approx(x / 2 * 1e3)
 
 
+def test_async_scheduling_sees_kv_that_arrives_mid_iteration_one_planning_point_later() -> None:
+    """As above, with async scheduling: the second KV arrives at C + 2X while the decode worker
+    runs [C + X, 2C + X], whose successor [2C + X, 3C + X] was planned already; it joins the one
+    after, its second token at 4C + X (gap 3C + X). The first KV found the worker idle and
+    starts at once, as without async scheduling."""
+    cm = ConstantCost(C)
+    x = 0.004
+    res = simulate_disagg([Request(0, 0.0, P, 3), Request(1, 0.0, P, 3)],
+                          Pool(cm, "chunked:512"), Pool(cm, "chunked:512"), _link(cm, x),
+                          async_scheduling=True, check=True)
+    assert _second_token_gap(res, 0) == pytest.approx(C + x)
+    assert _second_token_gap(res, 1) == pytest.approx(3 * C + x)
+    assert _rows(res).loc[1, "e2el_ms"] == pytest.approx((5 * C + x) * 1e3)
+
+
 def test_a_one_token_request_ends_at_the_prefill_worker() -> None:
     cm = ConstantCost(C)
     res = simulate_disagg([Request(0, 0.0, P, 1)], Pool(cm, "chunked:512"),
@@ -85,13 +100,15 @@ def _pressure() -> list[Request]:
             for i in range(80)]
 
 
-@pytest.mark.parametrize("max_concurrency", [None, 8])
-def test_every_kv_moves_once_and_no_decode_starts_before_it_arrives(max_concurrency) -> None:
+@pytest.mark.parametrize(("max_concurrency", "async_scheduling"),
+                         [(None, False), (8, False), (None, True)])
+def test_every_kv_moves_once_and_no_decode_starts_before_it_arrives(
+        max_concurrency, async_scheduling) -> None:
     cm = CostModel(load_model("qwen3-30b-a3b"), "h100", parallel=Parallelism(tp=2))
     requests = _pressure()
     res = simulate_disagg(requests, Pool(cm, "chunked:512", 2), Pool(cm, "chunked:256", 2),
                           gpu_memory_utilization=0.45, check=True,
-                          max_concurrency=max_concurrency)
+                          max_concurrency=max_concurrency, async_scheduling=async_scheduling)
     rows = _rows(res)
     assert res.metrics["completed"] == len(requests)
     assert res.metrics["kv_transfers"] == sum(r.output_tokens > 1 for r in requests)
@@ -220,7 +237,6 @@ def test_a_study_runs_disaggregated_from_its_keys() -> None:
 @pytest.mark.parametrize("keys, message", [
     ({"prefill_replicas": 1}, "give both"),
     ({"prefill_replicas": 1, "decode_replicas": 1, "replicas": 2}, "replicas: leave it out"),
-    ({"prefill_replicas": 1, "decode_replicas": 1, "async_scheduling": True}, "async_scheduling"),
 ])
 def test_disaggregated_keys_that_do_not_fit_are_refused(keys, message) -> None:
     from sim.study import make_study, run_study
@@ -431,3 +447,21 @@ def test_every_slo_and_percentile_key_reaches_a_disaggregated_run() -> None:
     m = res.metrics
     assert m["slo_attainment"] < 0.1 and m["slo_tpot_ms"] == 0.001 and m["slo_e2el_ms"] == 1e9
     assert "p75_ttft_ms" in m
+
+
+def test_async_scheduling_fast_forwards_as_it_steps() -> None:
+    """With async scheduling a deferred KV or arrival ends a fast-forwarded run at the next
+    planning point: every request's times are those of step-by-step simulation."""
+    rng = np.random.default_rng(3)
+    requests = [Request(i, float(rng.uniform(0, 0.05)), int(rng.integers(10, 2000)),
+                        int(rng.integers(1, 60))) for i in range(30)]
+    pm, dm = ConstantCost(0.002), ConstantCost(0.01)
+    runs = [simulate_disagg(requests, Pool(pm, "layered", 2), Pool(dm, "chunked:256", 2),
+                            KVLink(1e9, 0.001, "test"), async_scheduling=True, check=True,
+                            stream_kv=stream, fast_forward=ff)
+            for stream in (False, True) for ff in (True, False)]
+    for fast, step in (runs[:2], runs[2:]):
+        cols = ["req_id", "ttft_ms", "e2el_ms", "kv_end_s"]
+        assert fast.metrics["completed"] == len(requests)
+        assert np.allclose(fast.requests.sort_values("req_id")[cols].to_numpy(),
+                           step.requests.sort_values("req_id")[cols].to_numpy(), rtol=0, atol=1e-9)
