@@ -2,7 +2,7 @@
 
     arrival -> prefill router -> prefill worker: the prompt, then the first token (TTFT)
             -> decode router -> decode worker reserves the prompt's KV blocks (in order)
-            -> the prefill worker's link carries the KV (one transfer at a time, in order)
+            -> the two workers' links carry the KV (one transfer at a time on each)
             -> prefill frees its blocks; decode runs the rest (the wait and the transfer
                are in the gap before the second token)
 
@@ -12,8 +12,9 @@ are prompts and nothing decodes there); its KV stays held until the transfer end
 worker reserves blocks for the prompt's KV and a sequence slot (its policy's max_num_seqs),
 waiting in arrival order while it cannot. A transfer holds the prefill worker's links and the
 decode worker's (its TP ranks each send or take their shard over their own: costmodel/
-transfer.py), so transfers from one worker, or to one, go one after another. A request of one
-output token finishes at the prefill worker.
+transfer.py), so transfers from one worker, or to one, go one after another; it takes both
+links at once when both are free, holding neither while it waits (sim/workers.py's Links). A
+request of one output token finishes at the prefill worker.
 
 With `stream_kv` the KV leaves as it is made: each prompt tile's rectangle (its tokens through
 its layers) goes on the link when its iteration ends, the decode worker picked and its blocks
@@ -58,7 +59,7 @@ from policies.registry import make_policy
 from sim.clients import Clients, warmup_split
 from sim.replica import Replica
 from sim.router import make_router
-from sim.workers import DecodeWorker, PrefillWorker
+from sim.workers import DecodeWorker, Links, PrefillWorker
 from traces.request import Request
 
 
@@ -146,19 +147,17 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
                       frozenset(reasons), block_size)
 
     def send(src: PrefillWorker, dst: DecodeWorker, seconds: float, record: _Transfer) -> Any:
-        """One piece, once both `src`'s links and `dst`'s are free (in order on each side; a
-        piece holds the sender's while it waits for the receiver's, which only a piece on the
-        wire holds, so no two wait on each other)."""
-        with links[src.idx].request() as out:
-            yield out
-            with links[dst.idx].request() as into:  # asked for only once the sender's is held
-                yield into
-                if record.void:  # cancelled while it waited for the links
-                    return
-                if math.isnan(record.start_s):
-                    record.start_s = env.now
-                yield env.timeout(seconds)
-                record.end_s = env.now
+        """One piece, once both `src`'s links and `dst`'s are free (sim/workers.py's Links)."""
+        yield links.take(src.idx, dst.idx)
+        try:
+            if record.void:  # cancelled while it waited for the links
+                return
+            if math.isnan(record.start_s):
+                record.start_s = env.now
+            yield env.timeout(seconds)
+            record.end_s = env.now
+        finally:
+            links.give_back(src.idx, dst.idx)
 
     def move(src: PrefillWorker, sent: RequestState, dst: DecodeWorker, req: RequestState,
              reserved: simpy.Event, pieces: simpy.Store | None) -> Any:
@@ -259,7 +258,7 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
         if router.ordered:  # it keeps its workers ordered by load: tell it when one changes
             for member in pool_reps:
                 member.on_load = lambda idx, router=router, first=first: router.changed(idx - first)
-    links = {worker.idx: simpy.Resource(env, capacity=1) for worker in (*p_reps, *d_reps)}
+    links = Links(env)
 
     def open_window() -> None:  # no fast-forwarded run may straddle the window's start
         for worker in (*p_reps, *d_reps):

@@ -1,5 +1,5 @@
 """The two kinds of worker of disaggregated serving (sim/disagg.py): replicas (sim/replica.py)
-that hand a request's KV on, and replicas that take it in.
+that hand a request's KV on, and replicas that take it in; and the links between them.
 
 A prefill worker keeps each finished request's KV (core/handoff.py) and hands the request to
 the run instead of recording it; with a `stream` it also hands on every executed plan, whose
@@ -14,7 +14,7 @@ the iteration in flight, as an arrival does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import simpy
@@ -118,3 +118,39 @@ class DecodeWorker(Replica):
                 return
         cancel_incoming(self.state, req)
         self.wake()  # the blocks freed may be what the reservations queued here wait for
+
+
+class Links:
+    """The KV links of a disaggregated run: a transfer takes its sender's link and its
+    receiver's together, once both are free, and holds neither while it waits. Waiting
+    transfers are granted in the order they asked, each as soon as both its links are free, so
+    one that waits for a busy receiver lets a later one from the same sender to an idle
+    receiver go first (no head-of-line blocking); the pieces of one stream, on the same two
+    links, keep their order."""
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self.busy: set[Hashable] = set()
+        self.waiting: list[tuple[Hashable, Hashable, simpy.Event]] = []
+
+    def take(self, sender: Hashable, receiver: Hashable) -> simpy.Event:
+        """An event that fires once both links are this transfer's."""
+        granted = self.env.event()
+        self.waiting.append((sender, receiver, granted))
+        self._grant()
+        return granted
+
+    def give_back(self, sender: Hashable, receiver: Hashable) -> None:
+        self.busy.discard(sender)
+        self.busy.discard(receiver)
+        self._grant()
+
+    def _grant(self) -> None:
+        still = []
+        for sender, receiver, granted in self.waiting:
+            if sender in self.busy or receiver in self.busy:
+                still.append((sender, receiver, granted))
+            else:
+                self.busy.update((sender, receiver))
+                granted.succeed()
+        self.waiting = still

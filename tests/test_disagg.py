@@ -465,3 +465,33 @@ def test_async_scheduling_fast_forwards_as_it_steps() -> None:
         assert fast.metrics["completed"] == len(requests)
         assert np.allclose(fast.requests.sort_values("req_id")[cols].to_numpy(),
                            step.requests.sort_values("req_id")[cols].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_a_transfer_waiting_for_its_receiver_holds_no_link() -> None:
+    """B->D1 on the wire over [0, 10]; A->D1 asks at 1 and waits for D1; A->D2 asks at 2 and
+    goes at once (the waiting transfer holds none of A's links), over [2, 5]; A->D1 starts at
+    10, when D1 frees; A->D2' asks at 11 and waits for A until 13; two pieces asked at once on
+    the same links go in order. Holding A's link while waiting, A->D2 would start at 13."""
+    import simpy
+
+    from sim.workers import Links
+
+    env = simpy.Environment()
+    links = Links(env)
+    started: dict[str, float] = {}
+
+    def send(name: str, src: str, dst: str, at: float, seconds: float):  # type: ignore[no-untyped-def]
+        yield env.timeout(at)
+        yield links.take(src, dst)
+        started[name] = env.now
+        yield env.timeout(seconds)
+        links.give_back(src, dst)
+
+    for args in (("B-D1", "B", "D1", 0, 10), ("A-D1", "A", "D1", 1, 3), ("A-D2", "A", "D2", 2, 3),
+                 ("A-D2'", "A", "D2", 11, 1), ("C-D3 first", "C", "D3", 0, 2),
+                 ("C-D3 second", "C", "D3", 0, 2)):
+        env.process(send(*args))
+    env.run()
+    assert started == {"B-D1": 0, "A-D1": 10, "A-D2": 2, "A-D2'": 13, "C-D3 first": 0,
+                       "C-D3 second": 2}
+    assert not links.busy and not links.waiting
