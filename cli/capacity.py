@@ -36,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--seeds", type=int, metavar="K", help="run the search on K seeds (seed, "
                    "seed+1, ...: independent arrivals and lengths) and give the answer's mean with "
                    "a Student-t confidence interval over the K per-seed answers; the conservative "
-                   "end (lower rate, more replicas) is priced (study key seeds; default: one "
-                   "seed, no interval)")
+                   "end (lower rate, more replicas) is priced; with --split-pools every split "
+                   "tried runs on the K seeds and meets on the lower end of the interval over "
+                   "its attainments (study key seeds; default: one seed, no interval)")
     p.add_argument("--confidence", type=float, metavar="LEVEL", help="two-sided level of the "
                    "--seeds interval (study key confidence; default: 0.9)")
     p.set_defaults(handler=run, single=True)

@@ -223,6 +223,9 @@ def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, An
         if spec.decode_tp is not None:
             raise ConfigError("search.decode_tp: the decode workers' TP is an axis of a "
                               "split_pools search only")
+        if base.decode_tp is not None:
+            raise ConfigError(f"{source}: key 'decode_tp': the decode workers' TP applies to a "
+                              "split_pools search only; leave it out or add split_pools")
         return
     if spec.target_rate is None:
         raise ConfigError(f"{where}: a split search sizes both pools for a total rate; give "

@@ -133,7 +133,9 @@ def run_probe(task: ProbeTask, requests: tuple[Request, ...]) -> dict[str, Any]:
     if study.prefill_replicas is not None:  # a split search's probe: the two pools
         from sim.disagg import run_disaggregated
 
-        (result,) = run_disaggregated(study, cm, requests, check=False)
+        # `workers` splits a co-located run over processes; here the search's own are the split
+        (result,) = run_disaggregated(study.model_copy(update={"workers": 1}), cm, requests,
+                                      check=False)
         return _record(task.key, result.metrics)
     result = simulate(requests, cm, study.policy_factory(study.policies[0]),
                       num_replicas=study.replicas, router=study.router, seed=study.seed,

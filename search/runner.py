@@ -78,7 +78,15 @@ class Chain:
         self._take(step)
 
     def start(self) -> None:
-        self._take(next(self.steps))
+        """Take the first probe; a walk with none (one prefill and one decode worker over its
+        GPU limit) ends at once, as `advance` ends one."""
+        try:
+            step = next(self.steps)
+        except StopIteration as stop:
+            self.rate, self.split, self.done = None, None, True
+            self.answer = stop.value if self.splits is not None else None
+            return
+        self._take(step)
 
     def _take(self, step: Any) -> None:
         if self.splits is None:
@@ -204,6 +212,8 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
 
     for chain in chains:
         chain.start()
+        if chain.done and all(ch.done for ch in chains if ch.config == chain.config):
+            answers[chain.config] = answer_of(chain.config)
         start_probe(chain)
     while inflight:
         for handle_key in _finished(executor, inflight):

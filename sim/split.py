@@ -24,7 +24,8 @@ up to the answer's when they are tried in order of GPUs.
 Seeds: each split tried runs on every seed (independent arrivals and lengths); it meets when the
 lower end of the Student-t interval over its per-seed attainments (sim/capacity.py's
 t_interval, at `confidence`) reaches the target, which with one seed is its attainment. Its
-attainment for the tie-break is their mean, and its metrics are the means over seeds.
+attainment for the tie-break is their mean; of its metrics, the numeric ones are means over
+seeds (None where a seed has none) and the others the first seed's.
 """
 
 from __future__ import annotations

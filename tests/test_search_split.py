@@ -102,3 +102,41 @@ def test_split_search_mistakes(tmp_path: Path, grid: dict, study: dict, message:
     path.write_text(yaml.safe_dump({**data, **study}, sort_keys=False))
     with pytest.raises(ConfigError, match=message):
         session.run(str(path), {}, {}, out=None, progress=False)
+
+
+def _grid_study(tmp: Path, extra: dict, **grid: object) -> Path:
+    path = write_study(tmp, **{"ep": [1], "max_num_seqs": [2], "gpu": ["h200"],
+                               "target_rate": 250.0, **grid})
+    data = yaml.safe_load(path.read_text())
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_configuration_whose_smallest_split_is_over_the_limit_is_not_found(tmp_path: Path) -> None:
+    """tp 8 x ep 8: one prefill and one decode worker are 128 GPUs, over the walk's 64. The
+    search used to end in a bare StopIteration; that configuration is not found, the other is."""
+    path = _grid_study(tmp_path, {"split_pools": True}, tp=[1, 8], ep=[8])
+    assert session.run(str(path), {}, {}, out=tmp_path / "out", progress=False) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "out" / "search.json").read_text())["ranked"]}
+    big = next(r for c, r in rows.items() if "tp8" in c)
+    small = next(r for c, r in rows.items() if "tp1" in c)
+    assert not big["found"] and big["splits_tried"] == 0
+    assert small["found"]
+
+
+def test_decode_tp_without_split_pools_is_refused(tmp_path: Path) -> None:
+    """The study key decode_tp in a co-located search was ignored, yet named in every label."""
+    path = _grid_study(tmp_path, {"decode_tp": 2})
+    with pytest.raises(ConfigError, match="key 'decode_tp'"):
+        session.run(str(path), {}, {}, out=None, progress=False)
+
+
+def test_a_split_search_takes_the_study_key_workers_as_a_co_located_one_does(tmp_path: Path) -> None:
+    """`workers` splits one simulation over processes and a search ignores it (its probes are
+    its parallelism); a split search's probes of two pools once refused it at the first one."""
+    path = _split_study(tmp_path, gpu=["h200"])
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "workers": 2}, sort_keys=False))
+    (row,) = _search(path, tmp_path / "out")["ranked"]
+    assert (row["prefill_replicas"], row["decode_replicas"]) == (2, 1)

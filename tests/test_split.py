@@ -127,3 +127,17 @@ def test_every_split_in_the_walk_is_a_split() -> None:
         evaluate, calls = _fake(lambda p, d, s: 0.0)
         cheapest_split(evaluate, 1.0, 0.9, gp, gd, max_gpus=20)
         assert calls and all(p >= 1 and d >= 1 and p * gp + d * gd <= 20 for p, d, _ in calls)
+
+
+def test_seeds_that_all_attain_exactly_the_target_meet() -> None:
+    """0.95 on every seed at target 0.95: met with one seed, and with three (the interval's mean
+    of three equal values used to fall an ulp below them)."""
+    from sim.capacity import t_interval
+
+    assert t_interval([0.95] * 3).low == 0.95
+
+    def evaluate(rate: float, p: int, d: int, seed: int) -> dict:
+        return {"slo_attainment": 0.95 if (p, d) == (1, 1) else 1.0, "gpus": p + d}
+    for seeds in ([0], [0, 1, 2]):
+        answer = cheapest_split(evaluate, 1.0, 0.95, 1, 1, seeds=seeds)
+        assert answer.point is not None and answer.point.split == (1, 1)
