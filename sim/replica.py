@@ -9,8 +9,11 @@ Steady decoding is fast-forwarded: when the policy promises `steady_decode`, no 
 and none is part-way (prepare's STEADY), the next K iterations are identical decode batches
 whose contexts grow by one token each, so their latencies are an affine function of the step
 (only decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and
-last step and wait for their sum in one event; an arrival interrupts it at the end of the step
-in flight, and core's apply_steady applies the steps done. K stops at the first request to
+last step (or every step, on measured tables) and wait for their sum in one event; each step's
+end is the running sum of the latencies from the run's start, as SimPy adds timeouts one by
+one, so that an event at a step's end is ordered as stepping would order it. An arrival
+interrupts the run at the end of the step in flight, and the state's apply_steady applies the
+steps done. K stops at the first request to
 finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a
 sliding window (past it that layer's KV read stops growing), so the form is exact.
 
@@ -38,7 +41,7 @@ import simpy
 from core.records import Recorder, prefill_tokens_once
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
-from core.step import STEADY, WAIT, apply_steady, commit, prepare, steady_steps
+from core.step import STEADY, WAIT, commit, prepare, steady_steps
 from core.stretch import apply_stretch, stretch_steps
 from costmodel.plan import Tile, decode_tile
 from policies import guard
@@ -322,47 +325,34 @@ class Replica:
         c0 = self._price_steady(context, 0, first_s)
         c_last = c0 if k == 1 else self._price_steady(context, k - 1, last_s)
         start = env.now
+        priced = latencies is not None
         if latencies is None:  # affine: the two ends give every step
             l0 = c0.latency_s
             slope = (c_last.latency_s - l0) / (k - 1) if k > 1 else 0.0
-
-            def end(j: int) -> float:  # when step j (0-based) ends: an arithmetic series
-                return start + (j + 1) * l0 + slope * j * (j + 1) / 2
-        else:  # each step priced: its end as SimPy would add the steps' timeouts one by one
-            latencies[0] += start  # cumsum adds left to right: start, + the first, + the next...
-            ends = np.cumsum(latencies)
-
-            def end(j: int) -> float:
-                return float(ends[j])
-
-        yield self._sleep_until(end(k - 1) - start)
+            latencies = l0 + slope * np.arange(k)  # [k]
+        # each step's end as SimPy adds the steps' timeouts one by one (cumsum adds left to
+        # right: start, + the first, + the next...), so that an event at a step's end is seen
+        # in the same order as stepping would see it
+        latencies[0] += start
+        ends = np.cumsum(latencies)  # [k]
+        last_s = float(ends[k - 1])
+        yield self._sleep_until(last_s - start)
         done = k
-        if env.now < end(k - 1) - 1e-15:  # an arrival: finish the step in flight, then stop
-            if latencies is None:
-                lo, hi = 0, k - 1  # the first step that ends at or after now
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if end(mid) < env.now:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-            else:
-                lo = int(ends.searchsorted(env.now, side="left"))
+        if env.now < last_s - 1e-15:  # an arrival: finish the step in flight, then stop
+            lo = int(ends.searchsorted(env.now, side="left"))  # the first to end at or after now
             done = lo + 1
-            yield env.timeout(max(0.0, end(lo) - env.now))
-        end_s = end(done - 1)
+            yield env.timeout(max(0.0, float(ends[lo]) - env.now))
+        end_s = float(ends[done - 1])
         batch = len(running)
-        if latencies is None:
-            finished = apply_steady(state, done, end(0), l0, slope, end_s)
-        else:  # the gaps as step-by-step time differences give them (np.diff's, less its overhead)
-            gaps = (ends[1:done] - ends[:done - 1]).tobytes()
-            finished = state.apply_steady(done, end(0), gaps, end_s)
+        # the gaps as step-by-step time differences give them (np.diff's, less its overhead)
+        gaps = (ends[1:done] - ends[:done - 1]).tobytes()
+        finished = state.apply_steady(done, float(ends[0]), gaps, end_s)
         if self.check:
             self._check_invariants()
         self.busy_s += end_s - start
         frac = (done - 1) / (k - 1) if k > 1 else 0.0
         self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac,
-                             None if latencies is None else self.cost.busy_power_w)
+                             self.cost.busy_power_w if priced else None)
         for r in finished:
             self._finished(r)
 

@@ -495,3 +495,18 @@ def test_a_transfer_waiting_for_its_receiver_holds_no_link() -> None:
     assert started == {"B-D1": 0, "A-D1": 10, "A-D2": 2, "A-D2'": 13, "C-D3 first": 0,
                        "C-D3 second": 2}
     assert not links.busy and not links.waiting
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_hand_off_at_a_step_end_is_seen_alike_fast_forwarded_and_stepped(async_scheduling) -> None:
+    """Closed loop on constant 10 ms iterations: a first token handed on exactly at the end of
+    a decode step. Fast-forwarded step ends were an arithmetic series, an ulp below the sum
+    stepping makes, so the run took one step too many and the KV landed an iteration later."""
+    requests = [Request(0, 0.0, 388, 4), Request(1, 0.0, 599, 7), Request(2, 0.0, 597, 7)]
+    runs = [simulate_disagg(requests, Pool(ConstantCost(C), "chunked:512"),
+                            Pool(ConstantCost(C), "chunked:512"), KVLink(1e10, 0.001, "test"),
+                            fast_forward=ff, check=True, max_concurrency=2,
+                            async_scheduling=async_scheduling)
+            for ff in (True, False)]
+    fast, step = (_rows(r).loc[2] for r in runs)
+    assert fast["kv_end_s"] == step["kv_end_s"] and fast["e2el_ms"] == step["e2el_ms"]
