@@ -215,6 +215,8 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
         if chain.done and all(ch.done for ch in chains if ch.config == chain.config):
             answers[chain.config] = answer_of(chain.config)
         start_probe(chain)
+    if answers and not counts["done"]:  # configurations that ended with no probe: say so
+        report()
     while inflight:
         for handle_key in _finished(executor, inflight):
             record = executor.result(inflight.pop(handle_key))

@@ -217,7 +217,8 @@ def t_interval(values: list[float] | tuple[float, ...], confidence: float = 0.9)
     vals = tuple(float(v) for v in values)
     k = len(vals)
     mean = math.fsum(vals) / k
-    if k < 2 or min(vals) == max(vals):  # no spread: exact (fsum / k may miss the value by an ulp)
+    # no spread: the value itself (fsum / k may miss it by an ulp); a NaN is never equal
+    if k < 2 or all(v == vals[0] for v in vals):
         mean = vals[0] if k else mean
         return Interval(mean, mean, mean, vals, confidence)
     from scipy.stats import t as student_t  # scipy only when there is a spread to bound

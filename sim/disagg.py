@@ -148,8 +148,9 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
 
     def send(src: PrefillWorker, dst: DecodeWorker, seconds: float, record: _Transfer) -> Any:
         """One piece, once both `src`'s links and `dst`'s are free (sim/workers.py's Links)."""
-        yield links.take(src.idx, dst.idx)
+        granted = links.take(src.idx, dst.idx)
         try:
+            yield granted
             if record.void:  # cancelled while it waited for the links
                 return
             if math.isnan(record.start_s):
@@ -157,7 +158,7 @@ def simulate_disagg(requests: Sequence[Request], prefill: Pool, decode: Pool,
             yield env.timeout(seconds)
             record.end_s = env.now
         finally:
-            links.give_back(src.idx, dst.idx)
+            links.release(src.idx, dst.idx, granted)
 
     def move(src: PrefillWorker, sent: RequestState, dst: DecodeWorker, req: RequestState,
              reserved: simpy.Event, pieces: simpy.Store | None) -> Any:

@@ -11,7 +11,8 @@ whose contexts grow by one token each, so their latencies are an affine function
 (only decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and
 last step (or every step, on measured tables) and wait for their sum in one event; each step's
 end is the running sum of the latencies from the run's start, as SimPy adds timeouts one by
-one, so that an event at a step's end is ordered as stepping would order it. An arrival
+one, so a step ends at the instant stepping reaches (which of two events at one instant goes
+first may still differ: the README's limitations). An arrival
 interrupts the run at the end of the step in flight, and the state's apply_steady applies the
 steps done. K stops at the first request to
 finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a

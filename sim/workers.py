@@ -15,6 +15,7 @@ the iteration in flight, as an arrival does.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import simpy
@@ -120,37 +121,60 @@ class DecodeWorker(Replica):
         self.wake()  # the blocks freed may be what the reservations queued here wait for
 
 
+@dataclass
+class _Waiting:
+    sender: Hashable
+    receiver: Hashable
+    granted: simpy.Event
+    passed: int = 0  # later transfers that took one of its links first
+
+
 class Links:
     """The KV links of a disaggregated run: a transfer takes its sender's link and its
     receiver's together, once both are free, and holds neither while it waits. Waiting
     transfers are granted in the order they asked, each as soon as both its links are free, so
     one that waits for a busy receiver lets a later one from the same sender to an idle
     receiver go first (no head-of-line blocking); the pieces of one stream, on the same two
-    links, keep their order."""
+    links, keep their order. One passed `max_passed` times on its links reserves them (no later
+    transfer takes them), so none waits for ever behind later ones that each need only one of
+    its links."""
 
-    def __init__(self, env: simpy.Environment) -> None:
+    def __init__(self, env: simpy.Environment, max_passed: int = 8) -> None:
         self.env = env
+        self.max_passed = max_passed
         self.busy: set[Hashable] = set()
-        self.waiting: list[tuple[Hashable, Hashable, simpy.Event]] = []
+        self.waiting: list[_Waiting] = []
 
     def take(self, sender: Hashable, receiver: Hashable) -> simpy.Event:
-        """An event that fires once both links are this transfer's."""
+        """An event that fires once both links are this transfer's; `release` it after."""
         granted = self.env.event()
-        self.waiting.append((sender, receiver, granted))
+        self.waiting.append(_Waiting(sender, receiver, granted))
         self._grant()
         return granted
 
-    def give_back(self, sender: Hashable, receiver: Hashable) -> None:
-        self.busy.discard(sender)
-        self.busy.discard(receiver)
+    def release(self, sender: Hashable, receiver: Hashable, granted: simpy.Event) -> None:
+        """The transfer is over: its links back if it had them, else its place in the queue
+        (a transfer given up while it waited)."""
+        if granted.triggered:
+            self.busy.discard(sender)
+            self.busy.discard(receiver)
+        else:
+            self.waiting = [w for w in self.waiting if w.granted is not granted]
         self._grant()
 
     def _grant(self) -> None:
-        still = []
-        for sender, receiver, granted in self.waiting:
-            if sender in self.busy or receiver in self.busy:
-                still.append((sender, receiver, granted))
-            else:
-                self.busy.update((sender, receiver))
-                granted.succeed()
+        still: list[_Waiting] = []
+        reserved: set[Hashable] = set()
+        for w in self.waiting:
+            links = {w.sender, w.receiver}
+            if links & self.busy or links & reserved:
+                still.append(w)
+                if w.passed >= self.max_passed:
+                    reserved |= links
+                continue
+            for earlier in still:  # it passes those waiting on one of its links
+                if links & {earlier.sender, earlier.receiver}:
+                    earlier.passed += 1
+            self.busy |= links
+            w.granted.succeed()
         self.waiting = still

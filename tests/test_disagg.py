@@ -467,11 +467,10 @@ def test_async_scheduling_fast_forwards_as_it_steps() -> None:
                            step.requests.sort_values("req_id")[cols].to_numpy(), rtol=0, atol=1e-9)
 
 
-def test_a_transfer_waiting_for_its_receiver_holds_no_link() -> None:
-    """B->D1 on the wire over [0, 10]; A->D1 asks at 1 and waits for D1; A->D2 asks at 2 and
-    goes at once (the waiting transfer holds none of A's links), over [2, 5]; A->D1 starts at
-    10, when D1 frees; A->D2' asks at 11 and waits for A until 13; two pieces asked at once on
-    the same links go in order. Holding A's link while waiting, A->D2 would start at 13."""
+def _links_run(transfers: list[tuple[str, str, str, float, float]],
+               give_up: tuple[str, float] | None = None):  # type: ignore[no-untyped-def]
+    """Transfers (name, sender, receiver, asked at, seconds) on sim.workers.Links; `give_up`:
+    (name, when) one is interrupted while it waits. Returns when each started, and the links."""
     import simpy
 
     from sim.workers import Links
@@ -482,16 +481,35 @@ def test_a_transfer_waiting_for_its_receiver_holds_no_link() -> None:
 
     def send(name: str, src: str, dst: str, at: float, seconds: float):  # type: ignore[no-untyped-def]
         yield env.timeout(at)
-        yield links.take(src, dst)
-        started[name] = env.now
-        yield env.timeout(seconds)
-        links.give_back(src, dst)
+        granted = links.take(src, dst)
+        try:
+            yield granted
+            started[name] = env.now
+            yield env.timeout(seconds)
+        except simpy.Interrupt:
+            return
+        finally:
+            links.release(src, dst, granted)
 
-    for args in (("B-D1", "B", "D1", 0, 10), ("A-D1", "A", "D1", 1, 3), ("A-D2", "A", "D2", 2, 3),
-                 ("A-D2'", "A", "D2", 11, 1), ("C-D3 first", "C", "D3", 0, 2),
-                 ("C-D3 second", "C", "D3", 0, 2)):
-        env.process(send(*args))
+    procs = {t[0]: env.process(send(*t)) for t in transfers}
+    if give_up is not None:
+        def interrupt():  # type: ignore[no-untyped-def]
+            yield env.timeout(give_up[1])
+            procs[give_up[0]].interrupt()
+        env.process(interrupt())
     env.run()
+    return started, links
+
+
+def test_a_transfer_waiting_for_its_receiver_holds_no_link() -> None:
+    """B->D1 on the wire over [0, 10]; A->D1 asks at 1 and waits for D1; A->D2 asks at 2 and
+    goes at once (the waiting transfer holds none of A's links), over [2, 5]; A->D1 starts at
+    10, when D1 frees; A->D2' asks at 11 and waits for A until 13; two pieces asked at once on
+    the same links go in order. Holding A's link while waiting, A->D2 would start at 13."""
+    started, links = _links_run([
+        ("B-D1", "B", "D1", 0, 10), ("A-D1", "A", "D1", 1, 3), ("A-D2", "A", "D2", 2, 3),
+        ("A-D2'", "A", "D2", 11, 1), ("C-D3 first", "C", "D3", 0, 2),
+        ("C-D3 second", "C", "D3", 0, 2)])
     assert started == {"B-D1": 0, "A-D1": 10, "A-D2": 2, "A-D2'": 13, "C-D3 first": 0,
                        "C-D3 second": 2}
     assert not links.busy and not links.waiting
@@ -510,3 +528,19 @@ def test_a_hand_off_at_a_step_end_is_seen_alike_fast_forwarded_and_stepped(async
             for ff in (True, False)]
     fast, step = (_rows(r).loc[2] for r in runs)
     assert fast["kv_end_s"] == step["kv_end_s"] and fast["e2el_ms"] == step["e2el_ms"]
+
+
+def test_a_transfer_passed_on_its_links_again_and_again_reserves_them() -> None:
+    """A->D1 asks at 0.5 while chains A->D2 and B->D1 keep A and D1 busy in turn (each free half
+    the time, never both): passed on its links 8 times it reserves them and starts when the
+    transfers on them end (found by review: it started after all 98 later ones); a transfer
+    given up while it waits leaves the queue."""
+    transfers = [("A-D1", "A", "D1", 0.5, 1), ("C-D2", "C", "D2", 0.5, 1)]
+    for i in range(50):
+        transfers += [(f"A-D2 {i}", "A", "D2", 2 * i, 2),
+                      (f"B-D1 {i}", "B", "D1", 2 * i - 1 if i else 0, 2 if i else 1)]
+    started, links = _links_run(transfers, give_up=("C-D2", 0.75))
+    # passed by B-D1 1 at 1, A-D2 1 at 2, ..., A-D2 4 at 8 (the 8th): A and D1 reserved, B-D1 5
+    # (asks at 9, D1 free) waits, and A-D1 goes when A-D2 4 gives A back at 10
+    assert started["A-D1"] == 10 and started["B-D1 5"] == 11
+    assert "C-D2" not in started and not links.busy and not links.waiting

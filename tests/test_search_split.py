@@ -140,3 +140,19 @@ def test_a_split_search_takes_the_study_key_workers_as_a_co_located_one_does(tmp
     path.write_text(yaml.safe_dump({**data, "workers": 2}, sort_keys=False))
     (row,) = _search(path, tmp_path / "out")["ranked"]
     assert (row["prefill_replicas"], row["decode_replicas"]) == (2, 1)
+
+
+def test_a_search_whose_every_walk_proposes_nothing_reports_its_end(tmp_path: Path,
+                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """No probe at all (each configuration's smallest split is over the limit): the progress
+    report still says every configuration is done (found by review: none was made)."""
+    reports = []
+    real = session._Bar.__call__
+
+    def spy(bar, progress):  # type: ignore[no-untyped-def]
+        reports.append(progress)
+        real(bar, progress)
+    monkeypatch.setattr(session._Bar, "__call__", spy)
+    path = _grid_study(tmp_path, {"split_pools": True}, tp=[8], ep=[8])
+    assert session.run(str(path), {}, {}, out=None, progress=False) == 1
+    assert reports and (reports[-1].configs_done, reports[-1].configs) == (1, 1)

@@ -141,3 +141,12 @@ def test_seeds_that_all_attain_exactly_the_target_meet() -> None:
     for seeds in ([0], [0, 1, 2]):
         answer = cheapest_split(evaluate, 1.0, 0.95, 1, 1, seeds=seeds)
         assert answer.point is not None and answer.point.split == (1, 1)
+
+
+def test_a_seed_with_no_measured_request_never_makes_an_exact_interval() -> None:
+    """A NaN attainment (no measured request) among equal ones: the verdict does not depend on
+    where it sits (found by review)."""
+    from sim.capacity import t_interval
+
+    for values in ([0.95, math.nan, 0.95], [math.nan, 0.95, 0.95]):
+        assert math.isnan(t_interval(values).low)
