@@ -85,8 +85,9 @@ HELP = {
     "target": "capacity: SLO attainment to meet",
     "price_per_gpu_hour": "capacity: dollars per GPU-hour, for the cost per million tokens",
     "start_rate": "capacity: first rate tried per replica (req/s)",
-    "split_pools": "capacity: the fewest GPUs as a prefill pool and a decode pool (with --rate; "
-                   "--tp and --decode-tp per worker) and how to split them",
+    "split_pools": "capacity and search: the fewest GPUs as a prefill pool and a decode pool "
+                   "(at --rate; search: at --target-rate; --tp and --decode-tp per worker) and "
+                   "how to split them",
 }
 CAPACITY_ONLY = ("target", "price_per_gpu_hour", "start_rate", "split_pools")
 FLAG_NAMES = {"duration_s": "--duration"}

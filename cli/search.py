@@ -46,8 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        description="Bisect the highest rate per replica meeting the SLO for every "
                        "configuration of the grid (study key search:, or the list flags below), "
                        "per seed, and rank them by cost at the conservative end of a Student-t "
-                       "interval over seeds. Configurations that cannot run are pruned with the "
-                       "reason. Finished probes are kept in a store: a rerun skips them.")
+                       "interval over seeds; with --split-pools and --target-rate, find each "
+                       "configuration's cheapest prefill/decode split at that rate instead. "
+                       "Configurations that cannot run are pruned with the reason. Finished "
+                       "probes are kept in a store: a rerun skips them.")
     add_study_flags(p, capacity=True)
     for axis in AXES:  # replace the study's one-value flags: a grid axis takes a list
         kind = int if axis in ("tp", "ep", "replicas", "max_num_seqs", "decode_tp") else str
