@@ -82,6 +82,8 @@ def summarize(req: pd.DataFrame, rec: Recorder, *, end_s: float,
         meets &= (done["output_tokens"] <= 1) | (done["tpot_ms"] <= slo_tpot_ms)
     if slo_e2el_ms is not None:
         meets &= done["e2el_ms"] <= slo_e2el_ms
+    if "second_token_gap_ms" in done:  # disaggregated: a request's P99 over its gaps would hide
+        meets &= ~(done["second_token_gap_ms"] > slo_itl_ms)  # the KV's wait (NaN: one token)
     ok = done[meets]
     n = len(done)
     out: dict[str, Any] = {

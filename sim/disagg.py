@@ -354,6 +354,13 @@ def _result(recorder: Recorder, p_reps: list[PrefillWorker], d_reps: list[Decode
         field = col.removeprefix("kv_")
         times = {rid: getattr(t, field) for rid, t in transfers.items()}
         req_df[col] = [times.get(rid, math.nan) for rid in req_df["req_id"]]
+    gaps = recorder.request_gaps()
+    req_df["second_token_gap_ms"] = math.nan  # what disaggregation adds: the KV's move and wait
+    if gaps is not None and len(gaps.index):
+        has = gaps.index[:, 2] > 0
+        first_gap = dict(zip(gaps.index[has, 0].tolist(),
+                             (gaps.values[gaps.index[has, 1]] * 1e3).tolist(), strict=True))
+        req_df["second_token_gap_ms"] = [first_gap.get(rid, math.nan) for rid in req_df["req_id"]]
     it_df = recorder.iterations_frame().sort_values(["start_s", "replica"], kind="stable")
     metrics = summarize(req_df, recorder, end_s=end_s, idle_energy_j=idle_j, **slo)
     moved = [t for t in transfers.values()

@@ -544,3 +544,17 @@ def test_a_transfer_passed_on_its_links_again_and_again_reserves_them() -> None:
     # (asks at 9, D1 free) waits, and A-D1 goes when A-D2 4 gives A back at 10
     assert started["A-D1"] == 10 and started["B-D1 5"] == 11
     assert "C-D2" not in started and not links.busy and not links.waiting
+
+
+def test_a_second_token_gap_over_the_itl_target_misses_the_slo() -> None:
+    """300 output tokens: the P99 of a request's 299 gaps is a 10 ms decode step whatever the
+    gap before the second token, which holds the KV's move (C + X). Over the ITL target it
+    misses: a decode pool that cannot keep up, or a slow link, shows in the attainment."""
+    cm = ConstantCost(C)
+    for x, attained in ((0.004, 1.0), (0.2, 0.0)):
+        res = simulate_disagg([Request(0, 0.0, P, 300)], Pool(cm, "chunked:512"),
+                              Pool(cm, "chunked:512"), _link(cm, x), slo_itl_ms=100)
+        row = _rows(res).loc[0]
+        assert row["p99_itl_ms"] == pytest.approx(C * 1e3)
+        assert row["second_token_gap_ms"] == pytest.approx((C + x) * 1e3)
+        assert res.metrics["slo_attainment"] == attained
