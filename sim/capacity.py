@@ -73,9 +73,11 @@ class CapacityAnswer:
                 "rate_per_replica": self.point.rate / self.point.replicas,
                 "slo_attainment": self.point.slo_attainment,
                 "energy_per_token_j": m["energy_per_token_j"]}
-        if self.price_per_gpu_hour is not None and m["total_token_throughput"]:
-            tokens_per_hour = m["total_token_throughput"] * 3600
-            out["cost_per_million_tokens"] = m["gpus"] * self.price_per_gpu_hour / tokens_per_hour * 1e6
+        if self.price_per_gpu_hour is not None:  # at the rate served, not the run's throughput
+            cost = cost_per_million_tokens(m["gpus"], self.price_per_gpu_hour, self.point.rate,
+                                           tokens_per_request(m))  # (its drain dilutes that)
+            if cost is not None:
+                out["cost_per_million_tokens"] = cost
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -78,7 +78,8 @@ def test_split_search_over_seeds_and_a_decode_tp_axis(tmp_path: Path) -> None:
 def test_split_search_finds_what_capacity_finds(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from cli.main import main
 
-    args = ["--split-pools", "--policies", "layered", "--duration", "20"]
+    args = ["--split-pools", "--policies", "layered", "--duration", "20",
+            "--price-per-gpu-hour", "2.5"]
     assert main(["capacity", *args, "--rate", "1", "--json"]) == 0
     want = json.loads(capsys.readouterr().out)
     assert main(["search", *args, "--target-rate", "1", "--jobs", "0", "--store",
@@ -87,6 +88,8 @@ def test_split_search_finds_what_capacity_finds(tmp_path: Path, capsys) -> None:
     assert (got["prefill_replicas"], got["decode_replicas"], got["gpus"]) == (
         want["prefill_replicas"], want["decode_replicas"], want["gpus"])
     assert got["slo_attainment"] == pytest.approx(want["slo_attainment"])
+    # both price the target rate (capacity priced the run's throughput, which its drain dilutes)
+    assert got["cost_per_million_tokens"] == pytest.approx(want["cost_per_million_tokens"])
 
 
 @pytest.mark.parametrize(("grid", "study", "message"), [
