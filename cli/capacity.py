@@ -22,7 +22,7 @@ from sim.capacity import (
     with_price,
 )
 from sim.results import check_out, results_folder, setup_record, write_provenance
-from sim.split import cheapest_split, split_evaluator
+from sim.split import MAX_SPLIT_GPUS, cheapest_split, split_evaluator
 from sim.study import Study
 from traces.vllm_datasets import check_legacy_seeds
 
@@ -53,6 +53,10 @@ def _study(ns: argparse.Namespace) -> tuple[Study, int | None, float]:
     if len(study.policies) != 1:
         raise ConfigError(f"--policies: layersim capacity takes one policy, got "
                           f"{len(study.policies)} ({', '.join(study.policies)}); compare takes several")
+    if study.max_concurrency is not None:  # the clients, not the rate, would set the load
+        at = "--max-concurrency" if "max_concurrency" in flags else f"{ns.study}: key 'max_concurrency'"
+        raise ConfigError(f"{at}: capacity sizes for an offered rate, which closed-loop clients "
+                          "would cap; leave it out (compare runs a closed loop)")
     seeds = ns.seeds if ns.seeds is not None else extras.get("seeds")
     conf = ns.confidence if ns.confidence is not None else extras.get("confidence", 0.9)
     where = f"{ns.study}: key" if ns.study else "--"
@@ -69,6 +73,8 @@ def run(ns: argparse.Namespace) -> int:
     study, seeds, confidence = _study(ns)
     given_rate = study.rate
     cm = study.cost_model()
+    if study.split_pools:
+        _check_split(study, cm, given_rate)
     if not ns.json:
         print(study.setup_line(cm))
         extra = "".join(f", {name} <= {v:g} ms" for name, v in (
@@ -111,20 +117,24 @@ def run(ns: argparse.Namespace) -> int:
                 json.dumps({**result, "setup": setup}, indent=2, sort_keys=True) + "\n")
             write_provenance(folder, study, setup, getattr(ns, "argv", []))
             _write_report(folder)
-    if ns.json:
-        print(json.dumps(result["answer"], sort_keys=True))
-        return 0
     a = result["answer"]
+    if ns.json:  # the same exit status as the table's
+        print(json.dumps(a, sort_keys=True))
+        return 0 if a["found"] else 1
     if not a["found"]:
-        print("\nno point met the target" + (" (even at the lowest rate tried)" if given_rate is None
-                                             else " within the replica limit"))
+        limit = (f" within {MAX_SPLIT_GPUS} GPUs" if study.split_pools else
+                 " (even at the lowest rate tried)" if given_rate is None
+                 else " within the replica limit")
+        print("\nno point met the target" + limit)
         print(cm.profile.accuracy_line())
         return 1
-    line = (f"\nanswer: {a['rate_per_replica']:.3f} req/s per replica" if given_rate is None else
-            f"\nanswer: {a['gpus']} GPUs ({a['replicas']} replicas) for {a['rate']:g} req/s")
     if "prefill_replicas" in a:
         line = (f"\nanswer: {a['gpus']} GPUs ({a['prefill_replicas']} prefill + "
                 f"{a['decode_replicas']} decode workers) for {a['rate']:g} req/s")
+    elif given_rate is None:
+        line = f"\nanswer: {a['rate_per_replica']:.3f} req/s per replica"
+    else:
+        line = f"\nanswer: {a['gpus']} GPUs ({a['replicas']} replicas) for {a['rate']:g} req/s"
     line += f", attainment {a['slo_attainment']:.1%}"
     if "slo_attainment_low" in a:
         line += (f" (mean over {seeds} seeds; lower end of its {confidence:.0%} Student-t interval "
@@ -141,15 +151,37 @@ def _split(study: Study, cm: CostModel, rate: float | None, seeds: int, confiden
            show: Callable[[Point], None]) -> CapacityAnswer:
     """--split-pools: the cheapest prefill/decode split at the given rate (sim/split.py); with
     --seeds, each split tried on every seed."""
+    assert rate is not None
+    decode_gpus = _check_split(study, cm, rate)
+    return cheapest_split(split_evaluator(study), rate, study.target, cm.parallel.num_gpus,
+                          decode_gpus, seeds=[study.seed + j for j in range(seeds)],
+                          confidence=confidence, on_point=show)
+
+
+def _check_split(study: Study, cm: CostModel, rate: float | None) -> int:
+    """--split-pools' mistakes, before anything is printed; the GPUs of one decode worker."""
     if rate is None:
         raise ConfigError("--split-pools needs --rate: the split is searched at a total rate")
     if study.prefill_replicas is not None or study.decode_replicas is not None:
         raise ConfigError("--split-pools searches --prefill-replicas and --decode-replicas: "
                           "leave them out")
+    if study.replicas != 1:
+        raise ConfigError("--split-pools searches the pools' sizes, which replace --replicas: "
+                          "leave it out")
     decode_gpus = (study.decode_tp or study.tp) * study.ep
-    return cheapest_split(split_evaluator(study), rate, study.target, cm.parallel.num_gpus,
-                          decode_gpus, seeds=[study.seed + j for j in range(seeds)],
-                          confidence=confidence, on_point=show)
+    if cm.parallel.num_gpus + decode_gpus > MAX_SPLIT_GPUS:
+        raise ConfigError(f"--split-pools: one prefill worker ({cm.parallel.num_gpus} GPUs) and one "
+                          f"decode worker ({decode_gpus}) are over the search's {MAX_SPLIT_GPUS} GPUs")
+    if study.decode_tp not in (None, study.tp):  # its model checks, named as the decode pool's
+        try:
+            study.model_copy(update={"tp": study.decode_tp}).cost_model()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1)) from None
+    if study.decode_policy is not None:
+        from policies.registry import make_policy
+
+        make_policy(study.decode_policy, max_num_seqs=study.max_num_seqs)
+    return decode_gpus
 
 
 def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: float,
@@ -180,9 +212,9 @@ def _run_seeds(ns: argparse.Namespace, study: Study, seeds: int, confidence: flo
             write_provenance(folder, study, setup, getattr(ns, "argv", []))
             _write_report(folder)
     a = result["answer"]
-    if ns.json:
+    if ns.json:  # the same exit status as the table's
         print(json.dumps(a, sort_keys=True))
-        return 0
+        return 0 if a["found"] else 1
     accuracy = study.resolved_profile().accuracy_line()
     if not a["found"]:
         print("\nno seed's search met the target")

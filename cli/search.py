@@ -27,6 +27,9 @@ def _mapping_or(kind: type) -> Any:
         if "=" not in text:
             return kind(text)
         pairs = [p.split("=", 1) for p in text.split(",")]
+        keys = [k.strip() for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a GPU type given twice")
         return {k.strip(): kind(v.strip()) for k, v in pairs}
     parse.__name__ = f"{kind.__name__} or GPU={kind.__name__},..."
     return parse

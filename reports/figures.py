@@ -332,7 +332,7 @@ def _capacity_axis(cap: Capacity) -> tuple[str, str, str]:
     """(column, axis title, unit) the search varied: the rate, or the GPU count at a fixed rate."""
     cols = set(cap.search.columns)
     for col, title, unit in (("gpus", "GPUs", "GPUs"), ("replicas", "replicas", "replicas")):
-        if cap.answer.get("kind") == "min-gpus" and col in cols:
+        if cap.answer.get("kind") in ("min-gpus", "min-gpus-split") and col in cols:
             return col, title, unit
     if "rate" not in cols:
         return "", "", ""

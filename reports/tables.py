@@ -93,6 +93,13 @@ def answer_rows(answer: Mapping[str, Any], target: float | None) -> list[tuple[s
         f" ({reps:,.0f} replica{'s' if reps != 1 else ''})" if reps is not None else "")
     if found is False:
         out.append(("Answer", "no probed point met the target"))
+    elif kind == "min-gpus-split" and gpus is not None:
+        split = f"{a.pop('prefill_replicas', '?')} prefill + {a.pop('decode_replicas', '?')} decode"
+        at = f" for {num['rate']:g} req/s" if num["rate"] is not None else ""
+        out.append(("Fewest GPUs meeting the target", f"{gpus:,.0f} GPUs ({split} workers){at}"))
+        low = as_float(a.pop("slo_attainment_low", None))
+        if low is not None:
+            out.append(("SLO attainment, lower end over seeds", _pct(low)))
     elif kind == "min-gpus" and gpus is not None:
         at = f" for {num['rate']:g} req/s" if num["rate"] is not None else ""
         out.append(("Fewest GPUs meeting the target", f"{on.strip()}{at}"))

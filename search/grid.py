@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
 
 from costmodel.errors import ConfigError
 from costmodel.price import CostModel
@@ -39,20 +39,20 @@ class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     gpu: list[str] | None = Field(default=None, min_length=1)
-    tp: list[int] | None = Field(default=None, min_length=1)
-    ep: list[int] | None = Field(default=None, min_length=1)
-    replicas: list[int] | None = Field(default=None, min_length=1)
+    tp: list[PositiveInt] | None = Field(default=None, min_length=1)
+    ep: list[PositiveInt] | None = Field(default=None, min_length=1)
+    replicas: list[PositiveInt] | None = Field(default=None, min_length=1)
     policies: list[str] | None = Field(default=None, min_length=1)
-    max_num_seqs: list[int | None] | None = Field(default=None, min_length=1)
+    max_num_seqs: list[PositiveInt | None] | None = Field(default=None, min_length=1)
     dtype: list[str | None] | None = Field(default=None, min_length=1)
     expert_dtype: list[str | None] | None = Field(default=None, min_length=1)
     kv_cache_dtype: list[str | None] | None = Field(default=None, min_length=1)
-    decode_tp: list[int | None] | None = Field(default=None, min_length=1)  # with split_pools
+    decode_tp: list[PositiveInt | None] | None = Field(default=None, min_length=1)  # split_pools
     # a profile file per GPU type (absent: the one shipped for it, as --profile null)
     profile: dict[str, str] | None = None
     # dollars per GPU-hour per GPU type (a number: every type); absent: the study's
     # price_per_gpu_hour for every type, else no cost (ranked by GPUs instead)
-    price_per_gpu_hour: dict[str, float] | float | None = None
+    price_per_gpu_hour: dict[str, NonNegativeFloat] | NonNegativeFloat | None = None
     target_rate: float | None = Field(default=None, gt=0, le=1e9)  # total req/s to size for
     seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
     confidence: float = Field(default=0.9, gt=0, lt=1)
@@ -97,7 +97,8 @@ def make_spec(values: dict[str, Any], source: str) -> SearchSpec:
         return SearchSpec.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "search"
+        # pydantic names a union's member in the location (dict[str,float]): not a key
+        key = ".".join(str(p) for p in err["loc"] if "[" not in str(p)) or "search"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown key (valid keys: {', '.join(SearchSpec.model_fields)})"
@@ -150,12 +151,20 @@ def expand(spec: SearchSpec, base: Study) -> tuple[list[Config], list[Pruned]]:
     configs: list[Config] = []
     pruned: list[Pruned] = []
     seen: set[str] = set()
+    same: dict[str, str] = {}  # decode tp given as tp, or as null (tp): one configuration
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo, strict=True))
         name = label(values)
         if name in seen:  # e.g. dtype null and its resolved value: the same study twice
             raise ConfigError(f"search: two configurations are both '{name}'")
         seen.add(name)
+        plain = label({**values, "decode_tp": None if values["decode_tp"] == values["tp"]
+                       else values["decode_tp"]})
+        if plain in same:
+            pruned.append(Pruned(name, values, f"the same configuration as '{same[plain]}' "
+                                 "(decode tp = tp)"))
+            continue
+        same[plain] = name
         try:
             configs.append(Config(name, _study(spec, base, values), values))
         except ConfigError as e:
@@ -208,11 +217,35 @@ def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict
         where = "--rate" if "rate" in flags else f"{source}: key 'rate'"
         raise ConfigError(f"{where}: a search chooses the rate of each probe; give "
                           "search.target_rate (--target-rate) for the total rate to size for")
+    if base.max_concurrency is not None:  # the clients, not the probe's rate, would set the load
+        at = "--max-concurrency" if "max_concurrency" in flags else f"{source}: key 'max_concurrency'"
+        raise ConfigError(f"{at}: a search probes offered rates, which closed-loop clients would "
+                          "cap; leave it out (compare runs a closed loop)")
     spec = make_spec(raw, source)  # the file's mistakes named as its keys, then the flags'
     if grid_flags:
         spec = make_spec({**raw, **grid_flags}, "flags")
     _check_split(base, spec, source, flags)
+    _check_prices(base, spec, source)
     return base, spec
+
+
+def _check_prices(base: Study, spec: SearchSpec, source: str) -> None:
+    """A price per GPU type covers the grid's GPU types (one missing would leave its
+    configurations unpriced) and names only known ones (a misspelt one would price nothing);
+    prices of known GPUs outside the grid are a price list's and stay unused."""
+    prices = spec.price_per_gpu_hour
+    if not isinstance(prices, dict):
+        return
+    listed: list[str | None] = list(spec.gpu) if spec.gpu else [base.gpu]
+    gpus = {g or "h100" for g in listed}  # as the runner looks the price up
+    where = f"{source}: key 'search.price_per_gpu_hour'" if source != "flags" else "--price-per-gpu-hour"
+    from costmodel.gpu import GPUS
+
+    unknown, missing = sorted(set(prices) - set(GPUS) - gpus), sorted(gpus - set(prices))
+    if unknown:
+        raise ConfigError(f"{where}: no GPU type {', '.join(unknown)} (known: {', '.join(GPUS)})")
+    if missing:
+        raise ConfigError(f"{where}: no price for {', '.join(missing)}")
 
 
 def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, Any]) -> None:
@@ -232,3 +265,8 @@ def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, An
                           "search.target_rate (--target-rate)")
     if spec.replicas is not None or base.replicas != 1:
         raise ConfigError(f"{where}: the pools' sizes are searched; leave out replicas")
+    steer = sorted(spec.model_fields_set & {"rel_tol", "max_probes"}
+                   | base.model_fields_set & {"start_rate"})
+    if steer:  # they steer the rate bisection, which a split search does not run
+        raise ConfigError(f"{where}: {', '.join(steer)} steer the rate bisection, which a split "
+                          "search does not run; leave them out")

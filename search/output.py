@@ -38,9 +38,11 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def format_table(ranked: list[Any], pruned: list[Pruned], spec: SearchSpec) -> str:
+def format_table(ranked: list[Any], pruned: list[Pruned], spec: SearchSpec,
+                 split: bool = False) -> str:
+    """`split`: a split_pools search (its answers are SplitAnswers, if any ran)."""
     width = max([len(a.label) for a in ranked] + [6])
-    if ranked and isinstance(ranked[0], SplitAnswer):
+    if split:
         return _split_table(ranked, pruned, spec, width)
     ci = f"{spec.confidence:.0%} CI" if spec.seeds > 1 else "(1 seed)"
     gpus_head = f"GPUs@{spec.target_rate:g}" if spec.target_rate is not None else "GPUs"
@@ -91,13 +93,14 @@ def _tail(ranked: list[Any], pruned: list[Pruned], width: int) -> list[str]:
     return lines
 
 
-def summary(ranked: list[Any], pruned: list[Pruned], spec: SearchSpec) -> dict[str, Any]:
+def summary(ranked: list[Any], pruned: list[Pruned], spec: SearchSpec,
+            split: bool = False) -> dict[str, Any]:
     method: dict[str, Any] = {"capacity": "per seed: bisection on the rate per replica (sim."
                                           "capacity.rate_steps); over seeds: Student-t interval, "
                                           "ranked and priced at its lower end",
                               "confidence": spec.confidence, "seeds": spec.seeds,
                               "rel_tol": spec.rel_tol, "max_probes": spec.max_probes}
-    if ranked and isinstance(ranked[0], SplitAnswer):
+    if split:
         method = {"capacity": "the cheapest prefill/decode split at target_rate (sim.split: the "
                               "staircase walk within a doubling GPU budget); a split meets when "
                               "the lower end of the Student-t interval over its seeds' "
@@ -126,7 +129,7 @@ def write_results(out: Path, ranked: list[Any], probes: list[ProbePoint], pruned
         k = (row["config"], row["seed"])
         row["step"] = steps[k] = steps.get(k, -1) + 1
         rows.append(row)
-    result = summary(ranked, pruned, spec)
+    result = summary(ranked, pruned, spec, base.split_pools)
     setup: dict[str, Any] = {"layersim_version": layersim_version(), "study": base.model_dump(mode="json"),
              "search": spec.model_dump(mode="json", exclude={"jobs", "ray", "ray_address",
                                                              "store"})}

@@ -84,12 +84,13 @@ def run(study_path: str | None, flags: dict[str, Any], grid: dict[str, Any], *,
         write_results(out, ranked, probes, pruned, base, spec, [c.label for c in configs],
                       command or [])
     if as_json:
-        print(json.dumps(summary(ranked, pruned, spec), sort_keys=True, default=str))
+        print(json.dumps(summary(ranked, pruned, spec, base.split_pools), sort_keys=True,
+                         default=str))
     else:
         done, ran = (bar.last.probes_done, bar.last.probes_run) if bar.last else (0, 0)
         print(f"executor: {executor.name}; {done} probes ({ran} simulated, {done - ran} read "
               f"from the store) in {wall:.1f} s")
-        print(format_table(ranked, pruned, spec))
+        print(format_table(ranked, pruned, spec, base.split_pools))
         accuracy: dict[tuple[str | None, str | None], str] = {}  # per GPU type and profile
         for c in configs:
             key = (c.study.gpu, c.study.profile)

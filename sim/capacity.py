@@ -66,11 +66,13 @@ class CapacityAnswer:
         if self.point is None:
             return out
         m = self.point.metrics
-        if self.point.split is not None:
+        if self.point.split is not None:  # workers of two sizes: no rate per replica
             out |= {"prefill_replicas": self.point.split[0], "decode_replicas": self.point.split[1]}
             out |= {k: m[k] for k in ("slo_attainment_low", "per_seed_slo_attainment") if k in m}
-        out |= {"rate": self.point.rate, "replicas": self.point.replicas, "gpus": m["gpus"],
-                "rate_per_replica": self.point.rate / self.point.replicas,
+        else:
+            out |= {"replicas": self.point.replicas,
+                    "rate_per_replica": self.point.rate / self.point.replicas}
+        out |= {"rate": self.point.rate, "gpus": m["gpus"],
                 "slo_attainment": self.point.slo_attainment,
                 "energy_per_token_j": m["energy_per_token_j"]}
         if self.price_per_gpu_hour is not None:  # at the rate served, not the run's throughput

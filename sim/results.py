@@ -271,8 +271,21 @@ def setup_record(study: Any, cm: CostModel, **extra: Any) -> dict[str, Any]:
         "seed": study.seed,
         "slo_ttft_ms": study.slo_ttft_ms, "slo_itl_ms": study.slo_itl_ms,
         "slo_tpot_ms": study.slo_tpot_ms, "slo_e2el_ms": study.slo_e2el_ms,
+        "async_scheduling": study.async_scheduling,
+        **_pools(study),
         **extra,
     }
+
+
+# a disaggregated run's keys (sim/disagg.py), or those of a search of its pools' sizes
+POOL_KEYS = ("split_pools", "prefill_replicas", "decode_replicas", "decode_tp", "decode_policy",
+             "kv_link_gb_per_s", "kv_link_latency_us", "stream_kv")
+
+
+def _pools(study: Any) -> dict[str, Any]:
+    if study.prefill_replicas is None and not study.split_pools:
+        return {}
+    return {key: getattr(study, key) for key in POOL_KEYS}
 
 
 def _absolute(name: str) -> str:
@@ -294,8 +307,9 @@ def write_provenance(folder: Path, study: Any, setup: dict[str, Any], command: l
         # files named relative to where the run started: absolute, to re-run from anywhere
         "workload": _absolute(study.workload),
         "policies": [_absolute_policy(p) for p in study.policies]})
+    verb = command[0] if command and command[0] in ("compare", "simulate", "capacity") else "compare"
     (folder / "study.yaml").write_text(
-        "# the fully resolved study that produced this folder: layersim compare study.yaml\n"
+        f"# the fully resolved study that produced this folder: layersim {verb} study.yaml\n"
         + yaml.safe_dump(resolved.model_dump(), sort_keys=False))
     run = {"layersim_version": setup["layersim_version"], "command": ["layersim", *command],
            "setup": setup}

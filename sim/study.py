@@ -261,6 +261,13 @@ class Study(BaseModel):
         if self.stagger_s is not None and (self.max_concurrency is None or self.closed_loop_rate()):
             raise KeyProblem("stagger_s", "stagger_s spreads the first requests of closed-loop "
                              "clients: it needs max_concurrency and no rate")
+        pools = self.prefill_replicas is not None or self.decode_replicas is not None
+        if not (pools or self.split_pools):  # keys of the two pools, or of their search
+            for key in ("decode_tp", "decode_policy", "kv_link_gb_per_s", "kv_link_latency_us",
+                        "stream_kv"):
+                if getattr(self, key) not in (None, False):
+                    raise KeyProblem(key, f"{key} applies to prefill and decode pools: give "
+                                     "prefill_replicas and decode_replicas (or split_pools)")
         if has_arrival_times(self.workload):
             return self
         rate, duration_s = self.arrivals()
@@ -451,6 +458,9 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False,
     """`cost_model`: the study's own (study.cost_model()), built already by a caller that
     runs many studies of one model and GPU."""
     _check_policies(study)
+    if study.split_pools:  # a search of pool sizes, not a run of one
+        raise ConfigError("split_pools: capacity and search search the pools' sizes; a run takes "
+                          "fixed ones (prefill_replicas and decode_replicas)")
     cm = study.cost_model() if cost_model is None else cost_model
     workload = study.build_workload(cm.model.max_context)
     executor = None

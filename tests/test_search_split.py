@@ -24,10 +24,17 @@ RATE = 250.0  # req/s: a constant server of D s per iteration and 2 sequences se
 
 def _split_study(tmp: Path, **grid: object) -> Path:
     path = write_study(tmp, ep=[1], max_num_seqs=[2], target_rate=RATE, **grid)
-    study = yaml.safe_load(path.read_text())
-    study["split_pools"] = True
+    study = _as_split(yaml.safe_load(path.read_text()))
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
+
+
+def _as_split(study: dict) -> dict:
+    """A split search: the rate bisection's keys (which it refuses) left out."""
+    study.pop("start_rate", None)
+    for key in ("rel_tol", "max_probes"):
+        study["search"].pop(key, None)
+    return {**study, "split_pools": True}
 
 
 def _search(study: Path, out: Path, **grid: object) -> dict:
@@ -112,6 +119,8 @@ def _grid_study(tmp: Path, extra: dict, **grid: object) -> Path:
                                "target_rate": 250.0, **grid})
     data = yaml.safe_load(path.read_text())
     data.update(extra)
+    if data.get("split_pools"):
+        data = _as_split(data)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -159,3 +168,40 @@ def test_a_search_whose_every_walk_proposes_nothing_reports_its_end(tmp_path: Pa
     path = _grid_study(tmp_path, {"split_pools": True}, tp=[8], ep=[8])
     assert session.run(str(path), {}, {}, out=None, progress=False) == 1
     assert reports and (reports[-1].configs_done, reports[-1].configs) == (1, 1)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--price-per-gpu-hour", "h100=-1"], "greater than or equal to 0"),
+    (["--price-per-gpu-hour", "foo=3"], "no GPU type foo"),
+    (["--gpu", "h100,h200", "--price-per-gpu-hour", "h100=3"], "no price for h200"),
+    (["--price-per-gpu-hour", "h100=2.5,h100=3"], "invalid float or GPU=float"),
+    (["--decode-tp", "0"], "--decode-tp"),
+    (["--tp", "0"], "--tp"),
+    (["--rel-tol", "0.1"], "rel_tol steer the rate bisection"),
+    (["--start-rate", "2"], "start_rate steer the rate bisection"),
+])
+def test_grid_and_price_mistakes_are_refused_not_pruned(flags, message, capsys) -> None:  # type: ignore[no-untyped-def]
+    from cli.main import main
+
+    try:
+        rc = main(["search", "--split-pools", "--target-rate", "4", "--policies", "layered",
+                   "--duration", "5", "--jobs", "0", "--no-progress", *flags])
+    except SystemExit as e:  # argparse's own refusal of a flag's value
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_decode_tp_equal_to_tp_is_one_configuration(tmp_path: Path) -> None:
+    """decode tp 1 beside tp 1 and null (= tp): listed once, the other pruned as the same."""
+    got = _search(_split_study(tmp_path, gpu=["h200"], decode_tp=[1, None]), tmp_path / "out")
+    assert [r["config"] for r in got["ranked"]] == ["h200 tp1 prefill-first seqs2 decode-tp1"]
+    (pruned,) = got["pruned"]
+    assert pruned["config"] == "h200 tp1 prefill-first seqs2"
+    assert "the same configuration as 'h200 tp1 prefill-first seqs2 decode-tp1'" in pruned["reason"]
+
+
+def test_an_all_pruned_split_search_still_reads_as_one(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path = _grid_study(tmp_path, {"split_pools": True}, ep=[3])  # 3 does not divide 8 experts
+    assert session.run(str(path), {}, {}, out=None, as_json=True, progress=False) == 1
+    method = json.loads(capsys.readouterr().out)["method"]
+    assert method["capacity"].startswith("the cheapest prefill/decode split")
