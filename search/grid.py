@@ -112,7 +112,9 @@ def axis_values(spec: SearchSpec, base: Study) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for axis in AXES:
         given = getattr(spec, axis)
-        if given is None:
+        if given is None and axis == "gpu":  # named as it resolves: the profile's, else h100
+            given = [base.gpu or base.resolved_profile().gpu]
+        elif given is None:
             given = list(base.policies) if axis == "policies" else [getattr(base, axis)]
         dupes = sorted({str(v) for v in given if given.count(v) > 1})
         if dupes:
@@ -236,8 +238,7 @@ def _check_prices(base: Study, spec: SearchSpec, source: str) -> None:
     prices = spec.price_per_gpu_hour
     if not isinstance(prices, dict):
         return
-    listed: list[str | None] = list(spec.gpu) if spec.gpu else [base.gpu]
-    gpus = {g or "h100" for g in listed}  # as the runner looks the price up
+    gpus = set(spec.gpu) if spec.gpu else {base.gpu or base.resolved_profile().gpu}
     where = f"{source}: key 'search.price_per_gpu_hour'" if source != "flags" else "--price-per-gpu-hour"
     from costmodel.gpu import GPUS
 

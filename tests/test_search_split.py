@@ -92,6 +92,7 @@ def test_split_search_finds_what_capacity_finds(tmp_path: Path, capsys) -> None:
     assert main(["search", *args, "--target-rate", "1", "--jobs", "0", "--store",
                  str(tmp_path / "store"), "--no-progress", "--json"]) == 0
     (got,) = json.loads(capsys.readouterr().out)["ranked"]
+    assert got["config"].startswith("h100 tp2 ") and got["gpu"] == "h100"  # no gpu axis: named
     assert (got["prefill_replicas"], got["decode_replicas"], got["gpus"]) == (
         want["prefill_replicas"], want["decode_replicas"], want["gpus"])
     assert got["slo_attainment"] == pytest.approx(want["slo_attainment"])
