@@ -80,7 +80,8 @@ def run(ns: argparse.Namespace) -> int:
         extra = "".join(f", {name} <= {v:g} ms" for name, v in (
             ("TPOT", study.slo_tpot_ms), ("E2E", study.slo_e2el_ms)) if v is not None)
         print(f"policy {study.policies[0]}, workload {study.workload}, SLO: TTFT <= "
-              f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms{extra}, "
+              f"{study.slo_ttft_ms:g} ms, P99 ITL <= {study.slo_itl_ms:g} ms"
+              f"{' (and the second-token gap)' if study.split_pools else ''}{extra}, "
               f"target attainment {study.target:.0%}")
         if study.split_pools and seeds is not None and seeds > 1:
             print(f"each split on {seeds} seeds: its mean attainment, TTFT and ITL; it meets when "
@@ -168,6 +169,9 @@ def _check_split(study: Study, cm: CostModel, rate: float | None) -> int:
     if study.replicas != 1:
         raise ConfigError("--split-pools searches the pools' sizes, which replace --replicas: "
                           "leave it out")
+    if study.start_rate != Study.model_fields["start_rate"].default:
+        raise ConfigError("--start-rate steers the rate search, which --split-pools does not run "
+                          "(it sizes the pools at --rate): leave it out")
     decode_gpus = (study.decode_tp or study.tp) * study.ep
     if cm.parallel.num_gpus + decode_gpus > MAX_SPLIT_GPUS:
         raise ConfigError(f"--split-pools: one prefill worker ({cm.parallel.num_gpus} GPUs) and one "

@@ -27,7 +27,7 @@ def _mapping_or(kind: type) -> Any:
         if "=" not in text:
             return kind(text)
         pairs = [p.split("=", 1) for p in text.split(",")]
-        keys = [k.strip() for k, _ in pairs]
+        keys = [k.strip().lower() for k, _ in pairs]
         if len(set(keys)) != len(keys):
             raise ValueError("a GPU type given twice")
         return {k.strip(): kind(v.strip()) for k, v in pairs}

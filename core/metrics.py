@@ -8,8 +8,10 @@ TPOT is per request (E2E - TTFT) / (output tokens - 1); ITL pools every gap betw
 Token totals count what finished requests were given: their prompts and the output tokens emitted
 (the requests table's `output_tokens`, core/records.py), never the lengths they asked for.
 A request meets the SLO when its TTFT and its own P99 ITL are both within target (and its TPOT
-and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them);
-requests that never finished count as misses. Each latency has mean, median, std and the
+and E2E latency, when those targets are set, as benchmark_serving's --goodput sets them); in a
+disaggregated run (a `second_token_gap_ms` column) also the gap before its second token, which
+holds the KV's move and wait and which a P99 over hundreds of gaps would hide; requests that
+never finished count as misses. Each latency has mean, median, std and the
 requested percentiles (p90, p95, p99 by default; p99 always). Energy covers busy iterations and
 idle power between them.
 Prefix caching (`prefix_cache_metrics`): vLLM's `prefix_cache_hit_rate` (hit tokens / queried

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from costmodel.errors import ConfigError
 from costmodel.price import CostModel
@@ -63,10 +71,30 @@ class SearchSpec(BaseModel):
     ray_address: str | None = None
     store: str | None = None  # probe store folder (default: ~/.cache/layersim/probes)
 
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _lower_gpus(cls, value: Any) -> Any:
+        """GPU types as costmodel.gpu names them (lower case): H100 is h100."""
+        if isinstance(value, list):
+            return [v.lower() if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("profile", "price_per_gpu_hour", mode="before")
+    @classmethod
+    def _lower_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            keys = [k.lower() if isinstance(k, str) else k for k in value]
+            if len(set(keys)) != len(keys):
+                raise ValueError("a GPU type given twice")
+            return dict(zip(keys, value.values(), strict=True))
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ValueError("a price must be >= 0")  # before the union's own dict message
+        return value
+
     def price(self, gpu: str, study: Study) -> float | None:
         p = self.price_per_gpu_hour
         if isinstance(p, dict):
-            return p.get(gpu)
+            return p.get(gpu.lower())
         return p if p is not None else study.price_per_gpu_hour
 
 
@@ -227,7 +255,7 @@ def read_search(path: str | Path | None, flags: dict[str, Any], grid_flags: dict
     if grid_flags:
         spec = make_spec({**raw, **grid_flags}, "flags")
     _check_split(base, spec, source, flags)
-    _check_prices(base, spec, source)
+    _check_prices(base, spec, "flags" if "price_per_gpu_hour" in grid_flags else source)
     return base, spec
 
 
@@ -238,7 +266,7 @@ def _check_prices(base: Study, spec: SearchSpec, source: str) -> None:
     prices = spec.price_per_gpu_hour
     if not isinstance(prices, dict):
         return
-    gpus = set(spec.gpu) if spec.gpu else {base.gpu or base.resolved_profile().gpu}
+    gpus = set(spec.gpu) if spec.gpu else {(base.gpu or base.resolved_profile().gpu).lower()}
     where = f"{source}: key 'search.price_per_gpu_hour'" if source != "flags" else "--price-per-gpu-hour"
     from costmodel.gpu import GPUS
 
@@ -266,8 +294,9 @@ def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, An
                           "search.target_rate (--target-rate)")
     if spec.replicas is not None or base.replicas != 1:
         raise ConfigError(f"{where}: the pools' sizes are searched; leave out replicas")
-    steer = sorted(spec.model_fields_set & {"rel_tol", "max_probes"}
-                   | base.model_fields_set & {"start_rate"})
-    if steer:  # they steer the rate bisection, which a split search does not run
-        raise ConfigError(f"{where}: {', '.join(steer)} steer the rate bisection, which a split "
-                          "search does not run; leave them out")
+    steer = [f"search.{k}" for k in sorted(spec.model_fields_set & {"rel_tol", "max_probes"})]
+    if base.start_rate != Study.model_fields["start_rate"].default:
+        steer.append("start_rate")
+    for key in steer:  # it steers the rate bisection, which a split search does not run
+        raise ConfigError(f"{where}: {key} steers the rate bisection, which a split search does "
+                          "not run; leave it out")

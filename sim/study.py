@@ -266,8 +266,9 @@ class Study(BaseModel):
             for key in ("decode_tp", "decode_policy", "kv_link_gb_per_s", "kv_link_latency_us",
                         "stream_kv"):
                 if getattr(self, key) not in (None, False):
-                    raise KeyProblem(key, f"{key} applies to prefill and decode pools: give "
-                                     "prefill_replicas and decode_replicas (or split_pools)")
+                    raise KeyProblem(key, f"{key} applies to prefill and decode pools: a run's "
+                                     "prefill_replicas and decode_replicas, or the split_pools "
+                                     "of capacity and search")
         if has_arrival_times(self.workload):
             return self
         rate, duration_s = self.arrivals()
@@ -368,7 +369,10 @@ class Study(BaseModel):
             parts.append(f"TPOT <= {self.slo_tpot_ms:g} ms")
         if self.slo_e2el_ms is not None:
             parts.append(f"E2E <= {self.slo_e2el_ms:g} ms")
-        return ", ".join(parts) + f" and per-request P99 ITL <= {self.slo_itl_ms:g} ms"
+        text = ", ".join(parts) + f" and per-request P99 ITL <= {self.slo_itl_ms:g} ms"
+        if self.split_pools or self.prefill_replicas is not None:  # core/metrics.py
+            text += " (and the gap before the second token)"
+        return text
 
     def refuse_disaggregated(self, command: str) -> None:
         """`command` searches the pools' sizes itself (split_pools): fixed sizes are refused,

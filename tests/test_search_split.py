@@ -178,8 +178,9 @@ def test_a_search_whose_every_walk_proposes_nothing_reports_its_end(tmp_path: Pa
     (["--price-per-gpu-hour", "h100=2.5,h100=3"], "invalid float or GPU=float"),
     (["--decode-tp", "0"], "--decode-tp"),
     (["--tp", "0"], "--tp"),
-    (["--rel-tol", "0.1"], "rel_tol steer the rate bisection"),
-    (["--start-rate", "2"], "start_rate steer the rate bisection"),
+    (["--rel-tol", "0.1"], "search.rel_tol steers the rate bisection"),
+    (["--start-rate", "2"], "start_rate steers the rate bisection"),
+    (["--gpu", "H100", "--price-per-gpu-hour", "h100=2,H100=3"], "invalid float or GPU=float"),
 ])
 def test_grid_and_price_mistakes_are_refused_not_pruned(flags, message, capsys) -> None:  # type: ignore[no-untyped-def]
     from cli.main import main
@@ -206,3 +207,11 @@ def test_an_all_pruned_split_search_still_reads_as_one(tmp_path: Path, capsys) -
     assert session.run(str(path), {}, {}, out=None, as_json=True, progress=False) == 1
     method = json.loads(capsys.readouterr().out)["method"]
     assert method["capacity"].startswith("the cheapest prefill/decode split")
+
+
+def test_gpu_types_are_one_whatever_their_case(tmp_path: Path) -> None:
+    """gpu H100 and a price for h100 (or the other way round) name one GPU type (found by
+    review: refused as a missing price)."""
+    path = _split_study(tmp_path, gpu=["H200"], price_per_gpu_hour={"h200": 1.5, "H100": 1.0})
+    (row,) = _search(path, tmp_path / "out")["ranked"]
+    assert row["config"].startswith("h200 ") and row["cost_per_million_tokens"] is not None
