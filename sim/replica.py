@@ -96,6 +96,12 @@ class Replica:
         # changed: a router that keeps replicas ordered by load (sim/router.py)
         self.on_load: Callable[[int], None] | None = None
         self.async_scheduling = async_scheduling
+        # the workers' hooks (sim/workers.py), None where not overridden: a plain replica's
+        # loop makes no call for them (the calls cost about a tenth of a fleet run)
+        cls = type(self)
+        self._hook = (None if cls._planning_point_hook is Replica._planning_point_hook
+                      else self._planning_point_hook)
+        self._on_commit = None if cls._committed is Replica._committed else self._committed
         self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
         self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
         self._deferred_tokens = 0  # their pending tokens: routers see them (vLLM queued them)
@@ -147,7 +153,7 @@ class Replica:
     def run(self):  # type: ignore[no-untyped-def]
         env, state, recorder = self.env, self.state, self.recorder
         while True:
-            settle = self._planning_point_hook()
+            settle = self._hook() if self._hook is not None else None
             if settle is not None:  # the hook's planning point is taken again after it
                 yield settle
                 continue
@@ -194,7 +200,8 @@ class Replica:
             start = env.now
             yield env.timeout(cost.latency_s)
             finished = commit(state, plan, env.now).finished
-            self._committed(plan, env.now)
+            if self._on_commit is not None:
+                self._on_commit(plan, env.now)
             if self.check:
                 self._check_invariants()
             self.busy_s += cost.latency_s
