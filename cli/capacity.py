@@ -172,15 +172,11 @@ def _check_split(study: Study, cm: CostModel, rate: float | None) -> int:
     if study.start_rate != Study.model_fields["start_rate"].default:
         raise ConfigError("--start-rate steers the rate search, which --split-pools does not run "
                           "(it sizes the pools at --rate): leave it out")
-    decode_gpus = (study.decode_tp or study.tp) * study.ep
+    decode_gpus = study.decode_worker_gpus()
     if cm.parallel.num_gpus + decode_gpus > MAX_SPLIT_GPUS:
         raise ConfigError(f"--split-pools: one prefill worker ({cm.parallel.num_gpus} GPUs) and one "
                           f"decode worker ({decode_gpus}) are over the search's {MAX_SPLIT_GPUS} GPUs")
-    if study.decode_tp not in (None, study.tp):  # its model checks, named as the decode pool's
-        try:
-            study.model_copy(update={"tp": study.decode_tp}).cost_model()
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1)) from None
+    study.decode_cost_model(cm)  # its checks, before anything is printed
     if study.decode_policy is not None:
         from policies.registry import make_policy
 

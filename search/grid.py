@@ -215,10 +215,9 @@ def _study(spec: SearchSpec, base: Study, values: dict[str, Any]) -> Study:
     _check_kv(cm, study)
     if study.split_pools and study.decode_tp not in (None, study.tp):  # the decode workers' too
         try:
-            _check_kv(study.model_copy(update={"tp": study.decode_tp}).cost_model(), study)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1).replace(
-                "tp=", "decode tp=", 1)) from None
+            _check_kv(study.decode_cost_model(), study)
+        except ConfigError as e:  # _check_kv's own: the decode workers'
+            raise ConfigError(str(e).replace("tp=", "decode tp=", 1)) from None
     return study
 
 
@@ -285,9 +284,6 @@ def _check_split(base: Study, spec: SearchSpec, source: str, flags: dict[str, An
         if spec.decode_tp is not None:
             raise ConfigError("search.decode_tp: the decode workers' TP is an axis of a "
                               "split_pools search only")
-        if base.decode_tp is not None:
-            raise ConfigError(f"{source}: key 'decode_tp': the decode workers' TP applies to a "
-                              "split_pools search only; leave it out or add split_pools")
         return
     if spec.target_rate is None:
         raise ConfigError(f"{where}: a split search sizes both pools for a total rate; give "

@@ -68,20 +68,10 @@ class Chain:
         return Study.model_validate({**study.model_dump(), **changes})
 
     def advance(self, sent: Any) -> None:
-        """Send the last probe's verdict (a rate chain) or metrics (a split chain)."""
+        """Send the last probe's verdict (a rate chain) or metrics (a split chain); None
+        starts the chain (a generator's first send)."""
         try:
             step = self.steps.send(sent)
-        except StopIteration as stop:
-            self.rate, self.split, self.done = None, None, True
-            self.answer = stop.value if self.splits is not None else None
-            return
-        self._take(step)
-
-    def start(self) -> None:
-        """Take the first probe; a walk with none (one prefill and one decode worker over its
-        GPU limit) ends at once, as `advance` ends one."""
-        try:
-            step = next(self.steps)
         except StopIteration as stop:
             self.rate, self.split, self.done = None, None, True
             self.answer = stop.value if self.splits is not None else None
@@ -130,7 +120,8 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
     start = time.monotonic()
     seeds = [base.seed + j for j in range(spec.seeds)]
     if base.split_pools:
-        chains = [_split_chain(i, c.study, seeds, base.target, spec.confidence)
+        assert spec.target_rate is not None  # grid.read_search requires it
+        chains = [_split_chain(i, c.study, spec.target_rate, seeds, base.target, spec.confidence)
                   for i, c in enumerate(configs)]
     else:
         chains = [Chain(i, s, rate_steps(base.start_rate, spec.rel_tol, spec.max_probes))
@@ -154,7 +145,7 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
         if base.split_pools:
             (chain,) = (ch for ch in chains if ch.config == i)
             assert chain.splits is not None and spec.target_rate is not None
-            return make_split_answer(c.label, c.values, gpus, decode_gpus(cm_study), chain.splits,
+            return make_split_answer(c.label, c.values, gpus, cm_study.decode_worker_gpus(), chain.splits,
                                      chain.answer, len(seeds), price, spec.target_rate)
         points = [ch.points for ch in chains if ch.config == i]
         return make_answer(c.label, c.values, gpus, points, spec.confidence, price,
@@ -184,7 +175,11 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
             chain.points.append(ProbePoint(configs[chain.config].label, chain.seed,
                                            spec.target_rate / workers, key, metrics, meets,
                                            chain.split))
-            chain.advance({"slo_attainment": None, **metrics})
+            chain.advance(metrics)
+        settle(chain)
+
+    def settle(chain: Chain) -> None:
+        """The chain's configuration has its answer once all its chains are done."""
         if chain.done and all(ch.done for ch in chains if ch.config == chain.config):
             answers[chain.config] = answer_of(chain.config)
 
@@ -211,9 +206,8 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
             report()
 
     for chain in chains:
-        chain.start()
-        if chain.done and all(ch.done for ch in chains if ch.config == chain.config):
-            answers[chain.config] = answer_of(chain.config)
+        chain.advance(None)  # its first probe (a walk with none, over its GPU limit, ends here)
+        settle(chain)
         start_probe(chain)
     if answers and not counts["done"]:  # configurations that ended with no probe: say so
         report()
@@ -231,16 +225,12 @@ def run_search(configs: list[Config], spec: SearchSpec, base: Study, executor: E
     return [answers[i] for i in range(len(configs))], probes
 
 
-def _split_chain(config: int, study: Study, seeds: list[int], target: float,
+def _split_chain(config: int, study: Study, rate: float, seeds: list[int], target: float,
                  confidence: float) -> Chain:
     splits: list[Point] = []
-    walk = split_probes(study.tp * study.ep, decode_gpus(study), seeds, target, splits, confidence)
+    walk = split_probes(study.tp * study.ep, study.decode_worker_gpus(), rate, seeds, target,
+                        splits, confidence)
     return Chain(config, seeds[0], walk, splits=splits)
-
-
-def decode_gpus(study: Study) -> int:
-    """GPUs of one decode worker of a split search."""
-    return (study.decode_tp or study.tp) * study.ep
 
 
 def _finished(executor: Executor, inflight: dict[str, Any]) -> list[str]:

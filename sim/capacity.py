@@ -145,7 +145,7 @@ def rate_steps(start_rate: float = 0.5, rel_tol: float = 0.02, max_points: int =
 def max_rate(evaluate: Evaluate, target: float = 0.9, start_rate: float = 0.5,
              rel_tol: float = 0.02, max_points: int = 30,
              on_point: Callable[[Point], None] | None = None) -> CapacityAnswer:
-    _check_target(target)
+    check_target(target)
     search: list[Point] = []
     good: Point | None = None  # every passing point replaces the last one: it is the answer
     steps = rate_steps(start_rate, rel_tol, max_points)
@@ -165,7 +165,7 @@ def max_rate(evaluate: Evaluate, target: float = 0.9, start_rate: float = 0.5,
 
 def min_gpus(evaluate: Evaluate, rate: float, target: float = 0.9, max_replicas: int = 4096,
              on_point: Callable[[Point], None] | None = None) -> CapacityAnswer:
-    _check_target(target)
+    check_target(target)
     search: list[Point] = []
 
     def probe(n: int) -> Point:
@@ -200,7 +200,7 @@ def with_price(answer: CapacityAnswer, price_per_gpu_hour: float | None) -> Capa
     return replace(answer, price_per_gpu_hour=price_per_gpu_hour)
 
 
-def _check_target(target: float) -> None:
+def check_target(target: float) -> None:
     if not 0 < target <= 1:
         raise ConfigError(f"--target must be in (0, 1], got {target}")
 

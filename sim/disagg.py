@@ -309,12 +309,7 @@ def run_disaggregated(study: Any, cm: CostModel, requests: Sequence[Request],
                           ("workers", study.workers != 1, "one process only, for now")):
         if bad:
             raise ConfigError(f"{key}: leave it out of a disaggregated run ({why})")
-    dm = cm
-    if study.decode_tp not in (None, study.tp):
-        try:
-            dm = study.model_copy(update={"tp": study.decode_tp}).cost_model()
-        except ConfigError as e:  # its checks name --tp: here it is the decode pool's
-            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1)) from None
+    dm = study.decode_cost_model(cm)
     link = None
     if study.kv_link_gb_per_s is not None or study.kv_link_latency_us is not None:
         preset = kv_link(cm.hw.name) if cm.hw.name in NETWORK_BYTES_PER_S else None

@@ -35,7 +35,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from costmodel.errors import ConfigError
-from sim.capacity import CapacityAnswer, Point, replace_study, t_interval
+from sim.capacity import CapacityAnswer, Point, check_target, replace_study, t_interval
 from sim.study import Study, run_study
 
 MAX_SPLIT_GPUS = 64  # the walk's limit on a split's GPUs
@@ -111,13 +111,13 @@ def _staircase(gp: int, gd: int, budget: int, tried: dict[Split, tuple[bool, flo
         p += 1
 
 
-def split_probes(gpus_per_prefill: int, gpus_per_decode: int, seeds: Sequence[int],
+def split_probes(gpus_per_prefill: int, gpus_per_decode: int, rate: float, seeds: Sequence[int],
                  target: float, points: list[Point], confidence: float = 0.9,
                  max_gpus: int = MAX_SPLIT_GPUS) -> Generator[tuple[int, int, int], dict[str, Any],
                                                               Split | None]:
-    """The walk over seeds: yields (p, d, seed) for every simulation, is sent its metrics,
-    appends each split's point to `points` once its seeds are in (rate left 0: the driver
-    knows it), and returns the answer."""
+    """The walk over seeds at total `rate`: yields (p, d, seed) for every simulation, is sent
+    its metrics, appends each split's point to `points` once its seeds are in, and returns the
+    answer."""
     if not seeds:
         raise ConfigError("--seeds must be at least 1")
     steps = split_steps(gpus_per_prefill, gpus_per_decode, max_gpus)
@@ -127,7 +127,7 @@ def split_probes(gpus_per_prefill: int, gpus_per_decode: int, seeds: Sequence[in
             runs = []
             for seed in seeds:
                 runs.append((yield (p, d, seed)))
-            point = _aggregate(runs, (p, d), target, confidence)
+            point = _aggregate(runs, rate, (p, d), target, confidence)
             points.append(point)
             p, d = steps.send((point.meets, point.slo_attainment))
     except StopIteration as stop:
@@ -135,12 +135,14 @@ def split_probes(gpus_per_prefill: int, gpus_per_decode: int, seeds: Sequence[in
         return answer
 
 
-def _aggregate(runs: list[dict[str, Any]], split: Split, target: float, confidence: float) -> Point:
-    """One split over its seeds: one seed's metrics as they are, several seeds' means."""
+def _aggregate(runs: list[dict[str, Any]], rate: float, split: Split, target: float,
+               confidence: float) -> Point:
+    """One split over its seeds: one seed's metrics as they are, several seeds' means (a run
+    that could not be simulated has no attainment: 0)."""
     if len(runs) == 1:
-        att = runs[0]["slo_attainment"] or 0.0
-        return Point(0.0, sum(split), att, att >= target, runs[0], split)
-    interval = t_interval([r["slo_attainment"] or 0.0 for r in runs], confidence)
+        att = runs[0].get("slo_attainment") or 0.0
+        return Point(rate, sum(split), att, att >= target, runs[0], split)
+    interval = t_interval([r.get("slo_attainment") or 0.0 for r in runs], confidence)
     metrics: dict[str, Any] = {}
     for key, value in runs[0].items():
         vals = [r.get(key) for r in runs]
@@ -152,7 +154,7 @@ def _aggregate(runs: list[dict[str, Any]], split: Split, target: float, confiden
             metrics[key] = None if any(v is None for v in vals) else value
     metrics |= {"slo_attainment": interval.mean, "slo_attainment_low": interval.low,
                 "per_seed_slo_attainment": list(interval.values)}
-    return Point(0.0, sum(split), interval.mean, interval.low >= target, metrics, split)
+    return Point(rate, sum(split), interval.mean, interval.low >= target, metrics, split)
 
 
 def split_evaluator(study: Study) -> SplitEvaluate:
@@ -169,34 +171,27 @@ def cheapest_split(evaluate: SplitEvaluate, rate: float, target: float, gpus_per
                    seeds: Sequence[int] = (0,), confidence: float = 0.9,
                    on_point: Callable[[Point], None] | None = None) -> CapacityAnswer:
     """The walk of the module note at total `rate`, simulated by `evaluate`."""
-    if not 0 < target <= 1:
-        raise ConfigError(f"--target must be in (0, 1], got {target}")
+    check_target(target)
     points: list[Point] = []
-    walk = split_probes(gpus_per_prefill, gpus_per_decode, seeds, target, points, confidence,
-                        max_gpus)
+    walk = split_probes(gpus_per_prefill, gpus_per_decode, rate, seeds, target, points,
+                        confidence, max_gpus)
     shown = 0
     try:
         p, d, seed = next(walk)
         while True:
             metrics = evaluate(rate, p, d, seed)
             p, d, seed = walk.send(metrics)
-            shown = _show(rate, points, shown, on_point)
+            shown = _show(points, shown, on_point)
     except StopIteration as stop:
         answer = stop.value
-    _show(rate, points, shown, on_point)
-    search = tuple(_at(rate, pt) for pt in points)
-    best = next((pt for pt in search if pt.split == answer), None)
-    return CapacityAnswer("min-gpus-split", best, search, target, None)
+    _show(points, shown, on_point)
+    best = next((pt for pt in points if pt.split == answer), None)
+    return CapacityAnswer("min-gpus-split", best, tuple(points), target, None)
 
 
-def _at(rate: float, point: Point) -> Point:
-    return Point(rate, point.replicas, point.slo_attainment, point.meets, point.metrics, point.split)
-
-
-def _show(rate: float, points: list[Point], shown: int,
-          on_point: Callable[[Point], None] | None) -> int:
+def _show(points: list[Point], shown: int, on_point: Callable[[Point], None] | None) -> int:
     """Show the points the walk finished since the last call; how many are shown now."""
     if on_point:
         for pt in points[shown:]:
-            on_point(_at(rate, pt))
+            on_point(pt)
     return len(points)

@@ -231,6 +231,19 @@ class Study(BaseModel):
         prof = self.resolved_profile()
         return CostModel(model, prof.gpu, prof, Parallelism(self.tp, self.ep))
 
+    def decode_cost_model(self, cm: CostModel | None = None) -> CostModel:
+        """The decode pool's: the study's own (`cm` when built already) unless decode_tp differs;
+        a check it fails names --decode-tp."""
+        if self.decode_tp in (None, self.tp):
+            return self.cost_model() if cm is None else cm
+        try:
+            return self.model_copy(update={"tp": self.decode_tp}).cost_model()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--tp", "--decode-tp", 1)) from None
+
+    def decode_worker_gpus(self) -> int:
+        return (self.decode_tp or self.tp) * self.ep
+
     def replays_trace(self) -> bool:
         """Whether the workload's own arrival times are replayed (see the module note)."""
         return (self.rate is None and self.max_concurrency is None
