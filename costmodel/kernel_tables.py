@@ -60,6 +60,18 @@ class Roofline:
             return self.overhead_s + (compute if compute > memory else memory)
         return self.overhead_s + np.maximum(compute, memory)
 
+    def affine(self, at_0: Work, at_1: Work, hw: Hardware) -> tuple[float, float, float, float]:
+        """`time_s` of a work affine in some x, from its work at x = 0 and 1, as
+        (overhead_s, compute_s per x, memory_s per x, memory_s at 0): then
+        time_s = overhead_s + max(x compute_s, x memory_s + memory_s at 0), with no FLOPs at 0."""
+        compute = (at_1.flops - at_0.flops) / (hw.peak_flops * at_1.peak_scale * self.compute_eff)
+        memory_0, memory_1 = ((w.hbm_bytes / hw.hbm_bytes_per_s
+                               + w.link_bytes / (hw.link_bytes_per_s / 2)) / self.memory_eff
+                              for w in (at_0, at_1))
+        if at_0.flops:
+            raise ValueError("affine: the work has FLOPs at x = 0")
+        return self.overhead_s, compute, memory_1 - memory_0, memory_0
+
 
 @dataclass(frozen=True)
 class Work:
@@ -164,34 +176,40 @@ class Curve:
 
     def __init__(self, log_x: list[float], e: list[float], source: str) -> None:
         self.log_x, self.e, self.source = log_x, e, source
-        self._segments: tuple[np.ndarray, ...] | None = None
+        self._arrays = (np.asarray(log_x), np.asarray(e))
         self.x_range = (math.exp(log_x[0]), math.exp(log_x[-1]))
 
     def ratio(self, x: float) -> float:
         """exp(e) at x: measured time over roofline time (held constant beyond the range)."""
         return math.exp(self.e_at(math.log(x) if x > 0 else self.log_x[0]))
 
-    def e_many(self, u: np.ndarray) -> np.ndarray:
-        """`e_at` of every element of `u`: the same formula, elementwise."""
-        if self._segments is None:  # (left ends, widths, rises) of the segments, as arrays
-            lx, es = np.asarray(self.log_x), np.asarray(self.e)
-            self._segments = (lx, es, lx[1:] - lx[:-1], es[1:] - es[:-1])
-        lx, es, width, rise = self._segments
-        if len(lx) == 1:
-            return np.full(len(u), es[0])
-        j = np.minimum(np.maximum(lx.searchsorted(u, side="right") - 1, 0), len(lx) - 2)
-        inside = es[j] + (u - lx[j]) / width[j] * rise[j]
-        return np.where(u <= lx[0], es[0], np.where(u >= lx[-1], es[-1], inside))
+    def ratios(self, xs: np.ndarray) -> np.ndarray:
+        """`ratio` at every x of `xs`."""
+        u = np.log(xs) if xs.min() > 0 else np.where(xs > 0, np.log(np.where(xs > 0, xs, 1.0)),
+                                                      self.log_x[0])
+        return np.exp(np.interp(u, *self._arrays))  # type: ignore[no-any-return]
 
     def e_at(self, u: float) -> float:
-        """e at log x = u."""
+        """e at log x = u: np.interp's arithmetic, step for step, so that a price taken one
+        at a time equals the same price taken in an array (`ratios`)."""
         lx, es = self.log_x, self.e
         if u <= lx[0]:
             return es[0]
         if u >= lx[-1]:
             return es[-1]
-        i = bisect_right(lx, u)
-        return es[i - 1] + (u - lx[i - 1]) / (lx[i] - lx[i - 1]) * (es[i] - es[i - 1])
+        j = bisect_right(lx, u) - 1
+        if lx[j] == u:
+            return es[j]
+        return (es[j + 1] - es[j]) / (lx[j + 1] - lx[j]) * (u - lx[j]) + es[j]
+
+
+def _blend(lx_lo: list[float], e_lo: list[float], lx_hi: list[float], e_hi: list[float],
+           w: float) -> tuple[list[float], list[float]]:
+    """(1 - w) e_lo + w e_hi on the union of both grids: both are linear between its points, so
+    interpolating the blend there is interpolating each and blending."""
+    grid = np.union1d(lx_lo, lx_hi)
+    mixed = (1 - w) * np.interp(grid, lx_lo, e_lo) + w * np.interp(grid, lx_hi, e_hi)
+    return grid.tolist(), mixed.tolist()
 
 
 _RANK = {"table": 0, "interpolated": 1, "extrapolated": 2}
@@ -293,9 +311,8 @@ class KernelTable:
         lx_lo, e_lo, s_lo = self._along_axes(idx[col == lo], rest, target, e_all)
         lx_hi, e_hi, s_hi = self._along_axes(idx[col == hi], rest, target, e_all)
         w = (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        grid = np.union1d(lx_lo, lx_hi)
-        mixed = (1 - w) * np.interp(grid, lx_lo, e_lo) + w * np.interp(grid, lx_hi, e_hi)
-        return grid.tolist(), mixed.tolist(), _worse(_worse(s_lo, s_hi), "interpolated")
+        grid, mixed = _blend(lx_lo, e_lo, lx_hi, e_hi, w)
+        return grid, mixed, _worse(_worse(s_lo, s_hi), "interpolated")
 
 
 class Surface:
@@ -313,6 +330,7 @@ class Surface:
             if c is not None:
                 self.log_b.append(math.log(b))
                 self.curves.append(c)
+        self._at: dict[float, Curve] = {}
         self.source = "table"
         for c in self.curves:
             self.source = _worse(self.source, c.source)
@@ -332,23 +350,25 @@ class Surface:
         i = bisect_right(lb, v)
         return i, (v - lb[i - 1]) / (lb[i] - lb[i - 1])
 
+    def at(self, b: float) -> Curve:
+        """The curve along x at batch size b: its neighbours' blend (kept: a replica prices a
+        few batch sizes over and over)."""
+        curve = self._at.get(b)
+        if curve is None:
+            i, w = self._bracket(b)
+            curve = self.curves[i]
+            if i and w != 1.0:
+                lo = self.curves[i - 1]
+                curve = Curve(*_blend(lo.log_x, lo.e, curve.log_x, curve.e, w), self.source)
+            self._at[b] = curve
+        return curve
+
     def ratios(self, b: float, xs: np.ndarray) -> np.ndarray:
         """`ratio` at every x of `xs` (one batch size), as arrays: the same interpolation."""
-        cs = self.curves
-        u = np.log(xs) if xs.min() > 0 else np.where(xs > 0, np.log(np.where(xs > 0, xs, 1.0)),
-                                                      cs[0].log_x[0])
-        i, w = self._bracket(b)
-        if i == 0 or w == 1.0:
-            return np.exp(cs[i].e_many(u))
-        return np.exp((1 - w) * cs[i - 1].e_many(u) + w * cs[i].e_many(u))
+        return self.at(b).ratios(xs)
 
     def ratio(self, b: float, x: float) -> float:
-        cs = self.curves
-        u = math.log(x) if x > 0 else cs[0].log_x[0]
-        i, w = self._bracket(b)
-        if i == 0 or w == 1.0:
-            return math.exp(cs[i].e_at(u))
-        return math.exp((1 - w) * cs[i - 1].e_at(u) + w * cs[i].e_at(u))
+        return self.at(b).ratio(x)
 
 
 def _held_out_groups(table: KernelTable) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:

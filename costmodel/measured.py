@@ -164,6 +164,8 @@ class MeasuredKernels:
         if self._decode_win is not None and self._decode_win[2] is None:
             self._decode_win = None
         self._last_decode: tuple[tuple[int, float, float | None], float] = ((0, 0.0, None), 0.0)
+        self._decode_forms: dict[tuple[int, bool], tuple[float, float, float, float, int,
+                                                         Curve | None]] = {}
         self.layer_ops = lru_cache(maxsize=65536)(self._layer_ops)
         self.layer_time_s = lru_cache(maxsize=65536)(self._layer_time_s)
 
@@ -270,15 +272,15 @@ class MeasuredKernels:
         key = (num_decodes, kv_tokens, window_kv_tokens)
         if key == self._last_decode[0]:  # the same decodes pass every segment
             return self._last_decode[1]
-        b = math.ceil(num_decodes / self.ep)
-        priced = self._decode
-        if window_kv_tokens is not None:
-            if self._decode_win is not None:
-                priced = self._decode_win  # its rows take the position, the kernel caps it
-            else:
-                kv_tokens = window_kv_tokens
-        ctx = kv_tokens / num_decodes
-        t = self._attn(priced, "decode_attn", {"batch": b, "context": ctx}, b, ctx)
+        overhead_s, compute_s, memory_s, memory0_s, cap, curve = self._decode_form(
+            math.ceil(num_decodes / self.ep), window_kv_tokens is not None)
+        if window_kv_tokens is not None and not cap:  # no windowed rows: the keys it keeps
+            kv_tokens = window_kv_tokens
+        ctx = kv_tokens / num_decodes  # windowed rows take the position, the kernel caps it
+        c = min(ctx, cap) if cap else ctx
+        t = overhead_s + max(c * compute_s, c * memory_s + memory0_s)
+        if curve is not None:
+            t *= curve.ratio(ctx)
         self._last_decode = (key, t)
         return t
 
@@ -305,18 +307,34 @@ class MeasuredKernels:
     def _decode_attn_many(self, num_decodes: int, kv_tokens: np.ndarray,
                           window_kv_tokens: np.ndarray | None) -> np.ndarray:
         """`decode_attn_s` over arrays of KV reads (one batch size)."""
-        b = math.ceil(num_decodes / self.ep)
-        priced = self._decode
-        if window_kv_tokens is not None:
-            if self._decode_win is not None:
-                priced = self._decode_win
-            else:
-                kv_tokens = window_kv_tokens
+        overhead_s, compute_s, memory_s, memory0_s, cap, curve = self._decode_form(
+            math.ceil(num_decodes / self.ep), window_kv_tokens is not None)
+        if window_kv_tokens is not None and not cap:
+            kv_tokens = window_kv_tokens
         ctx = kv_tokens / num_decodes
-        target, roof, surface = priced
-        t = roof.time_s(SPECS["decode_attn"].work({**target, "batch": b, "context": ctx}), self.hw)
-        return t * surface.ratios(b, ctx) if surface is not None else t  # type: ignore[no-any-return]
+        c = np.minimum(ctx, cap) if cap else ctx
+        t = overhead_s + np.maximum(c * compute_s, c * memory_s + memory0_s)
+        return t * curve.ratios(ctx) if curve is not None else t  # type: ignore[no-any-return]
 
+    def _decode_form(self, b: int, windowed: bool
+                     ) -> tuple[float, float, float, float, int, Curve | None]:
+        """Decode attention of b queries per group, each over c keys, in closed form: its work
+        is affine in c, so the roofline is overhead_s + max(c compute_s, c memory_s + memory0_s),
+        times the measured ratio at c (`curve`); c is capped at `cap` where the windowed rows
+        price a sliding-window layer (0: no cap). Kept per (b, windowed): every decode step
+        prices one."""
+        key = (b, windowed)
+        form = self._decode_forms.get(key)
+        if form is None:
+            target, roof, surface = (self._decode_win if windowed and self._decode_win is not None
+                                     else self._decode)
+            work = SPECS["decode_attn"].work
+            shape = {**target, "batch": b, "window": 0}  # uncapped: the cap is applied to c
+            form = self._decode_forms[key] = (
+                *roof.affine(work({**shape, "context": 0.0}), work({**shape, "context": 1.0}),
+                             self.hw),
+                int(target["window"]), surface.at(b) if surface is not None else None)
+        return form
     def _attn(self, priced: tuple[dict[str, Any], Roofline, Surface | None], cls: str,
               shape: dict[str, float], b: float, x: float) -> float:
         target, roof, surface = priced

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from costmodel.kernel_tables import SPECS, Hardware, KernelTable, Roofline, Surface, held_out_errors
+from costmodel.kernel_tables import (
+    SPECS,
+    Curve,
+    Hardware,
+    KernelTable,
+    Roofline,
+    Surface,
+    held_out_errors,
+)
 
 HW = Hardware(peak_flops=1e15, hbm_bytes_per_s=3e12, link_bytes_per_s=9e11)
 
@@ -118,3 +126,52 @@ def test_unmeasured_shape_takes_the_nearest_measured_shape() -> None:
     assert curve.ratio(500.0) == pytest.approx(2.0)  # log 3 is nearer log 2 than log 8
     assert table.curve({"kv_dtype": "fp8", "window": 0.0, "head_dim": 128.0, "num_kv_heads": 2.0,
                         "num_heads": 16.0, "batch": 1.0}, HW) is None
+
+
+def test_a_curve_prices_one_at_a_time_as_np_interp_does_in_an_array() -> None:
+    """e_at follows np.interp's arithmetic (slope times offset, plus the left value), so the
+    steady fast-forward's array prices and step-by-step's single ones agree to the last bit of
+    e (math.exp and np.exp may still differ by an ulp)."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        lx = np.unique(rng.uniform(0.0, 12.0, int(rng.integers(1, 10))))
+        e = rng.normal(0.0, 1.0, len(lx))
+        curve = Curve(lx.tolist(), e.tolist(), "table")
+        u = np.concatenate([rng.uniform(-1.0, 13.0, 40), lx])  # inside, outside, on the knots
+        one_by_one = np.array([curve.e_at(float(v)) for v in u])
+        assert one_by_one.tolist() == np.interp(u, lx, e).tolist()
+        xs = np.exp(u)
+        np.testing.assert_allclose(curve.ratios(xs), [curve.ratio(float(x)) for x in xs],
+                                   rtol=1e-15)
+
+
+def test_a_batch_between_measured_ones_blends_their_curves_on_both_grids() -> None:
+    """Batch 2 between measured 1 and 8 (a third of the way in log b): e is 2/3 of the first
+    curve's e plus 1/3 of the second's at every x, though they are measured at other contexts."""
+    lo = Curve([math.log(100.0), math.log(1000.0)], [0.0, 1.0], "table")
+    hi = Curve([math.log(300.0), math.log(3000.0)], [2.0, 0.0], "table")
+    surface = Surface.__new__(Surface)
+    surface.log_b, surface.curves, surface._at, surface.source = (
+        [0.0, math.log(8.0)], [lo, hi], {}, "table")
+    for x in (50.0, 100.0, 200.0, 300.0, 700.0, 1000.0, 2000.0, 3000.0, 9000.0):
+        want = math.exp(2 / 3 * lo.e_at(math.log(x)) + 1 / 3 * hi.e_at(math.log(x)))
+        assert surface.ratio(2.0, x) == pytest.approx(want, rel=1e-12)
+    assert surface.at(2.0) is surface.at(2.0)  # kept
+    assert surface.at(8.0) is hi and surface.at(0.5) is lo and surface.at(64.0) is hi
+
+
+@pytest.mark.parametrize("roof", [Roofline(), Roofline(0.4, 0.7, 9e-6)])
+@pytest.mark.parametrize("window", [0.0, 128.0])
+def test_decode_attention_roofline_is_affine_in_the_context(roof: Roofline, window: float) -> None:
+    """Roofline.affine's closed form, from the work at contexts 0 and 1, equals time_s at any
+    context: decode attention's FLOPs and bytes are affine in it (below a window's cap)."""
+    spec = SPECS["decode_attn"]
+    shape = {"kv_dtype": "bfloat16", "window": 0.0, "head_dim": 128.0, "num_kv_heads": 2.0,
+             "num_heads": 16.0, "batch": 12}
+    overhead_s, compute_s, memory_s, memory0_s = roof.affine(
+        spec.work({**shape, "context": 0.0}), spec.work({**shape, "context": 1.0}), HW)
+    for ctx in (1.0, 37.5, 127.0, 4096.0, 1e6):
+        c = min(ctx, window) if window else ctx
+        want = roof.time_s(spec.work({**shape, "window": window, "context": ctx}), HW)
+        got = overhead_s + max(c * compute_s, c * memory_s + memory0_s)
+        assert got == pytest.approx(want, rel=1e-13)
