@@ -335,6 +335,7 @@ class MeasuredKernels:
                              self.hw),
                 int(target["window"]), surface.at(b) if surface is not None else None)
         return form
+
     def _attn(self, priced: tuple[dict[str, Any], Roofline, Surface | None], cls: str,
               shape: dict[str, float], b: float, x: float) -> float:
         target, roof, surface = priced
