@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.study import make_study
+from sim.study_file import make_study
 from sim.sweep import sweep
 
 POLICIES = ["chunked:512", "layered", "layered:4", "layered:16", "hybrid", "adaptive:30", "adaptive:60"]

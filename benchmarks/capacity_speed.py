@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import describe, event_rates, versus  # noqa: E402
 from sim.capacity import max_rate, study_evaluator  # noqa: E402
-from sim.study import make_study  # noqa: E402
+from sim.study_file import make_study  # noqa: E402
 
 
 def main() -> None:

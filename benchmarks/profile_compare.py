@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import platform
 
-from sim.study import make_study, run_study
+from sim.run_study import run_study
+from sim.study_file import make_study
 
 ROWS = (("mean_ttft_ms", "TTFT mean (ms)", "{:.0f}"), ("p99_ttft_ms", "TTFT p99 (ms)", "{:.0f}"),
         ("mean_tpot_ms", "TPOT mean (ms)", "{:.1f}"), ("p99_itl_ms", "ITL p99 (ms)", "{:.1f}"),

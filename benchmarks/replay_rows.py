@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from costmodel import ConfigError
+from sim.run_study import run_study
 from sim.silicon import read_rows, row_clients, row_study, skip_reason
-from sim.study import run_study
 
 TARGET_S = 60.0
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from costmodel.errors import ConfigError
-from sim.study import Study, make_study
-from sim.study_file import read_yaml
+from sim.study import Study
+from sim.study_file import make_study, read_yaml
 
 MAX_SEEDS = 1000  # each seed is a full search
 

@@ -34,7 +34,8 @@ from costmodel.errors import ConfigError
 from costmodel.price import CostModel
 from policies.registry import make_policy
 from search.files import MAX_SEEDS
-from sim.study import Study, make_study
+from sim.study import Study
+from sim.study_file import make_study
 
 # Grid axes: study keys that may take a list under `search:`.
 AXES = ("gpu", "tp", "ep", "replicas", "policies", "max_num_seqs", "dtype", "expert_dtype",

@@ -49,7 +49,9 @@ import pandas as pd
 
 from costmodel import ConfigError, CostModel
 from costmodel.model import hf_preset
-from sim.study import COST_KEYS, Study, make_study, run_study
+from sim.run_study import run_study
+from sim.study import COST_KEYS, Study
+from sim.study_file import make_study
 
 COLUMNS = ("backend", "model_path", "precision", "mode", "isl", "osl", "batch_size", "tp_size",
            "silicon_ttft_ms", "silicon_tpot_ms")

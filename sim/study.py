@@ -24,40 +24,34 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from core.metrics import DEFAULT_PERCENTILES
-from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS, SimResult, policy_folder
+from core.result import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS
 from costmodel import ConfigError, CostModel, Parallelism, load_model, resolve_profile
 from costmodel.model import DTYPE_CHOICES, canonical_dtype
 from costmodel.profile import Profile
 from policies.base import Policy
 from policies.registry import make_policy
-from sim.cluster import MAX_REPLICAS, MAX_WORKERS, simulate
-from sim.study_file import read_yaml
+from sim.study_keys import BOUNDS, NAMES, KeyProblem, _read_as
 from traces import TraceError, Workload, WorkloadSpec, build_workload, has_arrival_times
-from traces._checks import MAX_TIME_S, MAX_TOKENS, shown
 from traces.arrivals import describe_arrivals
 from traces.request import Request
 from traces.workload import (
     CV_RANGE,
     CV_RULE,
     MAX_RATE,
-    MAX_REQUESTS,
     MIN_RATE,
     RATE_RULE,
     generation_problem,
@@ -67,33 +61,6 @@ DEFAULT_RATE = 1.3  # req/s, the published study's rate; for workloads without a
 DEFAULT_DURATION_S = 120.0  # seconds of drawn arrivals when neither cap is given
 DEFAULT_CLOSED_LOOP_REQUESTS = 1000  # vLLM's --num-prompts default
 WARMUP_SHARE = 0.1  # closed loop: warm-up is min(clients, this share of the requests)
-
-
-class KeyProblem(ValueError):
-    """A check that spans several keys, with the key the message names (see make_study)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
-# Keys with an upper bound: (bound, what it is and why). The generated-request bound spans
-# rate, duration_s and num_requests and is checked in `_across_keys`.
-BOUNDS: dict[str, tuple[float, str]] = {
-    **dict.fromkeys(("duration_s", "stagger_s"), (MAX_TIME_S, "s (about 317 years), the longest "
-                                                              "a run may span")),
-    "replicas": (MAX_REPLICAS, "replicas (each is simulated and held in memory)"),
-    "workers": (MAX_WORKERS, "processes, more than any machine's cores"),
-    "max_context": (MAX_TOKENS, "tokens, the most a request may hold"),
-    "block_size": (MAX_TOKENS, "tokens, the most a request may hold"),
-    "max_concurrency": (MAX_REQUESTS, "clients, one per request a run may generate"),
-    "warmup_requests": (MAX_REQUESTS, "requests, the most a run may generate"),
-    "max_num_seqs": (MAX_REQUESTS, "requests, the most a run may generate"),
-    "seed": (2**63 - 1, "(a 64-bit seed, as numpy and vLLM take)"),
-}
-# String keys where an empty value means nothing (a typo such as --gpu= must not become h100)
-NAMES = ("model", "gpu", "router", "workload", "arrival", "profile", "dtype", "expert_dtype",
-         "kv_cache_dtype")
 
 
 # The keys Study.cost_model reads: studies equal in these share a cost model (the replay and
@@ -414,119 +381,3 @@ class Study(BaseModel):
         prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
-
-
-@contextmanager
-def _read_as(key: str, name: str | None) -> Iterator[None]:
-    """A model or profile name is also a path: one no file can have (too long, a NUL byte) is
-    the key's mistake, in one line, not the file system's."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or str(e).split("\n")[0]
-        raise ConfigError(f"{key} {shown(name)}: cannot be read ({why})") from None
-
-
-def load_study(path: str | Path, **overrides: Any) -> Study:
-    """Read a YAML study file; flags given on the command line (`overrides`) win."""
-    path = Path(path)
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a study file is a mapping of keys to values")
-    # an override of None is a flag given as `null`: it unsets the file's key (e.g. --rate null
-    # replays a trace the file gave a rate)
-    return make_study({**raw, **overrides}, source=str(path))
-
-
-def make_study(values: dict[str, Any], source: str = "flags") -> Study:
-    """A Study from keys and values (flags, a study file's mapping or a Python dict); any
-    mistake is a one-line ConfigError naming the flag, or the source and the key."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: a study is a mapping of keys to values, got "
-                          f"{type(values).__name__}")
-    if isinstance(values.get("policies"), str):  # comma-separated; an empty entry is refused
-        values = {**values, "policies": [p.strip() for p in values["policies"].split(",")]}
-    try:
-        return Study.model_validate(values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = err["loc"]
-        key = str(loc[0])[:60] if loc else "study"  # a pasted 100 kB key stays one short line
-        cause = err.get("ctx", {}).get("error")
-        if isinstance(cause, KeyProblem):  # a check across keys names the one at fault
-            key = cause.key
-        msg = err["msg"].removeprefix("Value error, ")
-        if len(loc) > 1 and isinstance(loc[1], int):  # a list's entry
-            msg += f" (item {loc[1] + 1})"
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key (valid keys: {', '.join(Study.model_fields)})"
-            if key == "mxfp4_experts":  # the key before dtypes were keys of their own
-                msg = "replaced by expert_dtype (mxfp4 or bf16)"
-        if source == "flags":  # name the flag the user typed
-            flag = {"duration_s": "duration"}.get(key, key).replace("_", "-")
-            raise ConfigError(f"--{flag}: {msg}") from None
-        raise ConfigError(f"{source}: key '{key}': {msg}") from None
-
-
-def run_study(study: Study, *, progress: bool = False, check: bool = False,
-              cost_model: CostModel | None = None) -> tuple[Workload, CostModel, list[SimResult]]:
-    """`cost_model`: the study's own (study.cost_model()), built already by a caller that
-    runs many studies of one model and GPU."""
-    _check_policies(study)
-    if study.split_pools:  # a search of pool sizes, not a run of one
-        raise ConfigError("split_pools: capacity and search search the pools' sizes; a run takes "
-                          "fixed ones (prefill_replicas and decode_replicas)")
-    cm = study.cost_model() if cost_model is None else cost_model
-    workload = study.build_workload(cm.model.max_context)
-    executor = None
-    if study.ray or study.ray_address is not None:  # Ray is optional: loaded only when asked
-        from search.executor import make_executor
-        executor = make_executor(study.workers, ray=True, ray_address=study.ray_address)
-    try:
-        return workload, cm, _run_policies(study, cm, workload, progress, check, executor)
-    finally:
-        if executor is not None:
-            executor.close()
-
-
-def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: bool, check: bool,
-                  executor: Any) -> list[SimResult]:
-    if study.prefill_replicas is not None or study.decode_replicas is not None:
-        from sim.disagg import run_disaggregated
-
-        results = run_disaggregated(study, cm, workload.requests, check)
-        return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
-                for r in results]
-    results = [simulate(workload.requests, cm, study.policy_factory(spec),
-                        num_replicas=study.replicas,
-                        router=study.router, seed=study.seed, block_size=study.block_size,
-                        gpu_memory_utilization=study.gpu_memory_utilization,
-                        slo_ttft_ms=study.slo_ttft_ms, slo_itl_ms=study.slo_itl_ms,
-                        slo_tpot_ms=study.slo_tpot_ms, slo_e2el_ms=study.slo_e2el_ms,
-                        metric_percentiles=study.metric_percentiles,
-                        check=check, progress=progress, workers=study.workers,
-                        max_concurrency=study.max_concurrency,
-                        warmup_requests=study.warmup(len(workload.requests)),
-                        enable_prefix_caching=study.enable_prefix_caching,
-                        async_scheduling=study.async_scheduling, executor=executor)
-               for spec in study.policies]
-    # what the workload shortened to fit the model, beside what the simulator rejected
-    return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})
-            for r in results]
-
-
-def _check_policies(study: Study) -> None:
-    """Every policy made before the first one runs: its name must be a safe folder name, and
-    two specs that make the same policy (chunked and chunked:512) would write one column name
-    and one results folder twice."""
-    folders: dict[str, str] = {}
-    for spec in study.policies:
-        name = make_policy(spec, max_num_seqs=study.max_num_seqs).name
-        folder = policy_folder(name)
-        if folder in folders:
-            raise ConfigError(f"policies: '{folders[folder]}' and '{spec}' both make the policy "
-                              f"'{name}' (results folder {folder}); list it once, or give "
-                              "a policy class a name of its own")
-        folders[folder] = spec

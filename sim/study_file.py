@@ -1,4 +1,5 @@
-"""Reading a study file: YAML, refused in one line naming the file when it is not a flat mapping.
+"""A Study from a study file or flags: YAML, refused in one line naming the file when it is not a
+flat mapping, and keys, refused in one line naming the flag, or the file and the key.
 
 PyYAML composes nodes recursively and keeps the last of two equal keys without a word, so the
 parser's flat events are checked first: nesting deeper than MAX_DEPTH and a key given twice are
@@ -11,12 +12,58 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from costmodel.errors import ConfigError
+from sim.study import Study
+from sim.study_keys import KeyProblem
 
 if TYPE_CHECKING:
     import yaml
 
 MAX_DEPTH = 16  # a study's deepest value is a list in the mapping (depth 2)
+
+
+def load_study(path: str | Path, **overrides: Any) -> Study:
+    """Read a YAML study file; flags given on the command line (`overrides`) win."""
+    path = Path(path)
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a mapping of keys to values")
+    # an override of None is a flag given as `null`: it unsets the file's key (e.g. --rate null
+    # replays a trace the file gave a rate)
+    return make_study({**raw, **overrides}, source=str(path))
+
+
+def make_study(values: dict[str, Any], source: str = "flags") -> Study:
+    """A Study from keys and values (flags, a study file's mapping or a Python dict); any
+    mistake is a one-line ConfigError naming the flag, or the source and the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a study is a mapping of keys to values, got "
+                          f"{type(values).__name__}")
+    if isinstance(values.get("policies"), str):  # comma-separated; an empty entry is refused
+        values = {**values, "policies": [p.strip() for p in values["policies"].split(",")]}
+    try:
+        return Study.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"]
+        key = str(loc[0])[:60] if loc else "study"  # a pasted 100 kB key stays one short line
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, KeyProblem):  # a check across keys names the one at fault
+            key = cause.key
+        msg = err["msg"].removeprefix("Value error, ")
+        if len(loc) > 1 and isinstance(loc[1], int):  # a list's entry
+            msg += f" (item {loc[1] + 1})"
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key (valid keys: {', '.join(Study.model_fields)})"
+            if key == "mxfp4_experts":  # the key before dtypes were keys of their own
+                msg = "replaced by expert_dtype (mxfp4 or bf16)"
+        if source == "flags":  # name the flag the user typed
+            flag = {"duration_s": "duration"}.get(key, key).replace("_", "-")
+            raise ConfigError(f"--{flag}: {msg}") from None
+        raise ConfigError(f"{source}: key '{key}': {msg}") from None
+
 
 
 def read_yaml(path: Path) -> Any:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from costmodel.files import atomic_write
-from sim.study import Study, run_study
+from sim.run_study import run_study
+from sim.study import Study
 
 
 def sweep(study: Study, rates: Sequence[float], out_dir: Path | None = None,

@@ -16,7 +16,8 @@ import pytest
 from cli.main import main
 from costmodel import ConfigError
 from sim.cluster import simulate
-from sim.study import Study, run_study
+from sim.run_study import run_study
+from sim.study import Study
 from tests.helpers import ConstantCost
 from traces.request import Request
 
@@ -199,7 +200,8 @@ def test_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_stagger_spreads_the_first_requests_and_keeps_clients_apart() -> None:
-    from sim.study import make_study, run_study
+    from sim.run_study import run_study
+    from sim.study_file import make_study
 
     study = make_study({"model": "tiny-moe", "gpu": "cpu", "tp": 1, "policies": ["chunked:512"],
                         "workload": "fixed:64:8", "max_concurrency": 4, "num_requests": 12,

@@ -216,7 +216,8 @@ def test_streamed_runs_conserve_kv_under_pressure() -> None:
 # ---- the study keys and flags -------------------------------------------------------------------
 
 def test_a_study_runs_disaggregated_from_its_keys() -> None:
-    from sim.study import make_study, run_study
+    from sim.run_study import run_study
+    from sim.study_file import make_study
 
     base = {"workload": "sharegpt", "rate": 4, "num_requests": 60, "policies": ["chunked:512"]}
     _, _, (res,) = run_study(make_study({**base, "prefill_replicas": 1, "decode_replicas": 2,
@@ -239,7 +240,8 @@ def test_a_study_runs_disaggregated_from_its_keys() -> None:
     ({"prefill_replicas": 1, "decode_replicas": 1, "replicas": 2}, "replicas: leave it out"),
 ])
 def test_disaggregated_keys_that_do_not_fit_are_refused(keys, message) -> None:
-    from sim.study import make_study, run_study
+    from sim.run_study import run_study
+    from sim.study_file import make_study
 
     study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 20, **keys})
     with pytest.raises(ConfigError, match=message):
@@ -373,7 +375,8 @@ def test_a_first_token_at_a_decode_iterations_end_is_seen_alike_with_and_without
 
 
 def test_a_decode_tp_that_does_not_divide_the_model_names_its_flag() -> None:
-    from sim.study import make_study, run_study
+    from sim.run_study import run_study
+    from sim.study_file import make_study
 
     study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 10,
                         "prefill_replicas": 1, "decode_replicas": 1, "decode_tp": 3})
@@ -438,7 +441,8 @@ def test_a_receiver_with_more_gpus_than_kv_heads_is_sent_every_copy() -> None:
 def test_every_slo_and_percentile_key_reaches_a_disaggregated_run() -> None:
     """slo_tpot_ms, slo_e2el_ms and metric_percentiles were left out of the pools' runs: a
     TPOT target no request can meet must cost attainment there as co-located."""
-    from sim.study import make_study, run_study
+    from sim.run_study import run_study
+    from sim.study_file import make_study
 
     keys = {"workload": "sharegpt", "rate": 4, "num_requests": 40, "policies": ["chunked:512"],
             "prefill_replicas": 1, "decode_replicas": 1, "slo_tpot_ms": 0.001,

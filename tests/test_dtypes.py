@@ -11,7 +11,8 @@ from cli.main import main
 from core.admission import kv_blocks
 from costmodel import ConfigError, CostModel, Parallelism, load_model, parse_config
 from costmodel.model import PRESET_DIR
-from sim.study import Study, make_study
+from sim.study import Study
+from sim.study_file import make_study
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

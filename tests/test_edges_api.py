@@ -19,7 +19,8 @@ from costmodel.errors import ConfigError
 from policies.state import PlanError
 from sim import simulate
 from sim.cluster import SimResult
-from sim.study import make_study, run_study
+from sim.run_study import run_study
+from sim.study_file import make_study
 from tests.helpers import ConstantCost
 from traces.errors import TraceError
 from traces.request import Request

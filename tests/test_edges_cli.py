@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import cli.main
 from costmodel.errors import ConfigError
 from policies.state import PlanError
-from sim.study import Study, make_study
+from sim.study import Study
+from sim.study_file import make_study
 from traces.errors import TraceError
 
 OURS = (ConfigError, TraceError, PlanError)  # what a user's mistake may raise

@@ -21,7 +21,7 @@ import pytest
 
 from cli.main import main
 from core.admission import kv_blocks
-from sim.study import make_study
+from sim.study_file import make_study
 from traces.workload import PACKAGED_DATA
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from cli.flags import CAPACITY_ONLY, flag_name
 from cli.main import main
-from sim.study import Study, load_study
+from sim.study import Study
+from sim.study_file import load_study
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

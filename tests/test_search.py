@@ -177,7 +177,7 @@ def test_seeds_give_an_interval_ranked_at_its_low_end(tmp_path: Path) -> None:
 
 def test_probe_keys_change_with_the_simulator_code(monkeypatch: pytest.MonkeyPatch) -> None:
     from search import probe
-    from sim.study import make_study
+    from sim.study_file import make_study
 
     study = make_study({"policies": ["layered"], "rate": 1.0})
     key = probe.probe_key(study, "r" * 64, "c" * 64)

@@ -13,7 +13,7 @@ import pytest
 
 from costmodel import ConfigError
 from sim.cluster import simulate
-from sim.study import load_study, make_study
+from sim.study_file import load_study, make_study
 from sim.vllm_result import UNFINISHED, _vllm_key, vllm_result, write_vllm_result
 from tests.helpers import ConstantCost
 from traces import (
