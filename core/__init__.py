@@ -4,15 +4,15 @@
 preemption, the KV block counters): the state policies read and executors change.
 `core.step`: the serving step both executors run (prepare, commit, apply_steady); it runs the
 policies, so it imports `policies` and is not imported here. `core.admission`: KV blocks per
-replica and the one rejection rule. `core.records`, `core.metrics`, `core.result`: what a run
-records, its vLLM-named metrics and its result. `core.blocks`: the KV block pool (block
-identity, reference counts, vLLM-style prefix caching), per-request block tables, block hashes
-and the policy-facing `Admission`.
+replica, the one rejection rule and the policy-facing `Admission`. `core.records`,
+`core.metrics`, `core.result`: what a run records, its vLLM-named metrics and its result.
+`core.blocks`: the KV block pool (block identity, reference counts, vLLM-style prefix caching),
+per-request block tables and block hashes.
 """
 
+from core.admission import Admission
 from core.blocks import (
     ROOT_HASH,
-    Admission,
     BlockHash,
     BlockPool,
     BlockTable,

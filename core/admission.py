@@ -9,16 +9,19 @@ or its prompt and output together exceed the model's context, or when at its pea
 KV blocks than the whole replica has (hidden states of a part-way prompt included); the first
 reason that applies is counted (REJECTIONS). Both executors screen with this one function, so a
 trace loses the same requests for the same reasons in the simulator and on the engine.
+
+`Admission`: what a replica can hold now, one schedule call's view of its `core.blocks.BlockPool`
+pricing admissions and growth in blocks (the running decodes' next blocks reserved first).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from core.blocks import peak_blocks
+from core.blocks import BlockPool, BlockTable, NoFreeBlocksError, hidden_state_blocks, peak_blocks
 from costmodel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,3 +110,101 @@ def screen(requests: Sequence[Request], cost_model: CostModel, num_blocks: int, 
                           f"({why}); {model.name}'s context is {model.max_context} tokens, one "
                           f"replica's KV cache {num_blocks * block_size} tokens")
     return Screening(servable, rejected, reasons)
+
+
+class HoldsBlocks(Protocol):
+    """Anything that owns a block table (core.request.RequestState)."""
+
+    @property
+    def block_table(self) -> BlockTable: ...
+
+
+def _table_of(owner: BlockTable | HoldsBlocks) -> BlockTable:
+    return owner if isinstance(owner, BlockTable) else owner.block_table
+
+
+class Admission:
+    """One schedule call's view of the pool: prices admissions and growth without changing it.
+
+    Created once per schedule call; it first reserves the running decodes' growth (a decode
+    writes its next token at slot `num_tokens`, needing a block when the last one is full).
+    A table's cost in blocks taken from `num_free_blocks`: cached prefix blocks held by running
+    requests cost 0 (already resident), evictable ones 1 (they stop being free; 0 for a later
+    request in the same call that hits the same block), fresh KV and extra blocks 1 each, less
+    extra blocks the table gives back. Valid while the executor admits every new table of the
+    plan (`BlockPool.admit`) before it allocates any, and allocates in plan order.
+
+    Every method takes a block table or its owner (a RequestState): policies pass requests."""
+
+    __slots__ = ("pool", "hidden_blocks_per_token", "num_reserved_blocks", "_claimed")
+
+    def __init__(self, pool: BlockPool, decodes: Iterable[BlockTable] = (),
+                 hidden_blocks_per_token: float = 0.0, num_reserved_blocks: int = 0) -> None:
+        """`decodes`' next blocks are reserved, plus `num_reserved_blocks` counted by the caller."""
+        self.pool = pool
+        self.hidden_blocks_per_token = hidden_blocks_per_token
+        bs = pool.block_size
+        self.num_reserved_blocks = num_reserved_blocks + sum(
+            1 for t in decodes if t.num_tokens >= len(t.block_ids) * bs)
+        self._claimed: set[int] = set()  # evictable blocks a reserved admission will reference
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks still free after what this call reserved."""
+        return self.pool.num_free_blocks - self.num_reserved_blocks
+
+    def num_cached_tokens(self, owner: BlockTable | HoldsBlocks) -> int:
+        """Where the table's prefill starts: its prefix hit (waiting) or what it has (admitted)."""
+        return self.pool.match_prefix(_table_of(owner))
+
+    def cost(self, owner: BlockTable | HoldsBlocks, num_tokens: int, partial: bool = False) -> int:
+        return self._price(_table_of(owner), num_tokens, partial)[0]
+
+    def can_admit(self, owner: BlockTable | HoldsBlocks, num_tokens: int,
+                  partial: bool = False) -> bool:
+        """Whether the table can hold `num_tokens` (plus hidden states if `partial`) beside what
+        this call reserved already."""
+        return self._price(_table_of(owner), num_tokens, partial)[0] <= self.num_free_blocks
+
+    def reserve(self, owner: BlockTable | HoldsBlocks, num_tokens: int, partial: bool = False) -> None:
+        if not self.try_admit(owner, num_tokens, partial):
+            raise NoFreeBlocksError(f"{self.cost(owner, num_tokens, partial)} blocks needed for "
+                                    f"{num_tokens} tokens, {self.num_free_blocks} left")
+
+    def try_admit(self, owner: BlockTable | HoldsBlocks, num_tokens: int,
+                  partial: bool = False) -> bool:
+        """Reserve the table's blocks for `num_tokens` (plus hidden states if `partial`) if they
+        fit; say whether they did."""
+        table = owner if isinstance(owner, BlockTable) else owner.block_table
+        pool = self.pool
+        if partial or (table.num_cached_tokens < 0 and table.block_hashes and pool.ever_cached):
+            cost, claim = self._price(table, num_tokens, partial)
+        else:  # _price with no hit possible and no hidden states: KV growth alone
+            cost = (-(-num_tokens // pool.block_size) - len(table.block_ids)
+                    - len(table.extra_block_ids))
+            if cost < 0:
+                cost = 0
+            claim = None
+        if cost > pool.num_free_blocks - self.num_reserved_blocks:
+            return False
+        self.num_reserved_blocks += cost
+        if claim:
+            self._claimed.update(claim)
+        return True
+
+    def _price(self, table: BlockTable, num_tokens: int, partial: bool) -> tuple[int, list[int]]:
+        pool = self.pool
+        num_kv_held = len(table.block_ids)
+        claim: list[int] = []
+        # a waiting table can hit only once something is cached and if its content is known
+        if table.num_cached_tokens < 0 and table.block_hashes and pool.ever_cached:
+            hits = pool._match(table)
+            num_kv_held = len(hits)
+            refs, claimed = pool._refs, self._claimed
+            claim = [b for b in hits if refs[b] == 0 and b not in claimed]
+        num_extra = hidden_state_blocks(num_tokens, self.hidden_blocks_per_token) if partial else 0
+        # A table's surplus extras are released before it grows (BlockPool.allocate), so they
+        # offset its own growth; never credited to other tables, which may be allocated first.
+        cost = (len(claim) + max(0, -(-num_tokens // pool.block_size) - num_kv_held)
+                + num_extra - len(table.extra_block_ids))
+        return max(0, cost), claim

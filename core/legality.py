@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.blocks import Admission
+from core.admission import Admission
 from costmodel.plan import Tile
 
 if TYPE_CHECKING:

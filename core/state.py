@@ -14,7 +14,7 @@ prompt is part-way through the stack, anonymous blocks for its hidden states at 
 frontier (layered prefill's memory cost). `apply` admits the plan's new requests (taking their
 prefix hits) before it grows any table, then grows them in plan order; once tokens are through
 every layer their full blocks are offered to the prefix cache (`mark_computed`); finishing and
-preemption free the table. Policies price admissions with `admission()` (a `core.blocks.
+preemption free the table. Policies price admissions with `admission()` (a `core.admission.
 Admission` that has reserved the running decodes' next blocks): no policy does block arithmetic.
 
 Prefix caching (vLLM's automatic prefix caching, on unless `enable_prefix_caching` is False):
@@ -35,10 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from core import growth
+from core.admission import Admission
 from core.blocks import (
-    Admission,
     BlockPool,
     BlockTable,
     NoFreeBlocksError,
@@ -163,42 +162,13 @@ class ReplicaState:
                 + reserved <= self.num_free_blocks)
 
     def decode_growth(self, requests: Sequence[RequestState], steps: int = 1) -> int:
-        """Blocks `requests` take to decode `steps` more tokens each."""
-        bs = self.block_size
-        total = 0
-        for r in requests:  # blocks_for(tokens) - num_blocks, inlined: this runs every iteration
-            t = r.block_table
-            grow = -(-(r.num_computed_tokens + steps) // bs) - len(t.block_ids) - len(t.extra_block_ids)
-            if grow > 0:
-                total += grow
-        return total
+        """Blocks `requests` take to decode `steps` more tokens each (core/growth.py)."""
+        return growth.decode_growth(requests, steps, self.block_size)
 
     def decode_steps_that_fit(self, requests: Sequence[RequestState], most: int) -> int:
         """The largest j <= `most` such that every one of `requests` can decode j more tokens in
-        the free blocks. A request with room for r more tokens in the blocks it holds takes
-        ceil((j - r) / block_size) blocks for j > r; growth only rises with j, so a binary
-        search over j, each growth summed in numpy (this runs once per steady run)."""
-        free = self.num_free_blocks
-        if not requests:
-            return most
-        bs = self.block_size
-        room = np.fromiter(
-            ((len(r.block_table.block_ids) + len(r.block_table.extra_block_ids)) * bs
-             - r.num_computed_tokens for r in requests), dtype=np.int64, count=len(requests))
-
-        def growth(j: int) -> int:
-            return int(np.maximum(0, -((room - j) // bs)).sum())  # sum of ceil((j - room) / bs)+
-
-        if growth(most) <= free:
-            return most
-        lo, hi = 0, most
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if growth(mid) <= free:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        the free blocks (core/growth.py)."""
+        return growth.decode_steps_that_fit(requests, most, self.block_size, self.num_free_blocks)
 
     def _hold(self, req: RequestState) -> None:
         """Give `req` the blocks its progress needs now (a PlanError if they are not free), and

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from core.blocks import Admission
+from core.admission import Admission
 from costmodel.plan import Plan, Tile
 from policies.base import decode_tiles, prompt_tile
 from policies.state import ReplicaState, RequestState

@@ -1,4 +1,4 @@
-"""core.blocks: the KV block pool, prefix caching, block hashes and Admission.
+"""core.blocks: the KV block pool, prefix caching, block hashes; and core.admission's Admission.
 
 Hand-worked cases (block ids and orders worked out on paper), then a property test running random
 allocate/grow/compute/free/match/admission sequences against a small model.
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.admission import Admission
 from core.blocks import (
-    Admission,
     BlockPool,
     BlockTable,
     NoFreeBlocksError,
