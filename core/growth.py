@@ -8,7 +8,7 @@ functions for the replica's block size and free blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +45,12 @@ def decode_steps_that_fit(requests: Sequence[RequestState], most: int, block_siz
     def growth(j: int) -> int:
         return int(np.maximum(0, -((room - j) // bs)).sum())  # sum of ceil((j - room) / bs)+
 
+    return most_that_fit(growth, most, free)
+
+
+def most_that_fit(growth: Callable[[int], int], most: int, free: int) -> int:
+    """The largest j <= `most` with growth(j) <= `free` blocks, for a growth that only rises
+    with j (0 if none fits): binary search, trying `most` first (it mostly fits)."""
     if growth(most) <= free:
         return most
     lo, hi = 0, most

@@ -53,9 +53,6 @@ if TYPE_CHECKING:
     from costmodel.price import CostModel
 
 
-
-
-
 def _grow_in_place(table: BlockTable, num_tokens: int, block_size: int) -> bool:
     """What ReplicaState._hold does for a whole-stack request whose admitted table already has
     the blocks for `num_tokens` and no block newly full to offer the cache (most decode steps):
@@ -68,6 +65,7 @@ def _grow_in_place(table: BlockTable, num_tokens: int, block_size: int) -> bool:
             table.num_tokens = num_tokens
         return True
     return False
+
 
 @dataclass
 class ReplicaState:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.growth import most_that_fit
 from core.request import RequestState
 from core.state import ReplicaState
 from costmodel.plan import Tile
@@ -52,17 +53,7 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
                       for rid, (top, partial) in reach.items())
         return state.decode_growth(decodes, k) + prompts
 
-    free = state.num_free_blocks
-    if growth(most) <= free:
-        return most
-    lo, hi = 0, most  # growth only rises with the iterations
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if growth(mid) <= free:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return most_that_fit(growth, most, state.num_free_blocks)  # growth rises with k
 
 
 def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
