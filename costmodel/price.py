@@ -7,11 +7,9 @@ operation is priced once per segment and multiplied by its layer count. An opera
 the roofline max(FLOPs / (peak * compute_eff), bytes / (bandwidth * memory_eff)) plus a fixed
 launch overhead, with per-class efficiencies from the profile; the iteration's latency is the
 sum over operations (kernels run back to back) plus host overhead: the profile's
-iteration_overhead_s once and layer_overhead_s per layer that runs any tile (feature `nl`),
-shown in `ops` as a `host_overhead` row (class "host") when non-zero. Every figure but the max
-is linear in a few features of the plan (coefficients.Features, summed over segments), and
-max(c, m) = (c + m)/2 + |c - m|/2, so one matrix-vector product prices a plan
-(CostModel._linear_forms).
+iteration_overhead_s once and layer_overhead_s per layer that runs any tile (feature `nl`).
+Every figure, the max rewritten (costmodel/breakdown.py), is linear in a few features of the
+plan (coefficients.Features, summed over segments): one matrix-vector product prices a plan.
 
 Parallelism: `tp` GPUs split heads, MLP and expert widths and all-reduce twice per layer.
 `ep` > 1 adds ep groups of tp GPUs: attention runs data-parallel across groups (tokens split
@@ -29,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from costmodel.breakdown import _LINEAR, linear_forms, op_table
 from costmodel.coefficients import (
-    _EXPERTS,
     _HBM,
     _LINK_OPS,
     _OP_INDEX,
@@ -75,9 +73,7 @@ _X_EMBED, _X_HAS_EMBED = (FEATURES.index(f) for f in ("embed", "has_embed"))
 # token work that the ep attention groups split between them
 _X_PER_GROUP = (_X_TM, _X_PF_PAIRS, _X_PF_KV, _X_PF_Q, _X_DEC_KV, _X_DEC_Q)
 
-# The figures linear in the features, the first rows of CostModel._forms: the linear part of
-# the kernels' time (see CostModel._linear_forms), then per-GPU totals of these _QUANTITIES.
-_LINEAR = ("seconds", "flops", "wbytes", "kvr", "kvw", "act", "link")
+# Rows of CostModel._forms (breakdown._LINEAR) that _price_segments reads.
 _L_SECONDS, _L_FLOPS, _L_WBYTES = (_LINEAR.index(f) for f in ("seconds", "flops", "wbytes"))
 _L_KVR, _L_KVW, _L_ACT, _L_LINK = (_LINEAR.index(f) for f in ("kvr", "kvw", "act", "link"))
 
@@ -116,7 +112,7 @@ class CostModel:
                                                    for p in params])
         self._inv_link = np.where(is_link, [1 / (link_bw * p.memory_eff) for p in params], 0.0)
         self._overhead = np.array([p.overhead_s for p in params])
-        self._forms = self._linear_forms(is_link)
+        self._forms = linear_forms(self, is_link)
         self._linear = self._forms[:len(_LINEAR)]  # all that plans priced by tables need
         self._is_moe = model.is_moe
         self._experts_per_group = model.num_experts / self.parallel.ep
@@ -313,30 +309,6 @@ class CostModel:
         """The replica's static power while it computes (energy = this x latency + the rest)."""
         return float(self._energy[0])
 
-    def _linear_forms(self, is_link: np.ndarray) -> np.ndarray:
-        """The roofline pricing as one matrix over the features: one product prices a plan.
-
-        An op's time is max(c, m) + launches * overhead_s, with c its compute seconds and m its
-        memory (or link) seconds, each linear in the features. As max(c, m) = (c + m)/2 + |c - m|/2,
-        the iteration's kernel time is the `seconds` row (launch overheads, host time per layer
-        with work, and (c + m)/2 of every op) plus the sum of |row| over the rows after the
-        _LINEAR ones, one per op: (c - m)/2. Totals count expert FLOPs and activations without the
-        busiest-group inflation."""
-        K = self._K
-        q = {name: i for i, name in enumerate(_QUANTITIES)}
-        balanced = K.copy()
-        balanced[:, _EXPERTS, :] /= self.ep_imbalance
-        totals = [balanced[q[name]].sum(axis=0) for name in _LINEAR if name != "seconds"]
-        launches = K[q["launches"]]
-        runs = launches.any(axis=1)  # the ops this model launches
-        traffic = np.where(is_link[:, None], K[q["link"]], sum(K[q[name]] for name in _HBM))
-        inv_traffic = np.where(is_link, self._inv_link, self._inv_memory)
-        compute_s = (K[q["flops"]] * self._inv_compute[:, None])[runs]
-        memory_s = (traffic * inv_traffic[:, None])[runs]
-        seconds = self._overhead @ launches + (compute_s + memory_s).sum(axis=0) / 2
-        seconds[FEATURES.index("nl")] += self.profile.layer_overhead_s
-        return np.vstack([seconds, *totals, (compute_s - memory_s) / 2])
-
     @staticmethod
     def _segments(agg: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, list[int]]]:
         """Cut the layer axis at every tile boundary; sum the stats of the ranges covering each cut."""
@@ -403,7 +375,7 @@ class CostModel:
             r = self._forms.dot(x).tolist()
             if latency_s is None:
                 latency_s = (self.profile.iteration_overhead_s + r[_L_SECONDS]
-                             + sum(map(abs, r[len(_LINEAR):]))  # see _linear_forms
+                             + sum(map(abs, r[len(_LINEAR):]))  # see breakdown.linear_forms
                              + self.profile.request_overhead_s * num_tiles)
         latency = latency_s  # with the engine's time per running request
         gpus = self.parallel.num_gpus
@@ -419,37 +391,8 @@ class CostModel:
                               measured))
 
     def op_table(self, x: tuple[float, ...], measured: Any = None) -> tuple[OpCost, ...]:
-        """The per-operation breakdown for a feature vector (Features, or a tuple in its order).
-
-        With measured tables, `time_s` is the tables' and `bound` says what priced the op."""
-        per_op = dict(zip(_QUANTITIES, (self._K @ np.array(x)).tolist(), strict=True))
-        flops, link, launches = per_op["flops"], per_op["link"], per_op["launches"]
-        hbm_bytes = [sum(by_quantity) for by_quantity in zip(*(per_op[q] for q in _HBM), strict=True)]
-        inv_compute, inv_memory = self._inv_compute.tolist(), self._inv_memory.tolist()
-        inv_link, overhead = self._inv_link.tolist(), self._overhead.tolist()
-        times = self.measured.op_times_s(*measured) if self.measured and measured is not None else {}
-        out = []
-        for i, (name, cls) in enumerate(OPS):
-            if not launches[i]:
-                continue
-            hbm = hbm_bytes[i]
-            if self.measured is not None and measured is not None:
-                segments, num_logits, _ = measured
-                sources = self.measured.op_sources(segments, num_logits)
-                source = sources.get(name, sources.get(cls, "datasheet roofline"))
-                out.append(OpCost(name, cls, flops[i], hbm, link[i], times.get(name, 0.0), source))
-                continue
-            t_c = flops[i] * inv_compute[i]
-            t_m = hbm * inv_memory[i] + link[i] * inv_link[i]
-            t_o = launches[i] * overhead[i]
-            roof = max(t_c, t_m)
-            mem_kind = "link" if cls in _LINK_OPS else "memory"
-            bound = "overhead" if t_o > roof else ("compute" if t_c >= t_m else mem_kind)
-            out.append(OpCost(name, cls, flops[i], hbm, link[i], roof + t_o, bound))
-        host = self.profile.layer_overhead_s * x[FEATURES.index("nl")]
-        if host:
-            out.append(OpCost("host_overhead", "host", 0.0, 0.0, 0.0, host, "overhead"))
-        return tuple(out)
+        """The per-operation breakdown for a feature vector (breakdown.op_table)."""
+        return op_table(self, x, measured)
 
     def idle_power_w(self) -> float:
         """Power the replica draws with nothing to run."""

@@ -5,18 +5,7 @@
     yield env.timeout(cost.latency_s)
     commit(state, step.plan, env.now)
 
-Steady decoding is fast-forwarded: when the policy promises `steady_decode`, no prompt waits
-and none is part-way (prepare's STEADY), the next K iterations are identical decode batches
-whose contexts grow by one token each, so their latencies are an affine function of the step
-(only decode attention's KV reads grow, at a fixed FLOP/byte ratio). We price the first and
-last step (or every step, on measured tables) and wait for their sum in one event; each step's
-end is the running sum of the latencies from the run's start, as SimPy adds timeouts one by
-one, so a step ends at the instant stepping reaches (which of two events at one instant goes
-first may still differ: the README's limitations). An arrival
-interrupts the run at the end of the step in flight, and the state's apply_steady applies the
-steps done. K stops at the first request to
-finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a
-sliding window (past it that layer's KV read stops growing), so the form is exact.
+Runs of steady decodes and prefill stretches are fast-forwarded (sim/fast_forward.py).
 
 In checked mode (a user's policy, or --check) the promise is verified where it is used: at the
 start of each steady run the policy is asked once, through schedule_checked, and a plan other
@@ -32,26 +21,24 @@ a policy that plans nothing) takes it at once, as vLLM's engine does with no bat
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import simpy
 
-from core.records import Recorder, prefill_tokens_once
+from core.records import Recorder
 from core.request import RequestState
 from core.state import PlanError, ReplicaState
-from core.step import STEADY, WAIT, commit, prepare, steady_steps
-from core.stretch import apply_stretch, stretch_steps
+from core.step import STEADY, WAIT, commit, prepare
 from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, no_prefill_ahead, schedule_checked
 from policies.registry import is_trusted
+from sim.fast_forward import prefill_stretch, run_prefill_stretch, steady_decode
 from sim.stall import StallMonitor
 
 if TYPE_CHECKING:
-    from costmodel.price import CostModel, IterationCost
+    from costmodel.price import CostModel
 
 
 class Replica:
@@ -176,7 +163,7 @@ class Replica:
             if step.action is STEADY:
                 if self.check:
                     self._verify_steady_claim()
-                yield from self._steady_decode(max_steps=1 if deferring else None)
+                yield from steady_decode(self, max_steps=1 if deferring else None)
                 continue
             if step.action is WAIT:
                 if self._deferred:  # no batch planned: vLLM's engine takes new requests at once
@@ -192,9 +179,9 @@ class Replica:
                 continue
             plan = step.plan
             if self.prefill_ahead is not None and not deferring:
-                stretch = self._prefill_stretch(plan)
+                stretch = prefill_stretch(self, plan)
                 if stretch is not None:
-                    yield from self._run_prefill_stretch(*stretch)
+                    yield from run_prefill_stretch(self, *stretch)
                     continue
             cost = self.cost.price(plan)
             start = env.now
@@ -309,145 +296,3 @@ class Replica:
         self.num_finished += 1
         if self.on_load is not None:
             self.on_load(self.idx)
-
-    # ---- fast-forward of steady decoding ----------------------------------------------------
-    def _steady_decode(self, max_steps: int | None = None):  # type: ignore[no-untyped-def]
-        env, state = self.env, self.state
-        running = state.running
-        k = steady_steps(state)
-        if max_steps is not None:  # up to the next planning point (async scheduling)
-            k = min(k, max_steps)
-        context = np.fromiter((r.num_computed_tokens for r in running), np.int64,
-                              len(running))  # [running]: every sum below reads it
-        w = self.cost.model.sliding_window
-        if w:  # a window's KV read stops growing at w: stop there so every step stays affine
-            below = context[context + 1 < w]
-            if len(below):
-                k = min(k, max(1, w - int(below.max())))
-        if k <= 0:  # cannot grow at all: let the normal path preempt or stall
-            k = 1
-        latencies = self._steady_latencies(context, k) if k > 1 else None
-        first_s = last_s = None
-        if latencies is not None:
-            first_s, last_s = float(latencies[0]), float(latencies[-1])
-        c0 = self._price_steady(context, 0, first_s)
-        c_last = c0 if k == 1 else self._price_steady(context, k - 1, last_s)
-        start = env.now
-        priced = latencies is not None
-        if latencies is None:  # affine: the two ends give every step
-            l0 = c0.latency_s
-            slope = (c_last.latency_s - l0) / (k - 1) if k > 1 else 0.0
-            latencies = l0 + slope * np.arange(k)  # [k]
-        # each step's end as SimPy adds the steps' timeouts one by one (cumsum adds left to
-        # right: start, + the first, + the next...), so that an event at a step's end is seen
-        # in the same order as stepping would see it
-        latencies[0] += start
-        ends = np.cumsum(latencies)  # [k]
-        last_s = float(ends[k - 1])
-        yield self._sleep_until(last_s - start)
-        done = k
-        if env.now < last_s - 1e-15:  # an arrival: finish the step in flight, then stop
-            lo = int(ends.searchsorted(env.now, side="left"))  # the first to end at or after now
-            done = lo + 1
-            yield env.timeout(max(0.0, float(ends[lo]) - env.now))
-        end_s = float(ends[done - 1])
-        batch = len(running)
-        # the gaps as step-by-step time differences give them (np.diff's, less its overhead)
-        gaps = (ends[1:done] - ends[:done - 1]).tobytes()
-        finished = state.apply_steady(done, float(ends[0]), gaps, end_s)
-        if self.check:
-            self._check_invariants()
-        self.busy_s += end_s - start
-        frac = (done - 1) / (k - 1) if k > 1 else 0.0
-        self.recorder.steady(self.idx, start, end_s - start, done, batch, c0, c_last, frac,
-                             self.cost.busy_power_w if priced else None)
-        for r in finished:
-            self._finished(r)
-
-    def _steady_latencies(self, context: np.ndarray, k: int) -> np.ndarray | None:
-        """Every step's latency of a steady run of k from the running requests' contexts, where
-        the cost model prices them one by one (measured tables; None where two prices give the
-        rest)."""
-        n = len(context)
-        steps = np.arange(k)
-        kv = int(context.sum()) + n * (steps + 1)
-        w = self.cost.model.sliding_window
-        # below the window (k stops before any request reaches it) a request's read grows
-        below = int((context + 1 < w).sum()) if w else 0
-        kv_win = (int(np.minimum(context + 1, w).sum()) + below * steps if w else kv)
-        return self.cost.decode_latencies_s(n, kv, kv_win)
-
-    # ---- fast-forward of prefill stretches (core/stretch.py) ---------------------------------
-    def _prefill_stretch(self, plan: tuple[Tile, ...]
-                         ) -> tuple[list[RequestState], list[tuple[Tile, ...]]] | None:
-        """(decodes, each iteration's prompt tiles) when `plan` is a tile for every running
-        decode, in order, plus prompt tiles of running prompts that emit nothing, and the
-        policy knows at least one more such iteration; else None (the plan runs alone)."""
-        state = self.state
-        decodes = state.decodes
-        L = state.num_layers
-        prompts = plan[len(decodes):]
-        if not prompts or any(t[6] for t in prompts):  # a token, or no prompt: not a stretch
-            return None
-        assert self.prefill_ahead is not None
-        ahead = self.prefill_ahead(state, plan)  # cheap checks first: this runs every iteration
-        if not ahead:
-            return None
-        for tile, r in zip(plan, decodes, strict=False):  # each decode's own tile, in order
-            if tile[0] != r.req_id or tile[3] or tile[4] != L or tile[2] - tile[1] != 1:
-                return None
-        running = {r.req_id for r in state.running}
-        if any(t[0] not in running or t[2] - t[1] < 1 for t in prompts):
-            return None
-        steps = [prompts, *ahead]
-        k = stretch_steps(state, decodes, steps)
-        return (list(decodes), steps[:k]) if k >= 2 else None
-
-    def _run_prefill_stretch(self, decodes: list[RequestState],
-                             steps: list[tuple[Tile, ...]]):  # type: ignore[no-untyped-def]
-        """Price the stretch's iterations one by one (exact: no interpolation), wait for them
-        in one event, stop after the iteration in flight when a request arrives, apply."""
-        env, state, cm = self.env, self.state, self.cost
-        n = len(decodes)
-        contexts = [r.num_computed_tokens for r in decodes]
-        kv = sum(contexts) + n
-        w = cm.model.sliding_window
-        start = t = env.now
-        costs: list[IterationCost] = []
-        ends: list[float] = []
-        for j, tiles in enumerate(steps):
-            kv_win = sum(x + j + 1 if x + j < w else w for x in contexts) if w else 0
-            cost = cm.price_with_decodes(n, kv + j * n, kv_win, tiles)
-            t = t + cost.latency_s  # as SimPy adds each iteration's timeout to its start
-            costs.append(cost)
-            ends.append(t)
-        yield self._sleep_until(t - start)
-        done = len(steps)
-        if env.now < t - 1e-15:  # an arrival: finish the iteration in flight, then stop
-            done = bisect_left(ends, env.now) + 1
-            yield env.timeout(max(0.0, ends[done - 1] - env.now))
-        finished = apply_stretch(state, decodes, steps[:done], ends[:done])
-        end_s = ends[done - 1]
-        self.busy_s += end_s - start
-        ran = costs[:done]
-        self.recorder.iteration_row(
-            replica=self.idx, start_s=start, latency_s=end_s - start, iterations=done,
-            prefill_tokens=sum(prefill_tokens_once(x) for x in ran), decode_tokens=done * n,
-            num_tiles=n + len(steps[0]),
-            prefill_layer_tokens=sum(x.prefill_layer_tokens for x in ran),
-            energy_j=sum(x.energy_j for x in ran), flops=sum(x.flops for x in ran),
-            expert_bytes=sum(x.hbm_bytes.expert_weights for x in ran),
-            hbm_bytes=sum(x.hbm_bytes.total for x in ran),
-            kv_read_bytes=sum(x.hbm_bytes.kv_read for x in ran))
-        for r in finished:
-            self._finished(r)
-
-    def _price_steady(self, context: np.ndarray, step: int,
-                      latency_s: float | None = None) -> IterationCost:
-        """The decode iteration `step` steps ahead of the running requests' contexts, priced
-        from its totals (its latency given when _steady_latencies priced it)."""
-        n = len(context)
-        kv = int(context.sum()) + n * (step + 1)
-        w = self.state.cost_model.model.sliding_window if self.state.cost_model else 0
-        kv_win = int(np.minimum(context + step + 1, w).sum()) if w else 0
-        return self.cost.price_decodes(n, kv, kv_win, latency_s)

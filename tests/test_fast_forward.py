@@ -1,4 +1,4 @@
-"""Fast-forward of steady decoding and of prefill stretches (sim/replica.py) against
+"""Fast-forward of steady decoding and of prefill stretches (sim/fast_forward.py) against
 step-by-step simulation.
 
 Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
