@@ -255,6 +255,7 @@ class ReplicaState:
         running = {r.req_id: r for r in self.running}
         touched: dict[int, RequestState] = {}
         as_decodes = 0
+        pending = 0  # tokens through the whole stack that the plan adds
         for rid, t0, t1, l0, l1, _cached, logits in plan:
             req = touched.get(rid)
             if req is None:
@@ -266,37 +267,49 @@ class ReplicaState:
                     req.admitted_s = now_s
                     self._admit(req)
                 touched[rid] = req
-            whole_stack = l0 == 0 and l1 == L
-            if whole_stack and t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
-                as_decodes += 1  # a prompt's last token alone with logits: priced as a decode
-            if whole_stack and req.layer_tokens is None:
-                self.pending_tokens -= t1 - req.num_computed_tokens
-                req.num_computed_tokens = t1
-            else:
-                lt = req.layer_tokens
-                if lt is None:
-                    lt = req.layer_tokens = [req.num_computed_tokens] * L
-                for l in range(l0, l1):
-                    lt[l] = t1
-                low = lt[L - 1]
-                if lt[0] == low:
-                    req.layer_tokens = None
-                self.pending_tokens -= low - req.num_computed_tokens
-                req.num_computed_tokens = low
+            if l0 == 0 and l1 == L:
+                if t1 - t0 == 1 and logits and t0 < req.num_prompt_tokens:
+                    as_decodes += 1  # a prompt's last token alone with logits: priced as a decode
+                if req.layer_tokens is None:  # every decode, every chunk
+                    pending += t1 - req.num_computed_tokens
+                    req.num_computed_tokens = t1
+                    continue
+            lt = req.layer_tokens
+            if lt is None:
+                lt = req.layer_tokens = [req.num_computed_tokens] * L
+            for l in range(l0, l1):
+                lt[l] = t1
+            low = lt[L - 1]
+            if lt[0] == low:
+                req.layer_tokens = None
+            pending += low - req.num_computed_tokens
+            req.num_computed_tokens = low
+        self.pending_tokens -= pending
         bs = self.block_size
         for req in touched.values():
-            if req.layer_tokens is not None or not _grow_in_place(
-                    req.block_table, req.num_computed_tokens, bs):
+            c = req.num_computed_tokens
+            if req.layer_tokens is not None:
                 self._hold(req)
+                continue
+            if not _grow_in_place(req.block_table, c, bs):
+                self._hold(req)
+            out = req.num_output_tokens
+            if c != req.num_prompt_tokens + out:
+                continue
             # Every known token (prompt and outputs so far) is through the stack: the LM head
             # produced the next one.
-            if (req.layer_tokens is None
-                    and req.num_computed_tokens == req.num_prompt_tokens + req.num_output_tokens):
-                self._emit(req, now_s)
-                if emitted is not None:
-                    emitted.append(req)
-                if req.is_finished:
-                    finished.append(req)
+            self.futile_preemptions = 0
+            if req.first_token_s is None:
+                req.first_token_s = now_s
+            else:
+                req.itl_s.append(now_s - (req.last_token_s or now_s))
+            req.last_token_s = now_s
+            out = req.num_output_tokens = out + 1
+            if emitted is not None:
+                emitted.append(req)
+            if out >= req.max_tokens:  # is_finished
+                req.finish_s = now_s
+                finished.append(req)
         self._retire(finished)
         self.now_s = now_s
         self._decodes = None
@@ -334,17 +347,6 @@ class ReplicaState:
         self._decodes = None
         return finished
 
-    def _emit(self, req: RequestState, now_s: float) -> None:
-        self.futile_preemptions = 0
-        if req.first_token_s is None:
-            req.first_token_s = now_s
-        else:
-            req.itl_s.append(now_s - (req.last_token_s or now_s))
-        req.last_token_s = now_s
-        req.num_output_tokens += 1
-        if req.is_finished:
-            req.finish_s = now_s
-
     def _retire(self, finished: list[RequestState]) -> None:
         for req in finished:
             self.running.remove(req)
@@ -359,12 +361,17 @@ class ReplicaState:
         """Recompute-preempt the newest running requests until every decode has its next block.
         Returns the victims."""
         victims: list[RequestState] = []
-        if len(self.decodes) <= self.num_free_blocks:  # a decode needs at most one new block
+        decodes = self.decodes
+        if len(decodes) <= self.num_free_blocks:  # a decode needs at most one new block
             return victims
-        while True:
-            if self.decode_growth(self.decodes) <= self.num_free_blocks or not self.running:
-                return victims
+        need = self.decode_growth(decodes)
+        left = len(decodes)  # decodes[:left] still run: a victim decoding is the last of them
+        while need > self.num_free_blocks and self.running:
+            if left and self.running[-1] is decodes[left - 1]:
+                left -= 1
+                need -= self.decode_growth(decodes[left:left + 1])  # the sum less its term
             victims.append(self.preempt_newest())
+        return victims
 
     def preempt_newest(self) -> RequestState:
         """Free the newest running request's KV; it redoes its prefill from the waiting head."""

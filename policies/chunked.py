@@ -56,7 +56,8 @@ class ChunkedPrefill:
         tiles: list[Tile] = decode_tiles(state)
         budget = self.max_num_batched_tokens - len(tiles)
         admission = state.admission()
-        for req in state.running:  # part-way prompts keep their place
+        part_way = len(tiles) < len(state.running)  # not every running request decodes
+        for req in state.running if part_way else ():  # part-way prompts keep their place
             if budget <= 0:
                 break
             if not req.is_prefill_done:

@@ -245,3 +245,25 @@ def test_the_engine_imports_no_simpy():
 def test_iteration_rows_are_given_by_column_name():
     params = list(inspect.signature(Recorder.iteration_row).parameters)[1:]
     assert params == list(ITERATION_COLUMNS)
+
+
+@pytest.mark.parametrize("part_way_newest", [False, True])
+def test_decodes_short_of_blocks_preempt_the_newest_until_the_rest_fit(part_way_newest: bool) -> None:
+    """Four or five 32-token prompts done, each decode's next token starting a third block, and
+    no block free. Preempting the newest frees its 2 blocks and removes its 1 block of need:
+    need 5 (free 0), 4 (2), 3 (4): two victims. With a 48-token part-way prompt newest
+    instead, its 3 blocks go back but no need with them: need 4 (free 0), 4 (3), 3 (5)."""
+    n = 4 if part_way_newest else 5
+    state = ReplicaState(num_layers=4, num_total_blocks=2 * n + 3 * part_way_newest, block_size=16)
+    state.waiting = [RequestState(i, 0.0, 32, 8) for i in range(n)]
+    tiles = [Tile(i, 0, 32, 0, 4, 0, True) for i in range(n)]
+    if part_way_newest:
+        state.waiting.append(RequestState(n, 0.0, 100, 8))
+        tiles.append(Tile(n, 0, 48, 0, 4, 0, False))
+    commit(state, tuple(tiles), 1.0)
+    assert state.num_free_blocks == 0 and len(state.decodes) == n
+    victims = state.preempt_for_decodes()
+    assert [v.req_id for v in victims] == [4, 3]
+    assert state.decode_growth(state.decodes) <= state.num_free_blocks
+    assert [r.req_id for r in state.running] == [0, 1, 2] and state.num_free_blocks == (
+        5 if part_way_newest else 4)
