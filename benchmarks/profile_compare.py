@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study_file import make_study
 
 ROWS = (("mean_ttft_ms", "TTFT mean (ms)", "{:.0f}"), ("p99_ttft_ms", "TTFT p99 (ms)", "{:.0f}"),

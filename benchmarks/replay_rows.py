@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from costmodel import ConfigError, CostModel
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.silicon import read_rows, row_clients, row_study, skip_reason
 from sim.study import COST_KEYS
 

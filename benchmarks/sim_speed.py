@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.baseline import describe, event_rates, versus  # noqa: E402
 
 CASES = {
-    "default study (2 policies)": "from sim.run_study import run_study\n"
+    "default study (2 policies)": "from sim.run import run_study\n"
                                   "from sim.study_file import make_study\n"
                                   "_, _, results = run_study(make_study({}))",
     "azure-conv hour, 8 replicas, chunked:512": (
-        "from sim.run_study import run_study\nfrom sim.study_file import make_study\n"
+        "from sim.run import run_study\nfrom sim.study_file import make_study\n"
         "_, _, results = run_study(make_study({'workload': 'azure-conv', 'rate': None,"
         " 'duration_s': None, 'num_requests': 10**9, 'replicas': 8, 'policies': ['chunked:512']}))"),
     "azure-conv hour, 8 replicas, layered": (
-        "from sim.run_study import run_study\nfrom sim.study_file import make_study\n"
+        "from sim.run import run_study\nfrom sim.study_file import make_study\n"
         "_, _, results = run_study(make_study({'workload': 'azure-conv', 'rate': None,"
         " 'duration_s': None, 'num_requests': 10**9, 'replicas': 8, 'policies': ['layered']}))"),
 }
@@ -41,7 +41,7 @@ CASES = {
 RUNNER = """
 import resource, time, json
 t0 = time.perf_counter()
-import sim.run_study, sim.study_file  # imports are not part of the figure
+import sim.run, sim.study_file  # imports are not part of the figure
 t1, c1 = time.perf_counter(), time.process_time()
 exec(compile({code!r}, 'case', 'exec'))
 t2, c2 = time.perf_counter(), time.process_time()

@@ -11,7 +11,7 @@ from cli.flags import add_study_flags, study_values
 from core.result import SimResult, policy_folder
 from costmodel import ConfigError
 from sim.results import check_out, results_folder, setup_record, write_provenance
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import Study
 from sim.study_file import load_study, make_study
 from sim.table import format_comparison

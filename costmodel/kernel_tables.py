@@ -190,8 +190,8 @@ class Curve:
         return np.exp(np.interp(u, *self._arrays))  # type: ignore[no-any-return]
 
     def e_at(self, u: float) -> float:
-        """e at log x = u: np.interp's arithmetic, step for step, so that a price taken one
-        at a time equals the same price taken in an array (`ratios`)."""
+        """e at log x = u: np.interp's arithmetic, step for step, so that e taken one at a time
+        equals e taken in an array (`ratios`); their exps may still differ by an ulp."""
         lx, es = self.log_x, self.e
         if u <= lx[0]:
             return es[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["simulate", "SimResult", "DEFAULT_SLO_TTFT_MS", "DEFAULT_SLO_ITL_MS", "ROUTERS",
-           "make_router"]
+           "make_router", "make_study", "load_study", "run_study"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,10 @@ def __getattr__(name: str) -> Any:
     if name in ("ROUTERS", "make_router"):
         from sim import router
         return getattr(router, name)
+    if name in ("make_study", "load_study"):  # the Python API: a study from keys or a file
+        from sim import study_file
+        return getattr(study_file, name)
+    if name == "run_study":
+        from sim.run import run_study
+        return run_study
     raise AttributeError(f"module 'sim' has no attribute {name!r}")

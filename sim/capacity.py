@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from costmodel.errors import ConfigError
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import Study
 from traces.workload import MAX_RATE
 

@@ -49,7 +49,7 @@ import pandas as pd
 
 from costmodel import ConfigError, CostModel
 from costmodel.model import hf_preset
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import COST_KEYS, Study
 from sim.study_file import make_study
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from costmodel.errors import ConfigError
 from sim.capacity import CapacityAnswer, Point, check_target, replace_study, t_interval
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import Study
 
 MAX_SPLIT_GPUS = 64  # the walk's limit on a split's GPUs

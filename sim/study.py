@@ -381,3 +381,15 @@ class Study(BaseModel):
         prof = cm.profile.label
         dt = f", {cm.model.dtype_note}" if cm.model.dtype_note else ""  # nothing when all bf16
         return f"{cm.model.name} on {gpus} ({shape}{reps}{dt}, {prof})"
+
+
+def __getattr__(name: str) -> Any:
+    """make_study, load_study and run_study, where the Python API first documented them (their
+    modules import this one, so they are looked up on first use)."""
+    if name in ("make_study", "load_study"):
+        from sim import study_file
+        return getattr(study_file, name)
+    if name == "run_study":
+        from sim.run import run_study
+        return run_study
+    raise AttributeError(f"module 'sim.study' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from costmodel.files import atomic_write
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import Study
 
 

@@ -16,7 +16,7 @@ import pytest
 from cli.main import main
 from costmodel import ConfigError
 from sim.cluster import simulate
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study import Study
 from tests.helpers import ConstantCost
 from traces.request import Request
@@ -200,7 +200,7 @@ def test_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_stagger_spreads_the_first_requests_and_keeps_clients_apart() -> None:
-    from sim.run_study import run_study
+    from sim.run import run_study
     from sim.study_file import make_study
 
     study = make_study({"model": "tiny-moe", "gpu": "cpu", "tp": 1, "policies": ["chunked:512"],

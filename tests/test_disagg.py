@@ -145,7 +145,7 @@ def test_pools_of_different_models_are_refused() -> None:
 # ---- the study keys and flags -------------------------------------------------------------------
 
 def test_a_study_runs_disaggregated_from_its_keys() -> None:
-    from sim.run_study import run_study
+    from sim.run import run_study
     from sim.study_file import make_study
 
     base = {"workload": "sharegpt", "rate": 4, "num_requests": 60, "policies": ["chunked:512"]}
@@ -169,7 +169,7 @@ def test_a_study_runs_disaggregated_from_its_keys() -> None:
     ({"prefill_replicas": 1, "decode_replicas": 1, "replicas": 2}, "replicas: leave it out"),
 ])
 def test_disaggregated_keys_that_do_not_fit_are_refused(keys, message) -> None:
-    from sim.run_study import run_study
+    from sim.run import run_study
     from sim.study_file import make_study
 
     study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 20, **keys})
@@ -272,7 +272,7 @@ def test_a_first_token_at_a_decode_iterations_end_is_seen_alike_with_and_without
 
 
 def test_a_decode_tp_that_does_not_divide_the_model_names_its_flag() -> None:
-    from sim.run_study import run_study
+    from sim.run import run_study
     from sim.study_file import make_study
 
     study = make_study({"workload": "sharegpt", "rate": 4, "num_requests": 10,
@@ -287,7 +287,7 @@ def test_a_decode_tp_that_does_not_divide_the_model_names_its_flag() -> None:
 def test_every_slo_and_percentile_key_reaches_a_disaggregated_run() -> None:
     """slo_tpot_ms, slo_e2el_ms and metric_percentiles were left out of the pools' runs: a
     TPOT target no request can meet must cost attainment there as co-located."""
-    from sim.run_study import run_study
+    from sim.run import run_study
     from sim.study_file import make_study
 
     keys = {"workload": "sharegpt", "rate": 4, "num_requests": 40, "policies": ["chunked:512"],

@@ -6,6 +6,7 @@ arguments and holds every call to: a result with finite metrics, or one of our o
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from costmodel.errors import ConfigError
 from policies.state import PlanError
 from sim import simulate
 from sim.cluster import SimResult
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study_file import make_study
 from tests.helpers import ConstantCost
 from traces.errors import TraceError
@@ -215,3 +216,23 @@ def test_generated_make_study_calls_return_or_fail_in_one_line(values: dict[str,
         assert len(str(e).splitlines()) == 1 and str(e).startswith("--"), str(e)
         return
     assert study.model_dump()  # a study that validated is whole
+
+
+def test_the_notebook_api_is_the_package_and_the_names_it_was_documented_under(tmp_path) -> None:
+    """`sim.make_study`, `sim.load_study` and `sim.run_study` are the functions the CLI uses, and
+    `sim.study`'s old names still reach them; a study file and its keys give the same run."""
+    import sim
+    import sim.study
+    from sim import study_file
+
+    assert sim.make_study is sim.study.make_study is study_file.make_study
+    assert sim.load_study is sim.study.load_study is study_file.load_study
+    assert sim.run_study is sim.study.run_study is run_study
+    path = tmp_path / "study.yaml"
+    path.write_text("duration_s: 5\npolicies: [layered]\n")
+    by_keys = sim.run_study(sim.make_study({"duration_s": 5, "policies": ["layered"]}))[2][0]
+    by_file = sim.run_study(sim.load_study(path))[2][0]
+    assert json.dumps(by_keys.metrics, sort_keys=True) == json.dumps(by_file.metrics, sort_keys=True)
+    assert by_keys.metrics["completed"] > 0
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        sim.study.nothing  # noqa: B018

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from search.probe import ProbeTask, cost_model_digest, run_probe
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study_file import make_study
 
 

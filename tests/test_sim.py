@@ -9,7 +9,7 @@ import pytest
 from costmodel import CostModel, Parallelism, load_model
 from policies import PrefillFirst
 from sim import simulate
-from sim.run_study import run_study
+from sim.run import run_study
 from sim.study_file import make_study
 from tests.helpers import ConstantCost
 from traces import WorkloadSpec, build_workload
