@@ -21,6 +21,7 @@ arrival.
 from __future__ import annotations
 
 from bisect import bisect_left
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,14 +37,19 @@ if TYPE_CHECKING:
     from sim.replica import Replica
 
 
+_COMPUTED = attrgetter("num_computed_tokens")
+
+
 # ---- steady decoding -------------------------------------------------------------------------
 def steady_decode(replica: Replica, max_steps: int | None = None):  # type: ignore[no-untyped-def]
     env, state = replica.env, replica.state
     running = state.running
-    k = steady_steps(state)
+    # A single step needs no count: whatever steady_steps says, a run of at least one goes
+    # ahead (below), and prepare gave every decode its next block.
+    k = 1 if max_steps == 1 else steady_steps(state)
     if max_steps is not None:  # up to the next planning point (async scheduling)
         k = min(k, max_steps)
-    context = np.fromiter((r.num_computed_tokens for r in running), np.int64,
+    context = np.fromiter(map(_COMPUTED, running), np.int64,
                           len(running))  # [running]: every sum below reads it
     w = replica.cost.model.sliding_window
     if w:  # a window's KV read stops growing at w: stop there so every step stays affine
