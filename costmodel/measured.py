@@ -45,6 +45,10 @@ from costmodel.kernel_tables import SPECS, Curve, Hardware, KernelTable, Rooflin
 from costmodel.model import ModelSpec
 from costmodel.profile import Profile
 
+# decode attention in closed form (MeasuredKernels._decode_form): overhead_s, compute_s and
+# memory_s per key, memory0_s, the window's cap (0: none) and the measured curve
+DecodeForm = tuple[float, float, float, float, int, Curve | None]
+
 ACT_BYTES = 2.0
 DATASHEET = "datasheet roofline"
 
@@ -164,8 +168,7 @@ class MeasuredKernels:
         if self._decode_win is not None and self._decode_win[2] is None:
             self._decode_win = None
         self._last_decode: tuple[tuple[int, float, float | None], float] = ((0, 0.0, None), 0.0)
-        self._decode_forms: dict[tuple[int, bool], tuple[float, float, float, float, int,
-                                                         Curve | None]] = {}
+        self._decode_forms: dict[tuple[int, bool], DecodeForm] = {}
         self.layer_ops = lru_cache(maxsize=65536)(self._layer_ops)
         self.layer_time_s = lru_cache(maxsize=65536)(self._layer_time_s)
 
@@ -316,8 +319,7 @@ class MeasuredKernels:
         t = overhead_s + np.maximum(c * compute_s, c * memory_s + memory0_s)
         return t * curve.ratios(ctx) if curve is not None else t  # type: ignore[no-any-return]
 
-    def _decode_form(self, b: int, windowed: bool
-                     ) -> tuple[float, float, float, float, int, Curve | None]:
+    def _decode_form(self, b: int, windowed: bool) -> DecodeForm:
         """Decode attention of b queries per group, each over c keys, in closed form: its work
         is affine in c, so the roofline is overhead_s + max(c compute_s, c memory_s + memory0_s),
         times the measured ratio at c (`curve`); c is capped at `cap` where the windowed rows
