@@ -46,7 +46,7 @@ def main() -> int:
             cost_key = study.model_dump_json(include=COST_KEYS)
             if cost_key not in models:
                 models[cost_key] = study.cost_model()
-            _, _, (result,) = run_study(study, cost_model=models[cost_key])
+            _, _, (result,) = run_study(study, cost_model=models[cost_key], pool_gaps=False)
         except ConfigError as e:  # replay() reports such a row as skipped, with the reason
             print(f"row {idx}: skipped: {e}")
             continue

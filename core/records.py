@@ -10,6 +10,9 @@ running totals, never from re-reading the iteration parts.
 Unstreamed runs also index each finished request's gaps in the flat array ((req_id, start,
 count), 24 bytes a request), so `request_gaps` gives every request its own inter-token gaps
 without copying them (vLLM's per-request `itls`, sim/vllm_result.py); streamed runs keep none.
+A run that reads no pooled gap (`pool_gaps=False`: a replay of measured runs reads mean TTFT
+and TPOT) keeps neither: its pooled ITL metrics are unset (None), and each request's own P99
+and largest gap are recorded as always.
 
 What the columns count: `prompt_tokens` is the prompt as it arrived and `max_tokens` the output
 length it asked for; `output_tokens` is what was emitted (a policy that ends a request early
@@ -120,7 +123,8 @@ class RequestGaps:
 
 
 class Recorder:
-    def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000):
+    def __init__(self, num_layers: int, stream_dir: Path | None = None, flush_rows: int = 200_000,
+                 pool_gaps: bool = True):
         self.num_layers = num_layers
         self.requests = Table("requests", REQUEST_COLUMNS,
                               ("req_id", "replica", "prompt_tokens", "max_tokens", "output_tokens",
@@ -133,7 +137,9 @@ class Recorder:
         self.preemptions = 0
         self.stream_dir = stream_dir
         self.itl_hist = np.zeros(len(_HIST_EDGES) + 1, dtype=np.int64) if stream_dir else None
-        self.itl_index = None if stream_dir else array("q")  # (req_id, start, count) per request
+        self.itl_index = (None if stream_dir or not pool_gaps
+                          else array("q"))  # (req_id, start, count) per request
+        self.pool_gaps = pool_gaps
         self.num_requests_recorded = 0
         self.recorded_ids: set[int] = set()
         self.on_record: Callable[[], object] | None = None
@@ -219,7 +225,7 @@ class Recorder:
 
     def finished(self, req: RequestState, replica: int = -1) -> None:
         gaps = req.itl_s
-        if req.req_id not in self.warmup_ids:  # a warm-up request's gaps are not pooled
+        if self.pool_gaps and req.req_id not in self.warmup_ids:  # a warm-up's are not pooled
             if self.itl_index is not None:
                 self.itl_index.extend((req.req_id, len(self.itl), len(gaps)))
             self.itl.extend(gaps)

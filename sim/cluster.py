@@ -84,7 +84,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
              check: bool = False, fast_forward: bool = True, stream_dir: Path | None = None,
              progress: bool = False, workers: int = 1, max_concurrency: int | None = None,
              warmup_requests: int = 0, enable_prefix_caching: bool = True,
-             async_scheduling: bool = False, executor: Any = None) -> SimResult:
+             async_scheduling: bool = False, executor: Any = None,
+             pool_gaps: bool = True) -> SimResult:
     """Simulate `requests` on `num_replicas` replicas; see the module note.
 
     `workers` > 1 splits the replicas over processes. Only a router that ignores replica state
@@ -93,7 +94,8 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
     (`max_concurrency`) cannot be split so: each one waits on whichever replica finishes first.
     The shards run in forked processes, or with `executor` (search/executor.py: a process pool,
     or Ray on this machine or a cluster, where `stream_dir` must be a folder every node shares)
-    as tasks, each given its arguments pickled: the same results.
+    as tasks, each given its arguments pickled: the same results. `pool_gaps=False` keeps no
+    pooled inter-token gaps (core/records.py): pooled ITL metrics None, no `itls`.
     """
     requests = _checked_requests(requests)
     _check_args(num_replicas=(num_replicas, 1, MAX_REPLICAS), seed=(seed, 0, 2**63 - 1),
@@ -152,7 +154,7 @@ def simulate(requests: Sequence[Request], cost_model: CostModel,
                 hidden_blocks, check, fast_forward, sub_dir, progress and shard == 0, len(mine),
                 max_concurrency, warm_ids, first_measured,
                 frozenset(r.req_id for r in too_long) if closed else frozenset(),
-                enable_prefix_caching, async_scheduling)
+                enable_prefix_caching, async_scheduling, pool_gaps)
 
     def run_shard(shard: int) -> _Shard:
         return _run_replicas(*_shard_args(shard))
@@ -262,12 +264,13 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
                   total: int, max_concurrency: int | None = None,
                   warmup_ids: set[int] | None = None, first_measured: Request | None = None,
                   rejected: frozenset[int] = frozenset(),
-                  enable_prefix_caching: bool = True, async_scheduling: bool = False) -> _Shard:
+                  enable_prefix_caching: bool = True, async_scheduling: bool = False,
+                  pool_gaps: bool = True) -> _Shard:
     def new_policy() -> Policy:
         return make_policy(policy) if isinstance(policy, str) else policy()
 
     env = simpy.Environment()
-    recorder = Recorder(cost_model.model.num_layers, stream_dir)
+    recorder = Recorder(cost_model.model.num_layers, stream_dir, pool_gaps=pool_gaps)
     recorder.warmup_ids = warmup_ids or set()
     closed = max_concurrency is not None
     if first_measured is not None:  # the window opens at its arrival; closed loop: when sent

@@ -19,9 +19,11 @@ from traces import Workload
 
 
 def run_study(study: Study, *, progress: bool = False, check: bool = False,
-              cost_model: CostModel | None = None) -> tuple[Workload, CostModel, list[SimResult]]:
+              cost_model: CostModel | None = None, pool_gaps: bool = True
+              ) -> tuple[Workload, CostModel, list[SimResult]]:
     """`cost_model`: the study's own (study.cost_model()), built already by a caller that
-    runs many studies of one model and GPU."""
+    runs many studies of one model and GPU. `pool_gaps=False`: no pooled inter-token gaps
+    (simulate's; a disaggregated run keeps them), for a caller that reads none."""
     _check_policies(study)
     if study.split_pools:  # a search of pool sizes, not a run of one
         raise ConfigError("split_pools: capacity and search search the pools' sizes; a run takes "
@@ -33,14 +35,15 @@ def run_study(study: Study, *, progress: bool = False, check: bool = False,
         from search.executor import make_executor
         executor = make_executor(study.workers, ray=True, ray_address=study.ray_address)
     try:
-        return workload, cm, _run_policies(study, cm, workload, progress, check, executor)
+        return workload, cm, _run_policies(study, cm, workload, progress, check, executor,
+                                           pool_gaps)
     finally:
         if executor is not None:
             executor.close()
 
 
 def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: bool, check: bool,
-                  executor: Any) -> list[SimResult]:
+                  executor: Any, pool_gaps: bool = True) -> list[SimResult]:
     if study.prefill_replicas is not None or study.decode_replicas is not None:
         from sim.disagg import run_disaggregated
 
@@ -58,7 +61,8 @@ def _run_policies(study: Study, cm: CostModel, workload: Workload, progress: boo
                         max_concurrency=study.max_concurrency,
                         warmup_requests=study.warmup(len(workload.requests)),
                         enable_prefix_caching=study.enable_prefix_caching,
-                        async_scheduling=study.async_scheduling, executor=executor)
+                        async_scheduling=study.async_scheduling, executor=executor,
+                        pool_gaps=pool_gaps)
                for spec in study.policies]
     # what the workload shortened to fit the model, beside what the simulator rejected
     return [replace(r, metrics={**r.metrics, "clipped_prompts": workload.clipped})

@@ -46,3 +46,19 @@ def test_save_result_writes_vllm_json_per_policy(tmp_path, capsys) -> None:  # t
     assert len(doc["ttfts"]) == len(doc["input_lens"]) == doc["num_prompts"]
     assert doc["completed"] == doc["num_prompts"] and doc["backend"] == "layersim"
     assert main(["compare", "--duration", "6", "--save-result", str(tmp_path / "no" / "x.json")]) == 2
+
+
+def test_a_run_that_pools_no_gaps_records_the_same_requests_and_metrics_but_itl() -> None:
+    """pool_gaps=False (replay-silicon's runs): every request row and every metric but the
+    pooled ITL ones is the same; those are None (not measured), and no gaps are kept."""
+    reqs = [Request(i, 0.004 * i, 64 + 7 * i, 3 + i % 9) for i in range(40)]
+    kept = simulate(reqs, ConstantCost(D), "chunked:512", max_concurrency=6, warmup_requests=4)
+    lean = simulate(reqs, ConstantCost(D), "chunked:512", max_concurrency=6, warmup_requests=4,
+                    pool_gaps=False)
+    assert lean.requests.equals(kept.requests)
+    pooled = {k for k in kept.metrics if k.endswith("_itl_ms") and not k.startswith("slo_")}
+    assert pooled >= {"mean_itl_ms", "median_itl_ms", "std_itl_ms", "p99_itl_ms"}
+    assert kept.metrics["mean_itl_ms"] == pytest.approx(D * 1e3)
+    for key, value in kept.metrics.items():
+        assert lean.metrics[key] == (None if key in pooled else value), key
+    assert kept.itls is not None and lean.itls is None
