@@ -232,7 +232,7 @@ class Recorder:
             if self.itl_hist is not None and len(self.itl) >= 1 << 20:
                 self._bin_gaps()
         if gaps:
-            p99, max_itl = _p99_and_max(gaps)
+            p99, max_itl = _p99_and_max(gaps, scratch=True)  # pooled already; dropped below
             p99 *= 1e3
             max_itl *= 1e3
         else:
@@ -353,12 +353,13 @@ def prefill_tokens_once(cost: IterationCost) -> int:
     return round(x[_EMBED] * model.parallel.ep) - int(cost.decode_tokens)
 
 
-def _p99_and_max(values: Sequence[float]) -> tuple[float, float]:
+def _p99_and_max(values: Sequence[float], scratch: bool = False) -> tuple[float, float]:
     """numpy's default (linear) 99th percentile, and the largest value, without numpy's per-call
     overhead for short lists or a full sort of long ones: this runs once per finished request.
     The percentile interpolates between sorted positions lo and lo + 1 of pos = (n - 1) * 0.99;
     a partial sort (np.partition) puts both in place. (Token gaps mostly grow with the context,
-    so a sort of a short list is nearly linear, and a heap selection is not.)"""
+    so a sort of a short list is nearly linear, and a heap selection is not.) `scratch`: the
+    caller gives up `values` (an array("d")), so it is reordered in place rather than copied."""
     n = len(values)
     pos = (n - 1) * 99.0 / 100
     lo = int(pos)
@@ -368,6 +369,11 @@ def _p99_and_max(values: Sequence[float]) -> tuple[float, float]:
         return v[lo] + (v[hi] - v[lo]) * (pos - lo), v[-1]
     arr = np.frombuffer(values, dtype=np.float64) if isinstance(values, array) else np.asarray(values)
     # the largest in the same partition (the last place), not another pass: arr.max()'s value
-    part = np.partition(arr, (lo, hi) if hi == n - 1 else (lo, hi, n - 1))
+    kth = (lo, hi) if hi == n - 1 else (lo, hi, n - 1)
+    if scratch and isinstance(values, array):
+        arr.partition(kth)
+        part = arr
+    else:
+        part = np.partition(arr, kth)
     v_lo, v_hi = float(part[lo]), float(part[hi])
     return v_lo + (v_hi - v_lo) * (pos - lo), float(part[n - 1])
