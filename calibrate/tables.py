@@ -35,14 +35,8 @@ import pyarrow.parquet as pq
 
 from calibrate.power_fit import fit_energy
 from costmodel import ConfigError, EnergyParams, Profile, default_profile, load_gpu
-from costmodel.kernel_tables import (
-    SPECS,
-    Hardware,
-    KernelTable,
-    Roofline,
-    held_out_errors,
-    held_out_mask,
-)
+from costmodel.held_out import held_out_errors, held_out_mask
+from costmodel.kernel_tables import SPECS, Hardware, KernelTable, Roofline
 
 GPU_FOLDERS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100": "a100_sxm"}
 LICENSE = ("Apache-2.0; measured by NVIDIA's AIConfigurator collector (github.com/ai-dynamo/"

@@ -400,18 +400,18 @@ class MeasuredKernels:
         def add(op: str, x: float) -> None:
             sizes.setdefault(op, []).append(x)
         for _, _, s in segments:
-            per_group = math.ceil(s[0] / self.ep)
+            per_group = math.ceil(s[SUM_TOKENS] / self.ep)
             for op in (*self._gemms, "norms_elementwise"):
                 add(op, per_group)
-            add("experts", s[0])
+            add("experts", s[SUM_TOKENS])
             add("allreduce", per_group * self.model.hidden * ACT_BYTES)
             add("alltoall", per_group * self.model.top_k * self.model.hidden * ACT_BYTES)
-            if s[1]:
-                add("prefill_attn", _seq_len_for_pairs(s[2] / s[9]))
-                add("prefill_attn_batch", math.ceil(s[9] / self.ep))
-            if s[6]:
-                add("decode_attn", s[7] / s[6])
-                add("decode_attn_batch", math.ceil(s[6] / self.ep))
+            if s[SUM_PF_TOKENS]:
+                add("prefill_attn", _seq_len_for_pairs(s[SUM_PF_PAIRS] / s[SUM_PF_SEQS]))
+                add("prefill_attn_batch", math.ceil(s[SUM_PF_SEQS] / self.ep))
+            if s[SUM_DEC_TOKENS]:
+                add("decode_attn", s[SUM_DEC_KV] / s[SUM_DEC_TOKENS])
+                add("decode_attn_batch", math.ceil(s[SUM_DEC_TOKENS] / self.ep))
         if num_logits:
             add("lm_head", math.ceil(num_logits / self.ep))
         out = dict(self.sources)

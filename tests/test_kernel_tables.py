@@ -7,15 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from costmodel.kernel_tables import (
-    SPECS,
-    Curve,
-    Hardware,
-    KernelTable,
-    Roofline,
-    Surface,
-    held_out_errors,
-)
+from costmodel.held_out import held_out_errors
+from costmodel.kernel_tables import SPECS, Curve, Hardware, KernelTable, Roofline, Surface
 
 HW = Hardware(peak_flops=1e15, hbm_bytes_per_s=3e12, link_bytes_per_s=9e11)
 
