@@ -88,6 +88,15 @@ def _window_pairs(c: int, n: int, w: int) -> int:
     return (lo + w) * (w - lo + 1) // 2 + w * (hi - w)
 
 
+def _rebuilt(cls: type[CostModel], built_from: tuple[Any, ...], own: dict[str, Any]) -> CostModel:
+    """A pickled subclass of CostModel: the base built as it was, then the subclass's own
+    attributes (its __init__ is not called again: its arguments are not known)."""
+    obj = cls.__new__(cls)
+    CostModel.__init__(obj, *built_from)
+    obj.__dict__.update(own)
+    return obj
+
+
 class CostModel:
     """Prices plans for one model on one replica of `parallel.num_gpus` GPUs."""
 
@@ -126,12 +135,16 @@ class CostModel:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
         self._datasheet_terms: dict[tuple[str, str], tuple[float, ...]] = {}
         self.measured = self._measured_kernels() if self.profile.tables else None
+        self._base_keys = frozenset(self.__dict__) | {"_base_keys"}
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as the arguments it was built from (its caches hold closures), so that a copy
         prices alike: a shard of a simulation may run in another process or on another machine
-        (sim/cluster.py)."""
-        return CostModel, self._built_from
+        (sim/cluster.py). A subclass keeps its class and the attributes it added."""
+        if type(self) is CostModel:
+            return CostModel, self._built_from
+        own = {k: v for k, v in self.__dict__.items() if k not in self._base_keys}
+        return _rebuilt, (type(self), self._built_from, own)
 
     def _measured_kernels(self) -> MeasuredKernels:
         ops = self.profile.ops

@@ -47,15 +47,20 @@ def _requests():  # type: ignore[no-untyped-def]
     return build_workload(WorkloadSpec("sharegpt", rate=12.0, num_requests=240, seed=5)).requests
 
 
+def _on_a_pool(requests, cm, policy: str, replicas: int):  # type: ignore[no-untyped-def]
+    """simulate's two shards as tasks on a local process pool."""
+    pool = PoolExecutor(2)
+    try:
+        return simulate(requests, cm, policy, num_replicas=replicas, workers=2, executor=pool)
+    finally:
+        pool.close()
+
+
 def test_shards_on_a_process_pool_give_one_process_results() -> None:
     cm, requests = _cm(), _requests()
     one = simulate(requests, cm, "chunked:512", num_replicas=4)
     forked = simulate(requests, cm, "chunked:512", num_replicas=4, workers=2)
-    pool = PoolExecutor(2)
-    try:
-        tasks = simulate(requests, cm, "chunked:512", num_replicas=4, workers=2, executor=pool)
-    finally:
-        pool.close()
+    tasks = _on_a_pool(requests, cm, "chunked:512", 4)
     _same(one, forked, tasks)
     assert tasks.requests["replica"].nunique() == 4
 
@@ -89,3 +94,20 @@ def test_a_cost_model_on_a_custom_gpu_pickles_with_that_gpu() -> None:
     L = cm.model.num_layers
     plan = [decode_tile(i, 300, L) for i in range(4)]
     assert again.price(plan).latency_s == cm.price(plan).latency_s
+
+
+def test_a_cost_model_subclass_pickles_as_itself_and_prices_alike_on_a_pool() -> None:
+    """A user's CostModel subclass (here a constant 10 ms a step) keeps its class and its own
+    attributes through pickling, so shards on a process pool price as the caller's does."""
+    from tests.helpers import ConstantCost
+    from traces.request import Request
+
+    cm = ConstantCost(0.01)
+    back = pickle.loads(pickle.dumps(cm))
+    assert type(back) is ConstantCost and back.latency_s == 0.01
+    assert back.model == cm.model and back.parallel == cm.parallel
+    requests = [Request(i, 0.003 * i, 50 + (37 * i) % 900, 1 + (13 * i) % 200) for i in range(120)]
+    forked = simulate(requests, cm, "layered", num_replicas=3, workers=2)
+    tasks = _on_a_pool(requests, cm, "layered", 3)
+    assert tasks.requests.equals(forked.requests)
+    assert tasks.metrics["mean_tpot_ms"] == pytest.approx(10.0)
