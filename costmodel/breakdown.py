@@ -56,15 +56,16 @@ def op_table(cm: CostModel, x: tuple[float, ...], measured: Any = None) -> tuple
     hbm_bytes = [sum(by_quantity) for by_quantity in zip(*(per_op[q] for q in _HBM), strict=True)]
     inv_compute, inv_memory = cm._inv_compute.tolist(), cm._inv_memory.tolist()
     inv_link, overhead = cm._inv_link.tolist(), cm._overhead.tolist()
-    times = cm.measured.op_times_s(*measured) if cm.measured and measured is not None else {}
+    mk = cm.measured if measured is not None else None  # what priced this plan, if tables
+    tables = mk is not None
+    times = mk.op_times_s(*measured) if mk is not None else {}
+    sources = mk.op_sources(*measured[:2]) if mk is not None else {}
     out = []
     for i, (name, cls) in enumerate(OPS):
         if not launches[i]:
             continue
         hbm = hbm_bytes[i]
-        if cm.measured is not None and measured is not None:
-            segments, num_logits, _ = measured
-            sources = cm.measured.op_sources(segments, num_logits)
+        if tables:
             source = sources.get(name, sources.get(cls, "datasheet roofline"))
             out.append(OpCost(name, cls, flops[i], hbm, link[i], times.get(name, 0.0), source))
             continue

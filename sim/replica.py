@@ -96,11 +96,16 @@ class Replica:
 
     # ---- arrivals ---------------------------------------------------------------------------
     def submit(self, req: RequestState) -> None:
-        if self.async_scheduling and self._in_flight:  # the next iteration is planned already
+        self._arrive(req, self.state.enqueue)
+
+    def _arrive(self, req: RequestState, take: Callable[[RequestState], object]) -> None:
+        """`req` is this replica's: `take` it now, or with async scheduling while an iteration
+        is in flight two planning points on (the next iteration is planned already)."""
+        if self.async_scheduling and self._in_flight:
             self._deferred.append((2, req))
             self._deferred_tokens += req.tokens_to_go
         else:
-            self.state.enqueue(req)
+            take(req)
         self.outstanding += 1
         if self.on_load is not None:
             self.on_load(self.idx)

@@ -81,15 +81,7 @@ class DecodeWorker(Replica):
         """`req`'s KV has arrived: it joins the running requests at the next planning point, or
         with async scheduling while an iteration is in flight at the one after (as an arrival
         does: sim/replica.py)."""
-        if self.async_scheduling and self._in_flight:
-            self._deferred.append((2, req))
-            self._deferred_tokens += req.tokens_to_go
-        else:
-            self._received.append(req)
-        self.outstanding += 1
-        if self.on_load is not None:
-            self.on_load(self.idx)
-        self.wake()
+        self._arrive(req, self._received.append)
 
     def _planning_point_hook(self) -> simpy.Event | None:
         if not self._settled:  # first let whatever else happens at this instant happen (a
