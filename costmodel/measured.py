@@ -169,6 +169,8 @@ class MeasuredKernels:
             self._decode_win = None
         self._last_decode: tuple[tuple[int, float, float | None], float] = ((0, 0.0, None), 0.0)
         self._decode_forms: dict[tuple[int, bool], DecodeForm] = {}
+        # a chunked prompt's chunks recur at the same offsets request after request
+        self._prefill_memo: dict[tuple[int, float, float | None], float] = {}
         self.layer_ops = lru_cache(maxsize=65536)(self._layer_ops)
         self.layer_time_s = lru_cache(maxsize=65536)(self._layer_time_s)
 
@@ -256,6 +258,15 @@ class MeasuredKernels:
         in all; for a sliding-window layer also `window_pairs`, the pairs its window keeps."""
         if not num_seqs:
             return 0.0
+        key = (num_seqs, pairs, window_pairs)
+        t = self._prefill_memo.get(key)
+        if t is None:
+            if len(self._prefill_memo) >= 65536:
+                self._prefill_memo.clear()
+            t = self._prefill_memo[key] = self._prefill_attn_s(num_seqs, pairs, window_pairs)
+        return t
+
+    def _prefill_attn_s(self, num_seqs: int, pairs: float, window_pairs: float | None) -> float:
         b = math.ceil(num_seqs / self.ep)
         priced = self._prefill
         if window_pairs is not None:

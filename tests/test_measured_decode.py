@@ -44,3 +44,21 @@ def test_decode_attention_follows_the_rule_on_full_and_window_layers(gpu: str,
             assert win[-1] / win[-2] == pytest.approx(
                 mk._decode_win[2].ratio(n, contexts[-1]) / mk._decode_win[2].ratio(n, contexts[-2]))
     assert math.isfinite(mk.decode_attn_s(7, 0.0))
+
+
+def test_prefill_attention_is_remembered_per_shape_and_window() -> None:
+    """Chunked prompts price the same chunks request after request, so prefill attention is
+    remembered by (sequences, pairs, window pairs): a remembered price is the one computed
+    afresh, a window's pairs are part of the key, and the memory is bounded."""
+    mk = CostModel(load_model("gpt-oss-120b"), "h100", resolve_profile("h100"),
+                   Parallelism(tp=2)).measured
+    assert mk is not None
+    shapes = [(1, 512 * 513 / 2, None), (1, 512 * 513 / 2, 64 * 128.0), (3, 9e5, None),
+              (3, 9e5, 3 * 64 * 128.0)]
+    fresh = [mk._prefill_attn_s(*s) for s in shapes]
+    assert [mk.prefill_attn_s(*s) for s in shapes] == fresh
+    assert [mk.prefill_attn_s(*s) for s in shapes] == fresh  # remembered, now
+    assert fresh[0] != fresh[1] and fresh[2] != fresh[3]
+    for pairs in range(70_000):
+        mk.prefill_attn_s(2, float(pairs))
+    assert len(mk._prefill_memo) <= 65536
