@@ -267,21 +267,26 @@ class CostModel:
     def price_with_decodes(self, num_decodes: int, kv_tokens: int, kv_tokens_window: int,
                            tiles: Sequence[Tile]) -> IterationCost:
         """`price` of a plan of `num_decodes` whole-stack decodes (kv_tokens, kv_tokens_window as
-        in price_decodes) and the prompt `tiles` (none with logits), from the decodes' totals
-        alone: the prefill fast-forward's path, the same sums in the same order as `price`."""
+        in price_decodes) and the prompt `tiles`, from the decodes' totals alone: the prefill
+        fast-forward's path, the same sums as `price` (integers: their order does not matter).
+        A prompt's last token alone with logits is priced as a decode, as `price` does, but
+        counted here with the prompt tiles (decode_tokens is `num_decodes`)."""
         agg: dict[tuple[int, int], list[int]] = {}
-        embed = prefill = prefill_layer_tokens = 0
-        for _rid, t0, t1, l0, l1, c, _logits in tiles:
+        embed = prefill = prefill_layer_tokens = num_logits = 0
+        for _rid, t0, t1, l0, l1, c, logits in tiles:
             n = t1 - t0
             self._fold(agg, n, l0, l1, c)
             prefill += n
             prefill_layer_tokens += n * (l1 - l0)
             if l0 == 0:
                 embed += n
+            if logits:
+                num_logits += 1
         if num_decodes:
             self._add_decodes(agg, num_decodes, kv_tokens, kv_tokens_window)
-        return self._price_segments(agg, num_decodes, embed + num_decodes, num_decodes, prefill,
-                                    prefill_layer_tokens, num_decodes + len(tiles))
+        return self._price_segments(agg, num_decodes + num_logits, embed + num_decodes,
+                                    num_decodes, prefill, prefill_layer_tokens,
+                                    num_decodes + len(tiles))
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
                      kv_tokens_window: int) -> None:

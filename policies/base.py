@@ -11,11 +11,13 @@ identical decode iterations in closed form. Leave it False if your policy might 
 
 A built-in policy may also say which iterations follow a plan for certain:
 `prefill_ahead(state, plan)` returns the prompt tiles of the iterations after `plan` that it
-would plan, each beside every running decode, while the running requests stay the same and the
-KV blocks suffice, whatever arrives meanwhile (chunked: a prompt's middle chunks; layered: a
-batch's middle layer groups); none that would emit a token or admit a request. The simulator
-then runs such prefill stretches without asking again (core/stretch.py). Only built-ins are
-taken at their word: checked mode cannot verify it without asking every iteration.
+would plan, each beside every running decode, while the running requests stay the same, the KV
+blocks suffice and nothing arrives (chunked: a prompt's later chunks; layered: a batch's later
+layer groups; `plan` may start them). None admits a request; only the last may emit tokens,
+the first of the prompts it ends, none of them a request's last. The simulator then runs such
+prefill stretches without asking again (core/stretch.py), stopping at an arrival. Only
+built-ins are taken at their word: checked mode cannot verify it without asking every
+iteration.
 
 `steady_while_blocked = True` (built-ins only, the same way) promises more than
 `steady_decode`: when the plan is exactly every running decode although requests wait, those

@@ -32,23 +32,31 @@ class ChunkedPrefill:
         return state.waiting
 
     def prefill_ahead(self, state: ReplicaState, plan: Plan) -> list[tuple[Tile, ...]]:
-        """After a plan whose one prompt tile is a part-way prompt's full chunk (the budget the
-        decodes leave) short of its end: the same prompt's next chunks of that size while they
-        stay short of its end (the budget goes to it alone; nothing waiting is started)."""
+        """After a plan whose one prompt tile is a full chunk (the budget the decodes leave) of
+        a part-way prompt, or of a waiting one it starts: the same prompt's next chunks, the
+        budget going to it alone, then its last chunk, which emits its first token. The last
+        is left out where it would finish the request, and where it leaves budget while another
+        request waits (that one would start beside it)."""
         L = state.num_layers
         prompts = plan[len(state.decodes):]
         if len(prompts) != 1:
             return []
         rid, t0, t1, l0, l1, _cached, _logits = prompts[0]
         req = next((r for r in state.running if r.req_id == rid), None)
+        if req is None and state.waiting and state.waiting[0].req_id == rid:
+            req = state.waiting[0]  # started by this plan: FCFS starts the head
         n = t1 - t0
         if (req is None or l0 or l1 != L or n != self.max_num_batched_tokens - len(state.decodes)
                 or t0 != req.num_computed_tokens):
             return []
         out: list[tuple[Tile, ...]] = []
-        while t1 + n < req.num_prompt_tokens:
+        end = req.num_prompt_tokens
+        while t1 + n < end:
             out.append((Tile(rid, t1, t1 + n, 0, L, t1, False),))
             t1 += n
+        others_wait = len(state.waiting) > (bool(state.waiting) and state.waiting[0] is req)
+        if t1 < end and req.max_tokens > 1 and (t1 + n == end or not others_wait):
+            out.append((Tile(rid, t1, end, 0, L, t1, True),))
         return out
 
     def schedule(self, state: ReplicaState) -> Plan:

@@ -106,18 +106,25 @@ class LayeredPrefill:
         return [prompt_tile(r, r.num_prompt_tokens, l0, l1, state.num_layers) for r in batch]
 
     def prefill_ahead(self, state: ReplicaState, plan: Plan) -> list[tuple[Tile, ...]]:
-        """After a plan that runs the part-way batch through a layer group: the batch through
-        each later group but the last (which emits the batch's first tokens). Layers not reached
-        yet still stand where the batch started, so the tiles are known now."""
-        batch = [r for r in state.running if not r.is_prefill_done]
+        """After a plan that runs the part-way batch (or a batch it starts) through a layer
+        group: the batch through each later group, the last emitting the batch's first tokens
+        unless that would finish one of them. Layers not reached yet still stand where the
+        batch started, so the tiles are known now."""
         prompts = plan[len(state.decodes):]
+        batch = [r for r in state.running if not r.is_prefill_done]
+        if not batch and prompts and not prompts[0][3]:  # a new batch: the waiting head's
+            batch = state.waiting[:len(prompts)]
+            if [r.req_id for r in batch] != [t[0] for t in prompts]:
+                return []
         if not batch or len(prompts) != len(batch):
             return []
         L = state.num_layers
         l1 = prompts[0][4]
         later = [g for g in self.groups_for(sum(map(uncached_tokens, batch)), state) if g[0] >= l1]
+        if any(r.max_tokens <= 1 for r in batch):
+            later = later[:-1]
         return [tuple(prompt_tile(r, r.num_prompt_tokens, a, b, L) for r in batch)
-                for a, b in later[:-1]]
+                for a, b in later]
 
     def schedule(self, state: ReplicaState) -> Plan:
         tiles: list[Tile] = decode_tiles(state)

@@ -126,8 +126,10 @@ def _price_steady(replica: Replica, context: np.ndarray, step: int,
 def prefill_stretch(replica: Replica, plan: tuple[Tile, ...]
                     ) -> tuple[list[RequestState], list[tuple[Tile, ...]]] | None:
     """(decodes, each iteration's prompt tiles) when `plan` is a tile for every running
-    decode, in order, plus prompt tiles of running prompts that emit nothing, and the
-    policy knows at least one more such iteration; else None (the plan runs alone)."""
+    decode, in order, plus prompt tiles that emit nothing, of running prompts or of waiting
+    ones it starts with nothing cached, and the policy knows at least one more such
+    iteration, the last of which may emit first tokens (none the last token); else None (the
+    plan runs alone)."""
     state = replica.state
     decodes = state.decodes
     L = state.num_layers
@@ -141,11 +143,22 @@ def prefill_stretch(replica: Replica, plan: tuple[Tile, ...]
     for tile, r in zip(plan, decodes, strict=False):  # each decode's own tile, in order
         if tile[0] != r.req_id or tile[3] or tile[4] != L or tile[2] - tile[1] != 1:
             return None
-    running = {r.req_id for r in state.running}
-    if any(t[0] not in running or t[2] - t[1] < 1 for t in prompts):
-        return None
+    by_id = {r.req_id: r for r in state.running}
+    for rid, t0, t1, *_ in prompts:
+        if t1 - t0 < 1:
+            return None
+        if rid not in by_id:  # started by the plan: its blocks are all taken as it grows
+            req = next((r for r in state.waiting if r.req_id == rid), None)
+            if req is None or req.num_computed_tokens or req.block_table.num_blocks:
+                return None
+            by_id[rid] = req
     steps = [prompts, *ahead]
-    k = stretch_steps(state, decodes, steps)
+    for j, tiles in enumerate(steps):
+        for rid, t0, t1, _l0, _l1, _c, logits in tiles:
+            if rid not in by_id or t1 - t0 < 1 or (
+                    logits and (j < len(steps) - 1 or by_id[rid].max_tokens <= 1)):
+                return None
+    k = stretch_steps(state, decodes, steps, by_id)
     return (list(decodes), steps[:k]) if k >= 2 else None
 
 

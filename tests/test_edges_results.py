@@ -313,11 +313,15 @@ def test_prefill_tokens_count_each_prompt_token_once(policy: str, cm: CostModel)
 def test_a_one_token_final_prompt_chunk_is_prefill(cm: CostModel) -> None:
     """The cost model prices a prompt's last token run alone (whole stack, logits) as a decode;
     the iteration row books it as prefill (ReplicaState.prompt_tokens_as_decodes)."""
-    res = simulate([Request(0, 0.0, 1025, 4)], cm, "chunked:512")
-    it = res.iterations
-    assert int(it["prefill_tokens"].sum()) == 1025 and int(it["decode_tokens"].sum()) == 3
-    assert int(it["prefill_layer_tokens"].sum()) == 1025 * cm.model.num_layers
-    assert it["prefill_tokens"].tolist()[:3] == [512, 512, 1]
+    for fast_forward in (False, True):
+        res = simulate([Request(0, 0.0, 1025, 4)], cm, "chunked:512", fast_forward=fast_forward)
+        it = res.iterations
+        assert int(it["prefill_tokens"].sum()) == 1025 and int(it["decode_tokens"].sum()) == 3
+        assert int(it["prefill_layer_tokens"].sum()) == 1025 * cm.model.num_layers
+    # step by step, a row per chunk; fast-forwarded, the three chunks are one prefill stretch
+    assert simulate([Request(0, 0.0, 1025, 4)], cm, "chunked:512", fast_forward=False
+                    ).iterations["prefill_tokens"].tolist()[:3] == [512, 512, 1]
+    assert it["prefill_tokens"].tolist()[0] == 1025 and it["iterations"].tolist()[0] == 3
 
 
 def test_an_executors_own_row_is_rebooked_the_same_way() -> None:

@@ -17,8 +17,9 @@ import pytest
 
 from core.state import PlanError, ReplicaState
 from costmodel import CostModel, Parallelism, Tile, load_model, resolve_profile
-from policies import ChunkedPrefill
+from policies import ChunkedPrefill, LayeredPrefill
 from sim import simulate
+from tests.helpers import drive
 from traces import Request, WorkloadSpec, build_workload
 
 POLICIES = ["chunked:512", "layered", "layered:16", "hybrid:512", "adaptive:100", "prefill-first"]
@@ -82,8 +83,17 @@ def _shared_prefix_burst() -> list[Request]:
                                        duration_s=1.5, seed=3)).requests
 
 
+def _short_outputs() -> list[Request]:
+    """Prompts of one to five chunks whose first token is their last or nearly (one in four
+    decodes on), in bursts (a last chunk leaves budget while others wait) and alone (a whole
+    prefill is one stretch)."""
+    return [Request(i, (i // 4) * 0.6 + i * 0.001, 300 + 433 * (i % 5), (1, 2, 3, 30)[i % 4])
+            for i in range(16)]
+
+
 WORKLOADS = {
     "arxiv": (_qwen, lambda: _arxiv(2), lambda cm: {}),
+    "short-outputs": (_qwen, _short_outputs, lambda cm: {}),
     "kv-pressure": (_qwen, _pressure, lambda cm: _tight(cm, 600)),
     "sliding-window": (_gpt_oss, _crossing_the_window, lambda cm: {}),
     # measured kernel tables: decode attention's time is not affine in the KV read there, so
@@ -280,3 +290,49 @@ def test_no_blocked_fast_forward_with_prefix_caching(monkeypatch):
         enable_prefix_caching=True)
     _assert_same_run(with_promise, slow)
     assert len(with_promise.iterations) == len(without.iterations)
+
+
+# ---- prefill_ahead's promise, checked against the policy asked every iteration ---------------
+@pytest.mark.parametrize("policy", [ChunkedPrefill(512), LayeredPrefill(), LayeredPrefill(4)])
+@pytest.mark.parametrize("seed", range(6))
+def test_prefill_ahead_promises_what_the_policy_then_plans(policy, seed: int) -> None:
+    """Each promise (the prompt tiles of the iterations after a plan) is what the policy plans
+    in those iterations while no request arrives, finishes or is preempted: the simulator's
+    prefill stretches stop at those. Prompts of a few chunks, some with one output token
+    (their last chunk would finish them: not promised), arriving alone and in bursts (a
+    request waiting beside a last chunk that leaves budget would start in it: not promised)."""
+    rng = np.random.default_rng(seed)
+    prompts = [(int(a), int(p), int(o)) for a, p, o in zip(
+        np.sort(rng.integers(0, 60, 14)), rng.integers(1, 2200, 14),
+        rng.choice([1, 2, 5, 40], 14), strict=True)]
+    promised: list[tuple[Tile, ...]] = []
+    seen: dict[str, object] = {"kept": 0}
+
+    def on_plan(state: ReplicaState, plan: tuple[Tile, ...]) -> None:
+        nonlocal promised
+        prompt_tiles = plan[len(state.decodes):]
+        ids = (frozenset(r.req_id for r in state.running), frozenset(r.req_id for r in state.waiting))
+        if promised and ids == seen.get("expect"):
+            assert prompt_tiles == promised.pop(0)
+            seen["kept"] = int(seen["kept"]) + 1  # type: ignore[call-overload]
+        else:
+            promised = []
+        started = {t[0] for t in prompt_tiles} - ids[0]
+        seen["expect"] = (ids[0] | started, ids[1] - started)
+        if not promised and prompt_tiles and not any(t[6] for t in prompt_tiles):
+            promised = list(policy.prefill_ahead(state, plan))
+
+    drive(policy, prompts, num_layers=48, on_plan=on_plan)
+    assert int(seen["kept"]) > 3  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(("policy", "output", "rows"), [
+    ("chunked:512", 5, [4]), ("chunked:512", 1, [3, 1]), ("layered", 5, [4]), ("layered", 1, [3, 1])])
+def test_a_prompts_whole_prefill_is_one_stretch(policy: str, output: int, rows: list[int]) -> None:
+    """A prompt of four chunks (layer groups) alone: its first iteration starts it, its last
+    emits its first token, and all four are one fast-forwarded stretch, unless that token is
+    its last (the stretch stops short, the last iteration runs alone)."""
+    res = simulate([Request(0, 0.0, 2000, output)], _qwen(), policy)
+    assert res.iterations["iterations"].tolist()[:len(rows)] == rows
+    slow = simulate([Request(0, 0.0, 2000, output)], _qwen(), policy, fast_forward=False)
+    _assert_same_run(res, slow)
