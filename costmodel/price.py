@@ -59,6 +59,7 @@ from costmodel.measured import MeasuredKernels, moe_distribution
 from costmodel.model import ModelSpec
 from costmodel.plan import Tile
 from costmodel.profile import Profile, default_profile
+from costmodel.stretch_price import StretchPrices, price_stretch
 
 WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
 
@@ -272,6 +273,16 @@ class CostModel:
         A prompt's last token alone with logits is priced as a decode, as `price` does, but
         counted here with the prompt tiles (decode_tokens is `num_decodes`)."""
         agg: dict[tuple[int, int], list[int]] = {}
+        embed, prefill, prefill_layer_tokens, num_logits = self._fold_tiles(agg, tiles)
+        if num_decodes:
+            self._add_decodes(agg, num_decodes, kv_tokens, kv_tokens_window)
+        return self._price_segments(agg, num_decodes + num_logits, embed + num_decodes,
+                                    num_decodes, prefill, prefill_layer_tokens,
+                                    num_decodes + len(tiles))
+
+    def _fold_tiles(self, agg: dict[tuple[int, int], list[int]], tiles: Sequence[Tile]
+                    ) -> tuple[int, int, int, int]:
+        """Fold prompt tiles into `agg`; (tokens embedded, tokens, tokens x layers, logits)."""
         embed = prefill = prefill_layer_tokens = num_logits = 0
         for _rid, t0, t1, l0, l1, c, logits in tiles:
             n = t1 - t0
@@ -282,11 +293,14 @@ class CostModel:
                 embed += n
             if logits:
                 num_logits += 1
-        if num_decodes:
-            self._add_decodes(agg, num_decodes, kv_tokens, kv_tokens_window)
-        return self._price_segments(agg, num_decodes + num_logits, embed + num_decodes,
-                                    num_decodes, prefill, prefill_layer_tokens,
-                                    num_decodes + len(tiles))
+        return embed, prefill, prefill_layer_tokens, num_logits
+
+    def price_stretch(self, num_decodes: int, kv_tokens: int, kv_tokens_window: Sequence[int],
+                      steps: Sequence[Sequence[Tile]]) -> StretchPrices:
+        """Each of `steps` (prompt tiles) beside `num_decodes` whole-stack decodes whose KV read
+        starts at `kv_tokens` and grows by num_decodes a step (`kv_tokens_window`: each step's
+        windowed read, empty for a model without a window): costmodel/stretch_price.py."""
+        return price_stretch(self, num_decodes, kv_tokens, kv_tokens_window, steps)
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
                      kv_tokens_window: int) -> None:
@@ -345,10 +359,11 @@ class CostModel:
                 out.append((lo, hi, s))
         return out
 
-    def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
-                        embed_tokens: int, decode_tokens: int, prefill_tokens: int,
-                        prefill_layer_tokens: int, num_tiles: int,
-                        latency_s: float | None = None) -> IterationCost:
+    def _features(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
+                  embed_tokens: int) -> tuple[list[float], list[tuple[int, int, list[int]]],
+                                              list[tuple[int, int, float]], float]:
+        """The plan's feature vector (coefficients.FEATURES, as a list), its layer segments,
+        the expected distinct experts per segment and their sum over layers."""
         ep, imb, is_moe = self.parallel.ep, self.ep_imbalance, self._is_moe
         prefix = self._sliding_prefix
         x = [0.0] * len(FEATURES)
@@ -382,6 +397,27 @@ class CostModel:
         x[_X_HAS_LOGITS] = 1.0 if num_logits else 0.0
         x[_X_EMBED] = embed_tokens / ep
         x[_X_HAS_EMBED] = 1.0 if embed_tokens else 0.0
+        return x, segments, expert_segments, distinct_layers
+
+    def _figures(self, r: list[float], latency_s: float, distinct_layers: float
+                 ) -> tuple[float, float, HbmBytes, float]:
+        """(energy_j, flops, hbm_bytes, link_bytes) of the replica from the linear forms' values
+        `r` (per GPU), the latency and the distinct experts summed over layers."""
+        gpus = self.parallel.num_gpus
+        dense_w, expert_w = r[_L_WBYTES] * gpus, distinct_layers * self._bytes_per_expert
+        kv_read, kv_write, act = r[_L_KVR] * gpus, r[_L_KVW] * gpus, r[_L_ACT] * gpus
+        flops, link = r[_L_FLOPS] * gpus, r[_L_LINK] * gpus
+        e_idle, e_flop, e_byte, e_link = self._energy
+        energy = (e_idle * latency_s + e_flop * flops
+                  + e_byte * (dense_w + expert_w + kv_read + kv_write + act) + e_link * link)
+        return energy, flops, HbmBytes(dense_w, expert_w, kv_read, kv_write, act), link
+
+    def _price_segments(self, agg: dict[tuple[int, int], list[int]], num_logits: int,
+                        embed_tokens: int, decode_tokens: int, prefill_tokens: int,
+                        prefill_layer_tokens: int, num_tiles: int,
+                        latency_s: float | None = None) -> IterationCost:
+        x, segments, expert_segments, distinct_layers = self._features(agg, num_logits,
+                                                                       embed_tokens)
         measured = None
         if self.measured is not None:
             r = self._linear.dot(x).tolist()
@@ -395,16 +431,9 @@ class CostModel:
                 latency_s = (self.profile.iteration_overhead_s + r[_L_SECONDS]
                              + sum(map(abs, r[len(_LINEAR):]))  # see breakdown.linear_forms
                              + self.profile.request_overhead_s * num_tiles)
-        latency = latency_s  # with the engine's time per running request
-        gpus = self.parallel.num_gpus
-        dense_w, expert_w = r[_L_WBYTES] * gpus, distinct_layers * self._bytes_per_expert
-        kv_read, kv_write, act = r[_L_KVR] * gpus, r[_L_KVW] * gpus, r[_L_ACT] * gpus
-        flops, link = r[_L_FLOPS] * gpus, r[_L_LINK] * gpus
-        e_idle, e_flop, e_byte, e_link = self._energy
-        energy = (e_idle * latency + e_flop * flops
-                  + e_byte * (dense_w + expert_w + kv_read + kv_write + act) + e_link * link)
-        return IterationCost(latency, energy, flops, HbmBytes(dense_w, expert_w, kv_read, kv_write, act),
-                             link, gpus, decode_tokens, prefill_tokens, prefill_layer_tokens,
+        energy, flops, hbm, link = self._figures(r, latency_s, distinct_layers)
+        return IterationCost(latency_s, energy, flops, hbm, link, self.parallel.num_gpus,
+                             decode_tokens, prefill_tokens, prefill_layer_tokens,
                              (self, Features._make(x), tuple(expert_segments), self.model.num_layers,
                               measured))
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.records import prefill_tokens_once
 from core.request import RequestState
 from core.step import steady_steps
 from core.stretch import apply_stretch, stretch_steps
@@ -169,16 +168,14 @@ def run_prefill_stretch(replica: Replica, decodes: list[RequestState],
     env, state, cm = replica.env, replica.state, replica.cost
     n = len(decodes)
     contexts = [r.num_computed_tokens for r in decodes]
-    kv = sum(contexts) + n
     w = cm.model.sliding_window
+    windows = [sum(x + j + 1 if x + j < w else w for x in contexts) for j in range(len(steps))
+               ] if w else []
+    prices = cm.price_stretch(n, sum(contexts) + n, windows, steps)
     start = t = env.now
-    costs: list[IterationCost] = []
     ends: list[float] = []
-    for j, tiles in enumerate(steps):
-        kv_win = sum(x + j + 1 if x + j < w else w for x in contexts) if w else 0
-        cost = cm.price_with_decodes(n, kv + j * n, kv_win, tiles)
-        t = t + cost.latency_s  # as SimPy adds each iteration's timeout to its start
-        costs.append(cost)
+    for latency_s in prices.latencies_s:
+        t = t + latency_s  # as SimPy adds each iteration's timeout to its start
         ends.append(t)
     yield replica._sleep_until(t - start)
     done = len(steps)
@@ -188,15 +185,8 @@ def run_prefill_stretch(replica: Replica, decodes: list[RequestState],
     finished = apply_stretch(state, decodes, steps[:done], ends[:done])
     end_s = ends[done - 1]
     replica.busy_s += end_s - start
-    ran = costs[:done]
     replica.recorder.iteration_row(
         replica=replica.idx, start_s=start, latency_s=end_s - start, iterations=done,
-        prefill_tokens=sum(prefill_tokens_once(x) for x in ran), decode_tokens=done * n,
-        num_tiles=n + len(steps[0]),
-        prefill_layer_tokens=sum(x.prefill_layer_tokens for x in ran),
-        energy_j=sum(x.energy_j for x in ran), flops=sum(x.flops for x in ran),
-        expert_bytes=sum(x.hbm_bytes.expert_weights for x in ran),
-        hbm_bytes=sum(x.hbm_bytes.total for x in ran),
-        kv_read_bytes=sum(x.hbm_bytes.kv_read for x in ran))
+        decode_tokens=done * n, num_tiles=n + len(steps[0]), **prices.totals(done))
     for r in finished:
         replica._finished(r)

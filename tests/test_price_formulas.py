@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import pytest
 
-from costmodel import CostModel, ModelSpec, Parallelism, Tile, decode_tile, default_profile, load_gpu
+from costmodel import (
+    CostModel,
+    ModelSpec,
+    Parallelism,
+    Tile,
+    decode_tile,
+    default_profile,
+    load_gpu,
+    load_model,
+)
 from costmodel.coefficients import Features
 
 REL = 1e-12  # summation order may move the last bit, nothing more
@@ -181,3 +190,39 @@ def test_price_decodes_matches_the_plan_it_summarises() -> None:
     assert by_totals.latency_s == by_plan.latency_s
     assert by_totals.energy_j == by_plan.energy_j
     assert by_totals.detail[1] == by_plan.detail[1]
+
+
+@pytest.mark.parametrize(("model", "profile"), [("qwen3-30b-a3b", "measured"),
+                                                ("gpt-oss-20b", "measured"),
+                                                ("qwen3-30b-a3b", "datasheet")])
+def test_a_stretch_is_priced_as_its_plans_are(model: str, profile: str) -> None:
+    """price_stretch against `price` of each iteration's whole plan (decode tiles and prompt
+    tiles): the same latencies to the bit, and sums over the first iterations within rounding.
+    The prompt's chunks of a sliding-window model, a chunk that emits its first token, and a
+    last chunk of one token (priced as a decode, counted as prefill)."""
+    from costmodel import resolve_profile
+    cm = CostModel(load_model(model), "h100",
+                   resolve_profile("h100", None if profile == "measured" else profile),
+                   Parallelism(tp=2))
+    L = cm.model.num_layers
+    w = cm.model.sliding_window
+    contexts = [90, 400, 3000]  # the decodes', straddling gpt-oss's 128-token window
+    for last in (200, 1):
+        steps = [(Tile(9, t, t + 500, 0, L, t, False),) for t in (0, 500, 1000)]
+        steps.append((Tile(9, 1500, 1500 + last, 0, L, 1500, True),))
+        windows = [sum(min(c + j + 1, w) for c in contexts) for j in range(len(steps))] if w else []
+        prices = cm.price_stretch(3, sum(contexts) + 3, windows, steps)
+        plans = [[decode_tile(i, c + j, L) for i, c in enumerate(contexts)] + list(tiles)
+                 for j, tiles in enumerate(steps)]
+        costs = [cm.price(plan) for plan in plans]
+        assert prices.latencies_s == [c.latency_s for c in costs]
+        for done in (2, 4):
+            ran = costs[:done]
+            totals = prices.totals(done)
+            assert totals["prefill_tokens"] == sum(t.t1 - t.t0 for s in steps[:done] for t in s)
+            assert totals["prefill_layer_tokens"] == totals["prefill_tokens"] * L
+            for key, got in (("energy_j", [c.energy_j for c in ran]), ("flops", [c.flops for c in ran]),
+                             ("hbm_bytes", [c.hbm_bytes.total for c in ran]),
+                             ("expert_bytes", [c.hbm_bytes.expert_weights for c in ran]),
+                             ("kv_read_bytes", [c.hbm_bytes.kv_read for c in ran])):
+                assert totals[key] == pytest.approx(sum(got), rel=1e-12), key
