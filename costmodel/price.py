@@ -59,7 +59,7 @@ from costmodel.measured import MeasuredKernels, moe_distribution
 from costmodel.model import ModelSpec
 from costmodel.plan import Tile
 from costmodel.profile import Profile, default_profile
-from costmodel.stretch_price import StretchPrices, price_stretch
+from costmodel.run_price import DecodeRunForm, StretchPrices, decode_run_totals, price_stretch
 
 WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
 
@@ -135,6 +135,7 @@ class CostModel:
         for s in model.sliding_layers:
             self._sliding_prefix.append(self._sliding_prefix[-1] + int(s))
         self._datasheet_terms: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._decode_run_forms: dict[int, DecodeRunForm] = {}  # per batch size (run_price.py)
         self.measured = self._measured_kernels() if self.profile.tables else None
         self._base_keys = frozenset(self.__dict__) | {"_base_keys"}
 
@@ -299,7 +300,7 @@ class CostModel:
                       steps: Sequence[Sequence[Tile]]) -> StretchPrices:
         """Each of `steps` (prompt tiles) beside `num_decodes` whole-stack decodes whose KV read
         starts at `kv_tokens` and grows by num_decodes a step (`kv_tokens_window`: each step's
-        windowed read, empty for a model without a window): costmodel/stretch_price.py."""
+        windowed read, empty for a model without a window): costmodel/run_price.py."""
         return price_stretch(self, num_decodes, kv_tokens, kv_tokens_window, steps)
 
     def _add_decodes(self, agg: dict[tuple[int, int], list[int]], num: int, kv_tokens: int,
@@ -323,6 +324,13 @@ class CostModel:
         agg: dict[tuple[int, int], list[int]] = {}
         self._add_decodes(agg, num, kv_tokens, kv_tokens_window)
         return self._price_segments(agg, num, num, num, 0, 0, num, latency_s)
+
+    def decode_run_totals(self, num: int, kv_tokens: int, kv_tokens_window: int,
+                          window_growth: int, steps: int, latency_s: float) -> dict[str, Any]:
+        """The record's figures summed over a steady run of `steps` decode iterations
+        (costmodel/run_price.py)."""
+        return decode_run_totals(self, num, kv_tokens, kv_tokens_window, window_growth, steps,
+                                 latency_s)
 
     def decode_latencies_s(self, num: int, kv_tokens: np.ndarray, kv_tokens_window: np.ndarray
                            ) -> np.ndarray | None:

@@ -30,9 +30,9 @@ from core.request import RequestState
 from core.step import steady_steps
 from core.stretch import apply_stretch, stretch_steps
 from costmodel.plan import Tile
+from costmodel.price import CostModel
 
 if TYPE_CHECKING:
-    from costmodel.price import IterationCost
     from sim.replica import Replica
 
 
@@ -41,34 +41,44 @@ _COMPUTED = attrgetter("num_computed_tokens")
 
 # ---- steady decoding -------------------------------------------------------------------------
 def steady_decode(replica: Replica, max_steps: int | None = None):  # type: ignore[no-untyped-def]
-    env, state = replica.env, replica.state
+    env, state, cm = replica.env, replica.state, replica.cost
     running = state.running
+    n = len(running)
     # A single step needs no count: whatever steady_steps says, a run of at least one goes
     # ahead (below), and prepare gave every decode its next block.
     k = 1 if max_steps == 1 else steady_steps(state)
     if max_steps is not None:  # up to the next planning point (async scheduling)
         k = min(k, max_steps)
-    context = np.fromiter(map(_COMPUTED, running), np.int64,
-                          len(running))  # [running]: every sum below reads it
-    w = replica.cost.model.sliding_window
+    kv = sum(map(_COMPUTED, running)) + n  # the first step's read: every context + 1
+    w = cm.model.sliding_window
+    kv_win = growth = 0  # the windowed read, and how much it grows a step
     if w:  # a window's KV read stops growing at w: stop there so every step stays affine
+        context = np.fromiter(map(_COMPUTED, running), np.int64, n)  # [running]
         below = context[context + 1 < w]
-        if len(below):
+        growth = len(below)
+        if growth:
             k = min(k, max(1, w - int(below.max())))
+        kv_win = int(np.minimum(context + 1, w).sum())
     if k <= 0:  # cannot grow at all: let the normal path preempt or stall
         k = 1
-    latencies = _steady_latencies(replica, context, k) if k > 1 else None
-    first_s = last_s = None
-    if latencies is not None:
-        first_s, last_s = float(latencies[0]), float(latencies[-1])
-    c0 = _price_steady(replica, context, 0, first_s)
-    c_last = c0 if k == 1 else _price_steady(replica, context, k - 1, last_s)
+    steps = np.arange(k)  # [k]
+    # measured tables price every step (None: affine in the read, two prices give the rest)
+    latencies = cm.decode_latencies_s(n, kv + n * steps, kv_win + growth * steps) if k > 1 else None
+    c0 = c_last = None
+    if latencies is None or type(cm).price_decodes is not CostModel.price_decodes:
+        c0 = cm.price_decodes(n, kv, kv_win, None if latencies is None else float(latencies[0]))
+        c_last = c0 if k == 1 else cm.price_decodes(
+            n, kv + n * (k - 1), kv_win + growth * (k - 1),
+            None if latencies is None else float(latencies[-1]))
     start = env.now
-    priced = latencies is not None
     if latencies is None:  # affine: the two ends give every step
+        assert c0 is not None and c_last is not None
         l0 = c0.latency_s
         slope = (c_last.latency_s - l0) / (k - 1) if k > 1 else 0.0
-        latencies = l0 + slope * np.arange(k)  # [k]
+        latencies = l0 + slope * steps  # [k]
+        priced = False
+    else:
+        priced = True
     # each step's end as SimPy adds the steps' timeouts one by one (cumsum adds left to
     # right: start, + the first, + the next...), so that an event at a step's end is seen
     # in the same order as stepping would see it
@@ -82,43 +92,25 @@ def steady_decode(replica: Replica, max_steps: int | None = None):  # type: igno
         done = lo + 1
         yield env.timeout(max(0.0, float(ends[lo]) - env.now))
     end_s = float(ends[done - 1])
-    batch = len(running)
     # the gaps as step-by-step time differences give them (np.diff's, less its overhead)
     gaps = (ends[1:done] - ends[:done - 1]).tobytes()
     finished = state.apply_steady(done, float(ends[0]), gaps, end_s)
     if replica.check:
         replica._check_invariants()
     replica.busy_s += end_s - start
-    frac = (done - 1) / (k - 1) if k > 1 else 0.0
-    replica.recorder.steady(replica.idx, start, end_s - start, done, batch, c0, c_last, frac,
-                         replica.cost.busy_power_w if priced else None)
+    recorder = replica.recorder
+    if c0 is None:  # every step priced: the figures summed in closed form
+        recorder.iteration_row(
+            replica=replica.idx, start_s=start, latency_s=end_s - start, iterations=done,
+            prefill_tokens=0, decode_tokens=done * n, num_tiles=n, prefill_layer_tokens=0,
+            **cm.decode_run_totals(n, kv, kv_win, growth, done, end_s - start))
+    else:
+        assert c_last is not None
+        frac = (done - 1) / (k - 1) if k > 1 else 0.0
+        recorder.steady(replica.idx, start, end_s - start, done, n, c0, c_last, frac,
+                        cm.busy_power_w if priced else None)
     for r in finished:
         replica._finished(r)
-
-
-def _steady_latencies(replica: Replica, context: np.ndarray, k: int) -> np.ndarray | None:
-    """Every step's latency of a steady run of k from the running requests' contexts, where
-    the cost model prices them one by one (measured tables; None where two prices give the
-    rest)."""
-    n = len(context)
-    steps = np.arange(k)
-    kv = int(context.sum()) + n * (steps + 1)
-    w = replica.cost.model.sliding_window
-    # below the window (k stops before any request reaches it) a request's read grows
-    below = int((context + 1 < w).sum()) if w else 0
-    kv_win = (int(np.minimum(context + 1, w).sum()) + below * steps if w else kv)
-    return replica.cost.decode_latencies_s(n, kv, kv_win)
-
-
-def _price_steady(replica: Replica, context: np.ndarray, step: int,
-                  latency_s: float | None = None) -> IterationCost:
-    """The decode iteration `step` steps ahead of the running requests' contexts, priced
-    from its totals (its latency given when _steady_latencies priced it)."""
-    n = len(context)
-    kv = int(context.sum()) + n * (step + 1)
-    w = replica.state.cost_model.model.sliding_window if replica.state.cost_model else 0
-    kv_win = int(np.minimum(context + step + 1, w).sum()) if w else 0
-    return replica.cost.price_decodes(n, kv, kv_win, latency_s)
 
 
 # ---- prefill stretches (core/stretch.py) -----------------------------------------------------

@@ -226,3 +226,24 @@ def test_a_stretch_is_priced_as_its_plans_are(model: str, profile: str) -> None:
                              ("expert_bytes", [c.hbm_bytes.expert_weights for c in ran]),
                              ("kv_read_bytes", [c.hbm_bytes.kv_read for c in ran])):
                 assert totals[key] == pytest.approx(sum(got), rel=1e-12), key
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "gpt-oss-20b"])
+def test_a_steady_runs_figures_are_the_sums_of_its_steps(model: str) -> None:
+    """decode_run_totals against price_decodes of every step: 5 decodes, 40 steps, each reading
+    5 more tokens, and on gpt-oss's window layers 2 more (three of the five are past the
+    window); the latencies summed are given."""
+    from costmodel import resolve_profile
+    cm = CostModel(load_model(model), "h100", resolve_profile("h100"), Parallelism(tp=2))
+    num, kv, kv_window, growth, steps = 5, 9000, 3 * 128 + 40 + 60, 2, 40
+    costs = [cm.price_decodes(num, kv + num * j, kv_window + growth * j) for j in range(steps)]
+    latency_s = sum(c.latency_s for c in costs)
+    totals = cm.decode_run_totals(num, kv, kv_window, growth, steps, latency_s)
+    for key, got in (("energy_j", [c.energy_j for c in costs]), ("flops", [c.flops for c in costs]),
+                     ("hbm_bytes", [c.hbm_bytes.total for c in costs]),
+                     ("expert_bytes", [c.hbm_bytes.expert_weights for c in costs]),
+                     ("kv_read_bytes", [c.hbm_bytes.kv_read for c in costs])):
+        assert totals[key] == pytest.approx(sum(got), rel=1e-12), key
+    if cm.model.sliding_window:  # the windowed reads' growth is counted
+        still = cm.decode_run_totals(num, kv, kv_window, 0, steps, latency_s)
+        assert totals["kv_read_bytes"] > still["kv_read_bytes"]

@@ -1,4 +1,6 @@
-"""Price a prefill stretch (core/stretch.py): iterations of the same decodes beside known prompt
+"""Price fast-forwarded runs (sim/fast_forward.py): prefill stretches and steady decoding.
+
+A prefill stretch (core/stretch.py) is iterations of the same decodes beside known prompt
 tiles, each latency exactly as `CostModel.price_with_decodes` gives it.
 
 The simulator needs every iteration's latency (when each ends) but only the sums of the other
@@ -9,6 +11,11 @@ figures come at the end from the features summed over the iterations that ran, i
 matrix-vector product (the forms are linear: the same figures as summing each iteration's,
 up to rounding). Other cost models (the datasheet roofline, whose latency is a linear form
 itself, or a subclass that prices its own way) price each iteration with price_with_decodes.
+
+A steady decode run's figures are sums over its steps of linear forms of a feature vector that
+is affine in the KV read (the one feature that grows), itself affine in the step: so the sum
+is the forms at the summed features, the batch size's features at no KV read times the steps
+plus the per-token slopes times the summed reads (`decode_run_totals`), kept per batch size.
 """
 
 from __future__ import annotations
@@ -87,3 +94,34 @@ def price_stretch(cm: CostModel, num_decodes: int, kv_tokens: int,
         prefill.append(embed)
         layer_tokens.append(tokens_x_layers)
     return StretchPrices(latencies, cm, features, distinct, prefill, layer_tokens, [])
+
+
+# the forms at no KV read, per token read, per windowed token read; distinct experts x layers
+DecodeRunForm = tuple[np.ndarray, np.ndarray, np.ndarray, float]
+
+
+def decode_run_totals(cm: CostModel, num: int, kv_tokens: int, kv_tokens_window: int,
+                      window_growth: int, steps: int, latency_s: float) -> dict[str, Any]:
+    """The record's figures summed over `steps` decode iterations of `num` whole-stack decodes
+    taking `latency_s` in all, the first reading kv_tokens (kv_tokens_window on sliding-window
+    layers) as in price_decodes, each later one num (window_growth) more: the same sums as
+    `price_decodes` of each step would give, up to rounding (see the module note)."""
+    form = cm._decode_run_forms.get(num)
+    if form is None:
+        def forms(kv: int, kv_window: int) -> tuple[np.ndarray, float]:
+            agg: dict[tuple[int, int], list[int]] = {}
+            cm._add_decodes(agg, num, kv, kv_window)
+            x, _segments, _experts, distinct_layers = cm._features(agg, num, num)
+            return cm._linear.dot(x), distinct_layers  # [forms]
+        (r0, distinct_layers), (r1, _), (r1w, _) = forms(0, 0), forms(1, 0), forms(0, 1)
+        if not cm.model.sliding_window:  # _add_decodes reads kv_tokens on every layer
+            r1w = r0
+        form = cm._decode_run_forms[num] = (r0, r1 - r0, r1w - r0, distinct_layers)
+    r0, per_read, per_window_read, distinct_layers = form
+    triangle = steps * (steps - 1) // 2  # sum of j over the steps j = 0 .. steps - 1
+    reads = steps * kv_tokens + num * triangle  # [summed over steps]
+    window_reads = steps * kv_tokens_window + window_growth * triangle
+    r = (steps * r0 + reads * per_read + window_reads * per_window_read).tolist()
+    energy, flops, hbm, _link = cm._figures(r, latency_s, steps * distinct_layers)
+    return {"energy_j": energy, "flops": flops, "expert_bytes": hbm.expert_weights,
+            "hbm_bytes": hbm.total, "kv_read_bytes": hbm.kv_read}
