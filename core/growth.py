@@ -38,9 +38,13 @@ def decode_steps_that_fit(requests: Sequence[RequestState], most: int, block_siz
     if not requests:
         return most
     bs = block_size
-    room = np.fromiter(
-        ((len(r.block_table.block_ids) + len(r.block_table.extra_block_ids)) * bs
-         - r.num_computed_tokens for r in requests), dtype=np.int64, count=len(requests))
+    rooms = [(len(r.block_table.block_ids) + len(r.block_table.extra_block_ids)) * bs
+             - r.num_computed_tokens for r in requests]
+    if len(rooms) <= 32:  # a small batch: plain ints cost less than numpy's calls
+        def small_growth(j: int) -> int:
+            return sum(-((room - j) // bs) for room in rooms if room < j)  # ceil((j - room) / bs)
+        return most_that_fit(small_growth, most, free)
+    room = np.array(rooms, dtype=np.int64)
 
     def growth(j: int) -> int:
         return int(np.maximum(0, -((room - j) // bs)).sum())  # sum of ceil((j - room) / bs)+

@@ -44,24 +44,29 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
     if by_id is None:
         by_id = {r.req_id: r for r in state.running}
     num_layers = state.num_layers
+    # prompt_blocks[k]: blocks the prompts take in the first k iterations, each one's KV up to
+    # the tokens through its first layer (with hidden states while its layers are uneven)
+    prompt_blocks = [0]
+    reach: dict[int, tuple[int, bool, int]] = {}  # req_id -> (tokens, partial, blocks taken)
+    total = 0
+    for tiles in steps[:most]:
+        for rid, _t0, t1, l0, l1, _c, _logits in tiles:
+            req = by_id[rid]
+            top, partial, taken = reach.get(rid, (req.tokens_at(0), req.is_partial, 0))
+            if l0 == 0:
+                top, partial = max(top, t1), l1 < num_layers
+            else:
+                partial = partial and l1 < num_layers
+            now = max(0, state.blocks_for(top, partial) - req.num_blocks)
+            total += now - taken
+            reach[rid] = (top, partial, now)
+        prompt_blocks.append(total)
 
     def growth(k: int) -> int:
         """Blocks the first k iterations take at most: the decodes' KV for k tokens beside the
         prompts' blocks after the k-th iteration or before it (a layered batch's last group
         frees the hidden states it held while the decodes' k-th blocks are taken)."""
-        return state.decode_growth(decodes, k) + max(prompt_blocks(k), prompt_blocks(k - 1))
-
-    def prompt_blocks(k: int) -> int:
-        """Blocks the prompts take in the first k iterations: each one's KV up to the tokens
-        through its first layer (with hidden states while its layers are uneven)."""
-        reach: dict[int, tuple[int, bool]] = {}
-        for tiles in steps[:k]:
-            for rid, _t0, t1, l0, l1, _c, _logits in tiles:
-                top, partial = reach.get(rid, (by_id[rid].tokens_at(0), by_id[rid].is_partial))
-                reach[rid] = (max(top, t1) if l0 == 0 else top,
-                              l1 < num_layers if l0 == 0 else partial and l1 < num_layers)
-        return sum(max(0, state.blocks_for(top, partial) - by_id[rid].num_blocks)
-                   for rid, (top, partial) in reach.items())
+        return state.decode_growth(decodes, k) + max(prompt_blocks[k], prompt_blocks[k - 1])
 
     return most_that_fit(growth, most, state.num_free_blocks)  # growth rises with k
 
@@ -70,10 +75,32 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
                   steps: Sequence[Sequence[Tile]], ends_s: Sequence[float]) -> list[RequestState]:
     """The iterations `steps` (their prompt tiles), the j-th ending at ends_s[j]: each decode
     emits a token at every end. Returns the requests that finished (at the last end), KV freed."""
-    for tiles, end_s in zip(steps, ends_s, strict=True):
-        state.apply(tiles, end_s)  # only the last emits tokens (first ones): no prompt finishes
+    if len(steps) > 2 and _one_prompt_through_the_stack(steps[1:], state.num_layers):
+        # a chunked prompt's chunks after the first (which may admit it), as one tile: apply
+        # does what it does for each in turn, the blocks taken at once (nothing else takes
+        # any in between), the token, if any, at the last end
+        first, last = steps[1][0], steps[-1][0]
+        state.apply(steps[0], ends_s[0])
+        state.apply((Tile(first[0], first[1], last[2], 0, last[4], first[5], last[6]),), ends_s[-1])
+    else:
+        for tiles, end_s in zip(steps, ends_s, strict=True):
+            state.apply(tiles, end_s)  # only the last emits tokens (first ones): none finishes
     # the gaps between consecutive ends, as step-by-step time differences give them (what
     # np.diff computes, without its per-call overhead: this runs once per stretch)
     ends = np.asarray(ends_s, dtype=np.float64)
     gaps = (ends[1:] - ends[:-1]).tobytes()
     return state.apply_steady(len(steps), ends_s[0], gaps, ends_s[-1], decodes)
+
+
+def _one_prompt_through_the_stack(steps: Sequence[Sequence[Tile]], num_layers: int) -> bool:
+    """Every step is one whole-stack tile of the same request, each going on where the last
+    stopped, only the last with logits."""
+    rid, t1 = steps[0][0][0], steps[0][0][1]
+    for j, tiles in enumerate(steps):
+        if len(tiles) != 1:
+            return False
+        r, t0, end, l0, l1, _c, logits = tiles[0]
+        if r != rid or t0 != t1 or l0 or l1 != num_layers or (logits and j < len(steps) - 1):
+            return False
+        t1 = end
+    return True

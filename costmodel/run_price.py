@@ -97,7 +97,7 @@ def price_stretch(cm: CostModel, num_decodes: int, kv_tokens: int,
 
 
 # the forms at no KV read, per token read, per windowed token read; distinct experts x layers
-DecodeRunForm = tuple[np.ndarray, np.ndarray, np.ndarray, float]
+DecodeRunForm = tuple[list[float], list[float], list[float], float]
 
 
 def decode_run_totals(cm: CostModel, num: int, kv_tokens: int, kv_tokens_window: int,
@@ -108,20 +108,24 @@ def decode_run_totals(cm: CostModel, num: int, kv_tokens: int, kv_tokens_window:
     `price_decodes` of each step would give, up to rounding (see the module note)."""
     form = cm._decode_run_forms.get(num)
     if form is None:
-        def forms(kv: int, kv_window: int) -> tuple[np.ndarray, float]:
+        def forms(kv: int, kv_window: int) -> tuple[list[float], float]:
             agg: dict[tuple[int, int], list[int]] = {}
             cm._add_decodes(agg, num, kv, kv_window)
             x, _segments, _experts, distinct_layers = cm._features(agg, num, num)
-            return cm._linear.dot(x), distinct_layers  # [forms]
+            return cm._linear.dot(x).tolist(), distinct_layers  # [forms]
         (r0, distinct_layers), (r1, _), (r1w, _) = forms(0, 0), forms(1, 0), forms(0, 1)
         if not cm.model.sliding_window:  # _add_decodes reads kv_tokens on every layer
             r1w = r0
-        form = cm._decode_run_forms[num] = (r0, r1 - r0, r1w - r0, distinct_layers)
+        form = cm._decode_run_forms[num] = (
+            r0, [b - a for a, b in zip(r0, r1, strict=True)],
+            [b - a for a, b in zip(r0, r1w, strict=True)], distinct_layers)
     r0, per_read, per_window_read, distinct_layers = form
     triangle = steps * (steps - 1) // 2  # sum of j over the steps j = 0 .. steps - 1
-    reads = steps * kv_tokens + num * triangle  # [summed over steps]
+    reads = steps * kv_tokens + num * triangle  # summed over the steps
     window_reads = steps * kv_tokens_window + window_growth * triangle
-    r = (steps * r0 + reads * per_read + window_reads * per_window_read).tolist()
+    # a few forms: plain floats cost less than numpy's calls
+    r = [steps * a + reads * b + window_reads * c
+         for a, b, c in zip(r0, per_read, per_window_read, strict=True)]
     energy, flops, hbm, _link = cm._figures(r, latency_s, steps * distinct_layers)
     return {"energy_j": energy, "flops": flops, "expert_bytes": hbm.expert_weights,
             "hbm_bytes": hbm.total, "kv_read_bytes": hbm.kv_read}
