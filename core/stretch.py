@@ -95,6 +95,8 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
 def _one_prompt_through_the_stack(steps: Sequence[Sequence[Tile]], num_layers: int) -> bool:
     """Every step is one whole-stack tile of the same request, each going on where the last
     stopped, only the last with logits."""
+    if len(steps[0]) != 1:
+        return False
     rid, t1 = steps[0][0][0], steps[0][0][1]
     for j, tiles in enumerate(steps):
         if len(tiles) != 1:
