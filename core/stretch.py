@@ -10,7 +10,8 @@ iterations is then known without asking the policy again: `stretch_steps` bounds
 last token ends it, and so do the free blocks), the executor prices each iteration from its
 totals (CostModel.price_with_decodes) and waits for their sum, and `apply_stretch` applies the
 iterations done as K `apply`s of those plans would: the prompt tiles through `apply` itself,
-the decodes' tokens in bulk through `apply_steady`. The decodes' KV blocks are taken at once:
+the decodes' tokens in bulk through `apply_steady` (a layered batch's last group, which frees
+its hidden states, after them: `apply_stretch`). The decodes' KV blocks are taken at once:
 the same blocks, free ones first and then cached ones in LRU order, that K steps would take,
 only shared out between the requests in another order (each request's blocks hold the same
 tokens; which block ids they are changes nothing observable), and no other request looks up
@@ -74,7 +75,15 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
 def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
                   steps: Sequence[Sequence[Tile]], ends_s: Sequence[float]) -> list[RequestState]:
     """The iterations `steps` (their prompt tiles), the j-th ending at ends_s[j]: each decode
-    emits a token at every end. Returns the requests that finished (at the last end), KV freed."""
+    emits a token at every end. Returns the requests that finished (at the last end), KV freed.
+
+    A step applies the decodes' tiles before the prompts', and frees what finished after
+    both. Blocks are only taken until the last iteration, whose prompt tiles may instead free
+    some: a layered batch's last group (a tile from a layer above 0) frees its hidden states
+    after the decodes took their last blocks (evicting cached ones where none is free), so
+    that iteration's prompt tiles go after the decodes' tokens; a chunk takes blocks before
+    the finished decodes free theirs, so it goes before them."""
+    frees = any(t[3] for t in steps[-1])
     if len(steps) > 2 and _one_prompt_through_the_stack(steps[1:], state.num_layers):
         # a chunked prompt's chunks after the first (which may admit it), as one tile: apply
         # does what it does for each in turn, the blocks taken at once (nothing else takes
@@ -83,13 +92,16 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
         state.apply(steps[0], ends_s[0])
         state.apply((Tile(first[0], first[1], last[2], 0, last[4], first[5], last[6]),), ends_s[-1])
     else:
-        for tiles, end_s in zip(steps, ends_s, strict=True):
+        for tiles, end_s in zip(steps[:-1] if frees else steps, ends_s, strict=False):
             state.apply(tiles, end_s)  # only the last emits tokens (first ones): none finishes
     # the gaps between consecutive ends, as step-by-step time differences give them (what
     # np.diff computes, without its per-call overhead: this runs once per stretch)
     ends = np.asarray(ends_s, dtype=np.float64)
     gaps = (ends[1:] - ends[:-1]).tobytes()
-    return state.apply_steady(len(steps), ends_s[0], gaps, ends_s[-1], decodes)
+    finished = state.apply_steady(len(steps), ends_s[0], gaps, ends_s[-1], decodes)
+    if frees:
+        state.apply(steps[-1], ends_s[-1])  # first tokens, none a request's last
+    return finished
 
 
 def _one_prompt_through_the_stack(steps: Sequence[Sequence[Tile]], num_layers: int) -> bool:

@@ -301,6 +301,14 @@ def _run_replicas(requests: list[Request], cost_model: CostModel,
         for rep in replicas:
             rep.wake()
     clients.on_window_open = open_window
+    if first_measured is not None and not closed and all(
+            r.req_id != first_measured.req_id for r in requests):
+        # the request that opens the window is another shard's (--workers) or rejected: open
+        # it here at its arrival all the same
+        def open_at_arrival():  # type: ignore[no-untyped-def]
+            yield env.timeout(first_measured.arrival_s)
+            open_window()
+        env.process(open_at_arrival())
     if picker.ordered:  # it keeps the replicas ordered by load: tell it when a load changes
         for rep in replicas:
             rep.on_load = picker.changed

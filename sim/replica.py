@@ -92,6 +92,9 @@ class Replica:
         self._in_flight = False  # an iteration (or a fast-forwarded run of them) is executing
         self._deferred: list[tuple[int, RequestState]] = []  # (planning points left, request)
         self._deferred_tokens = 0  # their pending tokens: routers see them (vLLM queued them)
+        # set by a worker (sim/workers.py) when its next planning point has work that this one
+        # could not do: the step planned now runs alone, no run passes that planning point
+        self._stop_at_next_point = False
         self.process = env.process(self.run())
 
     # ---- arrivals ---------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class Replica:
                 yield self._sleep()
                 continue
             self._in_flight = True  # from planning on: the WAIT below is the one way back
-            deferring = bool(self._deferred)  # a run must not pass the next planning point
+            self._stop_at_next_point = False
             step = prepare(state, self.policy, env.now, checked=self.check,
                            on_preempt=self._preempted, replica=self.idx,
                            fast_forward=self.fast_forward, blocked_steady=self.blocked_steady)
@@ -165,6 +168,8 @@ class Replica:
             # sleeping: an empty replica's last finish reported).
             if self.on_load is not None:
                 self.on_load(self.idx)
+            # a run must not pass the next planning point
+            deferring = bool(self._deferred) or self._stop_at_next_point
             if step.action is STEADY:
                 if self.check:
                     self._verify_steady_claim()

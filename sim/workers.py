@@ -101,6 +101,11 @@ class DecodeWorker(Replica):
     def _enter(self, req: RequestState) -> None:
         start_decoding(self.state, req)
 
+    def _preempted(self, req: RequestState) -> None:
+        super()._preempted(req)
+        if self._reservations:  # its blocks, freed after this planning point tried the queue,
+            self._stop_at_next_point = True  # are the next one's to give: no run passes it
+
     def withdraw(self, req: RequestState) -> None:
         """A reservation asked for and no longer wanted (its stream was cancelled): its event
         fires with False if it was still waiting, and blocks it took are freed."""

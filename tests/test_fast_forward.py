@@ -336,3 +336,67 @@ def test_a_prompts_whole_prefill_is_one_stretch(policy: str, output: int, rows: 
     assert res.iterations["iterations"].tolist()[:len(rows)] == rows
     slow = simulate([Request(0, 0.0, 2000, output)], _qwen(), policy, fast_forward=False)
     _assert_same_run(res, slow)
+
+
+def test_a_layered_stretch_frees_hidden_states_after_the_decodes_grow() -> None:
+    """A stretch that ends with a layered batch's last group frees the batch's hidden states
+    in that iteration, after the decodes took their blocks: with no free block left, a step
+    evicts a cached block for a decode's next block, and so must the stretch, not take a
+    hidden-state block the batch frees (it did: one eviction fewer, and request 3 then hit a
+    block that step by step had evicted). Found by review."""
+    cm = _qwen()
+    requests = [Request(0, 0.0, 10, 300),  # decodes throughout, a new block every 16 tokens
+                Request(1, 0.001, 1600, 1, tuple(range(100)), 16),  # leaves 100 cached blocks
+                Request(2, 0.5, 1500, 5),  # a layered batch of three groups: one stretch
+                Request(3, 3.0, 1600, 2, tuple(range(100)), 16)]  # hits what is left cached
+    kw = {"enable_prefix_caching": True, **_tight(cm, 130)}
+    fast = simulate(requests, cm, "layered", fast_forward=True, **kw)
+    slow = simulate(requests, cm, "layered", fast_forward=False, **kw)
+    assert slow.metrics["prefix_cache_evictions"] > 0
+    _assert_same_run(fast, slow)
+
+
+def test_a_decode_workers_preemption_does_not_skip_its_next_planning_point() -> None:
+    """A decode worker tries its queued KV reservations at a planning point before prepare
+    preempts a decode for blocks; the blocks the victim frees are the next planning point's to
+    give. A prefill stretch (here the victim's recompute, started by the plan that re-admits
+    it) must not pass that planning point: it did, and the reservation, the request's transfer
+    and its decoding all came an iteration late. Found by review."""
+    from sim.disagg import Pool, simulate_disagg
+    rows = [(0.0108, 903, 175), (0.029, 2943, 140), (0.0804, 1595, 151), (0.0818, 2674, 79),
+            (0.139, 25, 191), (0.174, 50, 124), (0.2301, 2482, 123), (0.2516, 1499, 154),
+            (0.2616, 2166, 153), (0.2909, 2175, 16), (0.3106, 2040, 74), (0.3158, 1881, 130),
+            (0.3348, 941, 29), (0.3458, 790, 191), (0.3478, 1563, 31), (0.3649, 1621, 135),
+            (0.401, 1522, 30), (0.4012, 144, 37), (0.4013, 663, 133), (0.4515, 593, 192),
+            (0.4779, 2304, 18), (0.4872, 447, 173), (0.4946, 399, 147)]
+    requests = [Request(i, a, p, o) for i, (a, p, o) in enumerate(rows)]
+    cm = _qwen()
+    fast, slow = (simulate_disagg(requests, Pool(cm, "chunked:512", 2), Pool(cm, "chunked:512", 1),
+                                  None, fast_forward=ff, stream_kv=True, gpu_memory_utilization=0.45)
+                  for ff in (True, False))
+    assert slow.metrics["preemptions"] > 0
+    cols = ["req_id", "ttft_ms", "e2el_ms", "kv_end_s", "output_tokens"]
+    a, b = (r.requests.sort_values("req_id")[cols].to_numpy(float) for r in (fast, slow))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["another shard's", "rejected"])
+def test_the_warm_up_window_cuts_runs_where_its_request_is_not_sent(case: str) -> None:
+    """The measured window opens at the first measured request's arrival; every replica's
+    fast-forwarded run must stop there, also on a shard (--workers) that the request is not
+    routed to, and where the request is rejected (over the context) and never sent: neither
+    opened the window, and the iterations of a run straddling it went uncounted. Found by
+    review."""
+    cm = _qwen()
+    if case == "rejected":
+        requests = [Request(0, 0.0, 500, 400), Request(1, 0.2, 10**6, 5),
+                    Request(2, 0.9, 500, 50)]
+        kw: dict[str, int] = {"warmup_requests": 1}
+    else:
+        requests = [Request(0, 0.0, 500, 400), Request(1, 0.01, 500, 400),
+                    Request(2, 0.5, 500, 50)]
+        kw = {"num_replicas": 2, "warmup_requests": 2, "workers": 2}
+    fast = simulate(requests, cm, "chunked:512", fast_forward=True, **kw)
+    slow = simulate(requests, cm, "chunked:512", fast_forward=False, **kw)
+    assert fast.metrics["iterations"] == slow.metrics["iterations"]
+    assert fast.metrics["energy_j"] == pytest.approx(slow.metrics["energy_j"], rel=METRIC_REL)
