@@ -332,15 +332,22 @@ class ReplicaState:
         bs = self.block_size
         finished = []
         for r in running:
-            r.itl_s.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
-            r.itl_s.frombytes(gaps)
+            itl = r.itl_s
+            itl.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
+            itl.frombytes(gaps)
             r.last_token_s = end_s
-            r.num_output_tokens += steps
+            out = r.num_output_tokens = r.num_output_tokens + steps
             c = r.num_computed_tokens = r.num_computed_tokens + steps
-            if r.num_output_tokens >= r.max_tokens:  # is_finished, inlined
+            if out >= r.max_tokens:  # is_finished, inlined
                 r.finish_s = end_s
                 finished.append(r)
-            if not _grow_in_place(r.block_table, c, bs):
+            table = r.block_table
+            if c > table.num_tokens and c <= len(table.block_ids) * bs and not (
+                    table.extra_block_ids or table.num_cached_tokens < 0
+                    or (table.num_hashed < len(table.block_hashes)
+                        and c // bs > table.num_hashed)):
+                table.num_tokens = c  # _grow_in_place's test and effect, inlined: every step
+            elif not _grow_in_place(table, c, bs):
                 self._hold(r)
         self._retire(finished)
         self.now_s = end_s
