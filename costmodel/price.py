@@ -47,12 +47,11 @@ from costmodel.coefficients import (
     SUM_PF_TOKENS,
     SUM_TOKENS,
     Features,
-    _kept_bytes,
     coefficients,
 )
 from costmodel.cost import HbmBytes, IterationCost, OpCost, Parallelism
-from costmodel.errors import ConfigError
 from costmodel.experts import ExpertActivation
+from costmodel.fit import check_memory, check_parallelism, kv_bytes_per_token_per_gpu, weight_bytes_per_gpu
 from costmodel.gpu import GPUSpec, load_gpu
 from costmodel.kernel_tables import Roofline
 from costmodel.measured import MeasuredKernels, moe_distribution
@@ -60,9 +59,6 @@ from costmodel.model import ModelSpec
 from costmodel.plan import Tile
 from costmodel.profile import Profile, default_profile
 from costmodel.run_price import DecodeRunForm, StretchPrices, decode_run_totals, price_stretch
-
-WEIGHT_HEADROOM = 0.95  # weights must fit in this share of HBM
-
 
 # Where each Features field sits in the list CostModel._price_segments sums the features in.
 _X_TM, _X_NL, _X_EXPERT_UNITS = (FEATURES.index(f) for f in ("tm", "nl", "expert_units"))
@@ -109,10 +105,10 @@ class CostModel:
         self.hw = self.profile.hardware() if profile is not None else hw
         self.model = model
         self.parallel = parallel or Parallelism()
-        self._check_parallelism()
+        check_parallelism(model, self.parallel)
         self.activation = ExpertActivation(model.num_experts, model.top_k, model.routing_skew)
         self.ep_imbalance = self.activation.ep_imbalance(self.parallel.ep, placement="random")
-        self._check_memory()
+        check_memory(model, self.parallel, self.hw)
         self._K = coefficients(self.model, self.parallel.tp, self.parallel.ep, self.ep_imbalance)
         params = [self.profile.ops[c] for _, c in OPS]
         is_link = np.array([c in _LINK_OPS for _, c in OPS])
@@ -172,47 +168,14 @@ class CostModel:
         t_c, t_m = k_flops * tokens * inv_compute, k_hbm * tokens * inv_memory
         return overhead + max(t_c, t_m)
 
-    # ---- validation -------------------------------------------------------------------------
-    def _check_parallelism(self) -> None:
-        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
-        if tp < 1 or ep < 1:
-            raise ConfigError(f"--tp and --ep must be >= 1, got tp={tp} ep={ep}")
-        if m.num_q_heads % tp:
-            raise ConfigError(f"--tp {tp} does not divide the {m.num_q_heads} attention heads of {m.name}")
-        if m.num_kv_heads % tp and tp % m.num_kv_heads:
-            raise ConfigError(f"--tp {tp} and the {m.num_kv_heads} KV heads of {m.name} do not divide")
-        inter = m.expert_intermediate or m.dense_intermediate
-        if inter % tp:
-            raise ConfigError(f"--tp {tp} does not divide the MLP width {inter} of {m.name}")
-        if ep > 1 and not m.is_moe:
-            raise ConfigError(f"--ep {ep}: {m.name} is a dense model, it has no experts to split")
-        if ep > 1 and m.num_experts % ep:
-            raise ConfigError(f"--ep {ep} does not divide the {m.num_experts} experts of {m.name}")
-
+    # ---- validation and memory (costmodel/fit.py) -------------------------------------------
     @property
     def weight_bytes_per_gpu(self) -> float:
-        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
-        kv_dim_pg = max(1, m.num_kv_heads // tp) * m.head_dim
-        attn = m.hidden * (2 * m.q_dim // tp + 2 * kv_dim_pg)
-        dense = m.num_layers * (attn + m.dense_mlp_params_per_layer // tp)
-        experts = m.num_layers * (m.num_experts // ep) * m.expert_params // tp
-        return (dense * m.weight_bytes + experts * m.expert_weight_bytes
-                + m.embedding_params // tp * _kept_bytes(m.weight_bytes))
+        return weight_bytes_per_gpu(self.model, self.parallel)
 
     @property
     def kv_bytes_per_token_per_gpu(self) -> float:
-        m = self.model
-        return 2.0 * max(1, m.num_kv_heads // self.parallel.tp) * m.head_dim * m.kv_bytes * m.num_layers
-
-    def _check_memory(self) -> None:
-        need = self.weight_bytes_per_gpu
-        have = self.hw.hbm_bytes * WEIGHT_HEADROOM
-        if need > have:
-            raise ConfigError(
-                f"{self.model.name} does not fit: {need / 1e9:.1f} GB of weights per GPU with "
-                f"tp={self.parallel.tp} ep={self.parallel.ep}, {self.hw.name} has "
-                f"{self.hw.hbm_bytes / 1e9:.0f} GB; raise --tp or --ep"
-            )
+        return kv_bytes_per_token_per_gpu(self.model, self.parallel)
 
     # ---- pricing ----------------------------------------------------------------------------
     def price(self, plan: tuple[Tile, ...] | list[Tile]) -> IterationCost:
