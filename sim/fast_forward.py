@@ -11,11 +11,14 @@ first may still differ: the README's limitations). An arrival
 interrupts the run at the end of the step in flight, and the state's apply_steady applies the
 steps done. K stops at the first request to
 finish, at the KV blocks left (core's steady_steps), and where a request's context reaches a
-sliding window (past it that layer's KV read stops growing), so the form is exact.
+sliding window (past it that layer's KV read stops growing), so the form is exact. The run's
+record row sums its steps' figures: in closed form where every step was priced (the features
+are affine in the step: CostModel.decode_run_totals), else from the two ends.
 
 Prefill stretches (core/stretch.py) run alike: each iteration priced from its totals (exact:
-no interpolation), all waited for in one event, stopped after the iteration in flight by an
-arrival.
+no interpolation, CostModel.price_stretch), all waited for in one event, stopped after the
+iteration in flight by an arrival. A chunked prompt's whole prefill is one stretch when
+nothing arrives meanwhile: from the plan that starts it to the chunk that emits its first token.
 """
 
 from __future__ import annotations
