@@ -18,6 +18,7 @@ import numpy as np
 
 from costmodel.coefficients import _EXPERTS, _HBM, _LINK_OPS, _QUANTITIES, FEATURES, OPS
 from costmodel.cost import OpCost
+from costmodel.measured_ops import measured_op_sources, measured_op_times_s
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel
@@ -58,8 +59,8 @@ def op_table(cm: CostModel, x: tuple[float, ...], measured: Any = None) -> tuple
     inv_link, overhead = cm._inv_link.tolist(), cm._overhead.tolist()
     mk = cm.measured if measured is not None else None  # what priced this plan, if tables
     tables = mk is not None
-    times = mk.op_times_s(*measured) if mk is not None else {}
-    sources = mk.op_sources(*measured[:2]) if mk is not None else {}
+    times = measured_op_times_s(mk, *measured) if mk is not None else {}
+    sources = measured_op_sources(mk, *measured[:2]) if mk is not None else {}
     out = []
     for i, (name, cls) in enumerate(OPS):
         if not launches[i]:

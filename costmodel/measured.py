@@ -150,7 +150,7 @@ class MeasuredKernels:
             di = m.dense_intermediate // tp
             gemms["dense_mlp"] = [(2 * di, h, wdt), (h, di, wdt)]
         self.sources: dict[str, str] = {}
-        self._x_range: dict[str, tuple[float, float]] = {}  # measured sizes, for `op_sources`
+        self._x_range: dict[str, tuple[float, float]] = {}  # measured sizes, for `measured_op_sources`
         self._gemms = {name: [self._gemm(name, n, k, dt) for n, k, dt in shapes]
                        for name, shapes in gemms.items()}
         self._lm_head = _memo(self._gemm("lm_head", m.vocab // tp, h, "bfloat16"))
@@ -379,56 +379,3 @@ class MeasuredKernels:
                 if n_slide:
                     lat += n_slide * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV], s[SUM_DEC_KV_WIN])
         return lat
-
-    def op_times_s(self, segments: Sequence[tuple[int, int, Sequence[int]]],
-                           num_logits: int, embed_tokens: int) -> dict[str, float]:
-        """latency_s's kernel terms by operation, for the breakdown."""
-        mk, prefix = self, self._sliding_prefix
-        times: dict[str, float] = {"lm_head": mk.lm_head_s(num_logits)}
-        if embed_tokens:
-            times["embedding"] = self._embedding_s(embed_tokens / self.ep)
-        for l0, l1, s in segments:
-            nl = l1 - l0
-            n_slide = prefix[l1] - prefix[l0]
-            for name, t in mk.layer_ops(s[SUM_TOKENS]).items():
-                times[name] = times.get(name, 0.0) + nl * t
-            if s[SUM_PF_TOKENS]:
-                times["prefill_attn"] = times.get("prefill_attn", 0.0) + (
-                    (nl - n_slide) * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS])
-                    + n_slide * mk.prefill_attn_s(s[SUM_PF_SEQS], s[SUM_PF_PAIRS], s[SUM_PF_PAIRS_WIN]))
-            if s[SUM_DEC_TOKENS]:
-                times["decode_attn"] = times.get("decode_attn", 0.0) + (
-                    (nl - n_slide) * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV])
-                    + n_slide * mk.decode_attn_s(s[SUM_DEC_TOKENS], s[SUM_DEC_KV], s[SUM_DEC_KV_WIN]))
-        return times
-
-    def op_sources(self, segments: Sequence[tuple[int, int, Sequence[int]]],
-                   num_logits: int) -> dict[str, str]:
-        """What priced each operation of this plan: `sources`, with "extrapolated" where this
-        plan's size lies beyond the sizes the tables measured (the fitted roofline scales it)."""
-        sizes: dict[str, list[float]] = {}
-
-        def add(op: str, x: float) -> None:
-            sizes.setdefault(op, []).append(x)
-        for _, _, s in segments:
-            per_group = math.ceil(s[SUM_TOKENS] / self.ep)
-            for op in (*self._gemms, "norms_elementwise"):
-                add(op, per_group)
-            add("experts", s[SUM_TOKENS])
-            add("allreduce", per_group * self.model.hidden * ACT_BYTES)
-            add("alltoall", per_group * self.model.top_k * self.model.hidden * ACT_BYTES)
-            if s[SUM_PF_TOKENS]:
-                add("prefill_attn", _seq_len_for_pairs(s[SUM_PF_PAIRS] / s[SUM_PF_SEQS]))
-                add("prefill_attn_batch", math.ceil(s[SUM_PF_SEQS] / self.ep))
-            if s[SUM_DEC_TOKENS]:
-                add("decode_attn", s[SUM_DEC_KV] / s[SUM_DEC_TOKENS])
-                add("decode_attn_batch", math.ceil(s[SUM_DEC_TOKENS] / self.ep))
-        if num_logits:
-            add("lm_head", math.ceil(num_logits / self.ep))
-        out = dict(self.sources)
-        for op, xs in sizes.items():
-            lo, hi = self._x_range.get(op, (0.0, math.inf))
-            base = op.removesuffix("_batch")
-            if base in out and out[base] == "table" and any(x < lo or x > hi for x in xs):
-                out[base] = "extrapolated"
-        return out
