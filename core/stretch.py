@@ -90,7 +90,12 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
         # any in between), the token, if any, at the last end
         first, last = steps[1][0], steps[-1][0]
         state.apply(steps[0], ends_s[0])
-        state.apply((Tile(first[0], first[1], last[2], 0, last[4], first[5], last[6]),), ends_s[-1])
+        if _offers_uncached(state, first[0], last[2]):
+            state.apply((Tile(first[0], first[1], last[2], 0, last[4], first[5], last[6]),),
+                        ends_s[-1])
+        else:  # a block it fills holds content cached elsewhere: each chunk in turn (below)
+            for tiles, end_s in zip(steps[1:], ends_s[1:], strict=True):
+                state.apply(tiles, end_s)
     else:
         for tiles, end_s in zip(steps[:-1] if frees else steps, ends_s, strict=False):
             state.apply(tiles, end_s)  # only the last emits tokens (first ones): none finishes
@@ -102,6 +107,21 @@ def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],
     if frees:
         state.apply(steps[-1], ends_s[-1])  # first tokens, none a request's last
     return finished
+
+
+def _offers_uncached(state: ReplicaState, req_id: int, t1: int) -> bool:
+    """Whether none of the blocks the request fills up to token t1 holds content the prefix
+    cache already has. Where one does, a step's offer finds it cached (the block stays
+    uncached) and a later chunk's blocks may then evict that cached copy, where one merged tile
+    takes every block (evicting) before offering any: the cache would differ."""
+    pool = state.pool
+    if not pool.enable_prefix_caching or not pool.ever_cached:
+        return True
+    table = next(r for r in state.running if r.req_id == req_id).block_table
+    hashes = table.block_hashes
+    cached_block = pool.cached_block
+    return all(cached_block(h) is None
+               for h in hashes[table.num_hashed:min(t1 // state.block_size, len(hashes))])
 
 
 def _one_prompt_through_the_stack(steps: Sequence[Sequence[Tile]], num_layers: int) -> bool:

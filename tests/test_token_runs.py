@@ -121,3 +121,29 @@ def test_p99_and_max_find_the_largest_anywhere(n: int) -> None:
         p99, largest = _p99_and_max(array("d", values.tolist()))
         assert largest == values.max()
         assert p99 == pytest.approx(float(np.percentile(values, 99)), rel=1e-12)
+
+
+def test_merged_chunks_keep_per_step_offers_to_the_cache() -> None:
+    """apply_stretch applies a chunked prompt's chunks after the first as one tile only where
+    that offers the cache what each chunk in turn would: here the prompt's later blocks hold
+    content cached on a finished request's evictable blocks, which per step its chunks find
+    cached (left uncached) and then evict; one tile would evict first and cache them all."""
+    hashes = [1000 + k for k in range(10)]
+
+    def run(stretch: bool) -> tuple[list[int], int]:
+        state = ReplicaState(num_layers=4, num_total_blocks=12, block_size=16)
+        state.waiting = [RequestState(0, 0.0, 160, 1, hashes)]  # cached, finished, freed
+        commit(state, (Tile(0, 0, 160, 0, 4, 0, True),), 1.0)
+        state.waiting = [RequestState(1, 0.0, 160, 5, [7, *hashes[1:]])]  # no hit: block 0
+        state.match_waiting()
+        steps = [(Tile(1, 32 * j, 32 * (j + 1), 0, 4, 32 * j, j == 4),) for j in range(5)]
+        ends = [2.0 + 0.1 * j for j in range(1, 6)]
+        if stretch:
+            apply_stretch(state, [], steps, ends)
+        else:
+            for tiles, end_s in zip(steps, ends, strict=True):
+                state.apply(tiles, end_s)
+        return sorted(h for h in [7, *hashes] if state.pool.cached_block(h) is not None), \
+            state.pool.stats().num_evictions
+
+    assert run(True) == run(False)
