@@ -28,6 +28,7 @@ from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
+import simpy
 
 from core.request import RequestState
 from core.step import steady_steps
@@ -37,6 +38,22 @@ from costmodel.price import CostModel
 
 if TYPE_CHECKING:
     from sim.replica import Replica
+
+
+def next_hop_s(now_s: float, end_s: float) -> float:
+    """The delay of the next timeout toward end_s, which a run's last step must end on exactly
+    (stepping's running sum): end_s - now_s where SimPy's now_s + delay lands there; else
+    (now_s under half of end_s, the difference rounded, and not every end_s reachable from
+    now_s in one addition) three quarters of it, which lands past end_s / 2, from where the
+    difference is exact (Sterbenz) and the next hop lands."""
+    d = end_s - now_s
+    return d if now_s + d == end_s else 0.75 * d
+
+
+def wait_until(env: simpy.Environment, end_s: float):  # type: ignore[no-untyped-def]
+    """Timeouts until the clock stands at end_s exactly (at most two)."""
+    while env.now < end_s:
+        yield env.timeout(next_hop_s(env.now, end_s))
 
 
 _COMPUTED = attrgetter("num_computed_tokens")
@@ -90,12 +107,12 @@ def steady_decode(replica: Replica, max_steps: int | None = None):  # type: igno
     latencies[0] += start
     ends = np.cumsum(latencies)  # [k]
     last_s = float(ends[k - 1])
-    yield replica._sleep_until(last_s - start)
+    yield replica._sleep_until(last_s)
     done = k
-    if env.now < last_s - 1e-15:  # an arrival: finish the step in flight, then stop
+    if env.now < last_s:  # an arrival: finish the step in flight (even an ulp short), then stop
         lo = int(ends.searchsorted(env.now, side="left"))  # the first to end at or after now
         done = lo + 1
-        yield env.timeout(max(0.0, float(ends[lo]) - env.now))
+        yield from wait_until(env, float(ends[lo]))
     end_s = float(ends[done - 1])
     # the gaps as step-by-step time differences give them (np.diff's, less its overhead)
     gaps = (ends[1:done] - ends[:done - 1]).tobytes()
@@ -174,11 +191,11 @@ def run_prefill_stretch(replica: Replica, decodes: list[RequestState],
     for latency_s in prices.latencies_s:
         t = t + latency_s  # as SimPy adds each iteration's timeout to its start
         ends.append(t)
-    yield replica._sleep_until(t - start)
+    yield replica._sleep_until(t)
     done = len(steps)
-    if env.now < t - 1e-15:  # an arrival: finish the iteration in flight, then stop
+    if env.now < t:  # an arrival: finish the iteration in flight (even an ulp short), then stop
         done = bisect_left(ends, env.now) + 1
-        yield env.timeout(max(0.0, ends[done - 1] - env.now))
+        yield from wait_until(env, ends[done - 1])
     finished = apply_stretch(state, decodes, steps[:done], ends[:done])
     end_s = ends[done - 1]
     replica.busy_s += end_s - start

@@ -34,7 +34,7 @@ from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, no_prefill_ahead, schedule_checked
 from policies.registry import is_trusted
-from sim.fast_forward import prefill_stretch, run_prefill_stretch, steady_decode
+from sim.fast_forward import next_hop_s, prefill_stretch, run_prefill_stretch, steady_decode
 from sim.stall import StallMonitor
 
 if TYPE_CHECKING:
@@ -132,17 +132,23 @@ class Replica:
             self._wakeup = self.env.event()
         return self._wakeup
 
-    def _sleep_until(self, delay_s: float) -> simpy.Event:
-        """The wake-up event, triggered after `delay_s` unless an arrival (submit) triggers it
-        first: one event rather than a condition over two; a stale timer finds it triggered
-        and does nothing."""
+    def _sleep_until(self, end_s: float) -> simpy.Event:
+        """The wake-up event, triggered when the clock reaches `end_s` (exactly: next_hop_s)
+        unless an arrival (submit) triggers it first: one event rather than a condition over
+        two; a stale timer finds it triggered and does nothing."""
         wake = self._sleep()
+        env = self.env
 
         def ring(_: simpy.Event) -> None:
-            if not wake.triggered:
+            if wake.triggered:
+                return
+            if env.now < end_s:  # rare: a hop that could not land on end_s in one addition
+                env.timeout(next_hop_s(env.now, end_s)).callbacks.append(ring)  # type: ignore[union-attr]
+            else:
                 wake.succeed()
-        self.env.timeout(delay_s).callbacks.append(ring)  # type: ignore[union-attr]
+        env.timeout(next_hop_s(env.now, end_s)).callbacks.append(ring)  # type: ignore[union-attr]
         return wake
+
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self):  # type: ignore[no-untyped-def]

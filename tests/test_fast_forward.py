@@ -4,7 +4,7 @@ step-by-step simulation.
 Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
 pressure with preemptions, a sliding-window model, prefix caching that hits, with and without
 KV pressure), gives the same per-request token times
-(within 1e-9 s), the same counts and the same metrics with fast_forward on and off. And a
+(within 1e-9 s; to the bit on measured kernel tables), the same counts and the same metrics with fast_forward on and off. And a
 user's policy is fast-forwarded only on a promise that checked mode verifies.
 """
 
@@ -119,7 +119,7 @@ def _token_times(res, req_ids) -> list[np.ndarray]:  # type: ignore[no-untyped-d
             for first, g in zip(rows["first_token_s"], gaps, strict=True)]
 
 
-def _assert_same_run(fast, slow) -> None:  # type: ignore[no-untyped-def]
+def _assert_same_run(fast, slow, tol_s: float = TOKEN_TIME_TOL_S) -> None:  # type: ignore[no-untyped-def]
     a, b = fast.requests, slow.requests
     assert a["req_id"].tolist() == b["req_id"].tolist()
     for col in ("output_tokens", "preemptions", "finished", "replica"):
@@ -127,7 +127,7 @@ def _assert_same_run(fast, slow) -> None:  # type: ignore[no-untyped-def]
     ids = a["req_id"].tolist()
     for rid, ta, tb in zip(ids, _token_times(fast, ids), _token_times(slow, ids), strict=True):
         assert len(ta) == len(tb), rid
-        assert np.max(np.abs(ta - tb), initial=0.0) <= TOKEN_TIME_TOL_S, rid
+        assert np.max(np.abs(ta - tb), initial=0.0) <= tol_s, rid
     for key, value in slow.metrics.items():
         if isinstance(value, float):
             assert fast.metrics[key] == pytest.approx(value, rel=METRIC_REL, abs=1e-12), key
@@ -143,7 +143,8 @@ def test_fast_forward_equals_step_by_step(policy, workload):
     kw = make_kw(cm)
     fast = simulate(requests, cm, policy, fast_forward=True, **kw)
     slow = simulate(requests, cm, policy, fast_forward=False, **kw)
-    _assert_same_run(fast, slow)
+    # measured tables price every step: the same token times to the bit
+    _assert_same_run(fast, slow, 0.0 if cm.measured is not None else TOKEN_TIME_TOL_S)
     assert fast.metrics["completed"] == len(requests)
     # it did fast-forward: fewer iteration rows than iterations
     assert len(fast.iterations) < fast.metrics["iterations"] == len(slow.iterations)
@@ -400,3 +401,54 @@ def test_the_warm_up_window_cuts_runs_where_its_request_is_not_sent(case: str) -
     slow = simulate(requests, cm, "chunked:512", fast_forward=False, **kw)
     assert fast.metrics["iterations"] == slow.metrics["iterations"]
     assert fast.metrics["energy_j"] == pytest.approx(slow.metrics["energy_j"], rel=METRIC_REL)
+
+
+def _bits(res):  # type: ignore[no-untyped-def]
+    ids = res.requests["req_id"].tolist()
+    return [t.tolist() for t in _token_times(res, ids)], res.requests["finish_s"].tolist()
+
+
+@pytest.mark.parametrize("policy", ["chunked:512", "layered"])
+def test_a_run_ends_where_stepping_does_to_the_bit(policy: str) -> None:
+    """On measured tables every step is priced, so token times equal step by step's to the
+    bit. Two ways a run used to end an ulp early: waited for as end - start (inexact where the
+    run lasts over twice as long as the clock stood at its start), and woken by an arrival an
+    ulp before its end (taken as the end). Here a second request arrives an ulp before the
+    first one's last token, which ends a steady run; found by review."""
+    cm = _qwen_measured()
+    alone = simulate([Request(0, 0.0, 300, 60)], cm, policy, fast_forward=False)
+    end_s = float(alone.requests["finish_s"].iloc[0])
+    requests = [Request(0, 0.0, 300, 60), Request(1, math.nextafter(end_s, 0.0), 300, 60)]
+    fast = simulate(requests, cm, policy, fast_forward=True)
+    slow = simulate(requests, cm, policy, fast_forward=False)
+    assert len(fast.iterations) < len(slow.iterations)  # it fast-forwarded
+    assert _bits(fast) == _bits(slow)
+    assert slow.requests["finish_s"].iloc[0] == end_s  # the arrival fell in the last step
+
+
+def test_hops_land_exactly_on_the_end() -> None:
+    """end - now is inexact where now is under half of end, and some ends cannot be reached
+    from now in one addition at all (now's last bit halves the grid, ties round to even):
+    wait_until's hops reach every end from every clock, in at most two."""
+    import simpy
+
+    from sim.fast_forward import wait_until
+    now, end = 0.5431698578833152, 1.8496675077613138
+    assert now + (end - now) != end  # the plain difference misses
+    nearby = [end - now + k * 2.0**-52 for k in range(-4, 5)]  # the delays' grid near it
+    assert not any(now + d == end for d in nearby)  # no single delay lands
+    rng = np.random.default_rng(3)
+    pairs = [(now, end), *rng.uniform(0.0, 50.0, (2000, 2)).tolist(), (0.0, end), (end, end)]
+    hops: list[int] = []
+
+    def go(env: simpy.Environment, end_s: float):  # type: ignore[no-untyped-def]
+        for event in wait_until(env, end_s):
+            hops[-1] += 1
+            yield event
+    for now, end in pairs:
+        env = simpy.Environment(initial_time=now)
+        hops.append(0)
+        env.process(go(env, end))
+        env.run()
+        assert env.now == max(now, end) and hops[-1] <= 2
+    assert max(hops) == 2  # some needed the second hop

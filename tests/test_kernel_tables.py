@@ -123,8 +123,8 @@ def test_unmeasured_shape_takes_the_nearest_measured_shape() -> None:
 
 def test_a_curve_prices_one_at_a_time_as_np_interp_does_in_an_array() -> None:
     """e_at follows np.interp's arithmetic (slope times offset, plus the left value), so the
-    steady fast-forward's array prices and step-by-step's single ones agree to the last bit of
-    e (math.exp and np.exp may still differ by an ulp)."""
+    steady fast-forward's array prices and step-by-step's single ones agree to the last bit,
+    e and its exp (math.exp and np.exp differ by an ulp at about 3% of these points)."""
     rng = np.random.default_rng(7)
     for _ in range(200):
         lx = np.unique(rng.uniform(0.0, 12.0, int(rng.integers(1, 10))))
@@ -134,8 +134,7 @@ def test_a_curve_prices_one_at_a_time_as_np_interp_does_in_an_array() -> None:
         one_by_one = np.array([curve.e_at(float(v)) for v in u])
         assert one_by_one.tolist() == np.interp(u, lx, e).tolist()
         xs = np.exp(u)
-        np.testing.assert_allclose(curve.ratios(xs), [curve.ratio(float(x)) for x in xs],
-                                   rtol=1e-15)
+        assert curve.ratios(xs).tolist() == [curve.ratio(float(x)) for x in xs]
 
 
 def test_a_batch_between_measured_ones_blends_their_curves_on_both_grids() -> None:
