@@ -3,8 +3,8 @@ step-by-step simulation.
 
 Every built-in policy, on a few small workloads (arrivals that interrupt steady runs, KV
 pressure with preemptions, a sliding-window model, prefix caching that hits, with and without
-KV pressure), gives the same per-request token times
-(within 1e-9 s; to the bit on measured kernel tables), the same counts and the same metrics with fast_forward on and off. And a
+KV pressure), gives the same per-request token times (within 1e-9 s; to the bit on measured
+kernel tables), the same counts and the same metrics with fast_forward on and off. And a
 user's policy is fast-forwarded only on a promise that checked mode verifies.
 """
 
