@@ -119,6 +119,11 @@ class HoldsBlocks(Protocol):
     def block_table(self) -> BlockTable: ...
 
 
+def _num_growing(decodes: Iterable[BlockTable], block_size: int) -> int:
+    """Decodes whose next token starts a block (their last one is full)."""
+    return sum(1 for t in decodes if t.num_tokens >= len(t.block_ids) * block_size)
+
+
 def _table_of(owner: BlockTable | HoldsBlocks) -> BlockTable:
     return owner if isinstance(owner, BlockTable) else owner.block_table
 
@@ -134,19 +139,36 @@ class Admission:
     extra blocks the table gives back. Valid while the executor admits every new table of the
     plan (`BlockPool.admit`) before it allocates any, and allocates in plan order.
 
-    Every method takes a block table or its owner (a RequestState): policies pass requests."""
+    Every method takes a block table or its owner (a RequestState): policies pass requests.
 
-    __slots__ = ("pool", "hidden_blocks_per_token", "num_reserved_blocks", "_claimed")
+    The decodes' next blocks may be counted lazily (`uncounted`, ReplicaState.admission): each
+    needs at most one, so while an admission fits with one reserved for every uncounted decode
+    it fits whatever the count; only a closer call counts them (O(batch)), with the same answer."""
+
+    __slots__ = ("pool", "hidden_blocks_per_token", "_reserved", "_claimed", "_uncounted")
 
     def __init__(self, pool: BlockPool, decodes: Iterable[BlockTable] = (),
-                 hidden_blocks_per_token: float = 0.0, num_reserved_blocks: int = 0) -> None:
-        """`decodes`' next blocks are reserved, plus `num_reserved_blocks` counted by the caller."""
+                 hidden_blocks_per_token: float = 0.0, num_reserved_blocks: int = 0,
+                 uncounted: Sequence[HoldsBlocks] = ()) -> None:
+        """`decodes`' next blocks are reserved, plus `num_reserved_blocks` counted by the caller;
+        `uncounted` decodes' next blocks are reserved too, counted only where it matters."""
         self.pool = pool
         self.hidden_blocks_per_token = hidden_blocks_per_token
-        bs = pool.block_size
-        self.num_reserved_blocks = num_reserved_blocks + sum(
-            1 for t in decodes if t.num_tokens >= len(t.block_ids) * bs)
+        self._reserved = num_reserved_blocks + _num_growing(decodes, pool.block_size)
+        self._uncounted = uncounted
         self._claimed: set[int] = set()  # evictable blocks a reserved admission will reference
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        """Blocks this call reserved: the decodes' next ones and the admissions'."""
+        if self._uncounted:
+            self._count()
+        return self._reserved
+
+    def _count(self) -> None:
+        self._reserved += _num_growing((r.block_table for r in self._uncounted),
+                                       self.pool.block_size)
+        self._uncounted = ()
 
     @property
     def num_free_blocks(self) -> int:
@@ -185,9 +207,10 @@ class Admission:
             if cost < 0:
                 cost = 0
             claim = None
-        if cost > pool.num_free_blocks - self.num_reserved_blocks:
-            return False
-        self.num_reserved_blocks += cost
+        if cost > pool.num_free_blocks - self._reserved - len(self._uncounted):
+            if cost > self.num_free_blocks:  # counts the decodes' blocks first
+                return False
+        self._reserved += cost
         if claim:
             self._claimed.update(claim)
         return True

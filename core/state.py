@@ -101,6 +101,7 @@ class ReplicaState:
     pending_tokens: int = field(default=0, init=False)
     pool: BlockPool = field(init=False, repr=False)
     _decodes: list[RequestState] | None = field(default=None, init=False, repr=False)
+    _by_id: dict[int, RequestState] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.pool = BlockPool(self.num_total_blocks, self.block_size, self.enable_prefix_caching)
@@ -132,14 +133,9 @@ class ReplicaState:
     def admission(self) -> Admission:
         """A schedule call's admission helper, the running decodes' next blocks reserved:
         `try_admit(req, num_tokens, partial=False)` reserves a request's blocks for
-        `num_tokens` (prefix hits and hidden states included) if they fit."""
-        bs = self.block_size
-        num_growing = 0  # decodes whose next token starts a block (Admission's own count, inlined)
-        for r in self.decodes:
-            t = r.block_table
-            if t.num_tokens >= len(t.block_ids) * bs:
-                num_growing += 1
-        return Admission(self.pool, (), self.hidden_blocks_per_token, num_growing)
+        `num_tokens` (prefix hits and hidden states included) if they fit. The decodes' blocks
+        are counted only where an admission comes close (Admission's note)."""
+        return Admission(self.pool, (), self.hidden_blocks_per_token, 0, self.decodes)
 
     def blocks_for(self, num_tokens: int, partial: bool = False) -> int:
         """Blocks a request holds with `num_tokens` in its KV cache (plus hidden states if partial)."""
@@ -234,8 +230,32 @@ class ReplicaState:
                              and r.num_output_tokens < r.max_tokens]
         return self._decodes
 
+    @property
+    def prompts(self) -> list[RequestState]:
+        """Running requests whose prompt is not through the stack yet, in admission order.
+        Found from the newest back (they were admitted last, mostly): O(1) beside many decodes."""
+        left = len(self.running) - len(self.decodes)
+        out: list[RequestState] = []
+        if left:
+            for r in reversed(self.running):
+                if r.layer_tokens is not None or r.num_computed_tokens < r.num_prompt_tokens:
+                    out.append(r)
+                    if len(out) == left:
+                        break
+            out.reverse()
+        return out
+
     def changed(self) -> None:
         self._decodes = None
+
+    @property
+    def running_by_id(self) -> dict[int, RequestState]:
+        """`running` by req_id, kept as requests join and leave (read-only). Rebuilt where its
+        size says `running` changed some other way."""
+        by_id = self._by_id
+        if len(by_id) != len(self.running):
+            by_id = self._by_id = {r.req_id: r for r in self.running}
+        return by_id
 
     # ---- executors call these ----------------------------------------------------------------
     def check(self, plan: Sequence[Tile], stall_free: bool) -> tuple[Tile, ...]:
@@ -252,7 +272,7 @@ class ReplicaState:
         wherever it stands in the waiting queue."""
         L = self.num_layers
         finished: list[RequestState] = []
-        running = {r.req_id: r for r in self.running}
+        running = self.running_by_id
         touched: dict[int, RequestState] = {}
         as_decodes = 0
         pending = 0  # tokens through the whole stack that the plan adds
@@ -264,6 +284,7 @@ class ReplicaState:
                     req = next(r for r in self.waiting if r.req_id == rid)
                     self.waiting.remove(req)
                     self.running.append(req)
+                    running[rid] = req
                     req.admitted_s = now_s
                     self._admit(req)
                 touched[rid] = req
@@ -291,7 +312,13 @@ class ReplicaState:
             if req.layer_tokens is not None:
                 self._hold(req)
                 continue
-            if not _grow_in_place(req.block_table, c, bs):
+            table = req.block_table
+            if c > table.num_tokens and c <= len(table.block_ids) * bs and not (
+                    table.extra_block_ids or table.num_cached_tokens < 0
+                    or (table.num_hashed < len(table.block_hashes)
+                        and c // bs > table.num_hashed)):
+                table.num_tokens = c  # _grow_in_place's test and effect, inlined: every decode
+            elif not _grow_in_place(table, c, bs):
                 self._hold(req)
             out = req.num_output_tokens
             if c != req.num_prompt_tokens + out:
@@ -357,6 +384,7 @@ class ReplicaState:
     def _retire(self, finished: list[RequestState]) -> None:
         for req in finished:
             self.running.remove(req)
+            self._by_id.pop(req.req_id, None)
             if self.keep_finished_kv:  # its transfer frees it (core/handoff.py)
                 self.in_transit.append(req)
             else:
@@ -383,6 +411,7 @@ class ReplicaState:
     def preempt_newest(self) -> RequestState:
         """Free the newest running request's KV; it redoes its prefill from the waiting head."""
         victim = self.running.pop()
+        self._by_id.pop(victim.req_id, None)
         self._decodes = None
         work = sum(victim.layer_tokens) if victim.layer_tokens is not None else (
             victim.num_computed_tokens * self.num_layers)

@@ -137,7 +137,7 @@ def reserve(state: ReplicaState, plan: tuple[Tile, ...]) -> dict[int, BlockTable
     """Take the KV blocks `commit` will find for `plan` (see the module note); return the block
     tables of the plan's requests by id. A PlanError, as commit's, when the pool cannot."""
     L = state.num_layers
-    by_id = {r.req_id: r for r in state.running}
+    by_id = dict(state.running_by_id)
     reach: dict[int, list[int]] = {}  # req_id -> [layer 0's tokens, the last layer's] after the plan
     admit: list[RequestState] = []
     for rid, _t0, t1, l0, l1, _cached, _logits in plan:

@@ -43,7 +43,7 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
     if most <= 1:  # one iteration is no stretch
         return most
     if by_id is None:
-        by_id = {r.req_id: r for r in state.running}
+        by_id = state.running_by_id
     num_layers = state.num_layers
     # prompt_blocks[k]: blocks the prompts take in the first k iterations, each one's KV up to
     # the tokens through its first layer (with hidden states while its layers are uneven)
@@ -69,7 +69,12 @@ def stretch_steps(state: ReplicaState, decodes: Sequence[RequestState],
         frees the hidden states it held while the decodes' k-th blocks are taken)."""
         return state.decode_growth(decodes, k) + max(prompt_blocks[k], prompt_blocks[k - 1])
 
-    return most_that_fit(growth, most, state.num_free_blocks)  # growth rises with k
+    free = state.num_free_blocks
+    # a decode takes at most ceil(k / block_size) blocks in k steps: most fits if that does
+    if (len(decodes) * -(-most // state.block_size)
+            + max(prompt_blocks[most], prompt_blocks[most - 1]) <= free):
+        return most
+    return most_that_fit(growth, most, free)  # growth rises with k
 
 
 def apply_stretch(state: ReplicaState, decodes: Sequence[RequestState],

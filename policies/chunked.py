@@ -64,17 +64,15 @@ class ChunkedPrefill:
         tiles: list[Tile] = decode_tiles(state)
         budget = self.max_num_batched_tokens - len(tiles)
         admission = state.admission()
-        part_way = len(tiles) < len(state.running)  # not every running request decodes
-        for req in state.running if part_way else ():  # part-way prompts keep their place
+        for req in state.prompts:  # part-way prompts keep their place
             if budget <= 0:
                 break
-            if not req.is_prefill_done:
-                start = req.num_computed_tokens
-                t1 = min(req.num_prompt_tokens, start + budget)
-                if not admission.try_admit(req, t1):
-                    break
-                tiles.append(prompt_tile(req, t1, 0, L, L))
-                budget -= t1 - start
+            start = req.num_computed_tokens
+            t1 = min(req.num_prompt_tokens, start + budget)
+            if not admission.try_admit(req, t1):
+                break
+            tiles.append(prompt_tile(req, t1, 0, L, L))
+            budget -= t1 - start
         num_seqs = len(state.running)
         for req in self.prompt_order(state):
             if budget <= 0 or num_seqs >= self.max_num_seqs:

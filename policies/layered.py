@@ -97,7 +97,7 @@ class LayeredPrefill:
 
     def current_batch(self, state: ReplicaState) -> list[RequestState]:
         """The prompts part-way through the stack, or else the ones that start now."""
-        batch = [r for r in state.running if not r.is_prefill_done]
+        batch = state.prompts
         return batch or self.new_batch(state, state.admission())
 
     def prefill_tiles(self, batch: list[RequestState], state: ReplicaState) -> list[Tile]:
@@ -111,7 +111,7 @@ class LayeredPrefill:
         unless that would finish one of them. Layers not reached yet still stand where the
         batch started, so the tiles are known now."""
         prompts = plan[len(state.decodes):]
-        batch = [r for r in state.running if not r.is_prefill_done]
+        batch = state.prompts
         if not batch and prompts and not prompts[0][3]:  # a new batch: the waiting head's
             batch = state.waiting[:len(prompts)]
             if [r.req_id for r in batch] != [t[0] for t in prompts]:

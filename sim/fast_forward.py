@@ -156,7 +156,7 @@ def prefill_stretch(replica: Replica, plan: tuple[Tile, ...]
     # say it, compared in one pass at C speed: this runs every iteration over the whole batch)
     if list(map(_REQ_ID, plan[:len(decodes)])) != list(map(_ID, decodes)):
         return None
-    by_id = {r.req_id: r for r in state.running}
+    by_id = state.running_by_id
     for rid, t0, t1, *_ in prompts:
         if t1 - t0 < 1:
             return None
@@ -164,7 +164,7 @@ def prefill_stretch(replica: Replica, plan: tuple[Tile, ...]
             req = next((r for r in state.waiting if r.req_id == rid), None)
             if req is None or req.num_computed_tokens or req.block_table.num_blocks:
                 return None
-            by_id[rid] = req
+            by_id = {**by_id, rid: req}  # a copy: the state's is the running ones
     steps = [prompts, *ahead]
     for j, tiles in enumerate(steps):
         for rid, t0, t1, _l0, _l1, _c, logits in tiles:

@@ -40,3 +40,33 @@ def test_decode_steps_that_fit_as_stepping_finds(count: int, seed: int) -> None:
             for most in (1, 17, 300):
                 want = _steps_that_fit_by_stepping(requests, most, block_size, free)
                 assert decode_steps_that_fit(requests, most, block_size, free) == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_admission_counting_the_decodes_lazily_answers_as_one_counting_them_first(
+        seed: int) -> None:
+    """Admission's `uncounted` decodes (ReplicaState.admission) against the same decodes
+    counted at once: every try_admit gives the same answer and leaves the same blocks free,
+    near the edge (where the lazy one must count) and far from it."""
+    from core.admission import Admission
+    from core.blocks import BlockPool, BlockTable
+    rng = np.random.default_rng(seed)
+    bs = 4
+    for _ in range(40):
+        pool = BlockPool(int(rng.integers(20, 80)), bs)
+        decodes = []
+        for _ in range(int(rng.integers(0, 8))):
+            t = BlockTable([], 0)
+            n = int(rng.integers(1, 12))
+            pool.allocate(t, n)
+            t.num_tokens = int(rng.integers(max(1, (len(t.block_ids) - 1) * bs + 1),
+                                            len(t.block_ids) * bs + 1))
+            r = RequestState(len(decodes), 0.0, 1, 5)
+            r.block_table = t
+            decodes.append(r)
+        eager = Admission(pool, [r.block_table for r in decodes])
+        lazy = Admission(pool, (), 0.0, 0, decodes)
+        wants = [(BlockTable([], 0), int(rng.integers(1, 4 * bs * 4))) for _ in range(6)]
+        assert ([eager.try_admit(t, n) for t, n in wants]
+                == [lazy.try_admit(t, n) for t, n in wants])
+        assert eager.num_free_blocks == lazy.num_free_blocks
