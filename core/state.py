@@ -31,7 +31,7 @@ head of the waiting queue to redo its prefill, its output so far folded into the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,6 @@ from core import growth
 from core.admission import Admission
 from core.blocks import (
     BlockPool,
-    BlockTable,
     NoFreeBlocksError,
     blocks_needed,
     hidden_state_blocks,
@@ -51,20 +50,6 @@ from costmodel.plan import Tile
 
 if TYPE_CHECKING:
     from costmodel.price import CostModel
-
-
-def _grow_in_place(table: BlockTable, num_tokens: int, block_size: int) -> bool:
-    """What ReplicaState._hold does for a whole-stack request whose admitted table already has
-    the blocks for `num_tokens` and no block newly full to offer the cache (most decode steps):
-    extend it, without the pool. False, changing nothing, where _hold has more to do."""
-    if (num_tokens <= len(table.block_ids) * block_size and table.num_cached_tokens >= 0
-            and not table.extra_block_ids
-            and (table.num_hashed >= len(table.block_hashes)
-                 or num_tokens // block_size <= table.num_hashed)):
-        if num_tokens > table.num_tokens:
-            table.num_tokens = num_tokens
-        return True
-    return False
 
 
 @dataclass
@@ -163,6 +148,23 @@ class ReplicaState:
         """The largest j <= `most` such that every one of `requests` can decode j more tokens in
         the free blocks (core/growth.py)."""
         return growth.decode_steps_that_fit(requests, most, self.block_size, self.num_free_blocks)
+
+    def _grow(self, requests: Iterable[RequestState]) -> None:
+        """_hold each request in turn; inlined for the common case (every decode, every step):
+        a whole-stack request whose KV blocks already have room for its tokens and that has no
+        block newly full to offer the cache, whose table only records the tokens."""
+        bs = self.block_size
+        for req in requests:
+            table = req.block_table
+            c = req.num_computed_tokens
+            if req.layer_tokens is None and c <= len(table.block_ids) * bs and not (
+                    table.extra_block_ids or table.num_cached_tokens < 0
+                    or (table.num_hashed < len(table.block_hashes)
+                        and c // bs > table.num_hashed)):
+                if c > table.num_tokens:
+                    table.num_tokens = c
+            else:
+                self._hold(req)
 
     def _hold(self, req: RequestState) -> None:
         """Give `req` the blocks its progress needs now (a PlanError if they are not free), and
@@ -306,20 +308,11 @@ class ReplicaState:
             pending += low - req.num_computed_tokens
             req.num_computed_tokens = low
         self.pending_tokens -= pending
-        bs = self.block_size
+        self._grow(touched.values())
         for req in touched.values():
-            c = req.num_computed_tokens
             if req.layer_tokens is not None:
-                self._hold(req)
                 continue
-            table = req.block_table
-            if c > table.num_tokens and c <= len(table.block_ids) * bs and not (
-                    table.extra_block_ids or table.num_cached_tokens < 0
-                    or (table.num_hashed < len(table.block_hashes)
-                        and c // bs > table.num_hashed)):
-                table.num_tokens = c  # _grow_in_place's test and effect, inlined: every decode
-            elif not _grow_in_place(table, c, bs):
-                self._hold(req)
+            c = req.num_computed_tokens
             out = req.num_output_tokens
             if c != req.num_prompt_tokens + out:
                 continue
@@ -356,26 +349,18 @@ class ReplicaState:
         if running:
             self.futile_preemptions = 0  # tokens emitted: progress
         self.pending_tokens -= steps * len(running)
-        bs = self.block_size
         finished = []
         for r in running:
             itl = r.itl_s
             itl.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
             itl.frombytes(gaps)
             r.last_token_s = end_s
-            out = r.num_output_tokens = r.num_output_tokens + steps
-            c = r.num_computed_tokens = r.num_computed_tokens + steps
-            if out >= r.max_tokens:  # is_finished, inlined
+            r.num_output_tokens += steps
+            r.num_computed_tokens += steps
+            if r.num_output_tokens >= r.max_tokens:  # is_finished, inlined
                 r.finish_s = end_s
                 finished.append(r)
-            table = r.block_table
-            if c > table.num_tokens and c <= len(table.block_ids) * bs and not (
-                    table.extra_block_ids or table.num_cached_tokens < 0
-                    or (table.num_hashed < len(table.block_hashes)
-                        and c // bs > table.num_hashed)):
-                table.num_tokens = c  # _grow_in_place's test and effect, inlined: every step
-            elif not _grow_in_place(table, c, bs):
-                self._hold(r)
+        self._grow(running)
         self._retire(finished)
         self.now_s = end_s
         self._decodes = None
