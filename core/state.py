@@ -31,6 +31,7 @@ head of the waiting queue to redo its prefill, its output so far folded into the
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -350,10 +351,16 @@ class ReplicaState:
             self.futile_preemptions = 0  # tokens emitted: progress
         self.pending_tokens -= steps * len(running)
         finished = []
+        # the decodes mostly emitted their last token together: their gaps are then one string
+        last_s = running[0].last_token_s if running else None
+        shared = array("d", (first_end_s - (last_s or first_end_s),)).tobytes() + gaps
         for r in running:
-            itl = r.itl_s
-            itl.append(first_end_s - (r.last_token_s or first_end_s))  # as _emit does
-            itl.frombytes(gaps)
+            if r.last_token_s == last_s:
+                r.itl_s.frombytes(shared)
+            else:
+                itl = r.itl_s
+                itl.append(first_end_s - (r.last_token_s or first_end_s))  # as apply does
+                itl.frombytes(gaps)
             r.last_token_s = end_s
             r.num_output_tokens += steps
             r.num_computed_tokens += steps
