@@ -133,20 +133,23 @@ class Replica:
         return self._wakeup
 
     def _sleep_until(self, end_s: float) -> simpy.Event:
-        """The wake-up event, triggered when the clock reaches `end_s` (exactly: next_hop_s)
-        unless an arrival (submit) triggers it first: one event rather than a condition over
-        two; a stale timer finds it triggered and does nothing."""
+        """The wake-up event, triggered when the clock reaches `end_s` (exactly: next_hop_s,
+        one timer or, rarely, two) unless an arrival (submit) triggers it first: one event
+        rather than a condition over two; a stale timer finds it triggered and does nothing.
+        (No callback refers to itself: a cycle per run would be left to the collector.)"""
         wake = self._sleep()
         env = self.env
 
         def ring(_: simpy.Event) -> None:
-            if wake.triggered:
-                return
-            if env.now < end_s:  # rare: a hop that could not land on end_s in one addition
-                env.timeout(next_hop_s(env.now, end_s)).callbacks.append(ring)  # type: ignore[union-attr]
-            else:
+            if not wake.triggered:
                 wake.succeed()
-        env.timeout(next_hop_s(env.now, end_s)).callbacks.append(ring)  # type: ignore[union-attr]
+
+        def hop(_: simpy.Event) -> None:  # past end_s / 2: the difference lands
+            if not wake.triggered:
+                env.timeout(next_hop_s(env.now, end_s)).callbacks.append(ring)  # type: ignore[union-attr]
+        delay = next_hop_s(env.now, end_s)
+        timer = env.timeout(delay)
+        timer.callbacks.append(ring if env.now + delay == end_s else hop)  # type: ignore[union-attr]
         return wake
 
 

@@ -155,3 +155,27 @@ def test_ordered_routers_route_as_the_scan_did() -> None:
         router_mod.ROUTERS["jsq-tokens"] = saved
     pd.testing.assert_frame_equal(heap.requests, scan.requests)
     assert heap.requests["replica"].nunique() == 3
+
+
+def _cyclic_garbage(requests: list[Request]) -> int:
+    """Objects a run leaves to the cyclic collector (reference counting cannot free them)."""
+    cm = CostModel(load_model("qwen3-30b-a3b"), "h100")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, counted
+    try:
+        simulate(requests, cm, "chunked:512")
+        gc.collect()
+        return len(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_a_run_leaves_no_cycles_per_request() -> None:
+    """Ten times the requests (arrivals that cut steady runs, prompts long enough for prefill
+    stretches) leave no more cycles: the collector's work must not grow with the run (a
+    fast-forward timer whose callback referred to itself left one per run)."""
+    def workload(n: int) -> list[Request]:
+        return [Request(i, 0.05 * i, 300 + 700 * (i % 3), 40) for i in range(n)]
+    few, many = _cyclic_garbage(workload(30)), _cyclic_garbage(workload(300))
+    assert many - few < 10, (few, many)
