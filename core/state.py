@@ -34,6 +34,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from core import growth
@@ -267,12 +268,14 @@ class ReplicaState:
         return check_plan(self, plan, stall_free)
 
     def apply(self, plan: Sequence[Tile], now_s: float,
-              emitted: list[RequestState] | None = None) -> list[RequestState]:
+              emitted: list[RequestState] | None = None,
+              decodes: Sequence[RequestState] = ()) -> list[RequestState]:
         """Advance every tile's request; emit tokens at `now_s` (appending each request that
         emitted to `emitted`, when given); return the requests that finished, KV freed.
 
         Only the requests the tiles name are read, found by id now: a request is admitted from
-        wherever it stands in the waiting queue."""
+        wherever it stands in the waiting queue. `decodes`: whole-stack decodes run as if their
+        decode tiles led the plan, in that order (the fast-forward's way: no tile per decode)."""
         L = self.num_layers
         finished: list[RequestState] = []
         running = self.running_by_id
@@ -308,9 +311,12 @@ class ReplicaState:
                 req.layer_tokens = None
             pending += low - req.num_computed_tokens
             req.num_computed_tokens = low
-        self.pending_tokens -= pending
+        for req in decodes:
+            req.num_computed_tokens += 1
+        self.pending_tokens -= pending + len(decodes)
+        self._grow(decodes)
         self._grow(touched.values())
-        for req in touched.values():
+        for req in chain(decodes, touched.values()) if decodes else touched.values():
             if req.layer_tokens is not None:
                 continue
             c = req.num_computed_tokens

@@ -19,6 +19,8 @@ Prefill stretches (core/stretch.py) run alike: each iteration priced from its to
 no interpolation, CostModel.price_stretch), all waited for in one event, stopped after the
 iteration in flight by an arrival. A chunked prompt's whole prefill is one stretch when
 nothing arrives meanwhile: from the plan that starts it to the chunk that emits its first token.
+A plan of every decode and prompt tiles that starts no stretch runs alone, but is priced and
+applied from the decodes' totals too (`run_with_decodes`: no pass over a tile per decode).
 """
 
 from __future__ import annotations
@@ -139,40 +141,67 @@ def steady_decode(replica: Replica, max_steps: int | None = None):  # type: igno
 def prefill_stretch(replica: Replica, plan: tuple[Tile, ...]
                     ) -> tuple[list[RequestState], list[tuple[Tile, ...]]] | None:
     """(decodes, each iteration's prompt tiles) when `plan` is a tile for every running
-    decode, in order, plus prompt tiles that emit nothing, of running prompts or of waiting
-    ones it starts with nothing cached, and the policy knows at least one more such
-    iteration, the last of which may emit first tokens (none the last token); else None (the
-    plan runs alone)."""
+    decode, in order, plus prompt tiles: a stretch where they emit nothing, are of running
+    prompts or of waiting ones it starts with nothing cached, and the policy knows at least
+    one more such iteration, the last of which may emit first tokens (none the last token);
+    else this plan alone (one iteration: run_with_decodes). None where the plan is not every
+    decode and prompt tiles."""
     state = replica.state
     decodes = state.decodes
     prompts = plan[len(decodes):]
-    if not prompts or any(t[6] for t in prompts):  # a token, or no prompt: not a stretch
-        return None
-    assert replica.prefill_ahead is not None
-    ahead = replica.prefill_ahead(state, plan)  # cheap checks first: this runs every iteration
-    if not ahead:
+    if not prompts:
         return None
     # each decode's own tile, in order (a built-in's decode tiles are decode_tile's: the ids
     # say it, compared in one pass at C speed: this runs every iteration over the whole batch)
     if list(map(_REQ_ID, plan[:len(decodes)])) != list(map(_ID, decodes)):
         return None
+    alone = (decodes, [prompts])
+    if any(t[6] for t in prompts):  # a token now: no stretch
+        return alone
+    assert replica.prefill_ahead is not None
+    ahead = replica.prefill_ahead(state, plan)
+    if not ahead:
+        return alone
     by_id = state.running_by_id
     for rid, t0, t1, *_ in prompts:
         if t1 - t0 < 1:
-            return None
+            return alone
         if rid not in by_id:  # started by the plan: its blocks are all taken as it grows
             req = next((r for r in state.waiting if r.req_id == rid), None)
             if req is None or req.num_computed_tokens or req.block_table.num_blocks:
-                return None
+                return alone
             by_id = {**by_id, rid: req}  # a copy: the state's is the running ones
     steps = [prompts, *ahead]
     for j, tiles in enumerate(steps):
         for rid, t0, t1, _l0, _l1, _c, logits in tiles:
             if rid not in by_id or t1 - t0 < 1 or (
                     logits and (j < len(steps) - 1 or by_id[rid].max_tokens <= 1)):
-                return None
+                return alone
     k = stretch_steps(state, decodes, steps, by_id)
-    return (list(decodes), steps[:k]) if k >= 2 else None
+    return (list(decodes), steps[:k]) if k >= 2 else alone
+
+
+def run_with_decodes(replica: Replica, plan: tuple[Tile, ...], decodes: list[RequestState],
+                     prompts: tuple[Tile, ...]):  # type: ignore[no-untyped-def]
+    """One iteration of every decode and `prompts` (`plan`), as the replica's loop runs it,
+    priced and applied from the decodes' totals (CostModel.price_with_decodes: the same
+    IterationCost as `price`) without a pass over their tiles."""
+    env, state, cm = replica.env, replica.state, replica.cost
+    n = len(decodes)
+    kv = sum(map(_COMPUTED, decodes)) + n
+    w = cm.model.sliding_window
+    kv_win = sum(c + 1 if c < w else w for c in map(_COMPUTED, decodes)) if w else 0
+    cost = cm.price_with_decodes(n, kv, kv_win, prompts)
+    start = env.now
+    yield env.timeout(cost.latency_s)
+    finished = state.apply(prompts, env.now, decodes=decodes)
+    if replica._on_commit is not None:
+        replica._on_commit(plan, env.now)
+    replica.busy_s += cost.latency_s
+    # a prompt's last token alone is counted with the prompts already (no rebooking)
+    replica.recorder.iteration(replica.idx, start, cost, len(plan), 1)
+    for req in finished:
+        replica._finished(req)
 
 
 def run_prefill_stretch(replica: Replica, decodes: list[RequestState],

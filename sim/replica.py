@@ -34,7 +34,13 @@ from costmodel.plan import Tile, decode_tile
 from policies import guard
 from policies.base import Policy, no_prefill_ahead, schedule_checked
 from policies.registry import is_trusted
-from sim.fast_forward import next_hop_s, prefill_stretch, run_prefill_stretch, steady_decode
+from sim.fast_forward import (
+    next_hop_s,
+    prefill_stretch,
+    run_prefill_stretch,
+    run_with_decodes,
+    steady_decode,
+)
 from sim.stall import StallMonitor
 
 if TYPE_CHECKING:
@@ -200,7 +206,11 @@ class Replica:
             if self.prefill_ahead is not None and not deferring:
                 stretch = prefill_stretch(self, plan)
                 if stretch is not None:
-                    yield from run_prefill_stretch(self, *stretch)
+                    decodes, steps = stretch
+                    if len(steps) > 1:
+                        yield from run_prefill_stretch(self, decodes, steps)
+                    else:
+                        yield from run_with_decodes(self, plan, decodes, steps[0])
                     continue
             cost = self.cost.price(plan)
             start = env.now

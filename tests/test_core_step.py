@@ -267,3 +267,49 @@ def test_decodes_short_of_blocks_preempt_the_newest_until_the_rest_fit(part_way_
     assert state.decode_growth(state.decodes) <= state.num_free_blocks
     assert [r.req_id for r in state.running] == [0, 1, 2] and state.num_free_blocks == (
         5 if part_way_newest else 4)
+
+
+@pytest.mark.parametrize("policy_name", ["chunked:64", "layered:4"])
+@pytest.mark.parametrize("seed", range(3))
+def test_apply_with_decodes_given_as_a_list_equals_apply_of_their_tiles(
+        policy_name: str, seed: int) -> None:
+    """The fast-forward applies a plan of every decode and prompt tiles without the decodes'
+    tiles (apply's `decodes`): the state after it, pickled, equals the state after `apply` of
+    the whole plan, at every iteration of a run with shared prefixes and few KV blocks (hits,
+    evictions, first tokens, finishes, preemptions)."""
+    import copy
+    import pickle
+    import random
+
+    from core.hashes import shared_prefix_block_hashes
+    from policies import make_policy
+    rng = random.Random(seed)
+    policy = make_policy(policy_name)
+    state = ReplicaState(num_layers=8, num_total_blocks=64, block_size=16,
+                         hidden_blocks_per_token=0.05)
+    arrivals = sorted((rng.randrange(30), rng.choice([20, 90, 300]), rng.choice([1, 2, 150]))
+                      for _ in range(24))
+    compared = 0
+    for it in range(400):
+        while arrivals and arrivals[0][0] <= it:
+            _, prompt, output = arrivals.pop(0)
+            rid = 100 - len(arrivals)
+            state.enqueue(RequestState(rid, float(it), prompt, output, shared_prefix_block_hashes(
+                prompt, 16, rid % 2, 64, rid)))
+        if not state.running and not state.waiting:
+            continue
+        state.preempt_for_decodes()
+        state.match_waiting()
+        plan = policy.schedule(state)
+        decodes = state.decodes
+        n = len(decodes)
+        if plan[n:] and [t.req_id for t in plan[:n]] == [r.req_id for r in decodes]:
+            other = copy.deepcopy(state)
+            other.apply(plan[n:], it + 1.0, decodes=other.decodes)
+            state.apply(plan, it + 1.0)
+            assert pickle.dumps(state) == pickle.dumps(other), it
+            compared += 1
+        else:
+            state.apply(plan, it + 1.0)
+    assert compared > 15 and not arrivals and not state.running
+    assert state.num_preemptions and state.pool.stats().num_evictions
