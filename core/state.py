@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
 
-from core import growth
+from core import growth, preemption
 from core.admission import Admission
 from core.blocks import (
     BlockPool,
@@ -389,45 +389,12 @@ class ReplicaState:
                 self._release(req)
             self.pending_tokens -= req.tokens_to_go
 
-    # ---- preemption -----------------------------------------------------------------------------
+    # ---- preemption (core/preemption.py) -----------------------------------------------------
     def preempt_for_decodes(self) -> list[RequestState]:
         """Recompute-preempt the newest running requests until every decode has its next block.
         Returns the victims."""
-        victims: list[RequestState] = []
-        decodes = self.decodes
-        if len(decodes) <= self.num_free_blocks:  # a decode needs at most one new block
-            return victims
-        need = self.decode_growth(decodes)
-        left = len(decodes)  # decodes[:left] still run: a victim decoding is the last of them
-        while need > self.num_free_blocks and self.running:
-            if left and self.running[-1] is decodes[left - 1]:
-                left -= 1
-                need -= self.decode_growth(decodes[left:left + 1])  # the sum less its term
-            victims.append(self.preempt_newest())
-        return victims
+        return preemption.preempt_for_decodes(self)
 
     def preempt_newest(self) -> RequestState:
         """Free the newest running request's KV; it redoes its prefill from the waiting head."""
-        victim = self.running.pop()
-        self._by_id.pop(victim.req_id, None)
-        self._decodes = None
-        work = sum(victim.layer_tokens) if victim.layer_tokens is not None else (
-            victim.num_computed_tokens * self.num_layers)
-        if work > victim.peak_work:  # it got further than ever before: progress, not a livelock
-            victim.peak_work = work
-            self.futile_preemptions = 0
-        else:
-            self.futile_preemptions += 1
-        self._release(victim)
-        self.pending_tokens += victim.num_computed_tokens  # prompt + max_tokens stays the same
-        victim.num_computed_tokens = 0
-        victim.layer_tokens = None
-        # Generated tokens are kept as part of the prompt to recompute (vLLM's recompute).
-        victim.num_prompt_tokens += victim.num_output_tokens
-        victim.block_table.num_prompt_tokens = victim.num_prompt_tokens  # hits stop short of it
-        victim.max_tokens -= victim.num_output_tokens
-        victim.num_output_tokens = 0
-        victim.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.insert(0, victim)
-        return victim
+        return preemption.preempt_newest(self)
