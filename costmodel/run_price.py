@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from costmodel.plan import Tile
 
 if TYPE_CHECKING:
@@ -57,7 +55,9 @@ class StretchPrices:
                     "hbm_bytes": sum(c.hbm_bytes.total for c in ran),
                     "kv_read_bytes": sum(c.hbm_bytes.kv_read for c in ran)}
         cm = self.model
-        x = np.sum(self.features[:done], axis=0)  # [FEATURES]
+        # [FEATURES] each summed over the iterations in order, as np.sum(axis=0) adds them,
+        # without building the array (this runs once per stretch)
+        x = [sum(column) for column in zip(*self.features[:done], strict=True)]
         r = cm._linear.dot(x).tolist()
         energy, flops, hbm, _link = cm._figures(r, sum(self.latencies_s[:done]),
                                                 sum(self.distinct_layers[:done]))
