@@ -210,11 +210,14 @@ def run_prefill_stretch(replica: Replica, decodes: list[RequestState],
     in one event, stop after the iteration in flight when a request arrives, apply."""
     env, state, cm = replica.env, replica.state, replica.cost
     n = len(decodes)
-    contexts = [r.num_computed_tokens for r in decodes]
     w = cm.model.sliding_window
-    windows = [sum(x + j + 1 if x + j < w else w for x in contexts) for j in range(len(steps))
-               ] if w else []
-    prices = cm.price_stretch(n, sum(contexts) + n, windows, steps)
+    if w:
+        contexts = list(map(_COMPUTED, decodes))
+        windows = [sum(x + j + 1 if x + j < w else w for x in contexts)
+                   for j in range(len(steps))]
+    else:
+        windows = []
+    prices = cm.price_stretch(n, sum(map(_COMPUTED, decodes)) + n, windows, steps)
     start = t = env.now
     ends: list[float] = []
     for latency_s in prices.latencies_s:
