@@ -32,8 +32,7 @@ def preempt_for_decodes(state: ReplicaState) -> list[RequestState]:
 def preempt_newest(state: ReplicaState) -> RequestState:
     """Free the newest running request's KV; it redoes its prefill from the waiting head."""
     victim = state.running.pop()
-    state.running_by_id.pop(victim.req_id, None)
-    state.changed()
+    state.changed()  # decodes and running_by_id
     work = sum(victim.layer_tokens) if victim.layer_tokens is not None else (
         victim.num_computed_tokens * state.num_layers)
     if work > victim.peak_work:  # it got further than ever before: progress, not a livelock

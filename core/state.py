@@ -250,12 +250,16 @@ class ReplicaState:
         return out
 
     def changed(self) -> None:
+        """Drop the caches (`decodes`, `running_by_id`): the requests changed some other way
+        than `apply` (preemption, a request joining `running`), or a policy may have edited
+        what they hand out."""
         self._decodes = None
+        self._by_id = {}
 
     @property
     def running_by_id(self) -> dict[int, RequestState]:
         """`running` by req_id, kept as requests join and leave (read-only). Rebuilt where its
-        size says `running` changed some other way."""
+        size says `running` changed some other way, or after `changed()`."""
         by_id = self._by_id
         if len(by_id) != len(self.running):
             by_id = self._by_id = {r.req_id: r for r in self.running}

@@ -52,7 +52,8 @@ class Policy(Protocol):
 # compared by identity, so a write of anything new (even an equal-looking value) is seen.
 _FIELD_NAMES = ("__class__", *RequestState.__slots__)
 _REQUEST_FIELDS = attrgetter(*_FIELD_NAMES)
-_STATE_KEYS = tuple(f.name for f in fields(ReplicaState) if f.name != "_decodes")
+_CACHES = ("_decodes", "_by_id")  # ReplicaState's caches: rebuilt after a policy (changed())
+_STATE_KEYS = tuple(f.name for f in fields(ReplicaState) if f.name not in _CACHES)
 _ITL = attrgetter("itl_s")
 _LAYER_TOKENS = attrgetter("layer_tokens")
 
@@ -61,7 +62,7 @@ def _snapshot(state: ReplicaState) -> tuple[list[object], list[object]]:
     """What a policy must leave as it found it, in O(waiting + running): the state's fields, its
     queues, every request's fields and per-layer progress, and the length and last value of each
     request's token gaps (not all of them: that would cost O(tokens so far) per iteration)."""
-    same: list[object] = [x for kv in vars(state).items() if kv[0] != "_decodes" for x in kv]
+    same: list[object] = [x for kv in vars(state).items() if kv[0] not in _CACHES for x in kv]
     if len(same) != 2 * len(_STATE_KEYS):
         raise RuntimeError("the state's attributes were added to or deleted")
     reqs = [*state.waiting, *state.running]
@@ -87,7 +88,7 @@ def _what_changed(state: ReplicaState, before: tuple[list[object], list[object]]
     snapshot holds the state's (name, value) pairs, then its requests, then their fields."""
     same, equal = before
     k = 2 * len(_STATE_KEYS)
-    now = {key: v for key, v in vars(state).items() if key != "_decodes"}
+    now = {key: v for key, v in vars(state).items() if key not in _CACHES}
     added = sorted(set(now) - set(_STATE_KEYS))
     if added:
         return f"its new attribute {added[0]:.40}"
@@ -116,7 +117,7 @@ def schedule_checked(policy: Policy, state: ReplicaState,
     # `stall_free` and `name` are read in the same guarded call: a property is the user's code too
     out, err, timed_out = guard.call_guarded(
         lambda: (policy.schedule(state), policy.stall_free, policy.name), limit)
-    state.changed()  # the policy may have edited the cached list `decodes` hands out
+    state.changed()  # the policy may have edited the cached `decodes` or `running_by_id`
     if err is not None:
         what = guard.describe(err, timed_out, limit, guard.source_file(policy),
                               guard.defined_at(type(policy), "schedule"))

@@ -344,3 +344,30 @@ def test_a_second_token_gap_over_the_itl_target_misses_the_slo() -> None:
         assert row["p99_itl_ms"] == pytest.approx(C * 1e3)
         assert row["second_token_gap_ms"] == pytest.approx((C + x) * 1e3)
         assert res.metrics["slo_attainment"] == attained
+
+
+class _ByIdPolicy:
+    """A user's policy that looks its running requests up by id (ReplicaState.running_by_id,
+    read-only) before planning as chunked:512 does."""
+
+    stall_free = True
+    name = "by-id"
+
+    def __init__(self) -> None:
+        from policies.chunked import ChunkedPrefill
+        self._inner = ChunkedPrefill(512)
+
+    def schedule(self, state):  # type: ignore[no-untyped-def]
+        by_id = state.running_by_id
+        assert len(by_id) == len(state.running) and all(by_id[r.req_id] is r for r in state.running)
+        return self._inner.schedule(state)
+
+
+def test_a_users_policy_may_read_running_by_id_on_a_decode_worker() -> None:
+    """A decode worker's arrived requests join `running` (core/handoff.py) without the id map:
+    a user's policy that read `running_by_id` then rebuilt it, and was taken for one that
+    changed the state (a PlanError naming _by_id). Found by review."""
+    cm = ConstantCost(C)
+    res = simulate_disagg([Request(i, 0.002 * i, P, 5) for i in range(4)],
+                          Pool(cm, "chunked:512"), Pool(cm, _ByIdPolicy), _link(cm, 0.004))
+    assert res.metrics["completed"] == 4
