@@ -165,6 +165,11 @@ class Admission:
             self._count()
         return self._reserved
 
+    @num_reserved_blocks.setter
+    def num_reserved_blocks(self, value: int) -> None:
+        self._uncounted = ()
+        self._reserved = value
+
     def _count(self) -> None:
         self._reserved += _num_growing((r.block_table for r in self._uncounted),
                                        self.pool.block_size)

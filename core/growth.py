@@ -38,8 +38,6 @@ def decode_steps_that_fit(requests: Sequence[RequestState], most: int, block_siz
     if not requests:
         return most
     bs = block_size
-    if len(requests) * -(-most // bs) <= free:  # each takes at most ceil(most / bs): all fit
-        return most
     rooms = [(len(r.block_table.block_ids) + len(r.block_table.extra_block_ids)) * bs
              - r.num_computed_tokens for r in requests]
     if len(rooms) <= 32:  # a small batch: plain ints cost less than numpy's calls

@@ -172,6 +172,10 @@ def steady_steps(state: ReplicaState) -> int:
     finishes before the last of them, and each step's KV blocks are free."""
     running = state.running
     most = min(r.max_tokens - r.num_output_tokens for r in running)
+    # a running decode holds KV for every token it computed, so it takes at most
+    # ceil(most / block_size) blocks in `most` steps: where all of those fit, no count
+    if len(running) * -(-most // state.block_size) <= state.num_free_blocks:
+        return most
     return state.decode_steps_that_fit(running, most)
 
 

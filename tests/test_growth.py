@@ -70,3 +70,12 @@ def test_an_admission_counting_the_decodes_lazily_answers_as_one_counting_them_f
         assert ([eager.try_admit(t, n) for t, n in wants]
                 == [lazy.try_admit(t, n) for t, n in wants])
         assert eager.num_free_blocks == lazy.num_free_blocks
+
+
+def test_steps_that_fit_for_a_request_without_its_blocks_yet() -> None:
+    """A waiting request matched to a 64-token prefix hit holds no block yet: with one block
+    free it cannot decode at all (4 blocks behind), whatever a shortcut for running decodes
+    (which hold KV for every computed token) would say. Found by review."""
+    r = RequestState(0, 0.0, 100, 50)
+    r.num_computed_tokens = 64
+    assert decode_steps_that_fit([r], 16, 16, 1) == 0
